@@ -1,0 +1,132 @@
+"""Checkpoint folders: an Orbax params tree with the model config and tokenizer beside it.
+
+    CKPT_DIR/
+      meshserve.json          {"format": 1, "dtype": "float32", "source": "gguf"}
+      config.yaml             models.config.ModelConfig
+      tokenizer.json          \
+      tokenizer_config.json   / models.tokenizer.Tokenizer
+      params/                 Orbax PyTree checkpoint (OCDBT + tensorstore), one array per weight
+
+A folder is written under a hidden temporary name and renamed into place only when complete, so a
+failed or interrupted conversion never leaves a partial checkpoint at the requested path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Callable, Union
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from models.config import ModelConfig
+from models.errors import CheckpointError, ConfigError
+from models.llama import Params, abstract_params, param_axes
+from models.tokenizer import Tokenizer
+
+FORMAT = 1
+META_FILE, CONFIG_FILE, PARAMS_DIR = "meshserve.json", "config.yaml", "params"
+
+# Where each restored array goes: one Sharding for all, or a function of the array's logical axes
+# names and shape (see sharding/rules.py); None means the default device.
+ShardingSpec = Union[jax.sharding.Sharding, Callable[[tuple[str, ...], tuple[int, ...]], jax.sharding.Sharding], None]
+
+
+@dataclasses.dataclass(frozen=True)
+class Checkpoint:
+    path: Path
+    config: ModelConfig
+    tokenizer: Tokenizer
+    dtype: np.dtype
+    params: Params
+
+
+def check_new_folder(out: str | Path) -> Path:
+    out = Path(out).expanduser().absolute()
+    if out.exists():
+        raise CheckpointError(f"output folder {out} already exists; remove it or choose another --out")
+    return out
+
+
+def save_checkpoint(out: str | Path, config: ModelConfig, params: Params, tokenizer: Tokenizer,
+                    source: str = "") -> Path:
+    import orbax.checkpoint as ocp
+
+    out = check_new_folder(out)
+    dtypes = {np.dtype(a.dtype).name for a in jax.tree.leaves(params)}
+    if len(dtypes) != 1:
+        raise CheckpointError(f"params must share one dtype, got {sorted(dtypes)}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
+    try:
+        tmp.mkdir()
+        (tmp / META_FILE).write_text(json.dumps({"format": FORMAT, "dtype": dtypes.pop(), "source": source}))
+        config.to_yaml(tmp / CONFIG_FILE)
+        tokenizer.save(tmp)
+        with ocp.PyTreeCheckpointer() as saver:
+            saver.save(tmp / PARAMS_DIR, params)
+        os.rename(tmp, out)  # atomic: the folder appears whole or not at all
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def read_meta(folder: str | Path) -> tuple[Path, ModelConfig, np.dtype]:
+    folder = Path(folder).expanduser().absolute()
+    if not (folder / META_FILE).is_file():
+        raise CheckpointError(f"{folder} is not a meshserve checkpoint (no {META_FILE})")
+    meta = json.loads((folder / META_FILE).read_text())
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{folder}: unsupported checkpoint format {meta.get('format')!r}")
+    try:
+        config = ModelConfig.from_yaml(folder / CONFIG_FILE)
+    except ConfigError as e:
+        raise CheckpointError(f"{folder}: {e}") from None
+    return folder, config, np.dtype(jax.numpy.dtype(meta["dtype"]))
+
+
+def load_checkpoint(folder: str | Path, sharding: ShardingSpec = None, progress: bool = True) -> Checkpoint:
+    """Restore a checkpoint; each array is read by tensorstore straight into its target sharding
+    (no full host copy first), one layer at a time so a progress bar can follow."""
+    import orbax.checkpoint as ocp
+
+    folder, config, dtype = read_meta(folder)
+    tokenizer = Tokenizer.load(folder)
+    target = abstract_params(config, dtype)
+    axes = param_axes(config)
+    if sharding is None:
+        sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+    def restore_args(spec, names):
+        s = sharding(names, spec.shape) if callable(sharding) else sharding
+        return ocp.ArrayRestoreArgs(sharding=s, global_shape=spec.shape, dtype=spec.dtype)
+
+    groups = [{k: v for k, v in target.items() if k != "layers"}]
+    groups += [{"layers": {i: layer}} for i, layer in target["layers"].items()]
+    params: Params = {"layers": {}}
+    with ocp.PyTreeCheckpointer() as restorer:
+        for group in tqdm(groups, desc="loading", unit="group", disable=not progress):
+            group_axes = _subtree(axes, group)
+            # axes tuples sit where `group` has leaves
+            args = jax.tree.map(restore_args, group, group_axes)
+            try:
+                part = restorer.restore(folder / PARAMS_DIR, args=ocp.args.PyTreeRestore(
+                    item=group, restore_args=args, partial_restore=True))
+            except (FileNotFoundError, ValueError, KeyError) as e:
+                raise CheckpointError(f"cannot restore {folder / PARAMS_DIR}: {e}") from None
+            layers = part.pop("layers", {})
+            params["layers"].update(layers)
+            params.update(part)
+    return Checkpoint(folder, config, tokenizer, dtype, params)
+
+
+def _subtree(tree: dict, like: dict) -> dict:
+    """The part of `tree` with the same keys as `like` (both nested dicts)."""
+    return {k: _subtree(tree[k], v) if isinstance(v, dict) else tree[k] for k, v in like.items()}

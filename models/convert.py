@@ -1,0 +1,109 @@
+"""Turning a source model (GGUF file or HF safetensors folder) into a meshserve checkpoint.
+
+Both importers present their tensors through one small interface, `TensorSource`, in Hugging Face
+layout (`[out_features, in_features]`, RoPE halves not interleaved). `build_params` maps that layout
+onto the params tree of models/llama.py, one tensor at a time so peak host memory stays near one
+copy of the model.
+"""
+
+from __future__ import annotations
+
+import abc
+from pathlib import Path
+from typing import Callable
+
+import ml_dtypes
+import numpy as np
+from tqdm.auto import tqdm
+
+from models.config import ModelConfig
+from models.errors import ConvertError
+from models.llama import Params
+from models.tokenizer import Tokenizer
+
+DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
+
+# Tensor roles, per layer unless global. Names follow HF's Llama naming.
+GLOBAL_ROLES = ("embed", "norm", "lm_head")
+LAYER_ROLES = ("input_norm", "post_attn_norm", "q", "k", "v", "o", "q_bias", "k_bias", "v_bias",
+               "gate", "up", "down")
+
+
+class TensorSource(abc.ABC):
+    """A model's config, tokenizer and tensors, in HF layout, as float32 numpy arrays."""
+
+    config: ModelConfig
+    tokenizer: Tokenizer
+
+    @abc.abstractmethod
+    def has(self, role: str, layer: int | None = None) -> bool: ...
+
+    @abc.abstractmethod
+    def get(self, role: str, layer: int | None = None) -> np.ndarray: ...
+
+
+def build_params(source: TensorSource, dtype: np.dtype, progress: bool = True) -> Params:
+    c = source.config
+    D, H, K, E = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
+
+    def fetch(role, layer=None, shape=None, transform: Callable = lambda w: w):
+        w = source.get(role, layer)
+        if shape is not None and tuple(w.shape) != shape:
+            where = role if layer is None else f"layer {layer} {role}"
+            raise ConvertError(f"tensor {where} has shape {tuple(w.shape)}, expected {shape} from the config")
+        return np.ascontiguousarray(transform(w)).astype(dtype)
+
+    params: Params = {"embed": fetch("embed", shape=(c.vocab_size, D))}
+    layers = {}
+    bar = tqdm(range(c.num_layers), desc="converting", unit="layer", disable=not progress)
+    for i in bar:
+        attn = {
+            "q_proj": fetch("q", i, (H * E, D), lambda w: w.T.reshape(D, H, E)),
+            "k_proj": fetch("k", i, (K * E, D), lambda w: w.T.reshape(D, K, E)),
+            "v_proj": fetch("v", i, (K * E, D), lambda w: w.T.reshape(D, K, E)),
+            "o_proj": fetch("o", i, (D, H * E), lambda w: w.T.reshape(H, E, D)),
+        }
+        if c.attention_bias:
+            attn["q_bias"] = fetch("q_bias", i, (H * E,), lambda b: b.reshape(H, E))
+            attn["k_bias"] = fetch("k_bias", i, (K * E,), lambda b: b.reshape(K, E))
+            attn["v_bias"] = fetch("v_bias", i, (K * E,), lambda b: b.reshape(K, E))
+        layers[i] = {
+            "input_norm": {"weight": fetch("input_norm", i, (D,))},
+            "attn": attn,
+            "post_attn_norm": {"weight": fetch("post_attn_norm", i, (D,))},
+            "mlp": {
+                "gate_proj": fetch("gate", i, (c.intermediate_size, D), np.transpose),
+                "up_proj": fetch("up", i, (c.intermediate_size, D), np.transpose),
+                "down_proj": fetch("down", i, (D, c.intermediate_size), np.transpose),
+            },
+        }
+    params["layers"] = layers
+    params["norm"] = {"weight": fetch("norm", shape=(D,))}
+    if not c.tie_word_embeddings:
+        params["lm_head"] = fetch("lm_head", shape=(c.vocab_size, D), transform=np.transpose)
+    return params
+
+
+def open_source(spec: str) -> TensorSource:
+    """`gguf:FILE` or `hf:DIR` → a TensorSource; errors name what is wrong with the input."""
+    kind, sep, location = spec.partition(":")
+    if not sep or kind not in ("gguf", "hf") or not location:
+        raise ConvertError(f"--from must be gguf:FILE or hf:DIR, got {spec!r}")
+    path = Path(location).expanduser()
+    if kind == "gguf":
+        from models.gguf_import import GGUFSource
+        return GGUFSource(path)
+    from models.hf_import import HFSource
+    return HFSource(path)
+
+
+def convert(spec: str, out: str | Path, dtype: str = "float32", progress: bool = True) -> Path:
+    """Import `spec` and write a checkpoint folder at `out` (which must not exist yet)."""
+    from models.checkpoint import save_checkpoint, check_new_folder
+
+    if dtype not in DTYPES:
+        raise ConvertError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    out = check_new_folder(out)  # fail before the slow part
+    source = open_source(spec)
+    params = build_params(source, DTYPES[dtype], progress=progress)
+    return save_checkpoint(out, source.config, params, source.tokenizer, source=spec.split(":", 1)[0])

@@ -1,0 +1,227 @@
+"""GGUF (llama.cpp) import: metadata → ModelConfig, tensors → float32 in HF layout, vocabulary →
+a `tokenizers` tokenizer.json.
+
+Two llama.cpp conventions are undone here:
+- GGUF stores dims innermost-first; the `gguf` reader already gives numpy (row-major) shapes.
+- For the "llama" architecture, llama.cpp permutes the rows of Q and K so RoPE rotates adjacent
+  pairs (x[2i], x[2i+1]); HF checkpoints (and models/llama.py) rotate halves (x[i], x[i+E/2]).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from gguf import GGMLQuantizationType as Q, GGUFReader
+from gguf.quants import dequantize
+from tokenizers import AddedToken, Regex, Tokenizer as HFTokenizer, decoders, models, normalizers
+from tokenizers import pre_tokenizers
+
+from models.config import ModelConfig
+from models.convert import TensorSource
+from models.errors import ConfigError, ConvertError
+from models.tokenizer import Tokenizer, TokenizerConfig
+
+SUPPORTED_TYPES = (Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q4_K, Q.Q6_K)
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
+
+_GLOBAL = {"embed": "token_embd.weight", "norm": "output_norm.weight", "lm_head": "output.weight"}
+_LAYER = {
+    "input_norm": "attn_norm.weight", "post_attn_norm": "ffn_norm.weight",
+    "q": "attn_q.weight", "k": "attn_k.weight", "v": "attn_v.weight", "o": "attn_output.weight",
+    "q_bias": "attn_q.bias", "k_bias": "attn_k.bias", "v_bias": "attn_v.bias",
+    "gate": "ffn_gate.weight", "up": "ffn_up.weight", "down": "ffn_down.weight",
+}
+
+# Pre-tokenizer split patterns by `tokenizer.ggml.pre`, as in the models' own tokenizer.json files.
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
+                 r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|"
+                r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_TOKEN_CONTROL, _TOKEN_USER_DEFINED = 3, 4
+
+
+class GGUFSource(TensorSource):
+    def __init__(self, path: Path):
+        if not path.is_file():
+            raise ConvertError(f"GGUF file {path} does not exist")
+        try:
+            self._reader = GGUFReader(path, "r")
+        except Exception as e:  # the reader raises ValueError, KeyError, IndexError… on bad files
+            raise ConvertError(f"{path} is not a readable GGUF file (truncated or corrupt?): {e}") from None
+        self._path = path
+        self._tensors = {t.name: t for t in self._reader.tensors}
+        self._check_tensors()
+        self.config = self._read_config()
+        self.tokenizer = self._read_tokenizer()
+
+    # ---- metadata ----------------------------------------------------------------------------
+
+    def _field(self, key: str, default=None):
+        field = self._reader.fields.get(key)
+        if field is None:
+            return default
+        return field.contents()
+
+    def _check_tensors(self) -> None:
+        size = self._path.stat().st_size
+        for t in self._tensors.values():
+            if t.data_offset + int(t.n_bytes) > size:
+                raise ConvertError(
+                    f"{self._path} is truncated: tensor {t.name} ends at byte "
+                    f"{t.data_offset + int(t.n_bytes)} but the file has {size}")
+            if t.tensor_type not in SUPPORTED_TYPES:
+                names = ", ".join(q.name for q in SUPPORTED_TYPES)
+                raise ConvertError(
+                    f"tensor {t.name} has unsupported type {t.tensor_type.name}; supported: {names}")
+
+    def _read_config(self) -> ModelConfig:
+        arch = self._field("general.architecture")
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise ConvertError(f"unsupported architecture {arch!r} in {self._path.name}; "
+                               f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+        if "rope_freqs.weight" in self._tensors:
+            raise ConvertError("GGUF RoPE frequency factors (rope_freqs.weight, Llama 3.1 scaling) are "
+                               "not supported yet; convert this model from its HF folder instead")
+        scaling_type = self._field(f"{arch}.rope.scaling.type")
+        if scaling_type not in (None, "none"):
+            raise ConvertError(f"unsupported RoPE scaling {scaling_type!r} in {self._path.name}")
+
+        def get(key, default=None):
+            value = self._field(f"{arch}.{key}", default)
+            if value is None:
+                raise ConvertError(f"{self._path.name} lacks metadata {arch}.{key}")
+            return value
+
+        heads = int(get("attention.head_count"))
+        hidden = int(get("embedding_length"))
+        tokens = self._field("tokenizer.ggml.tokens") or []
+        eos = [self._field(k) for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id",
+                                        "tokenizer.ggml.eom_token_id")]
+        try:
+            return ModelConfig(
+                name=str(self._field("general.name") or self._path.stem),
+                architecture=arch,
+                vocab_size=int(get("vocab_size", len(tokens) or None)),
+                hidden_size=hidden,
+                intermediate_size=int(get("feed_forward_length")),
+                num_layers=int(get("block_count")),
+                num_heads=heads,
+                num_kv_heads=int(get("attention.head_count_kv", heads)),
+                head_dim=int(get("attention.key_length", hidden // heads)),
+                max_position_embeddings=int(get("context_length")),
+                rms_norm_eps=float(get("attention.layer_norm_rms_epsilon")),
+                rope_theta=float(get("rope.freq_base", 10000.0)),
+                attention_bias="blk.0.attn_q.bias" in self._tensors,
+                tie_word_embeddings="output.weight" not in self._tensors,
+                sliding_window=self._field(f"{arch}.attention.sliding_window"),
+                bos_token_id=self._field("tokenizer.ggml.bos_token_id"),
+                eos_token_ids=tuple(dict.fromkeys(int(e) for e in eos if e is not None)),
+            )
+        except ConfigError as e:
+            raise ConvertError(f"{self._path.name}: {e}") from None
+
+    # ---- tensors -----------------------------------------------------------------------------
+
+    def _name(self, role: str, layer: int | None) -> str:
+        return _GLOBAL[role] if layer is None else f"blk.{layer}.{_LAYER[role]}"
+
+    def has(self, role, layer=None):
+        return self._name(role, layer) in self._tensors
+
+    def get(self, role, layer=None):
+        name = self._name(role, layer)
+        tensor = self._tensors.get(name)
+        if tensor is None:
+            raise ConvertError(f"{self._path.name} has no tensor {name}")
+        w = dequantize(tensor.data, tensor.tensor_type).astype(np.float32, copy=False)
+        if self.config.architecture == "llama" and role in ("q", "k", "q_bias", "k_bias"):
+            heads = self.config.num_heads if role.startswith("q") else self.config.num_kv_heads
+            w = unpermute_rope_rows(w, heads)
+        return w
+
+    # ---- tokenizer ---------------------------------------------------------------------------
+
+    def _read_tokenizer(self) -> Tokenizer:
+        kind = self._field("tokenizer.ggml.model")
+        tokens = self._field("tokenizer.ggml.tokens")
+        if not tokens:
+            raise ConvertError(f"{self._path.name} carries no vocabulary (tokenizer.ggml.tokens)")
+        types = self._field("tokenizer.ggml.token_type") or [1] * len(tokens)
+        if kind == "gpt2":
+            backend = _byte_level_bpe(tokens, self._field("tokenizer.ggml.merges") or [],
+                                      self._field("tokenizer.ggml.pre") or "default")
+        elif kind == "llama":
+            backend = _sentencepiece_bpe(tokens, self._field("tokenizer.ggml.scores"),
+                                         bool(self._field("tokenizer.ggml.add_space_prefix", True)))
+        else:
+            raise ConvertError(f"unsupported tokenizer model {kind!r} in {self._path.name}")
+        backend.add_special_tokens([
+            AddedToken(tok, special=True, normalized=False)
+            for tok, kind_ in zip(tokens, types) if kind_ in (_TOKEN_CONTROL, _TOKEN_USER_DEFINED)])
+
+        def token(key):
+            tid = self._field(key)
+            return tokens[tid] if tid is not None and 0 <= tid < len(tokens) else None
+
+        eos = [t for t in (token("tokenizer.ggml.eos_token_id"), token("tokenizer.ggml.eot_token_id"),
+                           token("tokenizer.ggml.eom_token_id")) if t]
+        config = TokenizerConfig(
+            bos_token=token("tokenizer.ggml.bos_token_id"),
+            eos_tokens=tuple(dict.fromkeys(eos)),
+            add_bos_token=bool(self._field("tokenizer.ggml.add_bos_token", kind == "llama")),
+            chat_template=self._field("tokenizer.chat_template"))
+        return Tokenizer(backend, config)
+
+
+def unpermute_rope_rows(w: np.ndarray, heads: int) -> np.ndarray:
+    """Undo llama.cpp's Q/K row permutation: within each head, rows (0, 2, 4, …, 1, 3, 5, …) back to
+    (0, 1, 2, …); `w` is [heads * head_dim, …]."""
+    head_dim = w.shape[0] // heads
+    return (w.reshape(heads, head_dim // 2, 2, *w.shape[1:])
+            .swapaxes(1, 2).reshape(w.shape))
+
+
+def _byte_level_bpe(tokens: list[str], merges: list[str], pre: str) -> HFTokenizer:
+    vocab = {tok: i for i, tok in enumerate(tokens)}
+    pairs = [tuple(m.split(" ", 1)) for m in merges]
+    backend = HFTokenizer(models.BPE(vocab, pairs, ignore_merges=pre in ("llama-bpe", "llama3")))
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    if pre in ("llama-bpe", "llama3", "qwen2"):
+        split = _LLAMA3_SPLIT if pre != "qwen2" else _QWEN2_SPLIT
+        backend.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Split(Regex(split), behavior="isolated"), byte_level])
+    elif pre == "smollm":
+        backend.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    else:  # GPT-2's own regex
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    backend.decoder = decoders.ByteLevel()
+    return backend
+
+
+def _sentencepiece_bpe(tokens: list[str], scores, add_space_prefix: bool) -> HFTokenizer:
+    """SentencePiece BPE (Llama 2, Mistral): merges are recovered from the vocabulary — a pair (a, b)
+    merges when a + b is itself a token, ranked by that token's score."""
+    vocab = {tok: i for i, tok in enumerate(tokens)}
+    scores = list(scores) if scores is not None else [-float(i) for i in range(len(tokens))]
+    merges = []
+    for merged in vocab:
+        for cut in range(1, len(merged)):
+            left, right = merged[:cut], merged[cut:]
+            if left in vocab and right in vocab:
+                merges.append((vocab[merged], vocab[left], vocab[right], left, right))
+    merges.sort(key=lambda m: (-scores[m[0]], m[1], m[2]))
+    unk = next((t for t in ("<unk>",) if t in vocab), None)
+    backend = HFTokenizer(models.BPE(vocab, [(m[3], m[4]) for m in merges], unk_token=unk,
+                                     byte_fallback=True, fuse_unk=True))
+    steps = [normalizers.Replace(" ", "\u2581")]
+    if add_space_prefix:
+        steps.insert(0, normalizers.Prepend("\u2581"))
+    backend.normalizer = normalizers.Sequence(steps)
+    strip = [decoders.Strip(content=" ", left=1, right=0)] if add_space_prefix else []
+    backend.decoder = decoders.Sequence(
+        [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(), *strip])
+    return backend
+

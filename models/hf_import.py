@@ -1,0 +1,151 @@
+"""Hugging Face import: config.json + one or sharded *.safetensors + tokenizer.json.
+
+Safetensors files are read here with numpy memory maps (the `safetensors` numpy reader has no
+bfloat16): 8 bytes of little-endian header length, a JSON header of
+{name: {dtype, shape, data_offsets}}, then the raw tensor bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+from tokenizers import Tokenizer as HFTokenizer
+
+from models.config import ModelConfig
+from models.convert import TensorSource
+from models.errors import ConfigError, ConvertError
+from models.tokenizer import Tokenizer, TokenizerConfig
+
+_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16, "F64": np.float64}
+_INDEX = "model.safetensors.index.json"
+
+_GLOBAL = {"embed": "model.embed_tokens.weight", "norm": "model.norm.weight", "lm_head": "lm_head.weight"}
+_LAYER = {
+    "input_norm": "input_layernorm.weight", "post_attn_norm": "post_attention_layernorm.weight",
+    "q": "self_attn.q_proj.weight", "k": "self_attn.k_proj.weight", "v": "self_attn.v_proj.weight",
+    "o": "self_attn.o_proj.weight", "q_bias": "self_attn.q_proj.bias",
+    "k_bias": "self_attn.k_proj.bias", "v_bias": "self_attn.v_proj.bias",
+    "gate": "mlp.gate_proj.weight", "up": "mlp.up_proj.weight", "down": "mlp.down_proj.weight",
+}
+
+
+class SafetensorsFile:
+    def __init__(self, path: Path):
+        self.path = path
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise ConvertError(f"{path.name} is not a safetensors file (too short)")
+            (n,) = struct.unpack("<Q", head)
+            if n > size - 8:
+                raise ConvertError(f"{path.name} is truncated (header of {n} bytes, file of {size})")
+            try:
+                header = json.loads(f.read(n))
+            except ValueError:
+                raise ConvertError(f"{path.name} has a corrupt safetensors header") from None
+        header.pop("__metadata__", None)
+        self._base = 8 + n
+        self._header = header
+        end = max((v["data_offsets"][1] for v in header.values()), default=0)
+        if self._base + end > size:
+            raise ConvertError(f"{path.name} is truncated: tensors end at byte {self._base + end}, "
+                               f"the file has {size}")
+
+    def names(self):
+        return self._header.keys()
+
+    def get(self, name: str) -> np.ndarray:
+        info = self._header[name]
+        dtype = _DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise ConvertError(f"{self.path.name}: tensor {name} has unsupported dtype {info['dtype']}")
+        start, stop = info["data_offsets"]
+        data = np.memmap(self.path, dtype=np.uint8, mode="r", offset=self._base + start,
+                         shape=(stop - start,))
+        return data.view(dtype).reshape(info["shape"])
+
+
+class HFSource(TensorSource):
+    def __init__(self, folder: Path):
+        if not folder.is_dir():
+            raise ConvertError(f"HF model folder {folder} does not exist")
+        config_path = folder / "config.json"
+        if not config_path.is_file():
+            raise ConvertError(f"{folder} has no config.json")
+        try:
+            self.config = ModelConfig.from_hf(json.loads(config_path.read_text()), name=folder.name)
+        except ConfigError as e:
+            raise ConvertError(str(e)) from None
+        except ValueError as e:
+            raise ConvertError(f"{config_path} is not valid JSON: {e}") from None
+        self._where = self._index(folder)
+        self._files: dict[str, SafetensorsFile] = {}
+        self._folder = folder
+        self.tokenizer = self._read_tokenizer(folder)
+
+    def _index(self, folder: Path) -> dict[str, str]:
+        """tensor name → file name, from the shard index or the one model.safetensors."""
+        index = folder / _INDEX
+        if index.is_file():
+            weight_map = json.loads(index.read_text()).get("weight_map", {})
+            missing = sorted({f for f in weight_map.values() if not (folder / f).is_file()})
+            if missing:
+                raise ConvertError(f"{folder} is missing shard(s) listed in {_INDEX}: {', '.join(missing)}")
+            return weight_map
+        files = sorted(folder.glob("*.safetensors"))
+        if not files:
+            raise ConvertError(f"{folder} has no *.safetensors file")
+        if len(files) > 1:
+            raise ConvertError(f"{folder} has {len(files)} safetensors files but no {_INDEX}")
+        return {name: files[0].name for name in SafetensorsFile(files[0]).names()}
+
+    def _name(self, role, layer):
+        return _GLOBAL[role] if layer is None else f"model.layers.{layer}.{_LAYER[role]}"
+
+    def has(self, role, layer=None):
+        return self._name(role, layer) in self._where
+
+    def get(self, role, layer=None):
+        name = self._name(role, layer)
+        if name not in self._where:
+            raise ConvertError(f"{self._folder} has no tensor {name}")
+        file = self._where[name]
+        if file not in self._files:
+            self._files[file] = SafetensorsFile(self._folder / file)
+        return self._files[file].get(name).astype(np.float32)
+
+    def _read_tokenizer(self, folder: Path) -> Tokenizer:
+        path = folder / "tokenizer.json"
+        if not path.is_file():
+            raise ConvertError(f"{folder} has no tokenizer.json")
+        backend = HFTokenizer.from_file(str(path))
+        extra = {}
+        if (folder / "tokenizer_config.json").is_file():
+            extra = json.loads((folder / "tokenizer_config.json").read_text())
+
+        def text(token):  # tokenizer_config.json writes tokens as strings or {"content": ...}
+            return token.get("content") if isinstance(token, dict) else token
+
+        c = self.config
+
+        def token_of(tid):
+            return None if tid is None else backend.id_to_token(tid)
+
+        bos = text(extra.get("bos_token")) or token_of(c.bos_token_id)
+        eos = [text(extra.get("eos_token"))] + [token_of(t) for t in c.eos_token_ids]
+        template = extra.get("chat_template")
+        if template is None and (folder / "chat_template.jinja").is_file():
+            template = (folder / "chat_template.jinja").read_text()
+        # Whether BOS is prepended is said by tokenizer_config.json or, as for Llama 3, only by
+        # tokenizer.json's post-processor: ask the post-processor.
+        with_special = backend.encode("a", add_special_tokens=True).ids
+        adds_bos = bos is not None and with_special[:1] == [backend.token_to_id(bos)]
+        config = TokenizerConfig(bos_token=bos, eos_tokens=tuple(dict.fromkeys(t for t in eos if t)),
+                                 add_bos_token=bool(extra.get("add_bos_token", adds_bos)),
+                                 chat_template=template)
+        return Tokenizer(backend, config)

@@ -1,0 +1,220 @@
+"""The Llama-family decoder (Llama 2/3/3.1, Mistral, Qwen2) as Flax NNX modules and one pure forward.
+
+    forward(params, tokens, positions, cache=None, *, config) -> (logits, cache)
+
+`params` is a plain nested dict of arrays (what the Orbax checkpoint holds); the NNX modules only give
+it structure, initialisation and logical axis names. Every parameter carries `axes`, the logical axis
+names that sharding/rules.py maps onto a device mesh. Layers are a Python list, unrolled when traced:
+no `lax.scan` over stacked weights (see DESIGN.md, decision 2).
+
+Shapes: B batch, T new tokens, S cache slots, D hidden, H q heads, K kv heads, G = H // K, E head_dim,
+F mlp, V vocab.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jaxtyping import Array, Float, Int
+
+from models.config import ModelConfig, rope_inv_freq
+
+Params = dict[str, Any]  # nested dict of arrays, the pure form of `nnx.State` (see `abstract_params`)
+
+_INIT_STD = 0.02
+_MASKED = -1e30  # finite, so a fully masked (padding) row gives zeros rather than NaN
+
+
+# ---- modules ------------------------------------------------------------------------------------
+
+def _param(rngs: nnx.Rngs | None, shape, dtype, axes, init: str = "normal") -> nnx.Param:
+    if init == "ones":
+        value = jnp.ones(shape, dtype)
+    elif init == "zeros":
+        value = jnp.zeros(shape, dtype)
+    else:
+        value = (_INIT_STD * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+    return nnx.Param(value, axes=axes)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, *, dtype):
+        self.weight = _param(None, (dim,), dtype, ("embed",), init="ones")
+        self.eps = eps
+
+    def __call__(self, x: Float[Array, "... d"]) -> Float[Array, "... d"]:
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...] * x32.astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    def __init__(self, c: ModelConfig, *, dtype, rngs: nnx.Rngs):
+        D, H, K, E = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
+        self.q_proj = _param(rngs, (D, H, E), dtype, ("embed", "q_heads", "head_dim"))
+        self.k_proj = _param(rngs, (D, K, E), dtype, ("embed", "kv_heads", "head_dim"))
+        self.v_proj = _param(rngs, (D, K, E), dtype, ("embed", "kv_heads", "head_dim"))
+        self.o_proj = _param(rngs, (H, E, D), dtype, ("q_heads", "head_dim", "embed"))
+        if c.attention_bias:
+            self.q_bias = _param(rngs, (H, E), dtype, ("q_heads", "head_dim"))
+            self.k_bias = _param(rngs, (K, E), dtype, ("kv_heads", "head_dim"))
+            self.v_bias = _param(rngs, (K, E), dtype, ("kv_heads", "head_dim"))
+        self.sliding_window = c.sliding_window
+
+    def __call__(self, x: Float[Array, "b t d"], rope: tuple[Array, Array],
+                 positions: Int[Array, "b t"], kv: tuple[Array, Array] | None):
+        q = jnp.einsum("btd,dhe->bthe", x, self.q_proj[...])
+        k = jnp.einsum("btd,dke->btke", x, self.k_proj[...])
+        v = jnp.einsum("btd,dke->btke", x, self.v_proj[...])
+        if hasattr(self, "q_bias"):
+            q, k, v = q + self.q_bias[...], k + self.k_bias[...], v + self.v_bias[...]
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if kv is None:  # no cache: attend within this call
+            keys, values, key_pos = k, v, positions
+        else:  # dense cache [B, S, K, E]: slot s holds position s
+            batch = jnp.arange(x.shape[0])[:, None]
+            keys = kv[0].at[batch, positions].set(k.astype(kv[0].dtype))
+            values = kv[1].at[batch, positions].set(v.astype(kv[1].dtype))
+            key_pos = jnp.broadcast_to(jnp.arange(keys.shape[1], dtype=jnp.int32), keys.shape[:2])
+            kv = (keys, values)
+        out = attention(q, keys, values, positions, key_pos, self.sliding_window)
+        return jnp.einsum("bthe,hed->btd", out, self.o_proj[...]), kv
+
+
+class MLP(nnx.Module):
+    def __init__(self, c: ModelConfig, *, dtype, rngs: nnx.Rngs):
+        D, F = c.hidden_size, c.intermediate_size
+        self.gate_proj = _param(rngs, (D, F), dtype, ("embed", "mlp"))
+        self.up_proj = _param(rngs, (D, F), dtype, ("embed", "mlp"))
+        self.down_proj = _param(rngs, (F, D), dtype, ("mlp", "embed"))
+
+    def __call__(self, x: Float[Array, "b t d"]) -> Float[Array, "b t d"]:
+        gate = jax.nn.silu(x @ self.gate_proj[...])
+        return (gate * (x @ self.up_proj[...])) @ self.down_proj[...]
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, c: ModelConfig, *, dtype, rngs: nnx.Rngs):
+        self.input_norm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype=dtype)
+        self.attn = Attention(c, dtype=dtype, rngs=rngs)
+        self.post_attn_norm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype=dtype)
+        self.mlp = MLP(c, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x, rope, positions, kv):
+        h, kv = self.attn(self.input_norm(x), rope, positions, kv)
+        x = x + h
+        return x + self.mlp(self.post_attn_norm(x)), kv
+
+
+class Llama(nnx.Module):
+    def __init__(self, c: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.config = c
+        self.embed = _param(rngs, (c.vocab_size, c.hidden_size), dtype, ("vocab", "embed"))
+        self.layers = nnx.List([DecoderLayer(c, dtype=dtype, rngs=rngs) for _ in range(c.num_layers)])
+        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype=dtype)
+        if not c.tie_word_embeddings:
+            self.lm_head = _param(rngs, (c.hidden_size, c.vocab_size), dtype, ("embed", "vocab"))
+
+    def __call__(self, tokens: Int[Array, "b t"], positions: Int[Array, "b t"],
+                 cache: "DenseKVCache | None" = None):
+        x = jnp.take(self.embed[...], tokens, axis=0)  # [B, T, D]
+        rope = rope_tables(self.config, positions)
+        new_kv = []
+        for i, layer in enumerate(self.layers):
+            x, kv = layer(x, rope, positions, None if cache is None else cache.layers[i])
+            new_kv.append(kv)
+        x = self.norm(x)
+        head = self.embed[...].T if self.config.tie_word_embeddings else self.lm_head[...]
+        logits = jnp.einsum("btd,dv->btv", x, head, preferred_element_type=jnp.float32)
+        return logits, (None if cache is None else DenseKVCache(tuple(new_kv)))
+
+
+# ---- pure functions -----------------------------------------------------------------------------
+
+def rope_tables(c: ModelConfig, positions: Int[Array, "b t"]) -> tuple[Array, Array]:
+    """cos and sin, f32[B, T, E // 2], for the rotate-half RoPE layout used by HF checkpoints."""
+    inv_freq = jnp.asarray(rope_inv_freq(c))
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: Float[Array, "b t h e"], cos: Array, sin: Array) -> Float[Array, "b t h e"]:
+    # Pairs are (x[i], x[i + E/2]) — the "rotate half" layout; GGUF's interleaved layout is undone
+    # by the importer when it un-permutes Q and K.
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+def attention(q: Float[Array, "b t h e"], k: Float[Array, "b s k e"], v: Float[Array, "b s k e"],
+              q_pos: Int[Array, "b t"], k_pos: Int[Array, "b s"],
+              sliding_window: int | None = None) -> Float[Array, "b t h e"]:
+    """Reference causal GQA attention by positions, float32 softmax: key s is seen by query t iff
+    k_pos[s] <= q_pos[t] (and, with a sliding window, k_pos[s] > q_pos[t] - window)."""
+    B, T, H, E = q.shape
+    K = k.shape[2]
+    qg = q.reshape(B, T, K, H // K, E)
+    scores = jnp.einsum("btkge,bske->bkgts", qg, k, preferred_element_type=jnp.float32)
+    scores = scores * (E ** -0.5)
+    visible = k_pos[:, None, :] <= q_pos[:, :, None]  # [B, T, S]
+    if sliding_window is not None:
+        visible &= k_pos[:, None, :] > q_pos[:, :, None] - sliding_window
+    scores = jnp.where(visible[:, None, None], scores, _MASKED)
+    probs = jax.nn.softmax(scores, axis=-1)
+    out = jnp.einsum("bkgts,bske->btkge", probs.astype(v.dtype), v)
+    return out.reshape(B, T, H, E)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DenseKVCache:
+    """A contiguous cache: per layer (keys, values), each [B, S, K, E]; slot s holds position s.
+
+    The simple cache of the first generation path; runtime/kv_cache.py holds the paged one.
+    """
+
+    layers: tuple[tuple[Array, Array], ...]
+
+    @classmethod
+    def zeros(cls, c: ModelConfig, batch: int, slots: int, dtype=jnp.float32) -> "DenseKVCache":
+        shape = (batch, slots, c.num_kv_heads, c.head_dim)
+        return cls(tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+                         for _ in range(c.num_layers)))
+
+
+@functools.lru_cache(maxsize=16)
+def _abstract_model(config: ModelConfig, dtype) -> tuple[nnx.GraphDef, nnx.State]:
+    return nnx.split(nnx.eval_shape(lambda: Llama(config, dtype=dtype, rngs=nnx.Rngs(0))))
+
+
+def forward(params: Params, tokens: Int[Array, "b t"], positions: Int[Array, "b t"],
+            cache: DenseKVCache | None = None, *, config: ModelConfig):
+    """Logits f32[B, T, V] for `tokens` at `positions`, and the updated cache (None without one)."""
+    graphdef, _ = _abstract_model(config, jnp.float32)
+    return nnx.merge(graphdef, params)(tokens, positions, cache)
+
+
+def abstract_params(config: ModelConfig, dtype=jnp.float32) -> Params:
+    """The params tree as `jax.ShapeDtypeStruct`s, without allocating anything."""
+    _, state = _abstract_model(config, jnp.dtype(dtype))
+    return nnx.to_pure_dict(state)
+
+
+def param_axes(config: ModelConfig) -> dict[str, Any]:
+    """The params tree with each leaf replaced by its tuple of logical axis names."""
+    _, state = _abstract_model(config, jnp.float32)
+    axes = jax.tree.map(lambda v: v.get_metadata()["axes"], state,
+                        is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return nnx.to_pure_dict(axes) if isinstance(axes, nnx.State) else axes
+
+
+def init_params(config: ModelConfig, seed: int = 0, dtype=jnp.float32) -> Params:
+    """Random weights (normal, std 0.02; norms at one) — for tests and benchmarks of large shapes."""
+    return nnx.to_pure_dict(nnx.state(Llama(config, dtype=dtype, rngs=nnx.Rngs(seed))))
