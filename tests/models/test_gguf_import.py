@@ -1,0 +1,149 @@
+"""GGUF import: every supported tensor type against transformers reading the same file; the Q/K
+un-permutation; bad files."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as Q
+
+from models.checkpoint import load_checkpoint
+from models.convert import convert
+from models.errors import CheckpointError, ConvertError
+from models.gguf_import import unpermute_rope_rows
+from models.llama import forward
+from tests.helpers import _llamacpp_permute, make_hf_model, write_gguf
+
+# Row length 256 so the K-quants (256-wide blocks) apply to every matrix.
+GGUF_SHAPE = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
+                  rope_scaling=None)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    return make_hf_model("llama", tmp_path_factory.mktemp("hf"), seed=3, **GGUF_SHAPE)
+
+
+def _transformers_from_gguf(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                dtype=torch.float32).eval()
+
+
+def _compare(ckpt_dir, reference):
+    ckpt = load_checkpoint(ckpt_dir, progress=False)
+    ids = np.random.default_rng(0).integers(0, ckpt.config.vocab_size, (1, 24))
+    logits, _ = jax.jit(forward, static_argnames="config")(
+        ckpt.params, jnp.asarray(ids), jnp.arange(24)[None], config=ckpt.config)
+    with torch.no_grad():
+        ref = reference(torch.tensor(ids)).logits.numpy()
+    err = np.abs(np.asarray(logits) - ref).max() / np.abs(ref).max()
+    assert err <= 1e-4, err
+    return ckpt
+
+
+@pytest.mark.parametrize("qtype", [Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q4_K, Q.Q6_K],
+                         ids=lambda q: q.name)
+def test_tensor_type_matches_transformers(tmp_path, tiny_llama, qtype):
+    path = tmp_path / f"tiny-{qtype.name}.gguf"
+    write_gguf(path, tiny_llama, qtype)
+    out = convert(f"gguf:{path}", tmp_path / "ckpt", progress=False)
+    ckpt = _compare(out, _transformers_from_gguf(path))
+    assert ckpt.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}]) == (
+        "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_qwen2_gguf_with_biases_matches_transformers(tmp_path):
+    model = make_hf_model("qwen2", tmp_path / "hf", seed=4, **GGUF_SHAPE)
+    path = tmp_path / "tiny-qwen2.gguf"
+    write_gguf(path, model, Q.Q8_0, arch="qwen2")
+    ckpt = _compare(convert(f"gguf:{path}", tmp_path / "ckpt", progress=False), _transformers_from_gguf(path))
+    assert ckpt.config.attention_bias and ckpt.config.tie_word_embeddings
+
+
+def test_unpermute_inverts_llamacpp_permutation():
+    w = np.random.default_rng(0).standard_normal((3 * 8, 5)).astype(np.float32)
+    permuted = _llamacpp_permute(w, 3)
+    assert not np.array_equal(permuted, w)
+    np.testing.assert_array_equal(unpermute_rope_rows(permuted, 3), w)
+    # within a head, rows (0, 2, 4, 6 | 1, 3, 5, 7) of the llama.cpp layout are the first half
+    np.testing.assert_array_equal(permuted[0:8:2], w[0:4])
+
+
+# ---- bad input: one clear error, and no checkpoint folder left behind -------------------------
+
+def _assert_no_partial(folder):
+    assert not any(p.name.startswith(".") for p in folder.iterdir()), list(folder.iterdir())
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConvertError, match="does not exist"):
+        convert(f"gguf:{tmp_path / 'nope.gguf'}", tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_truncated_file(tmp_path, tiny_llama):
+    full = tmp_path / "full.gguf"
+    write_gguf(full, tiny_llama, Q.Q8_0)
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(full.read_bytes()[: full.stat().st_size * 2 // 3])
+    with pytest.raises(ConvertError, match="truncated"):
+        convert(f"gguf:{cut}", tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+    _assert_no_partial(tmp_path)
+
+
+def test_header_only_file(tmp_path):
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"GGUF\x03\x00\x00\x00")
+    with pytest.raises(ConvertError, match="not a readable GGUF"):
+        convert(f"gguf:{junk}", tmp_path / "out", progress=False)
+
+
+def test_unsupported_architecture(tmp_path):
+    import gguf
+
+    path = tmp_path / "phi.gguf"
+    w = gguf.GGUFWriter(str(path), "phi3")
+    w.add_block_count(1)
+    w.add_tensor("token_embd.weight", np.zeros((4, 32), np.float32))
+    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    with pytest.raises(ConvertError, match="unsupported architecture 'phi3'"):
+        convert(f"gguf:{path}", tmp_path / "out", progress=False)
+
+
+def test_unsupported_tensor_type(tmp_path, tiny_llama):
+    path = tmp_path / "q5.gguf"
+    write_gguf(path, tiny_llama, Q.Q5_0)
+    with pytest.raises(ConvertError, match="unsupported type Q5_0"):
+        convert(f"gguf:{path}", tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_existing_output_folder(tmp_path, tiny_llama):
+    path = tmp_path / "ok.gguf"
+    write_gguf(path, tiny_llama, Q.F32)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    with pytest.raises(CheckpointError, match="already exists"):
+        convert(f"gguf:{path}", tmp_path / "out", progress=False)
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["keep.txt"]
+
+
+def test_failure_while_writing_leaves_nothing(tmp_path, tiny_llama, monkeypatch):
+    import orbax.checkpoint as ocp
+
+    path = tmp_path / "ok.gguf"
+    write_gguf(path, tiny_llama, Q.F32)
+
+    def interrupted(self, directory, *args, **kwargs):
+        (directory / "half-written").mkdir(parents=True)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ocp.PyTreeCheckpointer, "save", interrupted)
+    out_parent = tmp_path / "ckpts"
+    with pytest.raises(KeyboardInterrupt):
+        convert(f"gguf:{path}", out_parent / "out", progress=False)
+    assert list(out_parent.iterdir()) == []
