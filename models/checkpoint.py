@@ -112,7 +112,8 @@ def load_checkpoint(folder: str | Path, sharding: ShardingSpec = None, progress:
     groups += [{"layers": {i: layer}} for i, layer in target["layers"].items()]
     params: Params = {"layers": {}}
     with ocp.PyTreeCheckpointer() as restorer:
-        for group in tqdm(groups, desc="loading", unit="group", disable=not progress):
+        # disable=None: the bar shows on a terminal only, not in logs
+        for group in tqdm(groups, desc="loading", unit="group", disable=None if progress else True):
             group_axes = _subtree(axes, group)
             # axes tuples sit where `group` has leaves
             args = jax.tree.map(restore_args, group, group_axes)

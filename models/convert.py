@@ -55,7 +55,8 @@ def build_params(source: TensorSource, dtype: np.dtype, progress: bool = True) -
 
     params: Params = {"embed": fetch("embed", shape=(c.vocab_size, D))}
     layers = {}
-    bar = tqdm(range(c.num_layers), desc="converting", unit="layer", disable=not progress)
+    # disable=None: the bar shows on a terminal only, not in logs
+    bar = tqdm(range(c.num_layers), desc="converting", unit="layer", disable=None if progress else True)
     for i in bar:
         attn = {
             "q_proj": fetch("q", i, (H * E, D), lambda w: w.T.reshape(D, H, E)),
