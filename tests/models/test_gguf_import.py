@@ -147,3 +147,24 @@ def test_failure_while_writing_leaves_nothing(tmp_path, tiny_llama, monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         convert(f"gguf:{path}", out_parent / "out", progress=False)
     assert list(out_parent.iterdir()) == []
+
+
+def test_sentencepiece_vocabulary_rebuilds_its_merges():
+    """A GGUF "llama" vocabulary holds tokens and scores but no merges: the rebuilt BPE must split
+    text exactly as the BPE the vocabulary was trained with."""
+    from tokenizers import SentencePieceBPETokenizer
+
+    from models.gguf_import import _sentencepiece_bpe
+
+    corpus = ["The quick brown fox jumps over the lazy dog.", "Pack my box with five dozen jugs!",
+              "hello world, hello there, the theory of everything", "numbers 12345 and more"] * 20
+    trained = SentencePieceBPETokenizer(add_prefix_space=True)
+    trained.train_from_iterator(corpus, vocab_size=300, min_frequency=2,
+                                special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
+    vocab = trained.get_vocab()
+    tokens = sorted(vocab, key=vocab.get)
+    scores = [-float(i) for i in range(len(tokens))]  # merged tokens get ids in merge order
+    rebuilt = _sentencepiece_bpe(tokens, scores, add_space_prefix=True)
+    for text in ["the theory of the lazy fox", "hello there", "Pack five jugs, 12345!", "everything"]:
+        assert rebuilt.encode(text).ids == trained.encode(text).ids, text
+        assert rebuilt.decode(rebuilt.encode(text).ids) == text
