@@ -68,9 +68,9 @@ class Attention(nnx.Module):
 
     def __call__(self, x: Float[Array, "b t d"], rope: tuple[Array, Array],
                  positions: Int[Array, "b t"], kv: tuple[Array, Array] | None):
-        q = jnp.einsum("btd,dhe->bthe", x, self.q_proj[...])
-        k = jnp.einsum("btd,dke->btke", x, self.k_proj[...])
-        v = jnp.einsum("btd,dke->btke", x, self.v_proj[...])
+        q = _project(x, self.q_proj[...])  # [B, T, H, E]
+        k = _project(x, self.k_proj[...])  # [B, T, K, E]
+        v = _project(x, self.v_proj[...])
         if hasattr(self, "q_bias"):
             q, k, v = q + self.q_bias[...], k + self.k_bias[...], v + self.v_bias[...]
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
@@ -83,7 +83,8 @@ class Attention(nnx.Module):
             key_pos = jnp.broadcast_to(jnp.arange(keys.shape[1], dtype=jnp.int32), keys.shape[:2])
             kv = (keys, values)
         out = attention(q, keys, values, positions, key_pos, self.sliding_window)
-        return jnp.einsum("bthe,hed->btd", out, self.o_proj[...]), kv
+        B, T, H, E = out.shape
+        return (out.reshape(B, T, H * E) @ self.o_proj[...].reshape(H * E, -1)), kv
 
 
 class MLP(nnx.Module):
@@ -129,12 +130,20 @@ class Llama(nnx.Module):
             x, kv = layer(x, rope, positions, None if cache is None else cache.layers[i])
             new_kv.append(kv)
         x = self.norm(x)
-        head = self.embed[...].T if self.config.tie_word_embeddings else self.lm_head[...]
-        logits = jnp.einsum("btd,dv->btv", x, head, preferred_element_type=jnp.float32)
+        if self.config.tie_word_embeddings:  # contract with embed [V, D] as stored: no transposed copy
+            logits = jnp.einsum("btd,vd->btv", x, self.embed[...], preferred_element_type=jnp.float32)
+        else:
+            logits = jnp.einsum("btd,dv->btv", x, self.lm_head[...], preferred_element_type=jnp.float32)
         return logits, (None if cache is None else DenseKVCache(tuple(new_kv)))
 
 
 # ---- pure functions -----------------------------------------------------------------------------
+
+def _project(x: Float[Array, "b t d"], w: Float[Array, "d h e"]) -> Float[Array, "b t h e"]:
+    # A plain 2-D matmul over free reshapes: XLA:CPU otherwise copies [D, H, E] weights per call.
+    D, H, E = w.shape
+    return (x @ w.reshape(D, H * E)).reshape(*x.shape[:-1], H, E)
+
 
 def rope_tables(c: ModelConfig, positions: Int[Array, "b t"]) -> tuple[Array, Array]:
     """cos and sin, f32[B, T, E // 2], for the rotate-half RoPE layout used by HF checkpoints."""
