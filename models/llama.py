@@ -1,6 +1,6 @@
 """The Llama-family decoder (Llama 2/3/3.1, Mistral, Qwen2) as Flax NNX modules and one pure forward.
 
-    forward(params, tokens, positions, cache=None, *, config) -> (logits, cache)
+    forward(params, tokens, positions, cache=None, *, config, logits_at=None) -> (logits, cache)
 
 `params` is a plain nested dict of arrays (what the Orbax checkpoint holds); the NNX modules only give
 it structure, initialisation and logical axis names. Every parameter carries `axes`, the logical axis
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -67,24 +67,19 @@ class Attention(nnx.Module):
         self.sliding_window = c.sliding_window
 
     def __call__(self, x: Float[Array, "b t d"], rope: tuple[Array, Array],
-                 positions: Int[Array, "b t"], kv: tuple[Array, Array] | None):
+                 positions: Int[Array, "b t"], cache: "KVCache | None", layer: int):
         q = _project(x, self.q_proj[...])  # [B, T, H, E]
         k = _project(x, self.k_proj[...])  # [B, T, K, E]
         v = _project(x, self.v_proj[...])
         if hasattr(self, "q_bias"):
             q, k, v = q + self.q_bias[...], k + self.k_bias[...], v + self.v_bias[...]
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        if kv is None:  # no cache: attend within this call
-            keys, values, key_pos = k, v, positions
-        else:  # dense cache [B, S, K, E]: slot s holds position s
-            batch = jnp.arange(x.shape[0])[:, None]
-            keys = kv[0].at[batch, positions].set(k.astype(kv[0].dtype))
-            values = kv[1].at[batch, positions].set(v.astype(kv[1].dtype))
-            key_pos = jnp.broadcast_to(jnp.arange(keys.shape[1], dtype=jnp.int32), keys.shape[:2])
-            kv = (keys, values)
-        out = attention(q, keys, values, positions, key_pos, self.sliding_window)
+        if cache is None:  # no cache: attend within this call
+            out = attention(q, k, v, positions, positions, self.sliding_window)
+        else:
+            out, cache = cache.attend(layer, q, k, v, positions, self.sliding_window)
         B, T, H, E = out.shape
-        return (out.reshape(B, T, H * E) @ self.o_proj[...].reshape(H * E, -1)), kv
+        return (out.reshape(B, T, H * E) @ self.o_proj[...].reshape(H * E, -1)), cache
 
 
 class MLP(nnx.Module):
@@ -106,10 +101,10 @@ class DecoderLayer(nnx.Module):
         self.post_attn_norm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype=dtype)
         self.mlp = MLP(c, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x, rope, positions, kv):
-        h, kv = self.attn(self.input_norm(x), rope, positions, kv)
+    def __call__(self, x, rope, positions, cache, layer: int):
+        h, cache = self.attn(self.input_norm(x), rope, positions, cache, layer)
         x = x + h
-        return x + self.mlp(self.post_attn_norm(x)), kv
+        return x + self.mlp(self.post_attn_norm(x)), cache
 
 
 class Llama(nnx.Module):
@@ -122,19 +117,31 @@ class Llama(nnx.Module):
             self.lm_head = _param(rngs, (c.hidden_size, c.vocab_size), dtype, ("embed", "vocab"))
 
     def __call__(self, tokens: Int[Array, "b t"], positions: Int[Array, "b t"],
-                 cache: "DenseKVCache | None" = None):
+                 cache: "KVCache | None" = None, logits_at: Int[Array, "b"] | None = None):
         x = jnp.take(self.embed[...], tokens, axis=0)  # [B, T, D]
         rope = rope_tables(self.config, positions)
-        new_kv = []
         for i, layer in enumerate(self.layers):
-            x, kv = layer(x, rope, positions, None if cache is None else cache.layers[i])
-            new_kv.append(kv)
+            x, cache = layer(x, rope, positions, cache, i)
+        if logits_at is not None:  # only these tokens' logits: the vocabulary head is costly
+            x = x[jnp.arange(x.shape[0]), logits_at][:, None]  # [B, 1, D]
         x = self.norm(x)
         if self.config.tie_word_embeddings:  # contract with embed [V, D] as stored: no transposed copy
             logits = jnp.einsum("btd,vd->btv", x, self.embed[...], preferred_element_type=jnp.float32)
         else:
             logits = jnp.einsum("btd,dv->btv", x, self.lm_head[...], preferred_element_type=jnp.float32)
-        return logits, (None if cache is None else DenseKVCache(tuple(new_kv)))
+        return logits, cache
+
+
+class KVCache(Protocol):
+    """What the decoder needs of a KV cache; models/ knows no more of pages than this.
+
+    `attend` stores this layer's new keys and values at their positions, attends each query to every
+    cached key at a position <= its own, and returns the output with the updated cache.
+    """
+
+    def attend(self, layer: int, q: Float[Array, "b t h e"], k: Float[Array, "b t k e"],
+               v: Float[Array, "b t k e"], positions: Int[Array, "b t"],
+               sliding_window: int | None) -> tuple[Float[Array, "b t h e"], "KVCache"]: ...
 
 
 # ---- pure functions -----------------------------------------------------------------------------
@@ -186,7 +193,7 @@ def attention(q: Float[Array, "b t h e"], k: Float[Array, "b s k e"], v: Float[A
 class DenseKVCache:
     """A contiguous cache: per layer (keys, values), each [B, S, K, E]; slot s holds position s.
 
-    The simple cache of the first generation path; runtime/kv_cache.py holds the paged one.
+    The simple cache for one-off use and tests; runtime/kv_cache.py holds the paged one.
     """
 
     layers: tuple[tuple[Array, Array], ...]
@@ -197,6 +204,16 @@ class DenseKVCache:
         return cls(tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
                          for _ in range(c.num_layers)))
 
+    def attend(self, layer, q, k, v, positions, sliding_window):
+        keys, values = self.layers[layer]
+        batch = jnp.arange(q.shape[0])[:, None]
+        keys = keys.at[batch, positions].set(k.astype(keys.dtype))
+        values = values.at[batch, positions].set(v.astype(values.dtype))
+        key_pos = jnp.broadcast_to(jnp.arange(keys.shape[1], dtype=jnp.int32), keys.shape[:2])
+        out = attention(q, keys, values, positions, key_pos, sliding_window)
+        layers = self.layers[:layer] + ((keys, values),) + self.layers[layer + 1:]
+        return out, DenseKVCache(layers)
+
 
 @functools.lru_cache(maxsize=16)
 def _abstract_model(config: ModelConfig, dtype) -> tuple[nnx.GraphDef, nnx.State]:
@@ -204,10 +221,12 @@ def _abstract_model(config: ModelConfig, dtype) -> tuple[nnx.GraphDef, nnx.State
 
 
 def forward(params: Params, tokens: Int[Array, "b t"], positions: Int[Array, "b t"],
-            cache: DenseKVCache | None = None, *, config: ModelConfig):
-    """Logits f32[B, T, V] for `tokens` at `positions`, and the updated cache (None without one)."""
+            cache: KVCache | None = None, *, config: ModelConfig,
+            logits_at: Int[Array, "b"] | None = None):
+    """Logits f32[B, T, V] for `tokens` at `positions` (f32[B, 1, V] at index `logits_at[b]` of each
+    row when given), and the updated cache (None without one)."""
     graphdef, _ = _abstract_model(config, jnp.float32)
-    return nnx.merge(graphdef, params)(tokens, positions, cache)
+    return nnx.merge(graphdef, params)(tokens, positions, cache, logits_at)
 
 
 def abstract_params(config: ModelConfig, dtype=jnp.float32) -> Params:

@@ -1,38 +1,176 @@
-"""Token sampling on device. Per-request values (temperature, top-p, seed) are arrays, so a new
-value never recompiles; randomness comes from (seed, step) alone, so the same seed gives the same
-tokens and no PRNG key is ever stored."""
+"""Token sampling on device, and the per-request parameters it reads.
+
+Every per-request value is a row of an array (`SamplingBatch`), so a new temperature, top-p or seed
+never recompiles. Randomness comes from (seed, step) alone — step being how many tokens the request
+has generated — so the same seed gives the same tokens whatever else shares the batch, and no PRNG
+key is ever stored. Order of operations (as vLLM): penalties → greedy or
+temperature → top-k → top-p → min-p → draw. Costly filters run only when some row asks for them.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Float, Int
 
 from models.errors import RequestError
 
+MAX_LOGPROBS = 20  # top-N logprobs a request may ask for; fixed so it never recompiles
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """What a request asks of generation. Defaults: greedy, 256 tokens."""
+
+    max_tokens: int = 256
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0  # HF style, over prompt and output; 1 = off
+    presence_penalty: float = 0.0  # OpenAI style, over output; 0 = off
+    frequency_penalty: float = 0.0
+    seed: int | None = None  # None: a fresh random seed per request
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    logprobs: int | None = None  # top-N logprobs per token (0: only the chosen token's)
+
+    def validate(self, vocab_size: int) -> None:
+        """Raise RequestError naming the first bad field."""
+        if not isinstance(self.max_tokens, int) or self.max_tokens <= 0:
+            raise RequestError(f"max_tokens must be a positive integer, got {self.max_tokens}")
+        if not self.temperature >= 0:
+            raise RequestError(f"temperature must be >= 0, got {self.temperature}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise RequestError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise RequestError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.min_p <= 1:
+            raise RequestError(f"min_p must be in [0, 1], got {self.min_p}")
+        if not self.repetition_penalty > 0:
+            raise RequestError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise RequestError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if self.seed is not None and not 0 <= self.seed < 2**31:
+            raise RequestError(f"seed must be in [0, 2**31), got {self.seed}")
+        for tid in self.stop_token_ids:
+            if not 0 <= tid < vocab_size:
+                raise RequestError(f"stop_token_ids: {tid} is outside the vocabulary (size {vocab_size})")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise RequestError("stop strings must be non-empty strings")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise RequestError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
+
+    @property
+    def penalized(self) -> bool:
+        return (self.repetition_penalty != 1 or self.presence_penalty != 0
+                or self.frequency_penalty != 0)
+
 
 def validate(temperature: float, top_p: float, max_tokens: int) -> None:
-    if not temperature >= 0:
-        raise RequestError(f"temperature must be >= 0, got {temperature}")
-    if not 0 < top_p <= 1:
-        raise RequestError(f"top_p must be in (0, 1], got {top_p}")
-    if max_tokens <= 0:
-        raise RequestError(f"max_tokens must be positive, got {max_tokens}")
+    """Quick checks of the command line's sampling flags, before anything is loaded."""
+    SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p).validate(vocab_size=1)
 
 
-def sample(logits: Float[Array, "b v"], temperature: Float[Array, "b"], top_p: Float[Array, "b"],
-           seed: Int[Array, "b"], step: Int[Array, "b"]) -> Int[Array, "b"]:
-    """Greedy where temperature == 0; else nucleus sampling at that temperature."""
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SamplingBatch:
+    """SamplingParams of a batch, one row per request (f32 or i32[B])."""
+
+    temperature: Array
+    top_k: Array
+    top_p: Array
+    min_p: Array
+    repetition_penalty: Array
+    presence_penalty: Array
+    frequency_penalty: Array
+    seed: Array
+    step: Array  # tokens generated so far by the request
+    want_logprobs: Array  # bool: compute top-N logprobs at all
+
+    @classmethod
+    def build(cls, rows: list[tuple[SamplingParams, int, int]], size: int) -> "SamplingBatch":
+        """From (params, seed, step) per request; padding rows up to `size` are greedy."""
+        f = lambda: np.zeros(size, np.float32)
+        i = lambda: np.zeros(size, np.int32)
+        t, tk, tp, mp, rp, pp, fp, sd, st, lp = f(), i(), f() + 1, f(), f() + 1, f(), f(), i(), i(), np.zeros(size, bool)
+        for r, (p, seed, step) in enumerate(rows):
+            t[r], tk[r], tp[r], mp[r] = p.temperature, p.top_k, p.top_p, p.min_p
+            rp[r], pp[r], fp[r] = p.repetition_penalty, p.presence_penalty, p.frequency_penalty
+            sd[r], st[r], lp[r] = seed, step, p.logprobs is not None
+        return cls(t, tk, tp, mp, rp, pp, fp, sd, st, lp)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Sampled:
+    tokens: Int[Array, "b"]
+    logprob: Float[Array, "b"]  # of the chosen token, under the model's own distribution
+    top_ids: Int[Array, "b n"]  # top-N alternatives (rows that asked for logprobs)
+    top_logprobs: Float[Array, "b n"]
+
+
+def apply_penalties(logits: Float[Array, "b v"], s: SamplingBatch, history: Int[Array, "b l"],
+                    prompt_len: Int[Array, "b"]) -> Float[Array, "b v"]:
+    """history: each row's tokens so far (prompt then output), -1 padded; prompt_len splits it."""
+    B, V = logits.shape
+    valid = history >= 0
+    is_output = (jnp.arange(history.shape[1])[None] >= prompt_len[:, None]) & valid
+    ids = jnp.where(valid, history, 0)
+    rows = jnp.arange(B)[:, None]
+    seen = jnp.zeros((B, V), bool).at[rows, ids].max(valid)
+    counts = jnp.zeros((B, V), jnp.float32).at[rows, ids].add(is_output.astype(jnp.float32))
+    rp = s.repetition_penalty[:, None]
+    logits = jnp.where(seen, jnp.where(logits > 0, logits / rp, logits * rp), logits)
+    return logits - s.presence_penalty[:, None] * (counts > 0) - s.frequency_penalty[:, None] * counts
+
+
+def sample(logits: Float[Array, "b v"], s: SamplingBatch, history: Int[Array, "b l"] | None = None,
+           prompt_len: Int[Array, "b"] | None = None) -> Sampled:
     logits = logits.astype(jnp.float32)
+    logprobs = jax.nn.log_softmax(logits, axis=-1)
+    if history is not None:
+        penalized = (s.repetition_penalty != 1) | (s.presence_penalty != 0) | (s.frequency_penalty != 0)
+        logits = jax.lax.cond(jnp.any(penalized),
+                              lambda x: apply_penalties(x, s, history, prompt_len), lambda x: x, logits)
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
-    # Nucleus: keep the smallest set of top tokens whose probability reaches top_p (at least one).
-    ordered = jnp.sort(scaled, axis=-1)[:, ::-1]
+    random = s.temperature > 0
+
+    def draw(x):
+        x = x / jnp.where(random, s.temperature, 1.0)[:, None]
+        filtered = (s.top_k > 0) | (s.top_p < 1) | (s.min_p > 0)
+        x = jax.lax.cond(jnp.any(filtered & random), lambda y: _filter(y, s), lambda y: y, x)
+        keys = jax.vmap(lambda seed, step: jax.random.fold_in(jax.random.key(seed), step))(s.seed, s.step)
+        return jax.vmap(jax.random.categorical)(keys, x).astype(jnp.int32)
+
+    drawn = jax.lax.cond(jnp.any(random), draw, lambda x: greedy, logits)
+    tokens = jnp.where(random, drawn, greedy)
+    chosen = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
+    top_lp, top_ids = jax.lax.cond(
+        jnp.any(s.want_logprobs), lambda x: tuple(jax.lax.top_k(x, MAX_LOGPROBS)),
+        lambda x: (jnp.zeros((x.shape[0], MAX_LOGPROBS), x.dtype),
+                   jnp.zeros((x.shape[0], MAX_LOGPROBS), jnp.int32)), logprobs)
+    return Sampled(tokens, chosen, top_ids.astype(jnp.int32), top_lp)
+
+
+def _filter(x: Float[Array, "b v"], s: SamplingBatch) -> Float[Array, "b v"]:
+    """top-k, then top-p (the smallest set of best tokens whose mass reaches p), then min-p."""
+    V = x.shape[-1]
+    ordered = jnp.sort(x, axis=-1)[:, ::-1]
+    k = jnp.where(s.top_k > 0, jnp.minimum(s.top_k, V), V)
+    kth = jnp.take_along_axis(ordered, (k - 1)[:, None], axis=-1)
+    x = jnp.where(x >= kth, x, -jnp.inf)
+    ordered = jnp.where(jnp.arange(V)[None] < k[:, None], ordered, -jnp.inf)
     probs = jax.nn.softmax(ordered, axis=-1)
     before = jnp.cumsum(probs, axis=-1) - probs  # mass of strictly better tokens
-    kept = before < top_p[:, None]
+    kept = before < s.top_p[:, None]
     threshold = jnp.min(jnp.where(kept, ordered, jnp.inf), axis=-1, keepdims=True)
-    masked = jnp.where(scaled >= threshold, scaled, -jnp.inf)
-    keys = jax.vmap(lambda s, t: jax.random.fold_in(jax.random.key(s), t))(seed, step)
-    sampled = jax.vmap(jax.random.categorical)(keys, masked).astype(jnp.int32)
-    return jnp.where(temperature > 0, sampled, greedy)
+    x = jnp.where(x >= threshold, x, -jnp.inf)
+    # min-p: drop tokens less likely than min_p times the best one
+    floor = jnp.max(x, axis=-1, keepdims=True) + jnp.log(jnp.maximum(s.min_p, 1e-30))[:, None]
+    return jnp.where((s.min_p[:, None] > 0) & (x < floor), -jnp.inf, x)

@@ -1,0 +1,378 @@
+"""The engine: many requests share one device through the paged KV cache and the compiled programs.
+
+    engine = Engine(checkpoint, EngineConfig(...))     # compiles every program, then is ready
+    rid = engine.add_request("Hello", SamplingParams(max_tokens=32))
+    while engine.has_unfinished:
+        for out in engine.step(): ...                  # RequestOutput: new tokens and text
+    engine.generate(prompts, params)                   # the same, blocking, for offline use
+
+One `step` = one scheduler plan: a prefill call per prompt chunk, then one decode call for every
+request that is generating. The engine is single-threaded; the server drives it from its own thread.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+import os
+import secrets
+import time
+from typing import Any, Mapping, Sequence as Seq
+
+import jax
+import numpy as np
+
+from models.checkpoint import Checkpoint
+from models.errors import ConfigError, MeshserveError, RequestError
+from runtime.block_manager import NULL_PAGE, BlockManager
+from runtime.kv_cache import pages_for_budget, zeros_pool
+from runtime.programs import Buckets, Programs, StepBatch, enable_compilation_cache, geometric
+from runtime.sampling import SamplingBatch, SamplingParams
+from runtime.scheduler import PrefillChunk, QueueFull, Scheduler, SchedulerConfig, Sequence
+from runtime.text import TextStream
+
+
+class QueueFullError(MeshserveError):
+    """The waiting queue is full (gRPC: RESOURCE_EXHAUSTED)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    page_size: int = 16
+    kv_cache_bytes: int | None = 256 * 2**20  # None: kv_cache_memory_fraction of free device memory
+    kv_cache_memory_fraction: float = 0.5
+    max_seq_len: int = 2048  # capped at the model's context
+    max_num_seqs: int = 16
+    max_num_batched_tokens: int = 512
+    max_prefill_chunk: int = 256
+    max_queue_size: int = 256
+    queue_timeout_s: float | None = None
+    priority_levels: int = 3
+    prefill_buckets: tuple[int, ...] | None = None  # None: 16, 64, … up to max_prefill_chunk
+    decode_buckets: tuple[int, ...] | None = None  # None: 1, 2, 4, … up to max_num_seqs
+    context_buckets: tuple[int, ...] | None = None  # in pages; None: ×4 steps up to max_seq_len
+    compilation_cache_dir: str | None = None
+    compile_threads: int | None = None
+
+    def __post_init__(self):
+        if self.page_size < 1 or self.page_size & (self.page_size - 1):
+            raise ConfigError(f"page_size must be a power of two, got {self.page_size}")
+        if self.kv_cache_bytes is not None and self.kv_cache_bytes <= 0:
+            raise ConfigError(f"kv_cache_bytes must be positive or null, got {self.kv_cache_bytes}")
+        if not 0 < self.kv_cache_memory_fraction <= 1:
+            raise ConfigError("kv_cache_memory_fraction must be in (0, 1]")
+        if self.max_seq_len < self.page_size:
+            raise ConfigError(f"max_seq_len must be >= page_size, got {self.max_seq_len}")
+        if self.max_prefill_chunk > self.max_num_batched_tokens:
+            raise ConfigError("max_prefill_chunk must be <= max_num_batched_tokens")
+        try:
+            self.scheduler_config()
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "EngineConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"engine config: unknown field(s) {', '.join(unknown)}")
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+        return cls(**values)
+
+    def scheduler_config(self) -> SchedulerConfig:
+        return SchedulerConfig(self.max_num_seqs, self.max_num_batched_tokens, self.max_prefill_chunk,
+                               self.max_queue_size, self.queue_timeout_s, self.priority_levels)
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...]  # (token id, logprob), best first
+
+
+@dataclasses.dataclass(frozen=True)
+class RequestOutput:
+    """What one step produced for one request."""
+
+    request_id: str
+    token_ids: tuple[int, ...]  # new this step
+    text: str  # new this step
+    finished: bool = False
+    finish_reason: str | None = None  # stop | length | abort | rejected
+    error: str | None = None
+    logprobs: tuple[TokenLogprob, ...] = ()
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Completion:
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    token_ids: tuple[int, ...]
+    text: str
+    finish_reason: str
+    logprobs: tuple[TokenLogprob, ...] = ()
+
+
+@dataclasses.dataclass(eq=False)
+class _Request:
+    seq: Sequence
+    params: SamplingParams
+    seed: int
+    text: TextStream
+
+
+class Engine:
+    def __init__(self, checkpoint: Checkpoint, config: EngineConfig = EngineConfig()):
+        self.checkpoint = checkpoint
+        self.model_config = c = checkpoint.config
+        self.tokenizer = checkpoint.tokenizer
+        self.max_seq_len = min(config.max_seq_len, c.max_position_embeddings)
+        ps = config.page_size
+        self.max_pages = math.ceil(self.max_seq_len / ps)
+        self.config = config
+        if config.compilation_cache_dir:
+            enable_compilation_cache(os.path.expanduser(config.compilation_cache_dir))
+        num_pages = pages_for_budget(c, ps, checkpoint.dtype, self._kv_budget())
+        self.blocks = BlockManager(num_pages, ps)
+        self.scheduler = Scheduler(config.scheduler_config(), self.blocks)
+        self.pool = zeros_pool(c, num_pages, ps, checkpoint.dtype)
+        self.buckets = Buckets(
+            prefill_tokens=config.prefill_buckets or geometric(16, config.max_prefill_chunk, 4),
+            decode_batch=config.decode_buckets or geometric(1, config.max_num_seqs, 2),
+            context_pages=config.context_buckets or geometric(min(4, self.max_pages), self.max_pages, 4))
+        t0 = time.perf_counter()
+        self.programs = Programs(c, checkpoint.params, self.pool, self.buckets, config.compile_threads)
+        self.compile_seconds = time.perf_counter() - t0
+        self._requests: dict[str, _Request] = {}
+        self._ids = itertools.count()
+        self._eos = frozenset(c.eos_token_ids) | frozenset(self.tokenizer.eos_ids)
+
+    def _kv_budget(self) -> int:
+        if self.config.kv_cache_bytes is not None:
+            return self.config.kv_cache_bytes
+        stats = jax.devices()[0].memory_stats() or {}
+        if "bytes_limit" not in stats:
+            raise ConfigError("this device reports no free memory: set kv_cache_bytes")
+        free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+        return int(free * self.config.kv_cache_memory_fraction)
+
+    # ---- requests ------------------------------------------------------------------------------
+
+    def add_request(self, prompt: str | Seq[int], params: SamplingParams = SamplingParams(),
+                    request_id: str | None = None, priority: int = 0) -> str:
+        """Queue a request; raises RequestError (bad input) or QueueFullError, leaving others as
+        they were."""
+        if isinstance(prompt, str):
+            if not prompt:
+                raise RequestError("prompt is empty")
+            ids = self.tokenizer.encode(prompt)
+        else:
+            ids = [int(t) for t in prompt]
+        self._validate(ids, params, priority)
+        rid = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if rid in self._requests:
+            raise RequestError(f"request_id {rid!r} is already in use")
+        seq = Sequence(rid, list(ids), len(ids), priority=priority, arrival=time.monotonic())
+        try:
+            self.scheduler.add(seq)
+        except QueueFull as e:
+            raise QueueFullError(str(e)) from None
+        seed = params.seed if params.seed is not None else secrets.randbelow(2**31)
+        self._requests[rid] = _Request(seq, params, seed, TextStream(self.tokenizer, params.stop))
+        return rid
+
+    def _validate(self, ids: list[int], params: SamplingParams, priority: int) -> None:
+        vocab = self.model_config.vocab_size
+        if not ids:
+            raise RequestError("prompt is empty")
+        bad = next((t for t in ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise RequestError(f"prompt token id {bad} is outside the vocabulary (size {vocab})")
+        if len(ids) >= self.max_seq_len:
+            raise RequestError(f"prompt of {len(ids)} tokens does not fit the context of "
+                               f"{self.max_seq_len} tokens")
+        params.validate(vocab)
+        if len(ids) + params.max_tokens > self.max_seq_len:
+            raise RequestError(f"max_tokens: prompt ({len(ids)} tokens) + max_tokens "
+                               f"({params.max_tokens}) exceeds the context of {self.max_seq_len} tokens")
+        if not 0 <= priority < self.config.priority_levels:
+            raise RequestError(f"priority must be in [0, {self.config.priority_levels}), got {priority}")
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request now; its pages are free when this returns. False if unknown or done."""
+        req = self._requests.pop(request_id, None)
+        if req is None:
+            return False
+        self.scheduler.remove(req.seq)
+        return True
+
+    @property
+    def has_unfinished(self) -> bool:
+        return bool(self._requests)
+
+    # ---- one step ------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        plan = self.scheduler.schedule(time.monotonic())
+        outputs = [self._finish(self._requests.pop(s.request_id), "rejected",
+                                error=f"queue timeout: waited more than {self.config.queue_timeout_s} s")
+                   for s in plan.expired]
+        launched = []  # (sequences that sample, device result), dispatched before any sync
+        for chunk in plan.prefills:
+            result = self._run_prefill(chunk)
+            chunk.seq.num_computed = chunk.end
+            if chunk.samples:
+                launched.append(([chunk.seq], result))
+        if plan.decodes:
+            result = self._run_decode(plan.decodes)
+            for seq in plan.decodes:
+                seq.num_computed += 1
+            launched.append((list(plan.decodes), result))
+        for seqs, result in launched:
+            host = jax.device_get(result)
+            for row, seq in enumerate(seqs):
+                outputs.append(self._accept(self._requests[seq.request_id], host, row))
+        return outputs
+
+    def _sampling_rows(self, seqs: list[Sequence], size: int) -> SamplingBatch:
+        rows = []
+        for seq in seqs:
+            req = self._requests[seq.request_id]
+            rows.append((req.params, req.seed, len(seq.tokens) - seq.prompt_len))
+        return SamplingBatch.build(rows, size)
+
+    def _history(self, seqs: list[Sequence], size: int, width: int) -> np.ndarray:
+        history = np.full((size, width), -1, np.int32)
+        for row, seq in enumerate(seqs):
+            if self._requests[seq.request_id].params.penalized:
+                history[row, :len(seq.tokens)] = seq.tokens
+        return history
+
+    def _run_prefill(self, chunk: PrefillChunk):
+        seq, ps = chunk.seq, self.config.page_size
+        n = chunk.end - chunk.start
+        t = Buckets.pick(self.buckets.prefill_tokens, n)
+        p = Buckets.pick(self.buckets.context_pages, max(len(seq.pages), math.ceil(t / ps)))
+        positions = np.arange(chunk.start, chunk.end, dtype=np.int32)
+        tokens = np.zeros((1, t), np.int32)
+        tokens[0, :n] = seq.tokens[chunk.start:chunk.end]
+        pos = np.zeros((1, t), np.int32)
+        pos[0, :n] = positions
+        write_pages = np.full((1, t), NULL_PAGE, np.int32)
+        write_pages[0, :n] = np.asarray(seq.pages, np.int32)[positions // ps]
+        write_slots = np.zeros((1, t), np.int32)
+        write_slots[0, :n] = positions % ps
+        batch = StepBatch(tokens, pos, self._tables([seq], 1, p), write_pages, write_slots,
+                          np.array([n - 1], np.int32), self._sampling_rows([seq], 1),
+                          self._history([seq], 1, p * ps), np.array([seq.prompt_len], np.int32))
+        self.pool, sampled = self.programs.prefill(t, p)(self.checkpoint.params, self.pool, batch)
+        return sampled
+
+    def _run_decode(self, seqs: Seq[Sequence]):
+        seqs, ps = list(seqs), self.config.page_size
+        b = Buckets.pick(self.buckets.decode_batch, len(seqs))
+        p = Buckets.pick(self.buckets.context_pages, max(len(s.pages) for s in seqs))
+        tokens = np.zeros((b, 1), np.int32)
+        pos = np.zeros((b, 1), np.int32)
+        write_pages = np.full((b, 1), NULL_PAGE, np.int32)
+        write_slots = np.zeros((b, 1), np.int32)
+        for row, seq in enumerate(seqs):
+            position = seq.num_computed
+            tokens[row, 0] = seq.tokens[position]
+            pos[row, 0] = position
+            write_pages[row, 0] = seq.pages[position // ps]
+            write_slots[row, 0] = position % ps
+        prompt_len = np.zeros(b, np.int32)
+        prompt_len[:len(seqs)] = [s.prompt_len for s in seqs]
+        batch = StepBatch(tokens, pos, self._tables(seqs, b, p), write_pages, write_slots,
+                          np.zeros(b, np.int32), self._sampling_rows(seqs, b),
+                          self._history(seqs, b, p * ps), prompt_len)
+        self.pool, sampled = self.programs.decode(b, p)(self.checkpoint.params, self.pool, batch)
+        return sampled
+
+    @staticmethod
+    def _tables(seqs: list[Sequence], size: int, pages: int) -> np.ndarray:
+        tables = np.full((size, pages), NULL_PAGE, np.int32)
+        for row, seq in enumerate(seqs):
+            tables[row, :len(seq.pages)] = seq.pages
+        return tables
+
+    # ---- results -------------------------------------------------------------------------------
+
+    def _accept(self, req: _Request, sampled, row: int) -> RequestOutput:
+        seq, params = req.seq, req.params
+        token = int(sampled.tokens[row])
+        seq.tokens.append(token)
+        generated = len(seq.tokens) - seq.prompt_len
+        logprobs = ()
+        if params.logprobs is not None:
+            top = tuple((int(i), float(lp)) for i, lp in zip(sampled.top_ids[row, :params.logprobs],
+                                                             sampled.top_logprobs[row, :params.logprobs]))
+            logprobs = (TokenLogprob(token, float(sampled.logprob[row]), top),)
+        if (token in self._eos and not params.ignore_eos) or token in params.stop_token_ids:
+            return self._finish(self._requests.pop(seq.request_id), "stop", drop_last=True)
+        text = req.text.push(token)
+        if req.text.stopped_by is not None:
+            return self._finish(self._requests.pop(seq.request_id), "stop", last=(token,), text=text,
+                                logprobs=logprobs)
+        if generated >= params.max_tokens or len(seq.tokens) >= self.max_seq_len:
+            return self._finish(self._requests.pop(seq.request_id), "length", last=(token,), text=text,
+                                logprobs=logprobs)
+        return RequestOutput(seq.request_id, (token,), text, logprobs=logprobs,
+                             prompt_tokens=seq.prompt_len, completion_tokens=generated)
+
+    def _finish(self, req: _Request, reason: str, *, last: tuple[int, ...] = (), text: str = "",
+                logprobs=(), error: str | None = None, drop_last: bool = False) -> RequestOutput:
+        seq = req.seq
+        self.scheduler.remove(seq)  # pages back to the pool in this same step
+        if drop_last:  # EOS / stop token: ends the output, is not part of it
+            seq.tokens.pop()
+        tail = req.text.finish() if reason != "rejected" else ""
+        return RequestOutput(seq.request_id, last, text + tail, finished=True, finish_reason=reason,
+                             error=error, logprobs=logprobs, prompt_tokens=seq.prompt_len,
+                             completion_tokens=len(seq.tokens) - seq.prompt_len)
+
+    # ---- offline -------------------------------------------------------------------------------
+
+    def generate(self, prompts: Seq[str | Seq[int]],
+                 params: SamplingParams | Seq[SamplingParams] = SamplingParams(),
+                 on_output=None) -> list[Completion]:
+        """Run every prompt to completion, feeding the queue as space frees; results in order."""
+        params_list = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        if len(params_list) != len(prompts):
+            raise RequestError("one SamplingParams per prompt, or one for all")
+        todo = list(enumerate(prompts))
+        ids: dict[str, int] = {}
+        tokens: dict[int, list[int]] = {}
+        texts: dict[int, list[str]] = {}
+        logprobs: dict[int, list[TokenLogprob]] = {}
+        done: dict[int, Completion] = {}
+        prompt_ids: dict[int, tuple[int, ...]] = {}
+        while todo or self.has_unfinished:
+            while todo and len(self.scheduler.waiting) < self.config.max_queue_size:
+                i, prompt = todo.pop(0)
+                rid = self.add_request(prompt, params_list[i])
+                ids[rid] = i
+                prompt_ids[i] = tuple(self._requests[rid].seq.tokens)
+                tokens[i], texts[i], logprobs[i] = [], [], []
+            for out in self.step():
+                if out.request_id not in ids:
+                    continue
+                i = ids[out.request_id]
+                tokens[i].extend(out.token_ids)
+                texts[i].append(out.text)
+                logprobs[i].extend(out.logprobs)
+                if on_output is not None:
+                    on_output(out)
+                if out.finished:
+                    done[i] = Completion(out.request_id, prompt_ids[i], tuple(tokens[i]),
+                                         "".join(texts[i]), out.finish_reason, tuple(logprobs[i]))
+        return [done[i] for i in range(len(prompts))]
+
+    def stats(self) -> dict[str, Any]:
+        return {**self.scheduler.describe(), "programs": len(self.programs),
+                "compile_seconds": round(self.compile_seconds, 2)}

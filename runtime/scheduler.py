@@ -1,0 +1,212 @@
+"""Who runs in the next engine step, and on how many tokens. Plain Python: no JAX here.
+
+Each step the scheduler makes a frozen `StepPlan`:
+  1. waiting requests past their queue timeout are expired (Triton's `default_queue_policy`);
+  2. every running request whose prompt is done gets its next token (a decode), a page added when
+     it crosses a page boundary;
+  3. the rest of the per-step token budget goes to prompt chunks (chunked prefill): first requests
+     already part-way through their prompt, then waiting ones, best priority then oldest first.
+When pages run out, the running request that is least entitled (worst priority, newest) is
+preempted: its pages are freed and it goes back to the queue, to recompute prompt + output so far.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from typing import Any
+
+from runtime.block_manager import BlockManager
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class QueueFull(Exception):
+    """The waiting queue is at max_queue_size."""
+
+
+@dataclasses.dataclass(eq=False)
+class Sequence:
+    request_id: str
+    tokens: list[int]  # prompt, then generated tokens
+    prompt_len: int
+    priority: int = 0  # lower is served first
+    arrival: float = 0.0
+    status: Status = Status.WAITING
+    num_computed: int = 0  # tokens whose K/V are in the cache
+    pages: list[int] = dataclasses.field(default_factory=list)
+    started: bool = False  # ran at least once (a preempted request is not expired)
+    num_preemptions: int = 0
+
+    @property
+    def uncomputed(self) -> int:
+        return len(self.tokens) - self.num_computed
+
+    @property
+    def order(self) -> tuple:
+        return (self.priority, self.arrival)
+
+
+@dataclasses.dataclass(frozen=True)
+class PrefillChunk:
+    seq: Sequence
+    start: int  # compute tokens[start:end]
+    end: int
+
+    @property
+    def samples(self) -> bool:
+        """The chunk ends the known tokens, so its last logits give the next token."""
+        return self.end == len(self.seq.tokens)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepPlan:
+    prefills: tuple[PrefillChunk, ...] = ()
+    decodes: tuple[Sequence, ...] = ()  # one new token each, at position num_computed
+    preempted: tuple[Sequence, ...] = ()
+    expired: tuple[Sequence, ...] = ()
+
+    @property
+    def empty(self) -> bool:
+        return not (self.prefills or self.decodes)
+
+
+@dataclasses.dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 16
+    max_num_batched_tokens: int = 512  # per step, decodes included
+    max_prefill_chunk: int = 512  # the largest prefill program
+    max_queue_size: int = 256
+    queue_timeout_s: float | None = None
+    priority_levels: int = 3
+
+    def __post_init__(self):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_prefill_chunk", "max_queue_size",
+                     "priority_levels"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError("max_num_batched_tokens must be >= max_num_seqs (each decode takes one)")
+        if self.queue_timeout_s is not None and self.queue_timeout_s <= 0:
+            raise ValueError(f"queue_timeout_s must be positive or null, got {self.queue_timeout_s}")
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, blocks: BlockManager):
+        self.config = config
+        self.blocks = blocks
+        self.waiting: list[Sequence] = []  # kept sorted by (priority, arrival)
+        self.running: list[Sequence] = []
+
+    # ---- requests in and out ----------------------------------------------------------------
+
+    def add(self, seq: Sequence) -> None:
+        if len(self.waiting) >= self.config.max_queue_size:
+            raise QueueFull(f"the waiting queue is full ({self.config.max_queue_size} requests)")
+        self._enqueue(seq)
+
+    def _enqueue(self, seq: Sequence) -> None:
+        seq.status = Status.WAITING
+        i = len(self.waiting)
+        while i > 0 and self.waiting[i - 1].order > seq.order:
+            i -= 1
+        self.waiting.insert(i, seq)
+
+    def remove(self, seq: Sequence) -> None:
+        """Take `seq` out (finished or aborted); its pages are free on return."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.blocks.release(seq.pages)
+        seq.status = Status.FINISHED
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    # ---- one step -----------------------------------------------------------------------------
+
+    def schedule(self, now: float) -> StepPlan:
+        expired = self._expire(now)
+        preempted: list[Sequence] = []
+        decodes: list[Sequence] = []
+        prefills: list[PrefillChunk] = []
+        budget = self.config.max_num_batched_tokens
+
+        # Running requests, most entitled first, so preemption takes from the tail.
+        self.running.sort(key=lambda s: s.order)
+        for seq in list(self.running):
+            if seq.status is not Status.RUNNING:  # preempted earlier in this loop
+                continue
+            n = 1 if seq.uncomputed == 1 else min(seq.uncomputed, budget - len(self._decodes_left(seq)),
+                                                  self.config.max_prefill_chunk)
+            if n <= 0:
+                continue
+            if not self._make_room(seq, seq.num_computed + n, preempted):
+                continue  # seq itself was preempted
+            if n == 1 and seq.uncomputed == 1:
+                decodes.append(seq)
+            else:
+                prefills.append(PrefillChunk(seq, seq.num_computed, seq.num_computed + n))
+            budget -= n
+
+        # Admit waiting requests while there is budget, a free slot, and pages (no preemption for
+        # newcomers: that would only trade one request's progress for another's).
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting[0]
+            if seq in preempted:
+                break  # just preempted for lack of pages: not back in this step
+            n = 1 if seq.uncomputed == 1 else min(seq.uncomputed, budget, self.config.max_prefill_chunk)
+            if not self.blocks.grow(seq.pages, seq.num_computed + n):
+                break
+            self.waiting.pop(0)
+            seq.status, seq.started = Status.RUNNING, True
+            self.running.append(seq)
+            if n == 1 and seq.uncomputed == 1:
+                decodes.append(seq)
+            else:
+                prefills.append(PrefillChunk(seq, seq.num_computed, seq.num_computed + n))
+            budget -= n
+        return StepPlan(tuple(prefills), tuple(decodes), tuple(preempted), tuple(expired))
+
+    def _decodes_left(self, seq: Sequence) -> list[Sequence]:
+        """Running requests after `seq` that will want one decode token each this step: a prompt
+        chunk must leave them their token."""
+        i = self.running.index(seq)
+        return [s for s in self.running[i + 1:] if s.status is Status.RUNNING and s.uncomputed == 1]
+
+    def _make_room(self, seq: Sequence, num_tokens: int, preempted: list[Sequence]) -> bool:
+        """Grow seq's pages to num_tokens, preempting from the tail of `running` as needed.
+        False if seq itself had to be preempted."""
+        while not self.blocks.grow(seq.pages, num_tokens):
+            victim = self.running[-1]
+            self._preempt(victim)
+            preempted.append(victim)
+            if victim is seq:
+                return False
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.blocks.release(seq.pages)
+        seq.num_computed = 0  # recompute prompt + output so far
+        seq.num_preemptions += 1
+        self._enqueue(seq)
+
+    def _expire(self, now: float) -> list[Sequence]:
+        timeout = self.config.queue_timeout_s
+        if timeout is None:
+            return []
+        expired = [s for s in self.waiting if not s.started and now - s.arrival > timeout]
+        for seq in expired:
+            self.remove(seq)
+        return expired
+
+    def describe(self) -> dict[str, Any]:
+        return {"waiting": len(self.waiting), "running": len(self.running),
+                "pages_used": self.blocks.num_used, "pages_total": self.blocks.num_usable}
