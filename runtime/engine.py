@@ -72,13 +72,31 @@ class EngineConfig:
             raise ConfigError(str(e)) from None
 
     @classmethod
+    def from_yaml(cls, path: str | os.PathLike) -> "EngineConfig":
+        """The `engine:` section of a serving config file."""
+        import yaml
+
+        try:
+            data = yaml.safe_load(open(path)) or {}
+        except OSError as e:
+            raise ConfigError(f"cannot read {path}: {e.strerror}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path} is not valid YAML: {e}") from None
+        if not isinstance(data, Mapping) or not isinstance(data.get("engine", {}), Mapping):
+            raise ConfigError(f"{path}: expected a mapping with an 'engine' section")
+        return cls.from_dict(data.get("engine", {}))
+
+    @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "EngineConfig":
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ConfigError(f"engine config: unknown field(s) {', '.join(unknown)}")
         values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
-        return cls(**values)
+        try:
+            return cls(**values)
+        except TypeError as e:
+            raise ConfigError(f"engine config: {e}") from None
 
     def scheduler_config(self) -> SchedulerConfig:
         return SchedulerConfig(self.max_num_seqs, self.max_num_batched_tokens, self.max_prefill_chunk,
@@ -172,7 +190,7 @@ class Engine:
             ids = self.tokenizer.encode(prompt)
         else:
             ids = [int(t) for t in prompt]
-        self._validate(ids, params, priority)
+        self.validate_request(ids, params, priority)
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
         if rid in self._requests:
             raise RequestError(f"request_id {rid!r} is already in use")
@@ -185,7 +203,8 @@ class Engine:
         self._requests[rid] = _Request(seq, params, seed, TextStream(self.tokenizer, params.stop))
         return rid
 
-    def _validate(self, ids: list[int], params: SamplingParams, priority: int) -> None:
+    def validate_request(self, ids: Seq[int], params: SamplingParams, priority: int = 0) -> None:
+        """Raise RequestError naming the first problem with this request."""
         vocab = self.model_config.vocab_size
         if not ids:
             raise RequestError("prompt is empty")

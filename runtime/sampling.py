@@ -72,11 +72,6 @@ class SamplingParams:
                 or self.frequency_penalty != 0)
 
 
-def validate(temperature: float, top_p: float, max_tokens: int) -> None:
-    """Quick checks of the command line's sampling flags, before anything is loaded."""
-    SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p).validate(vocab_size=1)
-
-
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class SamplingBatch:
@@ -151,10 +146,18 @@ def sample(logits: Float[Array, "b v"], s: SamplingBatch, history: Int[Array, "b
     drawn = jax.lax.cond(jnp.any(random), draw, lambda x: greedy, logits)
     tokens = jnp.where(random, drawn, greedy)
     chosen = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
-    top_lp, top_ids = jax.lax.cond(
-        jnp.any(s.want_logprobs), lambda x: tuple(jax.lax.top_k(x, MAX_LOGPROBS)),
-        lambda x: (jnp.zeros((x.shape[0], MAX_LOGPROBS), x.dtype),
-                   jnp.zeros((x.shape[0], MAX_LOGPROBS), jnp.int32)), logprobs)
+    n = min(MAX_LOGPROBS, logprobs.shape[-1])  # a vocabulary may be smaller than N (tests)
+
+    def top(x):
+        values, ids = jax.lax.top_k(x, n)
+        pad = ((0, 0), (0, MAX_LOGPROBS - n))
+        return jnp.pad(values, pad, constant_values=-jnp.inf), jnp.pad(ids, pad)
+
+    def none(x):
+        return (jnp.full((x.shape[0], MAX_LOGPROBS), -jnp.inf, x.dtype),
+                jnp.zeros((x.shape[0], MAX_LOGPROBS), jnp.int32))
+
+    top_lp, top_ids = jax.lax.cond(jnp.any(s.want_logprobs), top, none, logprobs)
     return Sampled(tokens, chosen, top_ids.astype(jnp.int32), top_lp)
 
 

@@ -1,7 +1,8 @@
 """The `meshserve` command line.
 
     meshserve convert --from gguf:FILE | hf:DIR --out CKPT_DIR [--dtype bfloat16|float32]
-    meshserve generate [--model CKPT_DIR] [--chat] [sampling options] "prompt"
+    meshserve generate [--model CKPT_DIR] [--chat] [sampling flags] "prompt"
+    meshserve generate --input prompts.jsonl --output results.jsonl [--chat] [sampling flags]
     meshserve fetch-default [--dtype ...]     fetch and convert the default model, print its folder
 
 Errors the user can fix are printed as one line on stderr with a non-zero exit, never a traceback.
@@ -10,11 +11,20 @@ Errors the user can fix are printed as one line on stderr with a non-zero exit, 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
+import os
 import sys
+from pathlib import Path
 
-from models.errors import MeshserveError
+from models.errors import MeshserveError, RequestError
 
 EXIT_ERROR = 1
+DEFAULT_SERVING_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "serving" / "default.yaml"
+# Per-line fields of --input that override the command line's sampling flags.
+LINE_SAMPLING_FIELDS = ("max_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty",
+                        "presence_penalty", "frequency_penalty", "seed", "stop", "stop_token_ids",
+                        "ignore_eos", "logprobs")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -26,16 +36,23 @@ def _parser() -> argparse.ArgumentParser:
     conv.add_argument("--out", required=True, metavar="CKPT_DIR")
     conv.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
 
-    gen = sub.add_parser("generate", help="stream a completion to the terminal")
-    gen.add_argument("prompt")
+    gen = sub.add_parser("generate", help="stream a completion, or run a JSONL file of prompts")
+    gen.add_argument("prompt", nargs="?")
     gen.add_argument("--model", metavar="CKPT_DIR",
                      help="checkpoint folder (default: the default model, fetched on first use)")
-    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    gen.add_argument("--chat", action="store_true", help="wrap prompts in the model's chat template")
+    gen.add_argument("--input", metavar="JSONL", help='one {"prompt": ...} or {"messages": [...]} per line')
+    gen.add_argument("--output", metavar="JSONL", help="results of --input, one line per prompt")
+    gen.add_argument("--config", default=str(DEFAULT_SERVING_CONFIG),
+                     help="serving config whose 'engine' section sizes the engine")
     gen.add_argument("--max-tokens", type=int, default=256)
     gen.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
     gen.add_argument("--top-p", type=float, default=1.0)
-    gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--max-seq-len", type=int, default=4096, help="KV cache length")
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--min-p", type=float, default=0.0)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    gen.add_argument("--max-seq-len", type=int, default=None, help="context length (default: config)")
     gen.add_argument("--quiet", action="store_true", help="no progress bars")
 
     fetch = sub.add_parser("fetch-default", help="fetch and convert the default model; print its folder")
@@ -50,27 +67,140 @@ def _convert(args) -> None:
     print(f"wrote {out}", file=sys.stderr)
 
 
-def _generate(args) -> None:
+def _sampling(args):
+    from runtime.sampling import SamplingParams
+
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, min_p=args.min_p, seed=args.seed, stop=tuple(args.stop))
+    params.validate(vocab_size=2**31 - 1)  # the rest is checked against the model once loaded
+    return params
+
+
+def _load(args):
     from models.checkpoint import load_checkpoint
     from models.default import default_checkpoint
-    from runtime import sampling
-    from runtime.generate import DenseGenerator
 
-    sampling.validate(args.temperature, args.top_p, args.max_tokens)  # before the slow load
     folder = args.model or default_checkpoint(progress=not args.quiet)
-    ckpt = load_checkpoint(folder, progress=not args.quiet)
-    tok = ckpt.tokenizer
-    if args.chat:
-        ids = tok.encode_chat([{"role": "user", "content": args.prompt}])
+    return load_checkpoint(folder, progress=not args.quiet)
+
+
+def _generate(args) -> None:
+    from runtime.engine import EngineConfig
+
+    if (args.input is None) == (args.prompt is None):
+        raise RequestError("give either a prompt or --input FILE")
+    if args.input is not None and args.output is None:
+        raise RequestError("--input needs --output")
+    params = _sampling(args)
+    config = EngineConfig.from_yaml(args.config)
+    if args.max_seq_len:
+        config = dataclasses.replace(config, max_seq_len=args.max_seq_len)
+    lines = _read_jsonl(Path(args.input)) if args.input else None
+    ckpt = _load(args)
+    if lines is None:
+        _stream_one(ckpt, config, args, params)
     else:
-        ids = tok.encode(args.prompt)
-    generator = DenseGenerator(ckpt, max_seq_len=args.max_seq_len)
-    detok = tok.incremental_decoder()
-    for tid in generator.stream(ids, max_tokens=args.max_tokens, temperature=args.temperature,
-                                top_p=args.top_p, seed=args.seed):
-        sys.stdout.write(detok.push(tid))
-        sys.stdout.flush()
-    sys.stdout.write(detok.flush() + "\n")
+        _run_batch(ckpt, config, args, params, lines)
+
+
+def _encode(tok, prompt, chat: bool) -> list[int]:
+    if isinstance(prompt, list) and all(isinstance(m, dict) for m in prompt):
+        return tok.encode_chat(prompt)
+    if isinstance(prompt, list):
+        return [int(t) for t in prompt]
+    return tok.encode_chat([{"role": "user", "content": prompt}]) if chat else tok.encode(prompt)
+
+
+def _stream_one(ckpt, config, args, params) -> None:
+    """One prompt: an engine sized to it (few programs to compile), text streamed as it comes."""
+    from runtime.engine import Engine
+
+    ids = _encode(ckpt.tokenizer, args.prompt, args.chat)
+    if not ids:
+        raise RequestError("prompt is empty")
+    need = len(ids) + params.max_tokens
+    seq_len = max(64, 1 << (need - 1).bit_length())
+    chunk = min(256, config.max_prefill_chunk, max(16, 1 << (len(ids) - 1).bit_length()))
+    pages = -(-min(seq_len, config.max_seq_len) // config.page_size)
+    sized = dataclasses.replace(
+        config, max_seq_len=min(seq_len, config.max_seq_len), max_num_seqs=1, max_prefill_chunk=chunk,
+        max_num_batched_tokens=max(chunk, config.max_num_seqs), prefill_buckets=(chunk,), decode_buckets=(1,),
+        context_buckets=(pages,))
+    engine = Engine(ckpt, sized)
+    engine.add_request(ids, params)
+    while engine.has_unfinished:
+        for out in engine.step():
+            sys.stdout.write(out.text)
+            sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise RequestError(f"--input {path} does not exist")
+    lines = []
+    for n, raw in enumerate(path.read_text().splitlines(), 1):
+        if not raw.strip():
+            continue
+        try:
+            item = json.loads(raw)
+        except ValueError:
+            raise RequestError(f"{path.name} line {n}: not valid JSON") from None
+        if not isinstance(item, dict) or ("prompt" in item) == ("messages" in item):
+            raise RequestError(f'{path.name} line {n}: need exactly one of "prompt" or "messages"')
+        unknown = set(item) - {"prompt", "messages", "id", "priority", *LINE_SAMPLING_FIELDS}
+        if unknown:
+            raise RequestError(f"{path.name} line {n}: unknown field(s) {', '.join(sorted(unknown))}")
+        item["_line"] = n
+        lines.append(item)
+    if not lines:
+        raise RequestError(f"{path.name} holds no prompts")
+    return lines
+
+
+def _run_batch(ckpt, config, args, params, lines) -> None:
+    import time
+
+    from tqdm.auto import tqdm
+
+    from runtime.engine import Engine
+
+    engine = Engine(ckpt, config)
+    prompts, plist = [], []
+    for item in lines:
+        overrides = {k: (tuple(v) if isinstance(v, list) else v)
+                     for k, v in item.items() if k in LINE_SAMPLING_FIELDS}
+        try:
+            p = dataclasses.replace(params, **overrides)
+            ids = _encode(ckpt.tokenizer, item.get("messages") or item["prompt"], args.chat)
+            engine.validate_request(ids, p)
+        except (RequestError, TypeError) as e:
+            raise RequestError(f"{Path(args.input).name} line {item['_line']}: {e}") from None
+        prompts.append(ids)
+        plist.append(p)
+    bar = tqdm(total=len(prompts), unit="req", desc="generating", disable=None if not args.quiet else True)
+    start, produced = time.perf_counter(), [0]
+
+    def progress(out):
+        produced[0] += len(out.token_ids)
+        if out.finished:
+            bar.update(1)
+        bar.set_postfix_str(f"{produced[0] / (time.perf_counter() - start):.1f} tok/s", refresh=False)
+
+    results = engine.generate(prompts, plist, on_output=progress)
+    bar.close()
+    out_path = Path(args.output)
+    tmp = out_path.with_name(f".{out_path.name}.partial")
+    with tmp.open("w") as f:  # written whole, then renamed: never a partial results file
+        for item, res in zip(lines, results):
+            f.write(json.dumps({"id": item.get("id", item["_line"]), "text": res.text,
+                                "token_ids": list(res.token_ids), "finish_reason": res.finish_reason,
+                                "prompt_tokens": len(res.prompt_token_ids),
+                                "completion_tokens": len(res.token_ids)}) + "\n")
+    os.replace(tmp, out_path)
+    elapsed = time.perf_counter() - start
+    print(f"{len(results)} prompts, {produced[0]} tokens in {elapsed:.1f} s "
+          f"({produced[0] / elapsed:.1f} tok/s) → {out_path}", file=sys.stderr)
 
 
 def _fetch_default(args) -> None:

@@ -10,7 +10,8 @@ import torch
 from models.checkpoint import load_checkpoint
 from models.convert import convert
 from models.llama import forward
-from runtime.generate import DenseGenerator
+from runtime.engine import Engine, EngineConfig
+from runtime.sampling import SamplingParams
 from tests.helpers import make_hf_model
 
 _forward = jax.jit(forward, static_argnames="config")
@@ -35,6 +36,16 @@ def ref_greedy(model, prompt: list[int], n: int) -> list[int]:
     return ids[len(prompt):]
 
 
+def engine_greedy(ckpt, prompts: list[list[int]], n: int, **config) -> list[list[int]]:
+    """Greedy tokens from the engine (paged cache, compiled programs), all prompts at once."""
+    settings = dict(max_seq_len=128, max_num_seqs=4, max_num_batched_tokens=64, max_prefill_chunk=64,
+                    decode_buckets=(4,), prefill_buckets=(64,), context_buckets=(8,), page_size=16)
+    settings.update(config)
+    engine = Engine(ckpt, EngineConfig(**settings))
+    out = engine.generate(prompts, SamplingParams(max_tokens=n, ignore_eos=True))
+    return [list(c.token_ids) for c in out]
+
+
 def assert_logits_close(ours, ref, rtol=1e-4):
     err = np.abs(ours - ref).max() / np.abs(ref).max()
     assert err <= rtol, f"max |Δlogit| / max |logit| = {err:.2e}"
@@ -47,9 +58,16 @@ def test_default_model_logits_match_transformers(smollm_ckpt, smollm_hf, length)
 
 
 def test_default_model_greedy_tokens_match_transformers(smollm_ckpt, smollm_hf):
-    prompt = smollm_ckpt.tokenizer.encode_chat([{"role": "user", "content": "Tell me about the sea."}])
-    ours = list(DenseGenerator(smollm_ckpt, max_seq_len=256).stream(prompt, max_tokens=32, ignore_eos=True))
-    assert ours == ref_greedy(smollm_hf, prompt, 32)
+    """Three chats at once through the engine, with a page pool too small for all of them (so one is
+    preempted and recomputed) and prompts longer than one prefill chunk."""
+    tok = smollm_ckpt.tokenizer
+    prompts = [tok.encode_chat([{"role": "user", "content": q}]) for q in
+               ("Tell me about the sea.", "What is the capital of France?",
+                "List three facts about owls, and explain why each one matters to a forest.")]
+    ours = engine_greedy(smollm_ckpt, prompts, 32, max_prefill_chunk=32, max_num_batched_tokens=32,
+                         prefill_buckets=(32,), kv_cache_bytes=9 * 16 * 2 * 30 * 3 * 64 * 4)
+    for prompt, tokens in zip(prompts, ours):
+        assert tokens == ref_greedy(smollm_hf, prompt, 32)
 
 
 @pytest.mark.parametrize("family,sharded", [("llama", False), ("mistral", True), ("qwen2", True)])
@@ -69,5 +87,4 @@ def test_random_hf_model_matches_transformers(tmp_path, family, sharded):
         ids = rng.integers(0, ckpt.config.vocab_size, (1, length))
         assert_logits_close(ours_logits(ckpt, ids), ref_logits(model, ids))
     prompt = rng.integers(0, ckpt.config.vocab_size, 11).tolist()
-    ours = list(DenseGenerator(ckpt, max_seq_len=64).stream(prompt, max_tokens=32, ignore_eos=True))
-    assert ours == ref_greedy(model, prompt, 32)
+    assert engine_greedy(ckpt, [prompt], 32)[0] == ref_greedy(model, prompt, 32)

@@ -72,7 +72,7 @@ def test_convert_then_generate(sources, tmp_path):
 @pytest.mark.parametrize("flags,fragment", [
     (["--temperature", "-1"], "temperature must be >= 0"),
     (["--top-p", "0"], "top_p must be in (0, 1]"),
-    (["--max-tokens", "0"], "max_tokens must be positive"),
+    (["--max-tokens", "0"], "max_tokens must be a positive integer"),
     (["--model", "/nonexistent/ckpt"], "not a meshserve checkpoint"),
 ])
 def test_generate_bad_input(smollm_ckpt, flags, fragment):
@@ -107,3 +107,39 @@ def test_progress_bars_on_a_terminal(sources, tmp_path, monkeypatch):
     load_checkpoint(convert(f"gguf:{sources}/good.gguf", tmp_path / "ck"))
     text = err.getvalue()
     assert "converting" in text and "loading" in text and "100%" in text
+
+
+def test_batch_mode(smollm_ckpt, tmp_path):
+    import json
+
+    src = tmp_path / "prompts.jsonl"
+    src.write_text("\n".join(json.dumps(x) for x in [
+        {"id": "fr", "messages": [{"role": "user", "content": "What is the capital of France?"}]},
+        {"prompt": "The capital of Italy is", "max_tokens": 5},
+        {"id": 3, "prompt": [1, 2, 3], "max_tokens": 3, "ignore_eos": True},
+    ]) + "\n")
+    result = meshserve("generate", "--model", smollm_ckpt.path, "--input", src, "--output",
+                       tmp_path / "out.jsonl", "--max-tokens", "24", "--max-seq-len", "256", timeout=600)
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in rows] == ["fr", 2, 3]
+    assert "Paris" in rows[0]["text"]
+    assert rows[1]["completion_tokens"] <= 5 and len(rows[2]["token_ids"]) == 3
+    assert rows[2]["finish_reason"] == "length"
+    assert "tok/s" in result.stderr
+
+
+@pytest.mark.parametrize("content,fragment", [
+    ('{"prompt": "a"}\nnot json\n', "line 2: not valid JSON"),
+    ('{"prompt": "a", "messages": []}\n', 'line 1: need exactly one of "prompt" or "messages"'),
+    ('{"prompt": "a", "colour": 1}\n', "line 1: unknown field(s) colour"),
+    ('{"prompt": "a", "temperature": -1}\n', "line 1: temperature must be >= 0"),
+    ('{"prompt": ""}\n', "line 1: prompt is empty"),
+])
+def test_batch_mode_bad_input(smollm_ckpt, tmp_path, content, fragment):
+    src = tmp_path / "prompts.jsonl"
+    src.write_text(content)
+    result = meshserve("generate", "--model", smollm_ckpt.path, "--quiet", "--input", src, "--output",
+                       tmp_path / "out.jsonl", "--max-seq-len", "64", "--max-tokens", "4")
+    assert_one_error_line(result, fragment)
+    assert not (tmp_path / "out.jsonl").exists()
