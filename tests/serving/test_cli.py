@@ -143,3 +143,24 @@ def test_batch_mode_bad_input(smollm_ckpt, tmp_path, content, fragment):
                        tmp_path / "out.jsonl", "--max-seq-len", "64", "--max-tokens", "4")
     assert_one_error_line(result, fragment)
     assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_compilation_cache_folder_is_used(smollm_ckpt, tmp_path):
+    import yaml
+
+    config = yaml.safe_load(open("configs/serving/default.yaml"))
+    config["engine"]["compilation_cache_dir"] = str(tmp_path / "xla")
+    (tmp_path / "serving.yaml").write_text(yaml.safe_dump(config))
+    result = meshserve("generate", "--model", smollm_ckpt.path, "--config", tmp_path / "serving.yaml",
+                       "--quiet", "--max-tokens", "2", "hi")
+    assert result.returncode == 0, result.stderr
+    assert any(p.name.startswith("jit_step") for p in (tmp_path / "xla").iterdir())
+
+
+def test_bad_serving_config(smollm_ckpt, tmp_path):
+    (tmp_path / "serving.yaml").write_text("engine:\n  page_size: 12\n")
+    result = meshserve("generate", "--model", smollm_ckpt.path, "--config", tmp_path / "serving.yaml", "hi")
+    assert_one_error_line(result, "page_size must be a power of two, got 12")
+    (tmp_path / "serving.yaml").write_text("engine:\n  pages: 12\n")
+    result = meshserve("generate", "--model", smollm_ckpt.path, "--config", tmp_path / "serving.yaml", "hi")
+    assert_one_error_line(result, "unknown field(s) pages")
