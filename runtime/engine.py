@@ -181,9 +181,10 @@ class Engine:
     # ---- requests ------------------------------------------------------------------------------
 
     def add_request(self, prompt: str | Seq[int], params: SamplingParams = SamplingParams(),
-                    request_id: str | None = None, priority: int = 0) -> str:
+                    request_id: str | None = None, priority: int = 0,
+                    queue_timeout_s: float | None = None) -> str:
         """Queue a request; raises RequestError (bad input) or QueueFullError, leaving others as
-        they were."""
+        they were. `queue_timeout_s` overrides the configured queue timeout for this request."""
         if isinstance(prompt, str):
             if not prompt:
                 raise RequestError("prompt is empty")
@@ -191,10 +192,13 @@ class Engine:
         else:
             ids = [int(t) for t in prompt]
         self.validate_request(ids, params, priority)
+        if queue_timeout_s is not None and not queue_timeout_s > 0:
+            raise RequestError(f"queue_timeout_s must be positive, got {queue_timeout_s}")
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
         if rid in self._requests:
             raise RequestError(f"request_id {rid!r} is already in use")
-        seq = Sequence(rid, list(ids), len(ids), priority=priority, arrival=time.monotonic())
+        seq = Sequence(rid, list(ids), len(ids), priority=priority, arrival=time.monotonic(),
+                       queue_timeout_s=queue_timeout_s)
         try:
             self.scheduler.add(seq)
         except QueueFull as e:
@@ -238,7 +242,8 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         plan = self.scheduler.schedule(time.monotonic())
         outputs = [self._finish(self._requests.pop(s.request_id), "rejected",
-                                error=f"queue timeout: waited more than {self.config.queue_timeout_s} s")
+                                error=f"queue timeout: waited more than "
+                                      f"{s.queue_timeout_s or self.config.queue_timeout_s} s")
                    for s in plan.expired]
         launched = []  # (sequences that sample, device result), dispatched before any sync
         for chunk in plan.prefills:

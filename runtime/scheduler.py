@@ -40,6 +40,7 @@ class Sequence:
     num_computed: int = 0  # tokens whose K/V are in the cache
     pages: list[int] = dataclasses.field(default_factory=list)
     started: bool = False  # ran at least once (a preempted request is not expired)
+    queue_timeout_s: float | None = None  # overrides SchedulerConfig.queue_timeout_s
     num_preemptions: int = 0
 
     @property
@@ -199,10 +200,11 @@ class Scheduler:
         self._enqueue(seq)
 
     def _expire(self, now: float) -> list[Sequence]:
-        timeout = self.config.queue_timeout_s
-        if timeout is None:
-            return []
-        expired = [s for s in self.waiting if not s.started and now - s.arrival > timeout]
+        def timeout(s: Sequence) -> float | None:
+            return s.queue_timeout_s if s.queue_timeout_s is not None else self.config.queue_timeout_s
+
+        expired = [s for s in self.waiting
+                   if not s.started and timeout(s) is not None and now - s.arrival > timeout(s)]
         for seq in expired:
             self.remove(seq)
         return expired

@@ -141,6 +141,16 @@ def test_full_queue_and_queue_timeout(tiny_ckpt):
     while engine.has_unfinished:
         engine.step()
     assert engine.blocks.num_free == engine.blocks.num_usable and a
+    # a per-request timeout overrides the configured one
+    engine.add_request([1, 2], SamplingParams(max_tokens=30, ignore_eos=True))
+    c = engine.add_request([3], SamplingParams(max_tokens=2), queue_timeout_s=0.01)
+    engine.step()
+    time.sleep(0.03)
+    assert any(o.request_id == c and o.finish_reason == "rejected" for o in engine.step())
+    with pytest.raises(RequestError, match="queue_timeout_s must be positive"):
+        engine.add_request([3], SamplingParams(max_tokens=2), queue_timeout_s=0)
+    while engine.has_unfinished:
+        engine.step()
 
 
 def test_seeded_sampling_ignores_batch_company(engine):

@@ -91,3 +91,15 @@ def test_config_errors():
         SchedulerConfig(max_num_seqs=0)
     with pytest.raises(ValueError, match="queue_timeout_s"):
         SchedulerConfig(queue_timeout_s=0)
+
+
+def test_per_request_queue_timeout_overrides_the_default():
+    sched = make(max_num_seqs=1, queue_timeout_s=None)
+    sched.add(seq("runs", 2, arrival=0))
+    patient, hasty = seq("patient", 2, arrival=0), seq("hasty", 2, arrival=0)
+    hasty.queue_timeout_s = 0.5
+    sched.add(patient), sched.add(hasty)
+    sched.schedule(now=0.1)
+    plan = sched.schedule(now=1.0)
+    assert [s.request_id for s in plan.expired] == ["hasty"]
+    assert [s.request_id for s in sched.waiting] == ["patient"]
