@@ -143,6 +143,24 @@ class _Request:
     text: TextStream
 
 
+def check_request(ids: Seq[int], params: SamplingParams, priority: int, *, vocab_size: int,
+                  max_seq_len: int, priority_levels: int) -> None:
+    """Raise RequestError naming the first problem with a request; needs no compiled engine."""
+    if not ids:
+        raise RequestError("prompt is empty")
+    bad = next((t for t in ids if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise RequestError(f"prompt token id {bad} is outside the vocabulary (size {vocab_size})")
+    if len(ids) >= max_seq_len:
+        raise RequestError(f"prompt of {len(ids)} tokens does not fit the context of {max_seq_len} tokens")
+    params.validate(vocab_size)
+    if len(ids) + params.max_tokens > max_seq_len:
+        raise RequestError(f"max_tokens: prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) "
+                           f"exceeds the context of {max_seq_len} tokens")
+    if not 0 <= priority < priority_levels:
+        raise RequestError(f"priority must be in [0, {priority_levels}), got {priority}")
+
+
 class Engine:
     def __init__(self, checkpoint: Checkpoint, config: EngineConfig = EngineConfig()):
         self.checkpoint = checkpoint
@@ -209,21 +227,8 @@ class Engine:
 
     def validate_request(self, ids: Seq[int], params: SamplingParams, priority: int = 0) -> None:
         """Raise RequestError naming the first problem with this request."""
-        vocab = self.model_config.vocab_size
-        if not ids:
-            raise RequestError("prompt is empty")
-        bad = next((t for t in ids if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise RequestError(f"prompt token id {bad} is outside the vocabulary (size {vocab})")
-        if len(ids) >= self.max_seq_len:
-            raise RequestError(f"prompt of {len(ids)} tokens does not fit the context of "
-                               f"{self.max_seq_len} tokens")
-        params.validate(vocab)
-        if len(ids) + params.max_tokens > self.max_seq_len:
-            raise RequestError(f"max_tokens: prompt ({len(ids)} tokens) + max_tokens "
-                               f"({params.max_tokens}) exceeds the context of {self.max_seq_len} tokens")
-        if not 0 <= priority < self.config.priority_levels:
-            raise RequestError(f"priority must be in [0, {self.config.priority_levels}), got {priority}")
+        check_request(ids, params, priority, vocab_size=self.model_config.vocab_size,
+                      max_seq_len=self.max_seq_len, priority_levels=self.config.priority_levels)
 
     def abort(self, request_id: str) -> bool:
         """Stop a request now; its pages are free when this returns. False if unknown or done."""

@@ -148,7 +148,7 @@ def _read_jsonl(path: Path) -> list[dict]:
             raise RequestError(f"{path.name} line {n}: not valid JSON") from None
         if not isinstance(item, dict) or ("prompt" in item) == ("messages" in item):
             raise RequestError(f'{path.name} line {n}: need exactly one of "prompt" or "messages"')
-        unknown = set(item) - {"prompt", "messages", "id", "priority", *LINE_SAMPLING_FIELDS}
+        unknown = set(item) - {"prompt", "messages", "id", *LINE_SAMPLING_FIELDS}
         if unknown:
             raise RequestError(f"{path.name} line {n}: unknown field(s) {', '.join(sorted(unknown))}")
         item["_line"] = n
@@ -163,9 +163,10 @@ def _run_batch(ckpt, config, args, params, lines) -> None:
 
     from tqdm.auto import tqdm
 
-    from runtime.engine import Engine
+    from runtime.engine import Engine, check_request
 
-    engine = Engine(ckpt, config)
+    # Every line is checked before the slow part (compiling), so a bad line fails at once.
+    max_seq_len = min(config.max_seq_len, ckpt.config.max_position_embeddings)
     prompts, plist = [], []
     for item in lines:
         overrides = {k: (tuple(v) if isinstance(v, list) else v)
@@ -173,11 +174,13 @@ def _run_batch(ckpt, config, args, params, lines) -> None:
         try:
             p = dataclasses.replace(params, **overrides)
             ids = _encode(ckpt.tokenizer, item.get("messages") or item["prompt"], args.chat)
-            engine.validate_request(ids, p)
+            check_request(ids, p, 0, vocab_size=ckpt.config.vocab_size, max_seq_len=max_seq_len,
+                          priority_levels=config.priority_levels)
         except (RequestError, TypeError) as e:
             raise RequestError(f"{Path(args.input).name} line {item['_line']}: {e}") from None
         prompts.append(ids)
         plist.append(p)
+    engine = Engine(ckpt, config)
     bar = tqdm(total=len(prompts), unit="req", desc="generating", disable=None if not args.quiet else True)
     start, produced = time.perf_counter(), [0]
 
