@@ -22,8 +22,7 @@ from jaxtyping import Array, Float, Int
 from models.config import ModelConfig
 from models.errors import ConfigError
 from models.llama import attention
-
-NULL_PAGE = 0
+from runtime.block_manager import NULL_PAGE  # noqa: F401  (the page padding writes go to)
 
 
 @jax.tree_util.register_dataclass

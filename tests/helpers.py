@@ -107,11 +107,8 @@ def _random_kquant(rows: int, cols: int, qtype, rng: np.random.Generator) -> np.
     return blocks.reshape(rows, -1)
 
 
-def write_gguf(path: Path, model, qtype, arch: str = "llama", seed: int = 0, truncate_to: int | None = None):
-    """Write the transformers `model` as a GGUF file with 2-D weights in `qtype`; norms stay F32.
-
-    Returns nothing; read the file back with transformers or meshserve.
-    """
+def write_gguf(path: Path, model, qtype, arch: str = "llama", seed: int = 0):
+    """Write the transformers `model` as a GGUF file with 2-D weights in `qtype`; norms stay F32."""
     import gguf
     from gguf import GGMLQuantizationType as Q
     from gguf.quants import quantize
@@ -177,6 +174,3 @@ def write_gguf(path: Path, model, qtype, arch: str = "llama", seed: int = 0, tru
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    if truncate_to is not None:
-        with open(path, "r+b") as f:
-            f.truncate(truncate_to)
