@@ -26,7 +26,7 @@ import numpy as np
 from models.checkpoint import Checkpoint
 from models.errors import ConfigError, MeshserveError, RequestError
 from runtime.block_manager import NULL_PAGE, BlockManager
-from runtime.kv_cache import pages_for_budget, zeros_pool
+from runtime.kv_cache import ATTENTION, pages_for_budget, zeros_pool
 from runtime.programs import Buckets, Programs, StepBatch, enable_compilation_cache, geometric
 from runtime.sampling import SamplingBatch, SamplingParams
 from runtime.scheduler import PrefillChunk, QueueFull, Scheduler, SchedulerConfig, Sequence
@@ -54,6 +54,7 @@ class EngineConfig:
     context_buckets: tuple[int, ...] | None = None  # in pages; None: ×4 steps up to max_seq_len
     compilation_cache_dir: str | None = None
     compile_threads: int | None = None
+    attention: str | None = None  # reference | pallas; None: pallas on GPU, reference elsewhere
 
     def __post_init__(self):
         if self.page_size < 1 or self.page_size & (self.page_size - 1):
@@ -64,6 +65,8 @@ class EngineConfig:
             raise ConfigError("kv_cache_memory_fraction must be in (0, 1]")
         if self.max_seq_len < self.page_size:
             raise ConfigError(f"max_seq_len must be >= page_size, got {self.max_seq_len}")
+        if self.attention not in (None, *ATTENTION):
+            raise ConfigError(f"attention must be one of {', '.join(ATTENTION)}, got {self.attention!r}")
         if self.max_prefill_chunk > self.max_num_batched_tokens:
             raise ConfigError("max_prefill_chunk must be <= max_num_batched_tokens")
         try:
@@ -181,7 +184,9 @@ class Engine:
             decode_batch=config.decode_buckets or geometric(1, config.max_num_seqs, 2),
             context_pages=config.context_buckets or geometric(min(4, self.max_pages), self.max_pages, 4))
         t0 = time.perf_counter()
-        self.programs = Programs(c, checkpoint.params, self.pool, self.buckets, config.compile_threads)
+        self.attention = config.attention or ("pallas" if jax.default_backend() == "gpu" else "reference")
+        self.programs = Programs(c, checkpoint.params, self.pool, self.buckets, config.compile_threads,
+                                 attention=self.attention)
         self.compile_seconds = time.perf_counter() - t0
         self._requests: dict[str, _Request] = {}
         self._ids = itertools.count()

@@ -80,21 +80,45 @@ class PagedKVCache:
     page_tables:  i32[B, P]  the pages of each row's sequence, in order
     write_pages:  i32[B, T]  where each new token's K/V goes (NULL_PAGE for padding)
     write_slots:  i32[B, T]  the offset inside that page
+    query_lens:   i32[B]     real (non-padding) tokens of each row; they sit at positions[b, 0] + t
+    attention:    "reference" (gather the pages, dense jnp attention) or "pallas" (runtime/kernels)
     """
 
     pool: KVPool
     page_tables: Int[Array, "b p"]
     write_pages: Int[Array, "b t"]
     write_slots: Int[Array, "b t"]
+    query_lens: Int[Array, "b"]
+    attention: str = dataclasses.field(default="reference", metadata=dict(static=True))
 
     def attend(self, layer, q, k, v, positions, sliding_window):
         kp = self.pool.k[layer].at[self.write_pages, self.write_slots].set(k.astype(self.pool.k[layer].dtype))
         vp = self.pool.v[layer].at[self.write_pages, self.write_slots].set(v.astype(self.pool.v[layer].dtype))
-        keys, values = _gather(kp, self.page_tables), _gather(vp, self.page_tables)
-        key_pos = jnp.broadcast_to(jnp.arange(keys.shape[1], dtype=jnp.int32), keys.shape[:2])
-        out = attention(q, keys, values, positions, key_pos, sliding_window)
+        if self.attention == "pallas":
+            out = _pallas_attention(q, kp, vp, self.page_tables, positions[:, 0], self.query_lens,
+                                    sliding_window)
+        else:
+            keys, values = _gather(kp, self.page_tables), _gather(vp, self.page_tables)
+            key_pos = jnp.broadcast_to(jnp.arange(keys.shape[1], dtype=jnp.int32), keys.shape[:2])
+            out = attention(q, keys, values, positions, key_pos, sliding_window)
         pool = KVPool(_replace(self.pool.k, layer, kp), _replace(self.pool.v, layer, vp))
         return out, dataclasses.replace(self, pool=pool)
+
+
+ATTENTION = ("reference", "pallas")
+
+
+def _pallas_attention(q, k_pages, v_pages, tables, start, query_lens, sliding_window):
+    from runtime.kernels.paged_decode import paged_decode
+    from runtime.kernels.ragged_prefill import ragged_prefill
+
+    interpret = jax.default_backend() == "cpu"  # CPU runs the kernels in the Pallas interpreter
+    if q.shape[1] == 1:  # decode: one token per row, at position start
+        splits = max(1, tables.shape[1] // 32)  # split-K once contexts pass 32 pages
+        return paged_decode(q[:, 0], k_pages, v_pages, tables, start + 1, num_splits=splits,
+                            sliding_window=sliding_window, interpret=interpret)[:, None]
+    return ragged_prefill(q, k_pages, v_pages, tables, start, query_lens, sliding_window=sliding_window,
+                          interpret=interpret)
 
 
 def _gather(pages: Float[Array, "n s k e"], tables: Int[Array, "b p"]) -> Float[Array, "b ps k e"]:

@@ -43,8 +43,10 @@ class StepBatch:
     prompt_len: Int[Array, "b"]
 
 
-def step(params: Params, pool: KVPool, batch: StepBatch, *, config: ModelConfig) -> tuple[KVPool, Sampled]:
-    cache = PagedKVCache(pool, batch.page_tables, batch.write_pages, batch.write_slots)
+def step(params: Params, pool: KVPool, batch: StepBatch, *, config: ModelConfig,
+         attention: str = "reference") -> tuple[KVPool, Sampled]:
+    cache = PagedKVCache(pool, batch.page_tables, batch.write_pages, batch.write_slots, batch.last + 1,
+                         attention)
     logits, cache = forward(params, batch.tokens, batch.positions, cache, config=config,
                             logits_at=batch.last)
     return cache.pool, sample(logits[:, 0], batch.sampling, batch.history, batch.prompt_len)
@@ -95,11 +97,11 @@ class Programs:
     """Every (family, batch, tokens, pages) program, compiled ahead of time."""
 
     def __init__(self, config: ModelConfig, params: Params, pool: KVPool, buckets: Buckets,
-                 threads: int | None = None):
+                 threads: int | None = None, attention: str = "reference"):
         self.config = config
         self.buckets = buckets
         self.page_size = pool.page_size
-        jitted = jax.jit(functools.partial(step, config=config), donate_argnums=(1,))
+        jitted = jax.jit(functools.partial(step, config=config, attention=attention), donate_argnums=(1,))
         abstract = lambda tree: jax.tree.map(
             lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=getattr(a, "sharding", None)), tree)
         params_spec, pool_spec = abstract(params), abstract(pool)

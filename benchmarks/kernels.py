@@ -1,0 +1,158 @@
+"""Attention kernels against their peers, in one run, on bf16 random inputs; prints a table last.
+
+  prefill  B=1, S=4096, 32 q / 8 kv heads, d=128, causal: ours (ragged_prefill over pages)
+           vs cuDNN (jax.nn.dot_product_attention) vs XLA vs jax's shipped Pallas `mha`   [TFLOP/s]
+  decode   B=64, context 4096, same heads, page size 16: ours (paged_decode) vs a plain XLA
+           einsum vs jax's shipped `decode_attention.gqa` and `paged_attention`          [GB/s of KV]
+
+Every variant is first checked against the float32 reference (relative L2 error printed). Figures
+are medians over --iters runs after warm-up.
+
+    python benchmarks/kernels.py              # on a GPU
+    python benchmarks/kernels.py --smoke      # tiny shapes, Pallas interpreted on CPU: checks it runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from runtime.kernels.paged_decode import paged_decode  # noqa: E402
+from runtime.kernels.ragged_prefill import ragged_prefill  # noqa: E402
+from runtime.kernels.reference import paged_decode_reference, ragged_prefill_reference  # noqa: E402
+
+
+def timed(fn, iters: int) -> float:
+    jax.block_until_ready(fn())  # compile + warm up
+    jax.block_until_ready(fn())
+    times = []
+    for _ in range(iters):
+        t = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def rel_err(out, ref) -> float:
+    out, ref = np.asarray(out, np.float32), np.asarray(ref, np.float32)
+    return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
+
+
+def run(name, fn, ref, iters, work, unit, rows):
+    try:
+        err = rel_err(fn(), ref)
+        seconds = timed(fn, iters)
+        rate = work / seconds / (1e12 if unit == "TFLOP/s" else 1e9)
+        rows.append((name, f"{seconds * 1e3:.3f}", f"{rate:.4g}", unit, f"{err:.1e}"))
+    except Exception as e:  # a peer that does not run here is reported, not fatal
+        rows.append((name, "-", "-", unit, f"failed: {type(e).__name__}: {str(e).splitlines()[0][:60]}"))
+
+
+def prefill(args, rows, interpret):
+    B, S, H, K, D, ps = 1, args.seq, 32, 8, 128, 16
+    dt = jnp.bfloat16
+    rng = np.random.default_rng(0)
+    q = jnp.asarray(rng.standard_normal((B, S, H, D)), dt)
+    k = jnp.asarray(rng.standard_normal((B, S, K, D)), dt)
+    v = jnp.asarray(rng.standard_normal((B, S, K, D)), dt)
+    pages = S // ps
+    to_pages = lambda x: jnp.concatenate([jnp.zeros((1, ps, K, D), dt), x[0].reshape(pages, ps, K, D)])
+    kp, vp = to_pages(k), to_pages(v)
+    table = jnp.arange(1, pages + 1, dtype=jnp.int32)[None]
+    start, length = jnp.zeros(B, jnp.int32), jnp.full(B, S, jnp.int32)
+    ref = ragged_prefill_reference(q.astype(jnp.float32), kp.astype(jnp.float32), vp.astype(jnp.float32),
+                                   table, start, length)
+    flops = 4 * B * H * S * S * D / 2  # causal: half the square
+    scale = 1 / math.sqrt(D)
+    run("ours ragged_prefill (paged)", lambda: ragged_prefill(q, kp, vp, table, start, length, block_q=64,
+                                                              interpret=interpret), ref, args.iters, flops, "TFLOP/s", rows)
+    for impl in ("cudnn", "xla"):
+        if impl == "cudnn" and interpret:
+            continue
+        run(f"jax.nn.dot_product_attention {impl}",
+            lambda impl=impl: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl),
+            ref, args.iters, flops, "TFLOP/s", rows)
+    from jax.experimental.pallas.ops.gpu.attention import mha
+
+    rep = lambda x: jnp.repeat(x, H // K, axis=2)  # shipped mha has no GQA
+    kr, vr = rep(k), rep(v)
+    run("jax shipped Pallas mha (K/V repeated)",
+        lambda: mha(q, kr, vr, None, sm_scale=scale, causal=True, interpret=interpret),
+        ref, args.iters, flops, "TFLOP/s", rows)
+
+
+def decode(args, rows, interpret):
+    B, ctx, H, K, D, ps = args.batch, args.ctx, 32, 8, 128, 16
+    dt = jnp.bfloat16
+    rng = np.random.default_rng(1)
+    per_seq = ctx // ps
+    n_pages = B * per_seq + 1
+    kp = jnp.asarray(rng.standard_normal((n_pages, ps, K, D)), dt)
+    vp = jnp.asarray(rng.standard_normal((n_pages, ps, K, D)), dt)
+    tables = jnp.asarray(1 + rng.permutation(B * per_seq).reshape(B, per_seq), jnp.int32)
+    lengths = jnp.full(B, ctx, jnp.int32)
+    q = jnp.asarray(rng.standard_normal((B, H, D)), dt)
+    ref = paged_decode_reference(q.astype(jnp.float32), kp.astype(jnp.float32), vp.astype(jnp.float32),
+                                 tables, lengths)
+    kv_bytes = 2 * B * ctx * K * D * jnp.dtype(dt).itemsize
+    for splits in (1, 4, 8, 16):
+        run(f"ours paged_decode splits={splits}",
+            lambda s=splits: paged_decode(q, kp, vp, tables, lengths, num_splits=s, interpret=interpret),
+            ref, args.iters, kv_bytes, "GB/s", rows)
+    k = kp[tables].reshape(B, ctx, K, D)  # contiguous copies for the dense peers
+    v = vp[tables].reshape(B, ctx, K, D)
+
+    @jax.jit
+    def xla(q, k, v):
+        qg = q.reshape(B, K, H // K, D)
+        s = jnp.einsum("bkgd,bskd->bkgs", qg, k, preferred_element_type=jnp.float32) / math.sqrt(D)
+        p = jax.nn.softmax(s, axis=-1)
+        return jnp.einsum("bkgs,bskd->bkgd", p.astype(v.dtype), v).reshape(B, H, D)
+
+    run("XLA einsum (contiguous K/V)", lambda: xla(q, k, v), ref, args.iters, kv_bytes, "GB/s", rows)
+    from jax.experimental.pallas.ops.gpu.decode_attention import gqa
+    from jax.experimental.pallas.ops.gpu.paged_attention import paged_attention
+
+    splits = min(16, ctx // 16, per_seq)  # the shipped kernels' own constraints on tiny shapes
+    run("jax shipped decode_attention.gqa", lambda: gqa(q, k, v, k_splits=splits, interpret=interpret),
+        ref, args.iters, kv_bytes, "GB/s", rows)
+    kh, vh = jnp.moveaxis(kp, 2, 0), jnp.moveaxis(vp, 2, 0)  # its layout: [K, N, page, D]
+    qs = (q.astype(jnp.float32) / math.sqrt(D)).astype(dt)  # it applies no softmax scale itself
+    run("jax shipped paged_attention",
+        lambda: paged_attention(qs, kh, vh, tables, lengths, k_splits=splits, interpret=interpret),
+        ref, args.iters, kv_bytes, "GB/s", rows)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes; Pallas interpreted (CPU)")
+    ap.add_argument("--iters", type=int, default=50)
+    args = ap.parse_args()
+    interpret = jax.default_backend() != "gpu"
+    if args.smoke:
+        args.seq, args.batch, args.ctx, args.iters = 128, 2, 128, 2
+    else:
+        args.seq, args.batch, args.ctx = 4096, 64, 4096
+    rows: list[tuple] = []
+    prefill(args, rows, interpret)
+    decode(args, rows, interpret)
+    device = jax.devices()[0]
+    print(f"\ndevice: {getattr(device, 'device_kind', device.platform)}; jax {jax.__version__}; "
+          f"prefill B=1 S={args.seq}; decode B={args.batch} ctx={args.ctx}; bf16; median of {args.iters}")
+    print(f"{'variant':40} {'ms':>9} {'rate':>7} {'unit':8} rel.err vs f32 reference")
+    for name, ms, rate, unit, err in rows:
+        print(f"{name:40} {ms:>9} {rate:>7} {unit:8} {err}")
+
+
+if __name__ == "__main__":
+    main()

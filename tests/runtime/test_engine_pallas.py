@@ -1,0 +1,40 @@
+"""The engine with `attention: pallas` (the kernels interpreted on CPU) gives the reference path's
+greedy tokens, on the default model and on a sliding-window model."""
+
+import dataclasses
+
+import pytest
+
+from runtime.engine import Engine, EngineConfig
+from runtime.sampling import SamplingParams
+
+SMALL = dict(max_seq_len=128, max_num_seqs=2, max_num_batched_tokens=32, max_prefill_chunk=32,
+             decode_buckets=(2,), prefill_buckets=(32,), context_buckets=(8,), page_size=16)
+
+
+def _greedy(ckpt, prompts, attention, n=12, **config):
+    engine = Engine(ckpt, EngineConfig(attention=attention, **{**SMALL, **config}))
+    assert engine.attention == attention
+    out = engine.generate(prompts, SamplingParams(max_tokens=n, ignore_eos=True))
+    return [list(c.token_ids) for c in out]
+
+
+def test_default_model_pallas_equals_reference(smollm_ckpt):
+    tok = smollm_ckpt.tokenizer
+    prompts = [tok.encode_chat([{"role": "user", "content": "What is the capital of France?"}]),
+               tok.encode("Once upon a time, in a land far")]  # > 32 tokens: a chunk with an offset
+    assert _greedy(smollm_ckpt, prompts, "pallas") == _greedy(smollm_ckpt, prompts, "reference")
+
+
+def test_sliding_window_pallas_equals_reference(tiny_ckpt):
+    ckpt = dataclasses.replace(tiny_ckpt, config=dataclasses.replace(tiny_ckpt.config, sliding_window=7))
+    prompts = [list(range(3, 40)), [5, 6, 7]]
+    assert _greedy(ckpt, prompts, "pallas", n=20, page_size=4, context_buckets=(32,)) == \
+        _greedy(ckpt, prompts, "reference", n=20, page_size=4, context_buckets=(32,))
+
+
+def test_unknown_attention_is_refused():
+    from models.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="attention must be one of reference, pallas"):
+        EngineConfig(attention="flash")
