@@ -2,8 +2,9 @@
 pool, split-K over long contexts with an exact combine.
 
 Grid (batch, kv_head, split). Each program takes the G query heads that share one kv head, walks its
-split's pages of that sequence one page at a time with an online softmax, and writes unnormalised
-partials (acc, running max m, running sum l). The splits are combined outside the kernel:
+split's pages of that sequence `pages_per_block` pages at a time (one gathered tile of keys) with an
+online softmax, and writes unnormalised partials (acc, running max m, running sum l). The splits are
+combined outside the kernel:
 
     out = Σ_s exp(m_s − M) acc_s / Σ_s exp(m_s − M) l_s,   M = max_s m_s
 
@@ -23,25 +24,26 @@ from jaxtyping import Array, Float, Int
 MASK = -1e30
 
 
-def _kernel(tables_ref, lengths_ref, q_ref, k_ref, v_ref, *refs, pages_per_split: int, page_size: int,
-            sliding_window: int | None):
+def _kernel(tables_ref, lengths_ref, q_ref, k_ref, v_ref, *refs, blocks_per_split: int, pages_per_block: int,
+            page_size: int, sliding_window: int | None):
     o_ref, m_ref, l_ref = refs[-3:]  # any aliased (poisoned) inputs come first
-    h, s = pl.program_id(1), pl.program_id(2)
+    s = pl.program_id(2)
     length = lengths_ref[0]
     q = q_ref[0, 0]  # [G, E], in the input dtype: dots accumulate in f32
     scale = q_ref.shape[-1] ** -0.5
-    first = s * pages_per_split
-    last = jnp.minimum(first + pages_per_split, pl.cdiv(length, page_size))
-    if sliding_window is not None:  # pages wholly older than the window are skipped
-        first = jnp.maximum(first, jnp.maximum(length - sliding_window, 0) // page_size)
+    tile = pages_per_block * page_size
+    first = s * blocks_per_split
+    last = jnp.minimum(first + blocks_per_split, pl.cdiv(length, tile))
+    if sliding_window is not None:  # tiles wholly older than the window are skipped
+        first = jnp.maximum(first, jnp.maximum(length - sliding_window, 0) // tile)
 
-    def body(i, carry):
+    def body(j, carry):
         m, l, acc = carry
-        page = tables_ref[0, i]
-        k = k_ref[page, :, h, :]  # [page_size, E]
-        v = v_ref[page, :, h, :]
-        scores = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * scale  # [G, page_size]
-        pos = i * page_size + lax.broadcasted_iota(jnp.int32, (1, page_size), 1)
+        pages = tables_ref[0, pl.ds(j * pages_per_block, pages_per_block)]
+        k = k_ref[pages].reshape(tile, -1)  # [tile, E]: this kv head's rows of those pages
+        v = v_ref[pages].reshape(tile, -1)
+        scores = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * scale  # [G, tile]
+        pos = j * tile + lax.broadcasted_iota(jnp.int32, (1, tile), 1)
         visible = pos < length
         if sliding_window is not None:
             visible &= pos > length - 1 - sliding_window
@@ -60,10 +62,11 @@ def _kernel(tables_ref, lengths_ref, q_ref, k_ref, v_ref, *refs, pages_per_split
     l_ref[0, 0, 0] = l
 
 
-@functools.partial(jax.jit, static_argnames=("num_splits", "sliding_window", "interpret", "poison"))
+@functools.partial(jax.jit, static_argnames=("num_splits", "pages_per_block", "sliding_window", "interpret",
+                                             "poison"))
 def paged_decode(q: Float[Array, "b h e"], k_pages: Float[Array, "n s k e"], v_pages: Float[Array, "n s k e"],
                  page_tables: Int[Array, "b p"], lengths: Int[Array, "b"], *, num_splits: int = 1,
-                 sliding_window: int | None = None, interpret: bool = False,
+                 pages_per_block: int = 4, sliding_window: int | None = None, interpret: bool = False,
                  poison: bool = False) -> Float[Array, "b h e"]:
     """Attention of q (at position lengths[b] − 1) over each sequence's first lengths[b] keys.
 
@@ -76,8 +79,12 @@ def paged_decode(q: Float[Array, "b h e"], k_pages: Float[Array, "n s k e"], v_p
     # GPU dots need at least 16 rows: the G query heads of a kv head are padded with zero rows.
     Gp = max(16, 1 << (G - 1).bit_length())
     qg = jnp.pad(q.reshape(B, K, G, E), ((0, 0), (0, 0), (0, Gp - G), (0, 0)))
-    S = max(1, min(num_splits, P))
-    pages_per_split = pl.cdiv(P, S)
+    ppb = max(1, min(pages_per_block, P))
+    blocks = pl.cdiv(P, ppb)
+    S = max(1, min(num_splits, blocks))
+    blocks_per_split = pl.cdiv(blocks, S)
+    # Tables padded with the null page to whole tiles; the padding lies past every length: masked.
+    tables = jnp.pad(page_tables.astype(jnp.int32), ((0, 0), (0, blocks * ppb - P)))
     partial_shapes = (jax.ShapeDtypeStruct((B, K, S, Gp, E), jnp.float32),
                       jax.ShapeDtypeStruct((B, K, S, Gp), jnp.float32),
                       jax.ShapeDtypeStruct((B, K, S, Gp), jnp.float32))
@@ -85,21 +92,22 @@ def paged_decode(q: Float[Array, "b h e"], k_pages: Float[Array, "n s k e"], v_p
                      pl.BlockSpec((1, 1, 1, Gp), lambda b, h, s: (b, h, s, 0)),
                      pl.BlockSpec((1, 1, 1, Gp), lambda b, h, s: (b, h, s, 0)))
     in_specs = [
-        pl.BlockSpec((1, P), lambda b, h, s: (b, 0)),  # this sequence's page table
+        pl.BlockSpec((1, blocks * ppb), lambda b, h, s: (b, 0)),  # this sequence's page table
         pl.BlockSpec((1,), lambda b, h, s: (b,)),  # its length
         pl.BlockSpec((1, 1, Gp, E), lambda b, h, s: (b, h, 0, 0)),  # the G query heads of kv head h
-        pl.BlockSpec((N, page_size, K, E), lambda b, h, s: (0, 0, 0, 0)),  # the pool; pages by table
-        pl.BlockSpec((N, page_size, K, E), lambda b, h, s: (0, 0, 0, 0)),
+        # the pool, viewed as kv head h's [N, page_size, E]; pages are gathered by table
+        pl.BlockSpec((N, page_size, None, E), lambda b, h, s: (0, 0, h, 0)),
+        pl.BlockSpec((N, page_size, None, E), lambda b, h, s: (0, 0, h, 0)),
     ]
-    args = [page_tables.astype(jnp.int32), lengths.astype(jnp.int32), qg, k_pages, v_pages]
+    args = [tables, lengths.astype(jnp.int32), qg, k_pages, v_pages]
     aliases = {}
     if poison:
         args += [jnp.full(s.shape, jnp.nan, s.dtype) for s in partial_shapes]
         in_specs += list(partial_specs)
         aliases = {5: 0, 6: 1, 7: 2}
     o, m, l = pl.pallas_call(
-        functools.partial(_kernel, pages_per_split=pages_per_split, page_size=page_size,
-                          sliding_window=sliding_window),
+        functools.partial(_kernel, blocks_per_split=blocks_per_split, pages_per_block=ppb,
+                          page_size=page_size, sliding_window=sliding_window),
         out_shape=partial_shapes, grid=(B, K, S), in_specs=in_specs, out_specs=partial_specs,
         input_output_aliases=aliases, interpret=interpret, name="paged_decode")(*args)
     top = m.max(axis=2, keepdims=True)

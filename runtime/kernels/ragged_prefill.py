@@ -6,8 +6,9 @@ is aligned to each query's absolute position, not to the top-left of the block, 
 chunked prefill and prefix caching need.
 
 Grid (batch, kv_head, query block). A program takes block_q queries × the G query heads of one kv
-head as block_q·G rows, walks the sequence's pages up to its last query's position with an online
-softmax, and writes normalised rows (padding rows, t >= q_len, are written as zeros).
+head as block_q·G rows, walks the sequence's pages up to its last query's position, pages_per_block
+pages (one gathered tile of keys) at a time, with an online softmax, and writes normalised rows
+(padding rows, t >= q_len, are written as zeros).
 """
 
 from __future__ import annotations
@@ -23,29 +24,30 @@ from jaxtyping import Array, Float, Int
 MASK = -1e30
 
 
-def _kernel(tables_ref, start_ref, len_ref, q_ref, k_ref, v_ref, *refs, block_q: int, page_size: int,
-            sliding_window: int | None):
+def _kernel(tables_ref, start_ref, len_ref, q_ref, k_ref, v_ref, *refs, block_q: int, pages_per_block: int,
+            page_size: int, sliding_window: int | None):
     o_ref = refs[-1]  # an aliased (poisoned) input comes first
-    h, i = pl.program_id(1), pl.program_id(2)
+    i = pl.program_id(2)
     start, n = start_ref[0], len_ref[0]
     _, _, _, G, E = q_ref.shape
     q = q_ref[0, :, 0].reshape(block_q * G, E)  # rows t*G + g, input dtype; dots accumulate in f32
     scale = E ** -0.5
+    tile = pages_per_block * page_size
     row_t = i * block_q + lax.broadcasted_iota(jnp.int32, (block_q * G, 1), 0) // G
     row_pos = start + row_t  # [R, 1]
     end = start + jnp.minimum((i + 1) * block_q, n)  # one past the last position any valid row sees
-    last = pl.cdiv(end, page_size)
+    last = pl.cdiv(end, tile)
     first = 0
     if sliding_window is not None:
-        first = jnp.maximum(start + i * block_q - sliding_window + 1, 0) // page_size
+        first = jnp.maximum(start + i * block_q - sliding_window + 1, 0) // tile
 
     def body(j, carry):
         m, l, acc = carry
-        page = tables_ref[0, j]
-        k = k_ref[page, :, h, :]  # [page_size, E]
-        v = v_ref[page, :, h, :]
-        scores = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * scale  # [R, page_size]
-        pos = j * page_size + lax.broadcasted_iota(jnp.int32, (1, page_size), 1)
+        pages = tables_ref[0, pl.ds(j * pages_per_block, pages_per_block)]
+        k = k_ref[pages].reshape(tile, -1)  # [tile, E]: this kv head's rows of those pages
+        v = v_ref[pages].reshape(tile, -1)
+        scores = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * scale  # [R, tile]
+        pos = j * tile + lax.broadcasted_iota(jnp.int32, (1, tile), 1)
         visible = pos <= row_pos
         if sliding_window is not None:
             visible &= pos > row_pos - sliding_window
@@ -63,28 +65,34 @@ def _kernel(tables_ref, start_ref, len_ref, q_ref, k_ref, v_ref, *refs, block_q:
     o_ref[0, :, 0] = out.reshape(block_q, G, E).astype(o_ref.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("block_q", "sliding_window", "interpret", "poison"))
+@functools.partial(jax.jit, static_argnames=("block_q", "pages_per_block", "sliding_window", "interpret",
+                                             "poison"))
 def ragged_prefill(q: Float[Array, "b t h e"], k_pages: Float[Array, "n s k e"], v_pages: Float[Array, "n s k e"],
                    page_tables: Int[Array, "b p"], q_start: Int[Array, "b"], q_len: Int[Array, "b"], *,
-                   block_q: int = 16, sliding_window: int | None = None, interpret: bool = False,
-                   poison: bool = False) -> Float[Array, "b t h e"]:
+                   block_q: int = 16, pages_per_block: int = 4, sliding_window: int | None = None,
+                   interpret: bool = False, poison: bool = False) -> Float[Array, "b t h e"]:
     B, T, H, E = q.shape
     N, page_size, K, _ = k_pages.shape
     G, P = H // K, page_tables.shape[1]
     block_q = min(block_q, T)
     Tp = pl.cdiv(T, block_q) * block_q
+    ppb = max(1, min(pages_per_block, P))
+    width = pl.cdiv(P, ppb) * ppb
+    # Tables padded with the null page to whole tiles; the padding lies past every query: masked.
+    tables = jnp.pad(page_tables.astype(jnp.int32), ((0, 0), (0, width - P)))
     qg = jnp.pad(q, ((0, 0), (0, Tp - T), (0, 0), (0, 0))).reshape(B, Tp, K, G, E)
     out_shape = jax.ShapeDtypeStruct((B, Tp, K, G, E), q.dtype)
     out_spec = pl.BlockSpec((1, block_q, 1, G, E), lambda b, h, i: (b, i, h, 0, 0))
     in_specs = [
-        pl.BlockSpec((1, P), lambda b, h, i: (b, 0)),
+        pl.BlockSpec((1, width), lambda b, h, i: (b, 0)),
         pl.BlockSpec((1,), lambda b, h, i: (b,)),
         pl.BlockSpec((1,), lambda b, h, i: (b,)),
         pl.BlockSpec((1, block_q, 1, G, E), lambda b, h, i: (b, i, h, 0, 0)),
-        pl.BlockSpec((N, page_size, K, E), lambda b, h, i: (0, 0, 0, 0)),
-        pl.BlockSpec((N, page_size, K, E), lambda b, h, i: (0, 0, 0, 0)),
+        # the pool, viewed as kv head h's [N, page_size, E]; pages are gathered by table
+        pl.BlockSpec((N, page_size, None, E), lambda b, h, i: (0, 0, h, 0)),
+        pl.BlockSpec((N, page_size, None, E), lambda b, h, i: (0, 0, h, 0)),
     ]
-    args = [page_tables.astype(jnp.int32), q_start.astype(jnp.int32), q_len.astype(jnp.int32), qg,
+    args = [tables, q_start.astype(jnp.int32), q_len.astype(jnp.int32), qg,
             k_pages, v_pages]
     aliases = {}
     if poison:
@@ -92,7 +100,8 @@ def ragged_prefill(q: Float[Array, "b t h e"], k_pages: Float[Array, "n s k e"],
         in_specs.append(out_spec)
         aliases = {6: 0}
     out = pl.pallas_call(
-        functools.partial(_kernel, block_q=block_q, page_size=page_size, sliding_window=sliding_window),
+        functools.partial(_kernel, block_q=block_q, pages_per_block=ppb, page_size=page_size,
+                          sliding_window=sliding_window),
         out_shape=out_shape, grid=(B, K, Tp // block_q), in_specs=in_specs, out_specs=out_spec,
         input_output_aliases=aliases, interpret=interpret, name="ragged_prefill")(*args)
     return out.reshape(B, Tp, H, E)[:, :T]

@@ -37,17 +37,17 @@ def _tables(rng, lengths, page_size, width, pages):
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("q_heads,kv_heads,head_dim", [(4, 4, 64), (8, 2, 128), (8, 1, 64)],
                          ids=["gqa1-d64", "gqa4-d128", "gqa8-d64"])
-@pytest.mark.parametrize("num_splits", [1, 3])
-def test_paged_decode(dtype, q_heads, kv_heads, head_dim, num_splits):
-    rng = np.random.default_rng(abs(hash((str(dtype), q_heads, head_dim, num_splits))) % 2**32)
+@pytest.mark.parametrize("num_splits,pages_per_block", [(1, 1), (3, 1), (1, 4), (3, 2)])
+def test_paged_decode(dtype, q_heads, kv_heads, head_dim, num_splits, pages_per_block):
+    rng = np.random.default_rng(abs(hash((str(dtype), q_heads, head_dim, num_splits, pages_per_block))) % 2**32)
     page_size, width = 8, 7
     lengths = np.array([1, 13, 56, 8, 33])  # a one-token sequence, non-multiples of the page, a full table
     k_pages, v_pages = _pool(rng, 40, page_size, kv_heads, head_dim, dtype)
     tables = _tables(rng, lengths, page_size, width, 40)
     q = jnp.asarray(rng.standard_normal((len(lengths), q_heads, head_dim)), dtype)
     lengths = jnp.asarray(lengths, jnp.int32)
-    out = paged_decode(q, k_pages, v_pages, tables, lengths, num_splits=num_splits, interpret=True,
-                       poison=True)
+    out = paged_decode(q, k_pages, v_pages, tables, lengths, num_splits=num_splits,
+                       pages_per_block=pages_per_block, interpret=True, poison=True)
     ref = paged_decode_reference(q.astype(jnp.float32), k_pages.astype(jnp.float32),
                                  v_pages.astype(jnp.float32), tables, lengths)
     assert _rel(out, ref) <= TOL[dtype]
@@ -68,8 +68,9 @@ def test_paged_decode_sliding_window():
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("q_heads,kv_heads,head_dim", [(2, 2, 64), (8, 2, 128), (8, 1, 64)],
                          ids=["gqa1-d64", "gqa4-d128", "gqa8-d64"])
-def test_ragged_prefill(dtype, q_heads, kv_heads, head_dim):
-    rng = np.random.default_rng(abs(hash((str(dtype), q_heads, head_dim))) % 2**32)
+@pytest.mark.parametrize("pages_per_block", [1, 3])
+def test_ragged_prefill(dtype, q_heads, kv_heads, head_dim, pages_per_block):
+    rng = np.random.default_rng(abs(hash((str(dtype), q_heads, head_dim, pages_per_block))) % 2**32)
     page_size, width, T = 8, 8, 20  # T not a multiple of the query block
     q_start = np.array([0, 11, 30, 5])  # fresh prompt, and chunks with a causal offset
     q_len = np.array([20, 1, 13, 17])  # ragged, including a one-token row
@@ -78,7 +79,8 @@ def test_ragged_prefill(dtype, q_heads, kv_heads, head_dim):
     tables = _tables(rng, lengths, page_size, width, 40)
     q = jnp.asarray(rng.standard_normal((4, T, q_heads, head_dim)), dtype)
     args = (tables, jnp.asarray(q_start, jnp.int32), jnp.asarray(q_len, jnp.int32))
-    out = ragged_prefill(q, k_pages, v_pages, *args, block_q=8, interpret=True, poison=True)
+    out = ragged_prefill(q, k_pages, v_pages, *args, block_q=8, pages_per_block=pages_per_block,
+                         interpret=True, poison=True)
     ref = ragged_prefill_reference(q.astype(jnp.float32), k_pages.astype(jnp.float32),
                                    v_pages.astype(jnp.float32), *args)
     assert _rel(out, ref) <= TOL[dtype]
