@@ -1,7 +1,6 @@
 """Pallas kernels (interpret=True on CPU) against the plain-jnp references: fresh random inputs per
 check, kernel outputs poisoned with NaN first so every element must be written."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
