@@ -8,7 +8,7 @@ combined outside the kernel:
 
     out = Σ_s exp(m_s − M) acc_s / Σ_s exp(m_s − M) l_s,   M = max_s m_s
 
-which is exact (empty splits have m = −1e30, l = 0 and drop out).
+which is exact (empty splits have m = MASK, l = 0 and drop out).
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jaxtyping import Array, Float, Int
 
-MASK = -1e30
+from runtime.kernels.tile import empty, fold, gather_tile, tile_positions
+
 
 
 def _kernel(tables_ref, lengths_ref, q_ref, k_ref, v_ref, *refs, blocks_per_split: int, pages_per_block: int,
@@ -38,25 +39,14 @@ def _kernel(tables_ref, lengths_ref, q_ref, k_ref, v_ref, *refs, blocks_per_spli
         first = jnp.maximum(first, jnp.maximum(length - sliding_window, 0) // tile)
 
     def body(j, carry):
-        m, l, acc = carry
-        pages = tables_ref[0, pl.ds(j * pages_per_block, pages_per_block)]
-        k = k_ref[pages].reshape(tile, -1)  # [tile, E]: this kv head's rows of those pages
-        v = v_ref[pages].reshape(tile, -1)
-        scores = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * scale  # [G, tile]
-        pos = j * tile + lax.broadcasted_iota(jnp.int32, (1, tile), 1)
+        k, v = gather_tile(tables_ref, k_ref, v_ref, j, pages_per_block)
+        pos = tile_positions(j, tile)
         visible = pos < length
         if sliding_window is not None:
             visible &= pos > length - 1 - sliding_window
-        scores = jnp.where(visible, scores, MASK)
-        m_new = jnp.maximum(m, scores.max(axis=-1))
-        correction = jnp.exp(m - m_new)
-        p = jnp.exp(scores - m_new[:, None])
-        pv = jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-        return m_new, l * correction + p.sum(axis=-1), acc * correction[:, None] + pv
+        return fold(carry, q, k, v, visible, scale)
 
-    G, E = q.shape
-    init = (jnp.full((G,), MASK, jnp.float32), jnp.zeros((G,), jnp.float32), jnp.zeros((G, E), jnp.float32))
-    m, l, acc = lax.fori_loop(first, last, body, init)
+    m, l, acc = lax.fori_loop(first, last, body, empty(*q.shape))
     o_ref[0, 0, 0] = acc
     m_ref[0, 0, 0] = m
     l_ref[0, 0, 0] = l

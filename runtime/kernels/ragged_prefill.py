@@ -21,7 +21,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jaxtyping import Array, Float, Int
 
-MASK = -1e30
+from runtime.kernels.tile import empty, fold, gather_tile, tile_positions
+
 
 
 def _kernel(tables_ref, start_ref, len_ref, q_ref, k_ref, v_ref, *refs, block_q: int, pages_per_block: int,
@@ -42,25 +43,14 @@ def _kernel(tables_ref, start_ref, len_ref, q_ref, k_ref, v_ref, *refs, block_q:
         first = jnp.maximum(start + i * block_q - sliding_window + 1, 0) // tile
 
     def body(j, carry):
-        m, l, acc = carry
-        pages = tables_ref[0, pl.ds(j * pages_per_block, pages_per_block)]
-        k = k_ref[pages].reshape(tile, -1)  # [tile, E]: this kv head's rows of those pages
-        v = v_ref[pages].reshape(tile, -1)
-        scores = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * scale  # [R, tile]
-        pos = j * tile + lax.broadcasted_iota(jnp.int32, (1, tile), 1)
+        k, v = gather_tile(tables_ref, k_ref, v_ref, j, pages_per_block)
+        pos = tile_positions(j, tile)
         visible = pos <= row_pos
         if sliding_window is not None:
             visible &= pos > row_pos - sliding_window
-        scores = jnp.where(visible, scores, MASK)
-        m_new = jnp.maximum(m, scores.max(axis=-1))
-        correction = jnp.exp(m - m_new)
-        p = jnp.exp(scores - m_new[:, None])
-        pv = jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-        return m_new, l * correction + p.sum(axis=-1), acc * correction[:, None] + pv
+        return fold(carry, q, k, v, visible, scale)
 
-    R = block_q * G
-    init = (jnp.full((R,), MASK, jnp.float32), jnp.zeros((R,), jnp.float32), jnp.zeros((R, E), jnp.float32))
-    m, l, acc = lax.fori_loop(first, last, body, init)
+    m, l, acc = lax.fori_loop(first, last, body, empty(block_q * G, E))
     out = jnp.where(row_t < n, acc / jnp.maximum(l, 1e-30)[:, None], 0.0)
     o_ref[0, :, 0] = out.reshape(block_q, G, E).astype(o_ref.dtype)
 
