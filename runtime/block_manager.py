@@ -1,7 +1,12 @@
 """Page bookkeeping for the paged KV cache. Plain Python: no JAX here.
 
 Pages carry reference counts so several requests may share one (prefix caching); a page returns to
-the free list when its count drops to zero. Page 0 (the null page) is never handed out.
+the free list when its count drops to zero.
+
+With data parallelism the pool is split into `replicas` equal ranges, one per data replica (the
+pool's page axis is sharded over the `data` mesh axis), and all pages of a request come from one
+range, so attention never reads across replicas. The first page of each range is that replica's
+null page, never handed out; page 0 (NULL_PAGE) is replica 0's.
 """
 
 from __future__ import annotations
@@ -12,23 +17,27 @@ NULL_PAGE = 0
 
 
 class BlockManager:
-    def __init__(self, num_pages: int, page_size: int):
-        if num_pages < 2:
-            raise ValueError(f"num_pages must be >= 2 (page 0 is reserved), got {num_pages}")
+    def __init__(self, num_pages: int, page_size: int, replicas: int = 1):
+        if replicas < 1 or num_pages % replicas:
+            raise ValueError(f"num_pages ({num_pages}) must be a multiple of replicas ({replicas})")
+        if num_pages // replicas < 2:
+            raise ValueError(f"need >= 2 pages per replica (the first is reserved), got {num_pages}")
         if page_size < 1:
             raise ValueError(f"page_size must be positive, got {page_size}")
         self.num_pages = num_pages
         self.page_size = page_size
-        self._free: deque[int] = deque(range(1, num_pages))
+        self.replicas = replicas
+        self.pages_per_replica = n = num_pages // replicas
+        self._free: list[deque[int]] = [deque(range(r * n + 1, (r + 1) * n)) for r in range(replicas)]
         self._refs = [0] * num_pages
 
     @property
     def num_usable(self) -> int:
-        return self.num_pages - 1
+        return self.num_pages - self.replicas
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        return sum(len(f) for f in self._free)
 
     @property
     def num_used(self) -> int:
@@ -37,16 +46,27 @@ class BlockManager:
     def pages_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.page_size)
 
+    def replica_of(self, page: int) -> int:
+        return page // self.pages_per_replica
+
+    def null_page(self, replica: int) -> int:
+        return replica * self.pages_per_replica
+
     def grow(self, table: list[int], num_tokens: int) -> bool:
-        """Extend `table` in place to hold `num_tokens` tokens. All or nothing: False (and `table`
-        untouched) when too few pages are free."""
+        """Extend `table` in place to hold `num_tokens` tokens, from the replica it already uses (a new
+        table goes to the replica with the most free pages). All or nothing: False (and `table`
+        untouched) when too few pages are free there."""
         need = self.pages_for(num_tokens) - len(table)
         if need <= 0:
             return True
-        if need > len(self._free):
+        if table:
+            free = self._free[self.replica_of(table[0])]
+        else:
+            free = max(self._free, key=len)
+        if need > len(free):
             return False
         for _ in range(need):
-            page = self._free.popleft()
+            page = free.popleft()
             self._refs[page] = 1
             table.append(page)
         return True
@@ -64,7 +84,7 @@ class BlockManager:
                 raise ValueError(f"page {page} released more often than allocated")
             self._refs[page] -= 1
             if self._refs[page] == 0:
-                self._free.append(page)
+                self._free[self.replica_of(page)].append(page)
         table.clear()
 
     def ref_count(self, page: int) -> int:

@@ -26,11 +26,12 @@ import numpy as np
 from models.checkpoint import Checkpoint
 from models.errors import ConfigError, MeshserveError, RequestError
 from runtime.block_manager import NULL_PAGE, BlockManager
-from runtime.kv_cache import ATTENTION, pages_for_budget, zeros_pool
+from runtime.kv_cache import ATTENTION, POOL_AXES, pages_for_budget, pool_shape, sharded_zeros_pool
 from runtime.programs import Buckets, Programs, StepBatch, enable_compilation_cache, geometric
 from runtime.sampling import SamplingBatch, SamplingParams
 from runtime.scheduler import PrefillChunk, QueueFull, Scheduler, SchedulerConfig, Sequence
 from runtime.text import TextStream
+from sharding.rules import Layout
 
 
 class QueueFullError(MeshserveError):
@@ -165,9 +166,16 @@ def check_request(ids: Seq[int], params: SamplingParams, priority: int, *, vocab
 
 
 class Engine:
-    def __init__(self, checkpoint: Checkpoint, config: EngineConfig = EngineConfig()):
+    """`layout` (sharding.rules.Layout, from a mesh file) says which devices and how arrays split;
+    the checkpoint's params should already be restored into it (sharding.mesh.load_sharded). None:
+    one device."""
+
+    def __init__(self, checkpoint: Checkpoint, config: EngineConfig = EngineConfig(),
+                 layout: Layout | None = None):
         self.checkpoint = checkpoint
         self.model_config = c = checkpoint.config
+        self.layout = layout = (layout or Layout.single()).for_model(c)
+        self.replicas = R = layout.replicas
         self.tokenizer = checkpoint.tokenizer
         self.max_seq_len = min(config.max_seq_len, c.max_position_embeddings)
         ps = config.page_size
@@ -176,17 +184,28 @@ class Engine:
         if config.compilation_cache_dir:
             enable_compilation_cache(os.path.expanduser(config.compilation_cache_dir))
         num_pages = pages_for_budget(c, ps, checkpoint.dtype, self._kv_budget())
-        self.blocks = BlockManager(num_pages, ps)
+        num_pages -= num_pages % R  # each data replica owns an equal range of pages
+        if num_pages // R < 2:
+            raise ConfigError(f"the KV budget holds {num_pages} pages: fewer than 2 per data replica")
+        self.blocks = BlockManager(num_pages, ps, replicas=R)
         self.scheduler = Scheduler(config.scheduler_config(), self.blocks)
-        self.pool = zeros_pool(c, num_pages, ps, checkpoint.dtype)
+        pool_sharding = layout.sharding(POOL_AXES, pool_shape(c, num_pages, ps))
+        self.pool = sharded_zeros_pool(c, num_pages, ps, checkpoint.dtype, pool_sharding)
+        if config.decode_buckets and any(b % R for b in config.decode_buckets):
+            raise ConfigError(f"decode_buckets must be multiples of the data replicas ({R})")
         self.buckets = Buckets(
             prefill_tokens=config.prefill_buckets or geometric(16, config.max_prefill_chunk, 4),
-            decode_batch=config.decode_buckets or geometric(1, config.max_num_seqs, 2),
+            decode_batch=config.decode_buckets or tuple(
+                R * b for b in geometric(1, math.ceil(config.max_num_seqs / R), 2)),
             context_pages=config.context_buckets or geometric(min(4, self.max_pages), self.max_pages, 4))
         t0 = time.perf_counter()
         self.attention = config.attention or ("pallas" if jax.default_backend() == "gpu" else "reference")
+        if (self.attention == "pallas" and layout.axis("q_heads") is not None
+                and layout.axis("kv_heads") is None):
+            raise ConfigError(f"attention: pallas needs kv heads split like q heads; {c.num_kv_heads} kv "
+                              f"heads do not split over {layout.describe()} (use attention: reference)")
         self.programs = Programs(c, checkpoint.params, self.pool, self.buckets, config.compile_threads,
-                                 attention=self.attention)
+                                 attention=self.attention, layout=layout)
         self.compile_seconds = time.perf_counter() - t0
         self._requests: dict[str, _Request] = {}
         self._ids = itertools.count()
@@ -195,11 +214,15 @@ class Engine:
     def _kv_budget(self) -> int:
         if self.config.kv_cache_bytes is not None:
             return self.config.kv_cache_bytes
-        stats = jax.devices()[0].memory_stats() or {}
+        device = self.layout.mesh.devices.flat[0]
+        stats = device.memory_stats() or {}
         if "bytes_limit" not in stats:
             raise ConfigError("this device reports no free memory: set kv_cache_bytes")
         free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
-        return int(free * self.config.kv_cache_memory_fraction)
+        # the pool is split over data replicas and (when kv heads split) over tensor shards
+        c, layout = self.model_config, self.layout
+        split = layout.size(layout.axis("pages")) * layout.size(layout.axis("kv_heads"))
+        return int(free * self.config.kv_cache_memory_fraction * split)
 
     # ---- requests ------------------------------------------------------------------------------
 
@@ -255,33 +278,32 @@ class Engine:
                                 error=f"queue timeout: waited more than "
                                       f"{s.queue_timeout_s or self.config.queue_timeout_s} s")
                    for s in plan.expired]
-        launched = []  # (sequences that sample, device result), dispatched before any sync
+        launched = []  # ([(row, sequence) that sample], device result), dispatched before any sync
         for chunk in plan.prefills:
             result = self._run_prefill(chunk)
             chunk.seq.num_computed = chunk.end
             if chunk.samples:
-                launched.append(([chunk.seq], result))
+                launched.append(([(0, chunk.seq)], result))
         if plan.decodes:
-            result = self._run_decode(plan.decodes)
+            launched += self._run_decodes(plan.decodes)
             for seq in plan.decodes:
                 seq.num_computed += 1
-            launched.append((list(plan.decodes), result))
-        for seqs, result in launched:
+        for rows, result in launched:
             host = jax.device_get(result)
-            for row, seq in enumerate(seqs):
+            for row, seq in rows:
                 outputs.append(self._accept(self._requests[seq.request_id], host, row))
         return outputs
 
-    def _sampling_rows(self, seqs: list[Sequence], size: int) -> SamplingBatch:
-        rows = []
-        for seq in seqs:
+    def _sampling_rows(self, rows: list[tuple[int, Sequence]], size: int) -> SamplingBatch:
+        params = [None] * size
+        for row, seq in rows:
             req = self._requests[seq.request_id]
-            rows.append((req.params, req.seed, len(seq.tokens) - seq.prompt_len))
-        return SamplingBatch.build(rows, size)
+            params[row] = (req.params, req.seed, len(seq.tokens) - seq.prompt_len)
+        return SamplingBatch.build(params, size)
 
-    def _history(self, seqs: list[Sequence], size: int, width: int) -> np.ndarray:
+    def _history(self, rows: list[tuple[int, Sequence]], size: int, width: int) -> np.ndarray:
         history = np.full((size, width), -1, np.int32)
-        for row, seq in enumerate(seqs):
+        for row, seq in rows:
             if self._requests[seq.request_id].params.penalized:
                 history[row, :len(seq.tokens)] = seq.tokens
         return history
@@ -300,38 +322,65 @@ class Engine:
         write_pages[0, :n] = np.asarray(seq.pages, np.int32)[positions // ps]
         write_slots = np.zeros((1, t), np.int32)
         write_slots[0, :n] = positions % ps
-        batch = StepBatch(tokens, pos, self._tables([seq], 1, p), write_pages, write_slots,
-                          np.array([n - 1], np.int32), self._sampling_rows([seq], 1),
-                          self._history([seq], 1, p * ps), np.array([seq.prompt_len], np.int32))
-        self.pool, sampled = self.programs.prefill(t, p)(self.checkpoint.params, self.pool, batch)
+        rows = [(0, seq)]
+        batch = StepBatch(tokens, pos, self._tables(rows, 1, p), write_pages, write_slots,
+                          np.array([n - 1], np.int32), self._sampling_rows(rows, 1),
+                          self._history(rows, 1, p * ps), np.array([seq.prompt_len], np.int32))
+        return self._call(("prefill", 1, t, p), batch)
+
+    def _call(self, shape: tuple[str, int, int, int], batch: StepBatch):
+        """Run one compiled program on host inputs; the pool is donated and replaced."""
+        if jax.process_count() > 1:  # every process holds the same host batch: give each its shards
+            batch = jax.tree.map(
+                lambda host, sharding: jax.make_array_from_callback(host.shape, sharding, lambda i: host[i]),
+                batch, self.programs.batch_shardings[shape])
+        self.pool, sampled = self.programs.compiled[shape](self.checkpoint.params, self.pool, batch)
         return sampled
 
-    def _run_decode(self, seqs: Seq[Sequence]):
-        seqs, ps = list(seqs), self.config.page_size
-        b = Buckets.pick(self.buckets.decode_batch, len(seqs))
+    def _run_decodes(self, seqs: Seq[Sequence]) -> list:
+        """Decode calls for `seqs`: with data replicas, rows [r·b/R, (r+1)·b/R) of a call are replica
+        r's requests (their pages live in its shard of the pool); a replica with more requests than
+        the largest bucket leaves room for spills into a further call."""
+        R = self.replicas
+        by_replica = [[] for _ in range(R)]
+        for seq in seqs:
+            by_replica[self.blocks.replica_of(seq.pages[0])].append(seq)
+        cap = self.buckets.decode_batch[-1] // R
+        launched = []
+        while any(by_replica):
+            groups = [g[:cap] for g in by_replica]
+            by_replica = [g[cap:] for g in by_replica]
+            b = Buckets.pick(self.buckets.decode_batch, R * max(len(g) for g in groups))
+            rows = [(r * (b // R) + i, seq) for r, g in enumerate(groups) for i, seq in enumerate(g)]
+            launched.append((rows, self._run_decode(rows, b)))
+        return launched
+
+    def _run_decode(self, rows: list[tuple[int, Sequence]], b: int):
+        ps = self.config.page_size
+        seqs = [seq for _, seq in rows]
         p = Buckets.pick(self.buckets.context_pages, max(len(s.pages) for s in seqs))
         tokens = np.zeros((b, 1), np.int32)
         pos = np.zeros((b, 1), np.int32)
         write_pages = np.full((b, 1), NULL_PAGE, np.int32)
         write_slots = np.zeros((b, 1), np.int32)
-        for row, seq in enumerate(seqs):
+        for row, seq in rows:
             position = seq.num_computed
             tokens[row, 0] = seq.tokens[position]
             pos[row, 0] = position
             write_pages[row, 0] = seq.pages[position // ps]
             write_slots[row, 0] = position % ps
         prompt_len = np.zeros(b, np.int32)
-        prompt_len[:len(seqs)] = [s.prompt_len for s in seqs]
-        batch = StepBatch(tokens, pos, self._tables(seqs, b, p), write_pages, write_slots,
-                          np.zeros(b, np.int32), self._sampling_rows(seqs, b),
-                          self._history(seqs, b, p * ps), prompt_len)
-        self.pool, sampled = self.programs.decode(b, p)(self.checkpoint.params, self.pool, batch)
-        return sampled
+        for row, seq in rows:
+            prompt_len[row] = seq.prompt_len
+        batch = StepBatch(tokens, pos, self._tables(rows, b, p), write_pages, write_slots,
+                          np.zeros(b, np.int32), self._sampling_rows(rows, b),
+                          self._history(rows, b, p * ps), prompt_len)
+        return self._call(("decode", b, 1, p), batch)
 
     @staticmethod
-    def _tables(seqs: list[Sequence], size: int, pages: int) -> np.ndarray:
+    def _tables(rows: list[tuple[int, Sequence]], size: int, pages: int) -> np.ndarray:
         tables = np.full((size, pages), NULL_PAGE, np.int32)
-        for row, seq in enumerate(seqs):
+        for row, seq in rows:
             tables[row, :len(seq.pages)] = seq.pages
         return tables
 

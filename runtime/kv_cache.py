@@ -13,15 +13,18 @@ slots past a request's length point at it (they are masked by position, never re
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
+from jax.sharding import Mesh, PartitionSpec as P
 from jaxtyping import Array, Float, Int
 
 from models.config import ModelConfig
 from models.errors import ConfigError
-from models.llama import attention
+from models.llama import attention as attention_ref
 from runtime.block_manager import NULL_PAGE  # noqa: F401  (the page padding writes go to)
 
 
@@ -67,9 +70,42 @@ def zeros_pool(config: ModelConfig, num_pages: int, page_size: int, dtype) -> KV
                   tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)))
 
 
+def sharded_zeros_pool(config: ModelConfig, num_pages: int, page_size: int, dtype, sharding) -> KVPool:
+    """A zero pool created in place on its devices (never whole on one device first)."""
+    shape = pool_shape(config, num_pages, page_size)
+    make = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
+    return KVPool(tuple(make() for _ in range(config.num_layers)), tuple(make() for _ in range(config.num_layers)))
+
+
 def abstract_pool(config: ModelConfig, num_pages: int, page_size: int, dtype) -> KVPool:
     spec = jax.ShapeDtypeStruct(pool_shape(config, num_pages, page_size), jnp.dtype(dtype))
     return KVPool((spec,) * config.num_layers, (spec,) * config.num_layers)
+
+
+POOL_AXES = ("pages", "page_slots", "kv_heads", "head_dim")  # logical axes of a pool array
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionShards:
+    """How one compiled program's attention is split over the mesh (static; None = not split).
+
+    Attention runs per shard through shard_map: each tensor shard takes its q heads and their kv
+    heads, each data shard its batch rows and its range of pages (page ids made local). When kv heads
+    are replicated but q heads split (kv_heads < tensor size), a shard takes the one kv head its q
+    heads share. A batch that is not split over data (a prefill of one request) runs on every data
+    shard; the shard owning the request's pages supplies the result.
+    """
+
+    mesh: Mesh
+    batch: str | None
+    pages: str | None
+    q_heads: str | None
+    kv_heads: str | None
+
+    def specs(self):
+        rows = P(self.batch)
+        return (P(self.batch, None, self.q_heads, None), P(self.pages, None, self.kv_heads, None),
+                P(self.batch, None), rows)
 
 
 @jax.tree_util.register_dataclass
@@ -82,6 +118,7 @@ class PagedKVCache:
     write_slots:  i32[B, T]  the offset inside that page
     query_lens:   i32[B]     real (non-padding) tokens of each row; they sit at positions[b, 0] + t
     attention:    "reference" (gather the pages, dense jnp attention) or "pallas" (runtime/kernels)
+    shards:       how attention splits over the mesh; None on one device
     """
 
     pool: KVPool
@@ -90,22 +127,58 @@ class PagedKVCache:
     write_slots: Int[Array, "b t"]
     query_lens: Int[Array, "b"]
     attention: str = dataclasses.field(default="reference", metadata=dict(static=True))
+    shards: AttentionShards | None = dataclasses.field(default=None, metadata=dict(static=True))
 
     def attend(self, layer, q, k, v, positions, sliding_window):
         kp = self.pool.k[layer].at[self.write_pages, self.write_slots].set(k.astype(self.pool.k[layer].dtype))
         vp = self.pool.v[layer].at[self.write_pages, self.write_slots].set(v.astype(self.pool.v[layer].dtype))
-        if self.attention == "pallas":
-            out = _pallas_attention(q, kp, vp, self.page_tables, positions[:, 0], self.query_lens,
-                                    sliding_window)
+        fn = functools.partial(_attend_local, attention=self.attention, sliding_window=sliding_window,
+                               shards=self.shards)
+        if self.shards is None:
+            out = fn(q, kp, vp, self.page_tables, positions[:, 0], self.query_lens)
         else:
-            keys, values = _gather(kp, self.page_tables), _gather(vp, self.page_tables)
-            key_pos = jnp.broadcast_to(jnp.arange(keys.shape[1], dtype=jnp.int32), keys.shape[:2])
-            out = attention(q, keys, values, positions, key_pos, sliding_window)
+            q_spec, pool_spec, table_spec, row_spec = self.shards.specs()
+            out = jax.shard_map(fn, mesh=self.shards.mesh, check_vma=False,
+                                in_specs=(q_spec, pool_spec, pool_spec, table_spec, row_spec, row_spec),
+                                out_specs=q_spec)(q, kp, vp, self.page_tables, positions[:, 0], self.query_lens)
         pool = KVPool(_replace(self.pool.k, layer, kp), _replace(self.pool.v, layer, vp))
         return out, dataclasses.replace(self, pool=pool)
 
 
 ATTENTION = ("reference", "pallas")
+
+
+def _attend_local(q, k_pages, v_pages, tables, start, query_lens, *, attention: str,
+                  sliding_window: int | None, shards: AttentionShards | None):
+    """Attention of one shard (or of everything, on one device)."""
+    owned = None
+    if shards is not None and shards.pages is not None:  # this data shard's pages, ids made local
+        n_local = k_pages.shape[0]
+        local = tables - lax.axis_index(shards.pages) * n_local
+        owned = (local >= 0) & (local < n_local)
+        tables = jnp.where(owned, local, 0)
+    kv_first = None
+    if shards is not None and shards.q_heads is not None and shards.kv_heads is None:
+        # kv heads replicated, q heads split: this shard's q heads share one kv head
+        group = q.shape[2] * shards.mesh.shape[shards.q_heads] // k_pages.shape[2]
+        kv_first = lax.axis_index(shards.q_heads) * q.shape[2] // group
+    if attention == "pallas":
+        if kv_first is not None:
+            raise ConfigError("attention: pallas needs kv heads split like q heads; use reference")
+        out = _pallas_attention(q, k_pages, v_pages, tables, start, query_lens, sliding_window)
+    else:
+        keys, values = _gather(k_pages, tables), _gather(v_pages, tables)
+        if kv_first is not None:
+            keys = lax.dynamic_slice_in_dim(keys, kv_first, 1, axis=2)
+            values = lax.dynamic_slice_in_dim(values, kv_first, 1, axis=2)
+        key_pos = jnp.broadcast_to(jnp.arange(keys.shape[1], dtype=jnp.int32), keys.shape[:2])
+        positions = start[:, None] + jnp.arange(q.shape[1], dtype=jnp.int32)
+        out = attention_ref(q, keys, values, positions, key_pos, sliding_window)
+    if owned is not None and shards.batch is None:
+        # rows not split over data: every data shard computed them; keep the owner's result
+        mine = owned[:, 0][:, None, None, None]
+        out = lax.psum(jnp.where(mine, out, jnp.zeros_like(out)), shards.pages)
+    return out
 
 
 def _pallas_attention(q, k_pages, v_pages, tables, start, query_lens, sliding_window):

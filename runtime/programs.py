@@ -24,9 +24,10 @@ import jax.numpy as jnp
 from jaxtyping import Array, Int
 
 from models.config import ModelConfig
-from models.llama import Params, forward
-from runtime.kv_cache import KVPool, PagedKVCache
+from models.llama import Params, forward, param_axes
+from runtime.kv_cache import POOL_AXES, AttentionShards, KVPool, PagedKVCache
 from runtime.sampling import Sampled, SamplingBatch, sample
+from sharding.rules import Layout
 
 
 @jax.tree_util.register_dataclass
@@ -44,12 +45,18 @@ class StepBatch:
 
 
 def step(params: Params, pool: KVPool, batch: StepBatch, *, config: ModelConfig,
-         attention: str = "reference") -> tuple[KVPool, Sampled]:
+         attention: str = "reference", shards: AttentionShards | None = None) -> tuple[KVPool, Sampled]:
     cache = PagedKVCache(pool, batch.page_tables, batch.write_pages, batch.write_slots, batch.last + 1,
-                         attention)
+                         attention, shards)
     logits, cache = forward(params, batch.tokens, batch.positions, cache, config=config,
                             logits_at=batch.last)
     return cache.pool, sample(logits[:, 0], batch.sampling, batch.history, batch.prompt_len)
+
+
+# Logical axes of every StepBatch field, for the sharding rules.
+BATCH_AXES = StepBatch(("batch", "tokens"), ("batch", "tokens"), ("batch", "context"), ("batch", "tokens"),
+                       ("batch", "tokens"), ("batch",), SamplingBatch(*[("batch",)] * 10),
+                       ("batch", "context"), ("batch",))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,25 +101,43 @@ def abstract_batch(batch: int, tokens: int, pages: int, page_size: int) -> StepB
 
 
 class Programs:
-    """Every (family, batch, tokens, pages) program, compiled ahead of time."""
+    """Every (family, batch, tokens, pages) program, compiled ahead of time, with in and out
+    shardings from the layout's rules (one device: a 1×1 mesh)."""
 
     def __init__(self, config: ModelConfig, params: Params, pool: KVPool, buckets: Buckets,
-                 threads: int | None = None, attention: str = "reference"):
+                 threads: int | None = None, attention: str = "reference", layout: Layout | None = None):
         self.config = config
         self.buckets = buckets
         self.page_size = pool.page_size
-        jitted = jax.jit(functools.partial(step, config=config, attention=attention), donate_argnums=(1,))
-        abstract = lambda tree: jax.tree.map(
-            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=getattr(a, "sharding", None)), tree)
-        params_spec, pool_spec = abstract(params), abstract(pool)
+        self.layout = layout = layout or Layout.single()
+        param_shardings = jax.tree.map(lambda names, a: layout.sharding(names, a.shape), param_axes(config),
+                                       params, is_leaf=lambda x: isinstance(x, tuple))
+        self.pool_sharding = jax.tree.map(lambda a: layout.sharding(POOL_AXES, a.shape), pool)
         shapes = list(buckets.shapes(self.page_size))
-        # Tracing is Python (serial); XLA compiles release the GIL, so they overlap on threads.
-        lowered = {s: jitted.lower(params_spec, pool_spec, abstract_batch(*s[1:], self.page_size))
-                   for s in shapes}
+        lowered = {}
+        for shape in shapes:  # tracing is Python (serial); XLA compiles release the GIL: threads below
+            batch = abstract_batch(*shape[1:], self.page_size)
+            batch_sharding = jax.tree.map(lambda names, a: layout.sharding(names, a.shape), BATCH_AXES, batch,
+                                          is_leaf=lambda x: isinstance(x, tuple))
+            fn = functools.partial(step, config=config, attention=attention,
+                                   shards=self._shards(layout, shape[1], pool.num_pages))
+            jitted = jax.jit(fn, donate_argnums=(1,),
+                             in_shardings=(param_shardings, self.pool_sharding, batch_sharding),
+                             out_shardings=(self.pool_sharding, layout.replicated()))
+            lowered[shape] = jitted.lower(_abstract(params), _abstract(pool), batch)
         workers = threads or max(1, os.cpu_count() or 1)
         with concurrent.futures.ThreadPoolExecutor(workers) as pool_exec:
             compiled = dict(zip(lowered, pool_exec.map(lambda low: low.compile(), lowered.values())))
         self.compiled = compiled
+        self.batch_shardings = {s: c.input_shardings[0][2] for s, c in compiled.items()}
+
+    @staticmethod
+    def _shards(layout: Layout, batch: int, num_pages: int) -> AttentionShards | None:
+        if layout.mesh.size == 1:
+            return None
+        axis = lambda name, n: layout.spec((name,), (n,))[0]
+        return AttentionShards(layout.mesh, axis("batch", batch), axis("pages", num_pages),
+                               layout.axis("q_heads"), layout.axis("kv_heads"))
 
     def __len__(self) -> int:
         return len(self.compiled)
@@ -122,6 +147,10 @@ class Programs:
 
     def decode(self, batch: int, pages: int):
         return self.compiled[("decode", batch, 1, pages)]
+
+
+def _abstract(tree):
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tree)
 
 
 def enable_compilation_cache(folder: str) -> None:

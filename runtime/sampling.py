@@ -89,12 +89,15 @@ class SamplingBatch:
     want_logprobs: Array  # bool: compute top-N logprobs at all
 
     @classmethod
-    def build(cls, rows: list[tuple[SamplingParams, int, int]], size: int) -> "SamplingBatch":
-        """From (params, seed, step) per request; padding rows up to `size` are greedy."""
+    def build(cls, rows: list[tuple[SamplingParams, int, int] | None], size: int) -> "SamplingBatch":
+        """From (params, seed, step) per request; padding rows (None, or past the list) are greedy."""
         f = lambda: np.zeros(size, np.float32)
         i = lambda: np.zeros(size, np.int32)
         t, tk, tp, mp, rp, pp, fp, sd, st, lp = f(), i(), f() + 1, f(), f() + 1, f(), f(), i(), i(), np.zeros(size, bool)
-        for r, (p, seed, step) in enumerate(rows):
+        for r, row in enumerate(rows):
+            if row is None:
+                continue
+            p, seed, step = row
             t[r], tk[r], tp[r], mp[r] = p.temperature, p.top_k, p.top_p, p.min_p
             rp[r], pp[r], fp[r] = p.repetition_penalty, p.presence_penalty, p.frequency_penalty
             sd[r], st[r], lp[r] = seed, step, p.logprobs is not None

@@ -185,7 +185,11 @@ class Scheduler:
         """Grow seq's pages to num_tokens, preempting from the tail of `running` as needed.
         False if seq itself had to be preempted."""
         while not self.blocks.grow(seq.pages, num_tokens):
-            victim = self.running[-1]
+            # the least entitled request holding pages of seq's data replica (seq itself at worst)
+            replica = self.blocks.replica_of(seq.pages[0]) if seq.pages else None
+            victim = next(s for s in reversed(self.running)
+                          if s is seq or replica is None
+                          or (s.pages and self.blocks.replica_of(s.pages[0]) == replica))
             self._preempt(victim)
             preempted.append(victim)
             if victim is seq:

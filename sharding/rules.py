@@ -1,20 +1,34 @@
 """Logical axis names → mesh axes → PartitionSpecs.
 
-Every parameter of models/llama.py names its axes ("vocab", "embed", "q_heads", …). A rule table maps
-each logical name to a mesh axis (or None: replicated). A dimension whose size the mesh axis does not
-divide is replicated rather than split unevenly.
+Every array meshserve places on devices names its axes: parameters (models/llama.py: "vocab",
+"embed", "q_heads", …), the KV pool ("pages", "page_slots", "kv_heads", "head_dim") and the per-step
+batch arrays ("batch", …). A rule table maps each logical name to a mesh axis, or to None
+(replicated). A dimension the mesh axis does not divide is replicated rather than split unevenly —
+unless the mesh file lists that logical axis under `require_split`, which turns it into an error.
+
+    layout = Layout(mesh, rules)
+    layout.spec(("embed", "q_heads", "head_dim"), (576, 9, 64))   → P(None, None, None) on tensor=2
+    layout.sharding(axes, shape)                                   → NamedSharding
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Mapping
 
 import jax
+import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from models.config import ModelConfig
+from models.errors import ConfigError
 
 Rules = Mapping[str, str | None]
 
-# Tensor parallelism over heads, MLP and vocabulary; `data` holds independent replicas.
+MESH_AXES = ("data", "tensor", "expert")  # "expert" is reserved for mixture-of-experts models
+
+# Tensor parallelism over heads, MLP and vocabulary; `data` holds independent replicas of the batch
+# slots and the page pool.
 DEFAULT_RULES: Rules = {
     "vocab": "tensor",
     "embed": None,
@@ -22,8 +36,15 @@ DEFAULT_RULES: Rules = {
     "kv_heads": "tensor",
     "head_dim": None,
     "mlp": "tensor",
+    "layers": None,
     "batch": "data",
+    "tokens": None,
+    "pages": "data",
+    "page_slots": None,
+    "context": None,
+    "top": None,
 }
+LOGICAL_AXES = tuple(DEFAULT_RULES)
 
 
 def partition_spec(axes: tuple[str, ...], shape: tuple[int, ...], mesh: Mesh,
@@ -49,3 +70,100 @@ def sharding_fn(mesh: Mesh, rules: Rules = DEFAULT_RULES):
     def fn(axes: tuple[str, ...], shape: tuple[int, ...]) -> jax.sharding.Sharding:
         return NamedSharding(mesh, partition_spec(axes, shape, mesh, rules))
     return fn
+
+
+def check_rules(rules: Rules, mesh_axes: tuple[str, ...]) -> None:
+    """ConfigError for a rule naming an unknown logical axis or an axis the mesh does not have."""
+    for name, target in rules.items():
+        if name not in LOGICAL_AXES:
+            raise ConfigError(f"rules: unknown logical axis {name!r} (known: {', '.join(LOGICAL_AXES)})")
+        if target is not None and target not in mesh_axes:
+            raise ConfigError(f"rules: {name!r} maps to mesh axis {target!r}, which the mesh does not "
+                              f"have (axes: {', '.join(mesh_axes)})")
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """A mesh and the rules that place arrays on it."""
+
+    mesh: Mesh
+    rules: Rules = dataclasses.field(default_factory=lambda: dict(DEFAULT_RULES))
+    require_split: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        check_rules(self.rules, tuple(self.mesh.axis_names))
+        for name in self.require_split:
+            if name not in LOGICAL_AXES:
+                raise ConfigError(f"require_split: unknown logical axis {name!r}")
+
+    @classmethod
+    def single(cls, device: jax.Device | None = None) -> "Layout":
+        """Everything on one device (the default when no mesh file is given)."""
+        device = device or jax.devices()[0]
+        return cls(Mesh(np.array([device]).reshape(1, 1), ("data", "tensor")))
+
+    def size(self, mesh_axis: str | None) -> int:
+        return self.mesh.shape.get(mesh_axis, 1) if mesh_axis else 1
+
+    def axis(self, logical: str) -> str | None:
+        """The mesh axis a logical axis maps to (None: replicated)."""
+        return self.rules.get(logical)
+
+    @property
+    def replicas(self) -> int:
+        """Independent replicas of batch slots and page pool (the size of the `batch` mesh axis)."""
+        return self.size(self.axis("batch"))
+
+    def spec(self, axes: tuple[str, ...], shape: tuple[int, ...]) -> PartitionSpec:
+        return partition_spec(axes, shape, self.mesh, self.rules)
+
+    def sharding(self, axes: tuple[str, ...], shape: tuple[int, ...]) -> NamedSharding:
+        return NamedSharding(self.mesh, self.spec(axes, shape))
+
+    def replicated(self) -> NamedSharding:
+        return NamedSharding(self.mesh, PartitionSpec())
+
+    def check_model(self, config: ModelConfig) -> None:
+        """ConfigError before any compile when the model cannot be laid out on this mesh."""
+        sizes = {"q_heads": config.num_heads, "kv_heads": config.num_kv_heads, "vocab": config.vocab_size,
+                 "mlp": config.intermediate_size, "embed": config.hidden_size}
+        for name in self.require_split:
+            n, target = sizes.get(name), self.axis(name)
+            if n is None or target is None:
+                continue
+            if n % self.size(target):
+                raise ConfigError(f"{name}: {n} cannot be split over mesh axis {target!r} of size "
+                                  f"{self.size(target)} (the mesh file requires it to be split)")
+        if self.replicas > 1 and self.axis("pages") != self.axis("batch"):
+            raise ConfigError("rules: 'pages' must map to the same mesh axis as 'batch' (each data "
+                              "replica owns its batch slots and its share of the page pool)")
+
+    def for_model(self, config: ModelConfig) -> "Layout":
+        """These rules, with attention heads replicated where they cannot split consistently: q heads
+        split only when the mesh axis divides them, kv heads only when it divides them too; when kv
+        heads cannot split (fewer than the axis size) they are replicated — never dropped — and each
+        shard's q heads must then share one kv head, else q heads are replicated as well."""
+        self.check_model(config)
+        H, K = config.num_heads, config.num_kv_heads
+        q_axis, kv_axis = self.axis("q_heads"), self.axis("kv_heads")
+        q_split = q_axis is not None and H % self.size(q_axis) == 0
+        kv_split = q_split and kv_axis == q_axis and K % self.size(kv_axis) == 0
+        if q_split and not kv_split:
+            per_shard = H // self.size(q_axis)
+            q_split = (H // K) % per_shard == 0
+        if not q_split and "q_heads" in self.require_split and q_axis is not None:
+            raise ConfigError(f"q_heads: {H} q heads over {K} kv heads cannot be split over mesh axis "
+                              f"{q_axis!r} of size {self.size(q_axis)} (the mesh file requires it)")
+        rules = {**self.rules, "q_heads": q_axis if q_split else None, "kv_heads": kv_axis if kv_split else None}
+        return dataclasses.replace(self, rules=rules)
+
+    def place(self, params, config: ModelConfig):
+        """In-memory params (a test's, a converter's) onto this layout."""
+        from models.llama import param_axes
+
+        layout = self.for_model(config)
+        return jax.tree.map(lambda names, a: jax.device_put(a, layout.sharding(names, a.shape)),
+                            param_axes(config), params, is_leaf=lambda x: isinstance(x, tuple))
+
+    def describe(self) -> str:
+        return " × ".join(f"{a}={n}" for a, n in self.mesh.shape.items())
