@@ -1,7 +1,7 @@
 """The `meshserve` command line.
 
     meshserve convert --from gguf:FILE | hf:DIR --out CKPT_DIR [--dtype bfloat16|float32]
-    meshserve generate [--model CKPT_DIR] [--chat] [sampling flags] "prompt"
+    meshserve generate [--model CKPT_DIR] [--mesh MESH.yaml] [--chat] [sampling flags] "prompt"
     meshserve generate --input prompts.jsonl --output results.jsonl [--chat] [sampling flags]
     meshserve fetch-default [--dtype ...]     fetch and convert the default model, print its folder
 
@@ -45,6 +45,8 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--output", metavar="JSONL", help="results of --input, one line per prompt")
     gen.add_argument("--config", default=str(DEFAULT_SERVING_CONFIG),
                      help="serving config whose 'engine' section sizes the engine")
+    gen.add_argument("--mesh", metavar="MESH_YAML",
+                     help="mesh file (configs/meshes/): devices and how the model splits (default: one device)")
     gen.add_argument("--max-tokens", type=int, default=256)
     gen.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
     gen.add_argument("--top-p", type=float, default=1.0)
@@ -76,12 +78,26 @@ def _sampling(args):
     return params
 
 
-def _load(args):
-    from models.checkpoint import load_checkpoint
+def _layout(args):
+    """The mesh file's layout (validated, then devices set up) or None for one device."""
+    if not args.mesh:
+        return None
+    from sharding.mesh import MeshConfig
+
+    return MeshConfig.from_yaml(args.mesh).setup()
+
+
+def _load(args, layout):
+    from models.checkpoint import load_checkpoint, read_meta
     from models.default import default_checkpoint
 
     folder = args.model or default_checkpoint(progress=not args.quiet)
-    return load_checkpoint(folder, progress=not args.quiet)
+    if layout is None:
+        return load_checkpoint(folder, progress=not args.quiet)
+    from sharding.mesh import load_sharded
+
+    layout.for_model(read_meta(folder)[1])  # a model the mesh cannot split fails here, before loading
+    return load_sharded(folder, layout, progress=not args.quiet)
 
 
 def _generate(args) -> None:
@@ -96,11 +112,12 @@ def _generate(args) -> None:
     if args.max_seq_len:
         config = dataclasses.replace(config, max_seq_len=args.max_seq_len)
     lines = _read_jsonl(Path(args.input)) if args.input else None
-    ckpt = _load(args)
+    layout = _layout(args)
+    ckpt = _load(args, layout)
     if lines is None:
-        _stream_one(ckpt, config, args, params)
+        _stream_one(ckpt, config, args, params, layout)
     else:
-        _run_batch(ckpt, config, args, params, lines)
+        _run_batch(ckpt, config, args, params, lines, layout)
 
 
 def _encode(tok, prompt, chat: bool) -> list[int]:
@@ -111,8 +128,10 @@ def _encode(tok, prompt, chat: bool) -> list[int]:
     return tok.encode_chat([{"role": "user", "content": prompt}]) if chat else tok.encode(prompt)
 
 
-def _stream_one(ckpt, config, args, params) -> None:
+def _stream_one(ckpt, config, args, params, layout) -> None:
     """One prompt: an engine sized to it (few programs to compile), text streamed as it comes."""
+    import jax
+
     from runtime.engine import Engine
 
     ids = _encode(ckpt.tokenizer, args.prompt, args.chat)
@@ -124,15 +143,18 @@ def _stream_one(ckpt, config, args, params) -> None:
     pages = -(-min(seq_len, config.max_seq_len) // config.page_size)
     sized = dataclasses.replace(
         config, max_seq_len=min(seq_len, config.max_seq_len), max_num_seqs=1, max_prefill_chunk=chunk,
-        max_num_batched_tokens=max(chunk, config.max_num_seqs), prefill_buckets=(chunk,), decode_buckets=(1,),
-        context_buckets=(pages,))
-    engine = Engine(ckpt, sized)
+        max_num_batched_tokens=max(chunk, config.max_num_seqs), prefill_buckets=(chunk,),
+        decode_buckets=(layout.replicas if layout else 1,), context_buckets=(pages,))
+    engine = Engine(ckpt, sized, layout=layout)
     engine.add_request(ids, params)
+    lead = jax.process_index() == 0  # several hosts run the same engine; one of them prints
     while engine.has_unfinished:
         for out in engine.step():
-            sys.stdout.write(out.text)
-            sys.stdout.flush()
-    sys.stdout.write("\n")
+            if lead:
+                sys.stdout.write(out.text)
+                sys.stdout.flush()
+    if lead:
+        sys.stdout.write("\n")
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -158,9 +180,10 @@ def _read_jsonl(path: Path) -> list[dict]:
     return lines
 
 
-def _run_batch(ckpt, config, args, params, lines) -> None:
+def _run_batch(ckpt, config, args, params, lines, layout) -> None:
     import time
 
+    import jax
     from tqdm.auto import tqdm
 
     from runtime.engine import Engine, check_request
@@ -180,8 +203,10 @@ def _run_batch(ckpt, config, args, params, lines) -> None:
             raise RequestError(f"{Path(args.input).name} line {item['_line']}: {e}") from None
         prompts.append(ids)
         plist.append(p)
-    engine = Engine(ckpt, config)
-    bar = tqdm(total=len(prompts), unit="req", desc="generating", disable=None if not args.quiet else True)
+    engine = Engine(ckpt, config, layout=layout)
+    lead = jax.process_index() == 0  # several hosts run the same engine; one of them writes
+    bar = tqdm(total=len(prompts), unit="req", desc="generating",
+               disable=None if not args.quiet and lead else True)
     start, produced = time.perf_counter(), [0]
 
     def progress(out):
@@ -192,6 +217,8 @@ def _run_batch(ckpt, config, args, params, lines) -> None:
 
     results = engine.generate(prompts, plist, on_output=progress)
     bar.close()
+    if not lead:
+        return
     out_path = Path(args.output)
     tmp = out_path.with_name(f".{out_path.name}.partial")
     with tmp.open("w") as f:  # written whole, then renamed: never a partial results file

@@ -162,8 +162,13 @@ class Layout:
         from models.llama import param_axes
 
         layout = self.for_model(config)
-        return jax.tree.map(lambda names, a: jax.device_put(a, layout.sharding(names, a.shape)),
-                            param_axes(config), params, is_leaf=lambda x: isinstance(x, tuple))
+
+        def put(names, a):  # each process places the shards of its own devices (several hosts too)
+            host = np.asarray(a)
+            return jax.make_array_from_callback(host.shape, layout.sharding(names, host.shape),
+                                                lambda index: host[index])
+
+        return jax.tree.map(put, param_axes(config), params, is_leaf=lambda x: isinstance(x, tuple))
 
     def describe(self) -> str:
         return " × ".join(f"{a}={n}" for a, n in self.mesh.shape.items())

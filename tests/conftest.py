@@ -37,3 +37,16 @@ def smollm_hf(smollm_gguf):
 
     return AutoModelForCausalLM.from_pretrained(
         smollm_gguf.parent, gguf_file=smollm_gguf.name, dtype=torch.float32).eval()
+
+
+TINY_CONFIG = dict(name="tiny", architecture="llama", vocab_size=300, hidden_size=32, intermediate_size=64,
+                   num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, max_position_embeddings=512)
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory):
+    """A tiny random model with a real byte-level tokenizer, in memory on one device."""
+    from models.config import ModelConfig
+    from tests.helpers import random_checkpoint
+
+    return random_checkpoint(ModelConfig(**TINY_CONFIG), tmp_path_factory.mktemp("tok"), seed=2)

@@ -174,3 +174,22 @@ def write_gguf(path: Path, model, qtype, arch: str = "llama", seed: int = 0):
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+
+
+def random_checkpoint(config, folder: Path, seed: int):
+    """A random model of `config` with the byte-level test tokenizer (written into `folder`), in memory.
+    Weights are scaled up so logits sit far apart and greedy decoding never hangs on a near-tie."""
+    import jax
+    import numpy as np
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from models.checkpoint import Checkpoint
+    from models.llama import init_params
+    from models.tokenizer import Tokenizer, TokenizerConfig
+
+    folder.mkdir(parents=True, exist_ok=True)
+    write_tokenizer(folder)
+    tok = Tokenizer(HFTokenizer.from_file(str(folder / "tokenizer.json")),
+                    TokenizerConfig("<|im_start|>", ("<|im_end|>",), False, CHAT_TEMPLATE))
+    params = jax.tree.map(lambda a: a * 20 if a.ndim > 1 else a, init_params(config, seed=seed))
+    return Checkpoint(path=None, config=config, tokenizer=tok, dtype=np.dtype("float32"), params=params)

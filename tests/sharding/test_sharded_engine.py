@@ -13,7 +13,7 @@ from models.llama import forward, init_params
 from runtime.engine import Engine, EngineConfig
 from runtime.sampling import SamplingParams
 from sharding.mesh import MeshConfig
-from tests.runtime.conftest import greedy_reference, tiny_ckpt  # noqa: F401  (a fixture)
+from tests.runtime.conftest import greedy_reference
 
 MESHES = {"tensor=1": (1, 1), "tensor=2": (1, 2), "tensor=4": (1, 4), "tensor=8": (1, 8),
           "data=2,tensor=4": (2, 4)}
@@ -42,13 +42,17 @@ def prompts(seed: int, vocab: int = 256) -> list[list[int]]:
     return [rng.integers(0, vocab, n).tolist() for n in (1, 7, 40, 19, 33, 3)]
 
 
-def run(ckpt: Checkpoint, mesh: tuple[int, int], config: EngineConfig = SMALL, n: int = 8):
-    lay = layout(*mesh)
+def engine_tokens(ckpt: Checkpoint, lay, config: EngineConfig = SMALL, n: int = 8):
+    """Greedy tokens for prompts(0) on `lay`; also the engine (its pages all free again)."""
     placed = dataclasses.replace(ckpt, params=lay.place(ckpt.params, ckpt.config))
     engine = Engine(placed, config, layout=lay)
     out = engine.generate(prompts(0), SamplingParams(max_tokens=n, ignore_eos=True))
     assert engine.blocks.num_free == engine.blocks.num_usable
     return [list(c.token_ids) for c in out], engine
+
+
+def run(ckpt: Checkpoint, mesh: tuple[int, int], config: EngineConfig = SMALL, n: int = 8):
+    return engine_tokens(ckpt, layout(*mesh), config, n)
 
 
 def test_eight_devices_are_there():

@@ -1,0 +1,34 @@
+"""One process of the two-process test (tests/sharding/test_multihost.py): 4 CPU devices of an
+8-device mesh coordinated by jax.distributed over loopback; prints the greedy tokens as JSON."""
+
+import json
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+os.environ["JAX_PLATFORMS"] = "cpu"
+
+
+def main(port: int, process_id: int, data: int, tensor: int, folder: str) -> None:
+    from sharding.mesh import MeshConfig
+
+    mesh = MeshConfig.from_dict({"axes": {"data": data, "tensor": tensor}, "distributed": {
+        "coordinator_address": f"127.0.0.1:{port}", "num_processes": 2, "process_id": process_id,
+        "initialization_timeout_s": 60}})
+    layout = mesh.setup()
+
+    import jax
+
+    from pathlib import Path
+
+    from tests.helpers import random_checkpoint
+    from tests.sharding.test_sharded_engine import WIDE, engine_tokens
+
+    assert jax.process_count() == 2 and jax.local_device_count() == 4 and jax.device_count() == 8
+    tokens, _ = engine_tokens(random_checkpoint(WIDE, Path(folder), seed=3), layout)
+    print(json.dumps({"process": jax.process_index(), "tokens": tokens}), flush=True)
+    jax.distributed.shutdown()
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5])
