@@ -164,9 +164,11 @@ class Layout:
         layout = self.for_model(config)
 
         def put(names, a):  # each process places the shards of its own devices (several hosts too)
+            target = layout.sharding(names, a.shape)
+            if isinstance(a, jax.Array) and a.sharding.is_equivalent_to(target, a.ndim):
+                return a  # already there (restored into this layout)
             host = np.asarray(a)
-            return jax.make_array_from_callback(host.shape, layout.sharding(names, host.shape),
-                                                lambda index: host[index])
+            return jax.make_array_from_callback(host.shape, target, lambda index: host[index])
 
         return jax.tree.map(put, param_axes(config), params, is_leaf=lambda x: isinstance(x, tuple))
 

@@ -1,5 +1,6 @@
 """One process of the two-process test (tests/sharding/test_multihost.py): 4 CPU devices of an
-8-device mesh coordinated by jax.distributed over loopback; prints the greedy tokens as JSON."""
+8-device mesh coordinated by jax.distributed over loopback; restores the checkpoint's shards of its
+own devices and prints the greedy tokens as JSON."""
 
 import json
 import os
@@ -19,13 +20,14 @@ def main(port: int, process_id: int, data: int, tensor: int, folder: str) -> Non
 
     import jax
 
-    from pathlib import Path
-
-    from tests.helpers import random_checkpoint
-    from tests.sharding.test_sharded_engine import WIDE, engine_tokens
+    from sharding.mesh import load_sharded
+    from tests.sharding.test_sharded_engine import engine_tokens
 
     assert jax.process_count() == 2 and jax.local_device_count() == 4 and jax.device_count() == 8
-    tokens, _ = engine_tokens(random_checkpoint(WIDE, Path(folder), seed=3), layout)
+    ckpt = load_sharded(folder, layout, progress=False)  # each process restores its own shards
+    shards = ckpt.params["layers"][0]["mlp"]["gate_proj"].addressable_shards
+    assert len(shards) == 4  # only this process's devices
+    tokens, _ = engine_tokens(ckpt, layout)
     print(json.dumps({"process": jax.process_index(), "tokens": tokens}), flush=True)
     jax.distributed.shutdown()
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from models.checkpoint import save_checkpoint
 from tests.helpers import random_checkpoint
 from tests.sharding.test_sharded_engine import WIDE, engine_tokens, layout
 
@@ -25,12 +26,14 @@ def free_port() -> int:
 
 @pytest.mark.parametrize("data,tensor", [(1, 8), (2, 4)], ids=["tensor=8", "data=2,tensor=4"])
 def test_two_processes_equal_one(tmp_path, data, tensor):
-    expected, _ = engine_tokens(random_checkpoint(WIDE, tmp_path, seed=3), layout(data, tensor))
+    ckpt = random_checkpoint(WIDE, tmp_path / "tok", seed=3)
+    folder = save_checkpoint(tmp_path / "ckpt", ckpt.config, ckpt.params, ckpt.tokenizer)
+    expected, _ = engine_tokens(ckpt, layout(data, tensor))
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("XLA_FLAGS", None)
     procs = [subprocess.Popen([sys.executable, "-m", "tests.sharding.multihost_worker", str(port), str(i),
-                               str(data), str(tensor), str(tmp_path / f"p{i}")],
+                               str(data), str(tensor), str(folder)],
                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for i in range(2)]
     try:
