@@ -122,11 +122,12 @@ class RequestOutput:
     token_ids: tuple[int, ...]  # new this step
     text: str  # new this step
     finished: bool = False
-    finish_reason: str | None = None  # stop | length | abort | rejected
+    finish_reason: str | None = None  # stop | length | abort | rejected | error
     error: str | None = None
     logprobs: tuple[TokenLogprob, ...] = ()
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    queue_time_s: float | None = None  # arrival → first scheduled (None: never scheduled)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -291,7 +292,12 @@ class Engine:
         for rows, result in launched:
             host = jax.device_get(result)
             for row, seq in rows:
-                outputs.append(self._accept(self._requests[seq.request_id], host, row))
+                req = self._requests[seq.request_id]
+                try:
+                    outputs.append(self._accept(req, host, row))
+                except Exception as e:  # a fault in one request's results ends that request only
+                    self._requests.pop(seq.request_id, None)
+                    outputs.append(self._finish(req, "error", error=f"{type(e).__name__}: {e}"))
         return outputs
 
     def _sampling_rows(self, rows: list[tuple[int, Sequence]], size: int) -> SamplingBatch:
@@ -406,7 +412,8 @@ class Engine:
             return self._finish(self._requests.pop(seq.request_id), "length", last=(token,), text=text,
                                 logprobs=logprobs)
         return RequestOutput(seq.request_id, (token,), text, logprobs=logprobs,
-                             prompt_tokens=seq.prompt_len, completion_tokens=generated)
+                             prompt_tokens=seq.prompt_len, completion_tokens=generated,
+                             queue_time_s=_queue_time(seq))
 
     def _finish(self, req: _Request, reason: str, *, last: tuple[int, ...] = (), text: str = "",
                 logprobs=(), error: str | None = None, drop_last: bool = False) -> RequestOutput:
@@ -414,10 +421,10 @@ class Engine:
         self.scheduler.remove(seq)  # pages back to the pool in this same step
         if drop_last:  # EOS / stop token: ends the output, is not part of it
             seq.tokens.pop()
-        tail = req.text.finish() if reason != "rejected" else ""
+        tail = req.text.finish() if reason not in ("rejected", "error") else ""
         return RequestOutput(seq.request_id, last, text + tail, finished=True, finish_reason=reason,
                              error=error, logprobs=logprobs, prompt_tokens=seq.prompt_len,
-                             completion_tokens=len(seq.tokens) - seq.prompt_len)
+                             completion_tokens=len(seq.tokens) - seq.prompt_len, queue_time_s=_queue_time(seq))
 
     # ---- offline -------------------------------------------------------------------------------
 
@@ -459,3 +466,7 @@ class Engine:
     def stats(self) -> dict[str, Any]:
         return {**self.scheduler.describe(), "programs": len(self.programs),
                 "compile_seconds": round(self.compile_seconds, 2)}
+
+
+def _queue_time(seq: Sequence) -> float | None:
+    return None if seq.scheduled_at is None else seq.scheduled_at - seq.arrival

@@ -42,6 +42,7 @@ class Sequence:
     started: bool = False  # ran at least once (a preempted request is not expired)
     queue_timeout_s: float | None = None  # overrides SchedulerConfig.queue_timeout_s
     num_preemptions: int = 0
+    scheduled_at: float | None = None  # when first admitted (queue time = scheduled_at - arrival)
 
     @property
     def uncomputed(self) -> int:
@@ -166,6 +167,8 @@ class Scheduler:
             if not self.blocks.grow(seq.pages, seq.num_computed + n):
                 break
             self.waiting.pop(0)
+            if not seq.started:
+                seq.scheduled_at = now
             seq.status, seq.started = Status.RUNNING, True
             self.running.append(seq)
             if n == 1 and seq.uncomputed == 1:
