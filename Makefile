@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-PROMPT ?= What is the capital of France?
+ARGS   ?=
 
 .PHONY: serve test model clean
 
@@ -23,8 +23,9 @@ $(VENV)/.test: pyproject.toml | $(BIN)/python
 model: $(VENV)/.runtime
 	$(BIN)/meshserve fetch-default
 
+# The gRPC server on the default model (configs/serving/default.yaml; ARGS="--port 8000" etc.).
 serve: model
-	$(BIN)/meshserve generate --chat "$(PROMPT)"
+	$(BIN)/meshserve serve $(ARGS)
 
 test: $(VENV)/.test model
 	$(BIN)/python -m pytest -q

@@ -3,6 +3,8 @@
     meshserve convert --from gguf:FILE | hf:DIR --out CKPT_DIR [--dtype bfloat16|float32]
     meshserve generate [--model CKPT_DIR] [--mesh MESH.yaml] [--chat] [sampling flags] "prompt"
     meshserve generate --input prompts.jsonl --output results.jsonl [--chat] [sampling flags]
+    meshserve generate --server HOST:PORT [--chat] [sampling flags] "prompt"   stream from a server
+    meshserve serve [--config FILE] [--host H] [--port P] [--model CKPT_DIR] [--mesh MESH.yaml] ...
     meshserve fetch-default [--dtype ...]     fetch and convert the default model, print its folder
 
 Errors the user can fix are printed as one line on stderr with a non-zero exit, never a traceback.
@@ -56,6 +58,22 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     gen.add_argument("--max-seq-len", type=int, default=None, help="context length (default: config)")
     gen.add_argument("--quiet", action="store_true", help="no progress bars")
+    gen.add_argument("--server", metavar="HOST:PORT", help="stream from a running meshserve server")
+    gen.add_argument("--token", default=os.environ.get("MESHSERVE_TOKEN"),
+                     help="bearer token for --server (default: $MESHSERVE_TOKEN)")
+    gen.add_argument("--tls-ca", metavar="PEM", help="CA certificate for a TLS --server")
+
+    srv = sub.add_parser("serve", help="run the gRPC server (health, reflection, Prometheus metrics)")
+    srv.add_argument("--config", default=str(DEFAULT_SERVING_CONFIG),
+                     help="serving config: 'server' and 'engine' sections")
+    srv.add_argument("--host")
+    srv.add_argument("--port", type=int)
+    srv.add_argument("--model", metavar="CKPT_DIR", help="checkpoint folder (default: the default model)")
+    srv.add_argument("--mesh", metavar="MESH_YAML")
+    srv.add_argument("--metrics-port", type=int)
+    srv.add_argument("--tls-cert", metavar="PEM")
+    srv.add_argument("--tls-key", metavar="PEM")
+    srv.add_argument("--quiet", action="store_true", help="no progress bars")
 
     fetch = sub.add_parser("fetch-default", help="fetch and convert the default model; print its folder")
     fetch.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
@@ -105,6 +123,8 @@ def _generate(args) -> None:
 
     if (args.input is None) == (args.prompt is None):
         raise RequestError("give either a prompt or --input FILE")
+    if args.server:
+        return _generate_remote(args)
     if args.input is not None and args.output is None:
         raise RequestError("--input needs --output")
     params = _sampling(args)
@@ -233,6 +253,53 @@ def _run_batch(ckpt, config, args, params, lines, layout) -> None:
           f"({produced[0] / elapsed:.1f} tok/s) → {out_path}", file=sys.stderr)
 
 
+def _generate_remote(args) -> None:
+    """Stream one prompt from a running server; a failed call is one line with its status."""
+    import grpc
+
+    from serving.client import Client
+
+    if args.input is not None:
+        raise RequestError("--input runs locally; with --server give one prompt")
+    sampling = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                    min_p=args.min_p, seed=args.seed, stop=args.stop)
+    prompt = dict(messages=[{"role": "user", "content": args.prompt}]) if args.chat else dict(text=args.prompt)
+    try:
+        with Client(args.server, token=args.token, tls_ca=args.tls_ca) as client:
+            for resp in client.generate(**prompt, **sampling):
+                sys.stdout.write(resp.text)
+                sys.stdout.flush()
+    except grpc.RpcError as e:
+        raise ServerError(f"{args.server}: {e.code().name}: {e.details()}") from None
+    sys.stdout.write("\n")
+
+
+class ServerError(MeshserveError):
+    """A call to a server failed (its status and message)."""
+
+
+def _serve(args) -> None:
+    import asyncio
+    import logging
+
+    from runtime.engine import EngineConfig
+    from serving.config import ServerConfig
+    from serving.server import Server, build_engine, serve_forever
+
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    config = ServerConfig.from_yaml(args.config).override(
+        host=args.host, port=args.port, model=args.model, mesh=args.mesh, metrics_port=args.metrics_port,
+        tls_cert=args.tls_cert, tls_key=args.tls_key)
+    engine_config = EngineConfig.from_yaml(args.config)
+    if config.mesh:  # checked now: a bad mesh file fails before the server starts
+        from sharding.mesh import MeshConfig
+
+        mesh = MeshConfig.from_yaml(config.mesh)
+        if mesh.distributed is not None:
+            raise MeshserveError("serve runs on one host for now: use a mesh file without 'distributed'")
+    asyncio.run(serve_forever(Server(config, build_engine(config, engine_config, progress=not args.quiet))))
+
+
 def _fetch_default(args) -> None:
     from models.default import default_checkpoint
 
@@ -241,7 +308,8 @@ def _fetch_default(args) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    handler = {"convert": _convert, "generate": _generate, "fetch-default": _fetch_default}[args.command]
+    handler = {"convert": _convert, "generate": _generate, "serve": _serve,
+               "fetch-default": _fetch_default}[args.command]
     try:
         handler(args)
     except MeshserveError as e:

@@ -1,0 +1,181 @@
+"""Load generator for a running meshserve server: fixed concurrency or a Poisson request rate.
+
+Prompts are random token ids (no tokenizer needed) with lengths drawn from a distribution; in
+shared-prefix mode every prompt starts with the same K tokens (what prefix caching serves). Each
+request streams; per request we record time to first token (TTFT), the gaps between its later
+tokens (inter-token latency, TTFT not folded in) and end-to-end latency.
+
+    python benchmarks/serving.py --server localhost:50051 --concurrency 16 --requests 200
+    python benchmarks/serving.py --server localhost:50051 --rate 4 --requests 200 --shared-prefix 512
+    ... --prompt-len 32:512 --output-len 16:128 --out results.json --plot results.png
+
+Prints p50/p90/p99 of TTFT, ITL and E2E and the request and token throughput; writes them (and every
+request's record) as JSON, and a PNG of the three distributions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import grpc  # noqa: E402
+
+from serving.client import Client, SAMPLING_FIELDS  # noqa: E402,F401
+from serving.proto.meshserve.v1 import generation_pb2 as pb  # noqa: E402
+from serving.proto.meshserve.v1 import generation_pb2_grpc as pb_grpc  # noqa: E402
+
+
+def length_range(text: str) -> tuple[int, int]:
+    lo, _, hi = text.partition(":")
+    lo, hi = int(lo), int(hi or lo)
+    if not 1 <= lo <= hi:
+        raise argparse.ArgumentTypeError(f"expected N or LO:HI with 1 <= LO <= HI, got {text!r}")
+    return lo, hi
+
+
+def percentiles(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {"p50": float("nan"), "p90": float("nan"), "p99": float("nan"), "mean": float("nan")}
+    q = statistics.quantiles(values, n=100, method="inclusive") if len(values) > 1 else [values[0]] * 99
+    return {"p50": q[49], "p90": q[89], "p99": q[98], "mean": statistics.fmean(values)}
+
+
+async def one_request(stub, request: pb.GenerateRequest, metadata, timeout: float) -> dict:
+    sent = time.perf_counter()
+    times, tokens, error = [], 0, None
+    try:
+        async for resp in stub.Generate(request, metadata=metadata, timeout=timeout):
+            if resp.token_ids:
+                times.append(time.perf_counter())
+                tokens += len(resp.token_ids)
+    except grpc.aio.AioRpcError as e:
+        error = f"{e.code().name}: {e.details()}"
+    end = time.perf_counter()
+    return {"prompt_tokens": len(request.token_ids), "output_tokens": tokens, "error": error,
+            "ttft_s": times[0] - sent if times else None,
+            "itl_s": [b - a for a, b in zip(times, times[1:])], "e2e_s": end - sent, "start_s": sent}
+
+
+async def run(args) -> dict:
+    rng = random.Random(args.seed)
+    prefix = [rng.randrange(args.vocab_lo, args.vocab_hi) for _ in range(args.shared_prefix)]
+    requests = []
+    for _ in range(args.requests):
+        n = rng.randint(*args.prompt_len)
+        ids = prefix + [rng.randrange(args.vocab_lo, args.vocab_hi) for _ in range(n)]
+        out = rng.randint(*args.output_len)
+        requests.append(pb.GenerateRequest(token_ids=ids, sampling=pb.SamplingOptions(
+            max_tokens=out, ignore_eos=True, temperature=args.temperature)))
+    metadata = (("authorization", f"Bearer {args.token}"),) if args.token else None
+    async with grpc.aio.insecure_channel(args.server) as channel:
+        stub = pb_grpc.GenerationStub(channel)
+        info = await stub.ModelInfo(pb.ModelInfoRequest(), metadata=metadata)
+        t0 = time.perf_counter()
+        if args.rate:  # open loop: Poisson arrivals, whatever the server's pace
+            tasks = []
+            for req in requests:
+                tasks.append(asyncio.ensure_future(one_request(stub, req, metadata, args.timeout)))
+                await asyncio.sleep(rng.expovariate(args.rate))
+            records = await asyncio.gather(*tasks)
+        else:  # closed loop: `concurrency` clients, each sending its next request when one ends
+            queue = list(requests)
+            records = []
+
+            async def worker():
+                while queue:
+                    records.append(await one_request(stub, queue.pop(0), metadata, args.timeout))
+
+            await asyncio.gather(*[worker() for _ in range(args.concurrency)])
+        elapsed = time.perf_counter() - t0
+    ok = [r for r in records if r["error"] is None]
+    out_tokens = sum(r["output_tokens"] for r in ok)
+    summary = {
+        "model": info.name, "mesh": info.mesh, "server": args.server,
+        "mode": f"rate {args.rate}/s" if args.rate else f"concurrency {args.concurrency}",
+        "requests": len(records), "failed": len(records) - len(ok), "shared_prefix": args.shared_prefix,
+        "prompt_len": args.prompt_len, "output_len": args.output_len, "elapsed_s": elapsed,
+        "request_throughput": len(ok) / elapsed, "output_token_throughput": out_tokens / elapsed,
+        "ttft_s": percentiles([r["ttft_s"] for r in ok if r["ttft_s"] is not None]),
+        "itl_s": percentiles([x for r in ok for x in r["itl_s"]]),
+        "e2e_s": percentiles([r["e2e_s"] for r in ok]),
+        "errors": sorted({r["error"] for r in records if r["error"]}),
+    }
+    return {"summary": summary, "records": records}
+
+
+def plot(result: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in result["records"] if r["error"] is None]
+    series = {"time to first token": [r["ttft_s"] for r in ok if r["ttft_s"] is not None],
+              "inter-token latency": [x for r in ok for x in r["itl_s"]],
+              "end-to-end latency": [r["e2e_s"] for r in ok]}
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for ax, (name, values) in zip(axes, series.items()):
+        if values:
+            xs = sorted(v * 1000 for v in values)
+            ax.plot(xs, [(i + 1) / len(xs) for i in range(len(xs))])
+            for p in (50, 90, 99):
+                ax.axvline(xs[min(len(xs) - 1, int(len(xs) * p / 100))], ls=":", c="gray")
+        ax.set_title(name)
+        ax.set_xlabel("ms")
+        ax.set_ylabel("fraction of samples")
+        ax.grid(alpha=0.3)
+    s = result["summary"]
+    fig.suptitle(f"{s['model']} on {s['mesh']}, {s['mode']}: {s['request_throughput']:.2f} req/s, "
+                 f"{s['output_token_throughput']:.1f} tok/s")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--server", default="localhost:50051")
+    p.add_argument("--token", default=os.environ.get("MESHSERVE_TOKEN"))
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--concurrency", type=int, default=8)
+    mode.add_argument("--rate", type=float, default=None, help="requests per second (Poisson)")
+    p.add_argument("--requests", type=int, default=64)
+    p.add_argument("--prompt-len", type=length_range, default=(16, 128), metavar="LO:HI")
+    p.add_argument("--output-len", type=length_range, default=(16, 64), metavar="LO:HI")
+    p.add_argument("--shared-prefix", type=int, default=0, metavar="K", help="tokens every prompt starts with")
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--vocab-lo", type=int, default=100)
+    p.add_argument("--vocab-hi", type=int, default=10000)
+    p.add_argument("--timeout", type=float, default=600.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="JSON results")
+    p.add_argument("--plot", default=None, help="PNG of the latency distributions")
+    args = p.parse_args(argv)
+    result = asyncio.run(run(args))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+    if args.plot:
+        plot(result, args.plot)
+    s = result["summary"]
+    print(f"{s['model']} ({s['mesh']}), {s['mode']}, {s['requests']} requests "
+          f"({s['failed']} failed), prompts {s['prompt_len']} + prefix {s['shared_prefix']}, "
+          f"outputs {s['output_len']}")
+    print(f"{'':>8} {'p50 ms':>10} {'p90 ms':>10} {'p99 ms':>10}")
+    for key, name in (("ttft_s", "TTFT"), ("itl_s", "ITL"), ("e2e_s", "E2E")):
+        q = s[key]
+        print(f"{name:>8} {q['p50'] * 1e3:>10.1f} {q['p90'] * 1e3:>10.1f} {q['p99'] * 1e3:>10.1f}")
+    print(f"throughput: {s['request_throughput']:.2f} req/s, {s['output_token_throughput']:.1f} output tok/s")
+    return 0 if not s["failed"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""The serving config file: `server:` (this module) and `engine:` (runtime.engine.EngineConfig).
+
+    server = ServerConfig.from_yaml("configs/serving/default.yaml")
+    server = server.override(port=8000)            # command-line flags win over the file
+
+Secrets may be written as "env:VAR" (auth tokens): the value is read from the environment, so the
+file itself can be committed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Mapping
+
+from models.errors import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 50051  # 0: any free port
+    model: str | None = None  # checkpoint folder; None: the default model
+    mesh: str | None = None  # mesh file; None: one device
+    metrics_port: int | None = 9464  # Prometheus /metrics over HTTP; None: off; 0: any free port
+    max_message_bytes: int = 4 * 2**20  # larger requests are refused (RESOURCE_EXHAUSTED)
+    tls_cert: str | None = None  # PEM files; both or neither
+    tls_key: str | None = None
+    auth_tokens: tuple[str, ...] = ()  # bearer tokens ("authorization: Bearer T"); empty: no auth
+    drain_timeout_s: float = 30.0  # on SIGTERM: how long in-flight requests may finish
+
+    def __post_init__(self):
+        if not 0 <= self.port < 65536:
+            raise ConfigError(f"server.port must be in [0, 65536), got {self.port}")
+        if self.metrics_port is not None and not 0 <= self.metrics_port < 65536:
+            raise ConfigError(f"server.metrics_port must be in [0, 65536) or null, got {self.metrics_port}")
+        if self.max_message_bytes < 1024:
+            raise ConfigError(f"server.max_message_bytes must be >= 1024, got {self.max_message_bytes}")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError("server.tls_cert and server.tls_key go together: set both or neither")
+        if self.drain_timeout_s < 0:
+            raise ConfigError(f"server.drain_timeout_s must be >= 0, got {self.drain_timeout_s}")
+        for t in self.auth_tokens:
+            if not isinstance(t, str) or not t:
+                raise ConfigError("server.auth_tokens must be non-empty strings")
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike) -> "ServerConfig":
+        import yaml
+
+        try:
+            data = yaml.safe_load(open(path)) or {}
+        except OSError as e:
+            raise ConfigError(f"cannot read {path}: {e.strerror}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path} is not valid YAML: {e}") from None
+        if not isinstance(data, Mapping) or not isinstance(data.get("server", {}), Mapping):
+            raise ConfigError(f"{path}: expected a mapping with a 'server' section")
+        return cls.from_dict(data.get("server") or {})
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "ServerConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"server config: unknown field(s) {', '.join(unknown)}")
+        values = dict(data)
+        if "auth_tokens" in values:
+            tokens = values["auth_tokens"] or []
+            if isinstance(tokens, str):
+                tokens = [tokens]
+            values["auth_tokens"] = tuple(t for raw in tokens for t in _secret(raw))
+        for key in ("model", "mesh", "tls_cert", "tls_key"):
+            if values.get(key):
+                values[key] = os.path.expanduser(str(values[key]))
+        try:
+            return cls(**values)
+        except TypeError as e:
+            raise ConfigError(f"server config: {e}") from None
+
+    def override(self, **flags) -> "ServerConfig":
+        """Command-line flags (None = not given) over the file's values."""
+        given = {k: v for k, v in flags.items() if v is not None}
+        return dataclasses.replace(self, **given) if given else self
+
+
+def _secret(raw: Any) -> list[str]:
+    """"env:VAR" → the tokens in $VAR (comma-separated); anything else as written."""
+    raw = str(raw)
+    if raw.startswith("env:"):
+        name = raw[4:]
+        if name not in os.environ:
+            raise ConfigError(f"server.auth_tokens: environment variable {name} is not set")
+        return [t.strip() for t in os.environ[name].split(",") if t.strip()]
+    return [raw]

@@ -1,0 +1,60 @@
+"""Prometheus metrics of the server, on their own registry (served on their own HTTP port).
+
+Latencies are observed by the engine thread as outputs come out of a step: time to first token
+(arrival → first token), inter-token latency (between a request's consecutive tokens, the first
+excluded), end-to-end latency (arrival → last token) and queue time (arrival → first scheduled).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+# Buckets from 1 ms to ~2 min, dense where interactive latencies sit.
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5,
+                   2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 120.0)
+
+
+class Metrics:
+    def __init__(self):
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter("meshserve_requests", "Finished requests by outcome "
+                                "(stop, length, abort, error, rejected, invalid, unauthenticated)",
+                                ["outcome"], registry=r)
+        self.ttft = Histogram("meshserve_time_to_first_token_seconds", "Arrival to first token",
+                              buckets=LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram("meshserve_inter_token_latency_seconds", "Between consecutive tokens of a request",
+                             buckets=LATENCY_BUCKETS, registry=r)
+        self.e2e = Histogram("meshserve_e2e_request_latency_seconds", "Arrival to last token",
+                             buckets=LATENCY_BUCKETS, registry=r)
+        self.queue = Histogram("meshserve_queue_time_seconds", "Arrival to first scheduled",
+                               buckets=LATENCY_BUCKETS, registry=r)
+        self.running = Gauge("meshserve_requests_running", "Requests being computed", registry=r)
+        self.waiting = Gauge("meshserve_requests_waiting", "Requests in the waiting queue", registry=r)
+        self.pages_used = Gauge("meshserve_kv_pages_used", "KV-cache pages in use", registry=r)
+        self.pages_total = Gauge("meshserve_kv_pages_total", "KV-cache pages in all", registry=r)
+        self.prompt_tokens = Counter("meshserve_prompt_tokens", "Prompt tokens of admitted requests", registry=r)
+        self.generation_tokens = Counter("meshserve_generation_tokens", "Generated tokens", registry=r)
+        self.compilations = Counter("meshserve_compilations", "XLA compilations (all at warm-up when healthy)",
+                                    registry=r)
+        for outcome in ("stop", "length", "abort", "error", "rejected", "invalid", "unauthenticated"):
+            self.requests.labels(outcome)  # every series exists from the start
+
+    SERIES = ("meshserve_requests_total", "meshserve_time_to_first_token_seconds",
+              "meshserve_inter_token_latency_seconds", "meshserve_e2e_request_latency_seconds",
+              "meshserve_queue_time_seconds", "meshserve_requests_running", "meshserve_requests_waiting",
+              "meshserve_kv_pages_used", "meshserve_kv_pages_total", "meshserve_prompt_tokens_total",
+              "meshserve_generation_tokens_total", "meshserve_compilations_total")
+
+    def serve(self, host: str, port: int) -> int:
+        """Start the /metrics HTTP endpoint; returns the bound port."""
+        from prometheus_client import start_http_server
+
+        server, _ = start_http_server(port, addr=host, registry=self.registry)
+        self._http = server
+        return server.server_port
+
+    def close(self) -> None:
+        http = getattr(self, "_http", None)
+        if http is not None:
+            http.shutdown()
+            http.server_close()

@@ -1,0 +1,54 @@
+"""`meshserve serve` as users run it: the default model, a client streaming from it, SIGTERM."""
+
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from serving.client import Client
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_serve_answers_paris_then_stops_on_sigterm(smollm_ckpt, tmp_path):
+    config = yaml.safe_load((ROOT / "configs/serving/default.yaml").read_text())
+    # few programs to compile, so the test starts fast; the rest as shipped
+    config["engine"].update(max_seq_len=256, max_num_seqs=2, prefill_buckets=[64], decode_buckets=[2],
+                            context_buckets=[16], compilation_cache_dir=None)
+    port = free_port()
+    config["server"].update(port=port, metrics_port=None, model=str(smollm_ckpt.path))
+    path = tmp_path / "serving.yaml"
+    path.write_text(yaml.safe_dump(config))
+    server = subprocess.Popen([sys.executable, "-m", "serving.cli", "serve", "--config", str(path), "--quiet"],
+                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        with Client(f"127.0.0.1:{port}") as c:
+            c.wait_serving(timeout=300)
+        answer = subprocess.run([sys.executable, "-m", "serving.cli", "generate", "--server", f"localhost:{port}",
+                                 "--chat", "--max-tokens", "16", "What is the capital of France?"],
+                                cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert answer.returncode == 0, answer.stderr
+        assert "Paris" in answer.stdout
+        bad = subprocess.run([sys.executable, "-m", "serving.cli", "generate", "--server", f"localhost:{port}",
+                              "--temperature", "-1", "hi"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert bad.returncode == 1
+        assert bad.stderr.strip().splitlines() == [
+            f"meshserve: error: localhost:{port}: INVALID_ARGUMENT: temperature must be >= 0, got -1.0"]
+        t0 = time.monotonic()
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=60)
+        assert server.returncode == 0 and time.monotonic() - t0 < 60
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()

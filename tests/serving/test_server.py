@@ -1,0 +1,338 @@
+"""The gRPC server on loopback, with the tiny random model: streams, cancellation, bad requests,
+health, reflection, metrics, admission control and shutdown."""
+
+import concurrent.futures
+import dataclasses
+import random
+import threading
+import time
+import urllib.request
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from runtime.engine import Engine, EngineConfig
+from runtime.sampling import SamplingParams
+from serving.client import Client, channel
+from serving.config import ServerConfig
+from serving.proto.meshserve.v1 import generation_pb2 as pb
+from serving.server import ServerThread
+
+TOKEN = "s3cret-token"
+CONFIG = EngineConfig(page_size=8, kv_cache_bytes=2**20, max_seq_len=64, max_num_seqs=64,
+                      max_num_batched_tokens=256, max_prefill_chunk=32, max_queue_size=1024,
+                      prefill_buckets=(32,), decode_buckets=(16, 64), context_buckets=(8,))
+SERVER = ServerConfig(port=0, metrics_port=0, auth_tokens=(TOKEN,), max_message_bytes=64 * 1024)
+
+
+def prompt_text(i: int) -> str:
+    return f"request {i}: " + "abcdefgh"[: 1 + i % 8] * (1 + i % 3)
+
+
+@pytest.fixture(scope="module")
+def served(tiny_ckpt):
+    gate = threading.Event()
+    engines = []
+
+    def build():
+        gate.wait(60)
+        engine = Engine(tiny_ckpt, CONFIG)
+        engines.append(engine)
+        return engine
+
+    with ServerThread(SERVER, build) as s:
+        with Client(f"127.0.0.1:{s.port}", token=TOKEN) as c:
+            s.health_before = c.health()  # while the engine is still "compiling"
+            try:
+                c.model_info()
+            except grpc.RpcError as e:
+                s.early_code = e.code()
+            gate.set()
+            s.wait_ready()
+            s.health_after = c.health()
+        s.engine = engines[0]
+        yield s
+
+
+@pytest.fixture(scope="module")
+def offline(tiny_ckpt):
+    """Greedy text of every prompt from the offline engine."""
+    engine = Engine(tiny_ckpt, CONFIG)
+    out = engine.generate([prompt_text(i) for i in range(64)], SamplingParams(max_tokens=16, ignore_eos=True))
+    return [c.text for c in out], [list(c.token_ids) for c in out]
+
+
+def client(served) -> Client:
+    return Client(f"127.0.0.1:{served.port}", token=TOKEN)
+
+
+def pool_is_free(engine: Engine, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if engine.blocks.num_free == engine.blocks.num_usable and not engine.has_unfinished:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_health_before_and_after_warm_up(served):
+    assert served.health_before == "NOT_SERVING"
+    assert served.early_code == grpc.StatusCode.UNAVAILABLE
+    assert served.health_after == "SERVING"
+
+
+def test_64_concurrent_streams_equal_the_offline_engine(served, offline):
+    texts, tokens = offline
+
+    def one(i):
+        with client(served) as c:
+            parts, ids, last = [], [], None
+            for resp in c.generate(text=prompt_text(i), max_tokens=16, ignore_eos=True, timeout=120):
+                parts.append(resp.text)
+                ids.extend(resp.token_ids)
+                last = resp
+            return "".join(parts), ids, last
+
+    with concurrent.futures.ThreadPoolExecutor(64) as ex:
+        results = list(ex.map(one, range(64)))
+    for i, (text, ids, last) in enumerate(results):
+        assert ids == tokens[i] and text == texts[i], i
+        assert last.finish_reason == pb.FINISH_REASON_LENGTH
+        assert last.usage.completion_tokens == 16 and last.usage.prompt_tokens > 0
+        assert last.usage.time_to_first_token_s > 0
+    assert pool_is_free(served.engine)
+
+
+def test_500_random_cancellations_free_every_page(served, offline):
+    rng = random.Random(0)
+
+    def one(i):
+        with client(served) as c:
+            call = c.generate(text=prompt_text(i % 64), max_tokens=rng.randint(4, 24), ignore_eos=True)
+            stop_after = rng.randint(0, 6)
+            try:
+                if stop_after == 0:
+                    time.sleep(rng.random() * 0.01)
+                else:
+                    for n, _ in enumerate(call, 1):
+                        if n >= stop_after:
+                            break
+            finally:
+                call.cancel()
+
+    with concurrent.futures.ThreadPoolExecutor(32) as ex:
+        list(ex.map(one, range(500)))
+    assert pool_is_free(served.engine), served.engine.stats()
+    with client(served) as c:  # and it keeps serving, correctly
+        ids = [t for r in c.generate(text=prompt_text(3), max_tokens=16, ignore_eos=True) for t in r.token_ids]
+    assert ids == offline[1][3]
+
+
+def _code(served, token=TOKEN, **kwargs):
+    kwargs.setdefault("max_tokens", 8)
+    with Client(f"127.0.0.1:{served.port}", token=token) as c:
+        try:
+            list(c.generate(timeout=30, **kwargs))
+        except grpc.RpcError as e:
+            return e.code(), e.details()
+    return grpc.StatusCode.OK, ""
+
+
+INVALID = grpc.StatusCode.INVALID_ARGUMENT
+BAD_REQUESTS = {
+    "empty input": (dict(), INVALID, "set exactly one of text, token_ids, messages"),
+    "text and tokens": (dict(text="hi", token_ids=[1, 2]), INVALID, "got text and token_ids"),
+    "oversize prompt": (dict(token_ids=[5] * 80), INVALID, "does not fit the context"),
+    "token outside the vocabulary": (dict(token_ids=[5, 10**6]), INVALID, "outside the vocabulary"),
+    "temperature < 0": (dict(text="hi", temperature=-1.0), INVALID, "temperature"),
+    "top_p = 0": (dict(text="hi", top_p=0.0), INVALID, "top_p"),
+    "top_p > 1": (dict(text="hi", top_p=1.5), INVALID, "top_p"),
+    "top_k < 0": (dict(text="hi", top_k=-1), INVALID, "top_k"),
+    "min_p > 1": (dict(text="hi", min_p=2.0), INVALID, "min_p"),
+    "repetition_penalty = 0": (dict(text="hi", repetition_penalty=0.0), INVALID, "repetition_penalty"),
+    "presence_penalty > 2": (dict(text="hi", presence_penalty=3.0), INVALID, "presence_penalty"),
+    "frequency_penalty < -2": (dict(text="hi", frequency_penalty=-3.0), INVALID, "frequency_penalty"),
+    "seed < 0": (dict(text="hi", seed=-1), INVALID, "seed"),
+    "logprobs > 20": (dict(text="hi", logprobs=21), INVALID, "logprobs"),
+    "stop token outside the vocabulary": (dict(text="hi", stop_token_ids=[10**6]), INVALID, "stop"),
+    "max_tokens = 0": (dict(text="hi", max_tokens=0), INVALID, "max_tokens"),
+    "max_tokens past the context": (dict(text="hi", max_tokens=100), INVALID, "max_tokens"),
+    "priority out of range": (dict(text="hi", priority=7), INVALID, "priority"),
+    "oversize request id": (dict(text="hi", request_id="x" * 300), INVALID, "request_id"),
+    "empty chat role": (dict(messages=[{"role": "", "content": "x"}]), INVALID, "messages[0].role"),
+    "oversize message": (dict(text="x" * 100_000), grpc.StatusCode.RESOURCE_EXHAUSTED, ""),
+    "wrong auth token": (dict(text="hi", token="nope"), grpc.StatusCode.UNAUTHENTICATED, "bearer token"),
+    "no auth token": (dict(text="hi", token=None), grpc.StatusCode.UNAUTHENTICATED, "bearer token"),
+}
+
+
+def test_bad_requests_get_their_status_and_the_server_stays_healthy(served):
+    for name, (kwargs, code, words) in BAD_REQUESTS.items():
+        token = kwargs.pop("token", TOKEN)
+        got, details = _code(served, token=token, **kwargs)
+        kwargs["token"] = token
+        assert got == code, (name, got, details)
+        assert words in details, (name, details)
+    with client(served) as c:
+        assert c.health() == "SERVING"
+        assert len([r for r in c.generate(text="still fine", max_tokens=4, ignore_eos=True)]) >= 1
+    assert pool_is_free(served.engine)
+
+
+def test_internal_error_fails_that_request_only(served, offline):
+    engine = served.engine
+    real = engine._accept
+
+    def faulty(req, sampled, row):
+        if req.seq.request_id == "boom":
+            raise RuntimeError("injected fault")
+        return real(req, sampled, row)
+
+    engine._accept = faulty
+    try:
+        with concurrent.futures.ThreadPoolExecutor(2) as ex:
+            bad = ex.submit(_code, served, text=prompt_text(1), max_tokens=16, request_id="boom")
+            good = ex.submit(lambda: [t for r in client(served).generate(
+                text=prompt_text(2), max_tokens=16, ignore_eos=True) for t in r.token_ids])
+            code, details = bad.result()
+            assert code == grpc.StatusCode.INTERNAL and "injected fault" in details
+            assert good.result() == offline[1][2]
+    finally:
+        del engine._accept
+    assert pool_is_free(engine)
+
+
+def test_tokenize_detokenize_model_info(served, tiny_ckpt):
+    with client(served) as c:
+        ids = c.tokenize("hello world")
+        assert ids == tiny_ckpt.tokenizer.encode("hello world")
+        assert c.detokenize(ids) == "hello world"
+        chat = c.tokenize(messages=[{"role": "user", "content": "hi"}])
+        assert chat == tiny_ckpt.tokenizer.encode_chat([{"role": "user", "content": "hi"}])
+        info = c.model_info()
+        assert (info.name, info.vocab_size, info.context_length, info.dtype) == ("tiny", 300, 64, "float32")
+        assert info.mesh == "data=1 × tensor=1"
+        with pytest.raises(grpc.RpcError) as e:
+            c.detokenize([10**6])
+        assert e.value.code() == INVALID
+
+
+def test_logprobs_stream(served):
+    with client(served) as c:
+        resps = list(c.generate(text="abc", max_tokens=3, ignore_eos=True, logprobs=2))
+    lps = [lp for r in resps for lp in r.logprobs]
+    assert len(lps) == 3 and all(len(lp.top) == 2 and lp.top[0].logprob >= lp.top[1].logprob for lp in lps)
+
+
+def test_reflection_lists_the_service(served):
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+    ch = channel(f"127.0.0.1:{served.port}", token=TOKEN)
+    services = ProtoReflectionDescriptorDatabase(ch).get_services()
+    assert "meshserve.v1.Generation" in services and "grpc.health.v1.Health" in services
+    ch.close()
+
+
+def test_health_needs_no_token(served):
+    ch = grpc.insecure_channel(f"127.0.0.1:{served.port}")
+    resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service="meshserve.v1.Generation"))
+    assert resp.status == health_pb2.HealthCheckResponse.SERVING
+    ch.close()
+
+
+def test_metrics_endpoint_has_every_series(served):
+    from serving.metrics import Metrics
+
+    body = urllib.request.urlopen(f"http://127.0.0.1:{served.server.metrics_port}/metrics", timeout=10).read().decode()
+    for series in Metrics.SERIES:
+        assert f"\n{series}" in body or f"\n{series}_" in body, series
+    counted = {line.split()[0]: float(line.split()[1]) for line in body.splitlines()
+               if line.startswith("meshserve_requests_total{")}
+    assert counted['meshserve_requests_total{outcome="length"}'] >= 64
+    assert counted['meshserve_requests_total{outcome="abort"}'] > 0
+    assert counted['meshserve_requests_total{outcome="invalid"}'] > 0
+    assert counted['meshserve_requests_total{outcome="unauthenticated"}'] >= 2
+
+
+# ---- admission control, deadlines and shutdown, on a server that runs one request at a time -------
+
+
+@pytest.fixture
+def narrow(tiny_ckpt):
+    config = dataclasses.replace(CONFIG, max_num_seqs=1, max_queue_size=2, decode_buckets=(1,))
+    with ServerThread(dataclasses.replace(SERVER, auth_tokens=(), metrics_port=None),
+                      lambda: Engine(tiny_ckpt, config)) as s:
+        s.wait_ready()
+        yield s
+
+
+def _stream(port, **kwargs):
+    with Client(f"127.0.0.1:{port}") as c:
+        return list(c.generate(**kwargs))
+
+
+def test_full_queue_is_resource_exhausted_and_deadlines_abort(narrow):
+    engine = narrow.server.loop.engine
+    long = dict(token_ids=[3, 4, 5], max_tokens=60, ignore_eos=True)
+    with concurrent.futures.ThreadPoolExecutor(4) as ex:
+        first = ex.submit(_stream, narrow.port, **long)
+        while not engine.scheduler.running:
+            time.sleep(0.005)
+        queued = [ex.submit(_stream, narrow.port, **long) for _ in range(2)]
+        while len(engine.scheduler.waiting) < 2:
+            time.sleep(0.005)
+        with pytest.raises(grpc.RpcError) as e:
+            _stream(narrow.port, **long)
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "queue is full" in e.value.details()
+        first.result(), [q.result() for q in queued]
+    # a deadline that passes while the request waits: the client gets DEADLINE_EXCEEDED, the engine
+    # drops the request and its pages
+    with concurrent.futures.ThreadPoolExecutor(2) as ex:
+        busy = ex.submit(_stream, narrow.port, **long)
+        while not engine.scheduler.running:
+            time.sleep(0.005)
+        with pytest.raises(grpc.RpcError) as e:
+            _stream(narrow.port, timeout=0.05, **long)
+        assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        busy.result()
+    assert pool_is_free(engine)
+
+
+def test_shutdown_drains_then_aborts(narrow):
+    engine = narrow.server.loop.engine
+    with concurrent.futures.ThreadPoolExecutor(2) as ex:
+        running = ex.submit(_stream, narrow.port, token_ids=[3, 4, 5], max_tokens=60, ignore_eos=True)
+        while not engine.scheduler.running:
+            time.sleep(0.005)
+        t0 = time.monotonic()
+        narrow.shutdown(drain_timeout_s=0.0)
+        resps = running.result(timeout=30)
+    assert time.monotonic() - t0 < 10
+    assert resps[-1].finish_reason == pb.FINISH_REASON_ABORT
+    assert pool_is_free(engine)
+    with pytest.raises(grpc.RpcError) as e:  # no longer listening
+        _stream(narrow.port, text="hi", max_tokens=2, timeout=2)
+    assert e.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+# ---- TLS ------------------------------------------------------------------------------------------
+
+
+def test_tls(tiny_ckpt, tmp_path):
+    import subprocess
+
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
+                    str(cert), "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost"],
+                   check=True, capture_output=True, timeout=60)
+    config = dataclasses.replace(CONFIG, max_num_seqs=1, decode_buckets=(1,))
+    tls = dataclasses.replace(SERVER, auth_tokens=(), metrics_port=None, tls_cert=str(cert), tls_key=str(key))
+    with ServerThread(tls, lambda: Engine(tiny_ckpt, config)) as s:
+        s.wait_ready()
+        with Client(f"localhost:{s.port}", tls_ca=str(cert)) as c:
+            assert c.health() == "SERVING"
+            assert sum(len(r.token_ids) for r in c.generate(text="hi", max_tokens=3, ignore_eos=True)) == 3
+        with Client(f"localhost:{s.port}") as c, pytest.raises(grpc.RpcError) as e:  # plaintext is refused
+            c.health(timeout=3)
+        assert e.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
