@@ -1,7 +1,13 @@
 """Page bookkeeping for the paged KV cache. Plain Python: no JAX here.
 
-Pages carry reference counts so several requests may share one (prefix caching); a page returns to
-the free list when its count drops to zero.
+Pages carry reference counts so several requests may share one; a page returns to the pool when its
+count drops to zero.
+
+Prefix caching: a full page is known by a hash chained over its parent page's hash and its own token
+ids (salted by the model), so equal hashes mean equal prefixes. A new request takes every cached
+page of its longest cached prefix (`lookup`, then `share`) and computes only the rest. A cached page
+nobody references waits on an LRU list: reused if its prefix comes back, evicted (oldest first) only
+when no never-cached page is free.
 
 With data parallelism the pool is split into `replicas` equal ranges, one per data replica (the
 pool's page axis is sharded over the `data` mesh axis), and all pages of a request come from one
@@ -11,13 +17,22 @@ null page, never handed out; page 0 (NULL_PAGE) is replica 0's.
 
 from __future__ import annotations
 
-from collections import deque
+import hashlib
+from collections import OrderedDict, deque
+from typing import Sequence
+
+import numpy as np
 
 NULL_PAGE = 0
 
 
+def chain_hash(parent: bytes, tokens: Sequence[int]) -> bytes:
+    """The hash of a full page: its parent's hash (or the salt, for the first page) and its tokens."""
+    return hashlib.blake2b(parent + np.asarray(tokens, np.int64).tobytes(), digest_size=16).digest()
+
+
 class BlockManager:
-    def __init__(self, num_pages: int, page_size: int, replicas: int = 1):
+    def __init__(self, num_pages: int, page_size: int, replicas: int = 1, prefix_caching: bool = False):
         if replicas < 1 or num_pages % replicas:
             raise ValueError(f"num_pages ({num_pages}) must be a multiple of replicas ({replicas})")
         if num_pages // replicas < 2:
@@ -27,9 +42,14 @@ class BlockManager:
         self.num_pages = num_pages
         self.page_size = page_size
         self.replicas = replicas
+        self.prefix_caching = prefix_caching
         self.pages_per_replica = n = num_pages // replicas
         self._free: list[deque[int]] = [deque(range(r * n + 1, (r + 1) * n)) for r in range(replicas)]
+        self._lru: list[OrderedDict[int, None]] = [OrderedDict() for _ in range(replicas)]  # cached, unused
         self._refs = [0] * num_pages
+        self._hash_of: dict[int, bytes] = {}
+        self._page_of: list[dict[bytes, int]] = [{} for _ in range(replicas)]
+        self.evictions = 0
 
     @property
     def num_usable(self) -> int:
@@ -37,11 +57,16 @@ class BlockManager:
 
     @property
     def num_free(self) -> int:
-        return sum(len(f) for f in self._free)
+        """Pages a request could take now (never-cached ones and unreferenced cached ones)."""
+        return sum(len(f) + len(c) for f, c in zip(self._free, self._lru))
 
     @property
     def num_used(self) -> int:
         return self.num_usable - self.num_free
+
+    @property
+    def num_cached(self) -> int:
+        return len(self._hash_of)
 
     def pages_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.page_size)
@@ -52,39 +77,74 @@ class BlockManager:
     def null_page(self, replica: int) -> int:
         return replica * self.pages_per_replica
 
+    def _available(self, replica: int) -> int:
+        return len(self._free[replica]) + len(self._lru[replica])
+
+    def _take(self, replica: int) -> int:
+        if self._free[replica]:
+            return self._free[replica].popleft()
+        page, _ = self._lru[replica].popitem(last=False)  # evict the least recently used cached page
+        del self._page_of[replica][self._hash_of.pop(page)]
+        self.evictions += 1
+        return page
+
     def grow(self, table: list[int], num_tokens: int) -> bool:
         """Extend `table` in place to hold `num_tokens` tokens, from the replica it already uses (a new
-        table goes to the replica with the most free pages). All or nothing: False (and `table`
-        untouched) when too few pages are free there."""
+        table goes to the replica with the most pages available). All or nothing: False (and `table`
+        untouched) when too few pages are available there."""
         need = self.pages_for(num_tokens) - len(table)
         if need <= 0:
             return True
-        if table:
-            free = self._free[self.replica_of(table[0])]
-        else:
-            free = max(self._free, key=len)
-        if need > len(free):
+        replica = self.replica_of(table[0]) if table else max(range(self.replicas), key=self._available)
+        if need > self._available(replica):
             return False
         for _ in range(need):
-            page = free.popleft()
+            page = self._take(replica)
             self._refs[page] = 1
             table.append(page)
         return True
 
+    def lookup(self, hashes: Sequence[bytes]) -> list[int]:
+        """The cached pages of the longest prefix of `hashes` held by one replica (not yet shared)."""
+        best: list[int] = []
+        for index in self._page_of:
+            pages = []
+            for h in hashes:
+                page = index.get(h)
+                if page is None:
+                    break
+                pages.append(page)
+            if len(pages) > len(best):
+                best = pages
+        return best
+
     def share(self, pages: list[int]) -> None:
         for page in pages:
-            if self._refs[page] <= 0:
-                raise ValueError(f"page {page} is not allocated")
+            if self._refs[page] == 0:
+                if page not in self._hash_of:
+                    raise ValueError(f"page {page} is not allocated")
+                del self._lru[self.replica_of(page)][page]  # back in use
             self._refs[page] += 1
+
+    def register(self, page: int, page_hash: bytes) -> None:
+        """`page` is full and holds the prefix `page_hash` names: make it findable. A prefix already
+        cached on another page keeps that page."""
+        index = self._page_of[self.replica_of(page)]
+        if page_hash not in index and page not in self._hash_of:
+            index[page_hash] = page
+            self._hash_of[page] = page_hash
 
     def release(self, table: list[int]) -> None:
         """Drop one reference to each page of `table` and empty it."""
-        for page in table:
+        for page in reversed(table):  # a prefix's tail is evicted before its head
             if self._refs[page] <= 0:
                 raise ValueError(f"page {page} released more often than allocated")
             self._refs[page] -= 1
             if self._refs[page] == 0:
-                self._free[self.replica_of(page)].append(page)
+                if page in self._hash_of:
+                    self._lru[self.replica_of(page)][page] = None
+                else:
+                    self._free[self.replica_of(page)].append(page)
         table.clear()
 
     def ref_count(self, page: int) -> int:

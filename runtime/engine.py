@@ -56,6 +56,7 @@ class EngineConfig:
     compilation_cache_dir: str | None = None
     compile_threads: int | None = None
     attention: str | None = None  # reference | pallas; None: pallas on GPU, reference elsewhere
+    enable_prefix_caching: bool = True  # reuse the KV pages of prompt prefixes seen before
 
     def __post_init__(self):
         if self.page_size < 1 or self.page_size & (self.page_size - 1):
@@ -128,6 +129,7 @@ class RequestOutput:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     queue_time_s: float | None = None  # arrival → first scheduled (None: never scheduled)
+    cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,8 +190,9 @@ class Engine:
         num_pages -= num_pages % R  # each data replica owns an equal range of pages
         if num_pages // R < 2:
             raise ConfigError(f"the KV budget holds {num_pages} pages: fewer than 2 per data replica")
-        self.blocks = BlockManager(num_pages, ps, replicas=R)
-        self.scheduler = Scheduler(config.scheduler_config(), self.blocks)
+        self.blocks = BlockManager(num_pages, ps, replicas=R, prefix_caching=config.enable_prefix_caching)
+        salt = f"{c.name}|{c.architecture}|{np.dtype(checkpoint.dtype).name}|{checkpoint.path}".encode()
+        self.scheduler = Scheduler(config.scheduler_config(), self.blocks, salt=salt)
         pool_sharding = layout.sharding(POOL_AXES, pool_shape(c, num_pages, ps))
         self.pool = sharded_zeros_pool(c, num_pages, ps, checkpoint.dtype, pool_sharding)
         if config.decode_buckets and any(b % R for b in config.decode_buckets):
@@ -221,7 +224,7 @@ class Engine:
             raise ConfigError("this device reports no free memory: set kv_cache_bytes")
         free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
         # the pool is split over data replicas and (when kv heads split) over tensor shards
-        c, layout = self.model_config, self.layout
+        layout = self.layout
         split = layout.size(layout.axis("pages")) * layout.size(layout.axis("kv_heads"))
         return int(free * self.config.kv_cache_memory_fraction * split)
 
@@ -413,7 +416,7 @@ class Engine:
                                 logprobs=logprobs)
         return RequestOutput(seq.request_id, (token,), text, logprobs=logprobs,
                              prompt_tokens=seq.prompt_len, completion_tokens=generated,
-                             queue_time_s=_queue_time(seq))
+                             queue_time_s=_queue_time(seq), cached_tokens=min(seq.num_cached, seq.prompt_len))
 
     def _finish(self, req: _Request, reason: str, *, last: tuple[int, ...] = (), text: str = "",
                 logprobs=(), error: str | None = None, drop_last: bool = False) -> RequestOutput:
@@ -424,7 +427,8 @@ class Engine:
         tail = req.text.finish() if reason not in ("rejected", "error") else ""
         return RequestOutput(seq.request_id, last, text + tail, finished=True, finish_reason=reason,
                              error=error, logprobs=logprobs, prompt_tokens=seq.prompt_len,
-                             completion_tokens=len(seq.tokens) - seq.prompt_len, queue_time_s=_queue_time(seq))
+                             completion_tokens=len(seq.tokens) - seq.prompt_len, queue_time_s=_queue_time(seq),
+                             cached_tokens=min(seq.num_cached, seq.prompt_len))
 
     # ---- offline -------------------------------------------------------------------------------
 

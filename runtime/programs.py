@@ -121,9 +121,12 @@ class Programs:
                                           is_leaf=lambda x: isinstance(x, tuple))
             fn = functools.partial(step, config=config, attention=attention,
                                    shards=self._shards(layout, shape[1], pool.num_pages))
-            jitted = jax.jit(fn, donate_argnums=(1,),
-                             in_shardings=(param_shardings, self.pool_sharding, batch_sharding),
-                             out_shardings=(self.pool_sharding, layout.replicated()))
+            if layout.mesh.size == 1:  # one device: no partitioning pass (it only slows the compile)
+                jitted = jax.jit(fn, donate_argnums=(1,))
+            else:
+                jitted = jax.jit(fn, donate_argnums=(1,),
+                                 in_shardings=(param_shardings, self.pool_sharding, batch_sharding),
+                                 out_shardings=(self.pool_sharding, layout.replicated()))
             lowered[shape] = jitted.lower(_abstract(params), _abstract(pool), batch)
         workers = threads or max(1, os.cpu_count() or 1)
         with concurrent.futures.ThreadPoolExecutor(workers) as pool_exec:

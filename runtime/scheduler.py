@@ -8,6 +8,11 @@ Each step the scheduler makes a frozen `StepPlan`:
      already part-way through their prompt, then waiting ones, best priority then oldest first.
 When pages run out, the running request that is least entitled (worst priority, newest) is
 preempted: its pages are freed and it goes back to the queue, to recompute prompt + output so far.
+
+With prefix caching, a request starting from scratch first takes the cached pages of its longest
+cached prefix (at least one token is always left to compute: its logits give the next token), and
+every page a step fills is registered under its chained hash as soon as the step is planned (any
+later reader runs after this step on the device).
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import dataclasses
 import enum
 from typing import Any
 
-from runtime.block_manager import BlockManager
+from runtime.block_manager import BlockManager, chain_hash
 
 
 class Status(enum.Enum):
@@ -43,6 +48,8 @@ class Sequence:
     queue_timeout_s: float | None = None  # overrides SchedulerConfig.queue_timeout_s
     num_preemptions: int = 0
     scheduled_at: float | None = None  # when first admitted (queue time = scheduled_at - arrival)
+    num_cached: int = 0  # prompt tokens whose K/V came from the prefix cache (last admission)
+    page_hashes: list[bytes] = dataclasses.field(default_factory=list)  # of its full pages, in order
 
     @property
     def uncomputed(self) -> int:
@@ -98,9 +105,12 @@ class SchedulerConfig:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, blocks: BlockManager):
+    def __init__(self, config: SchedulerConfig, blocks: BlockManager, salt: bytes = b""):
         self.config = config
         self.blocks = blocks
+        self.salt = salt  # names the model: its pages never match another model's
+        self.prefix_queries = 0  # prompt tokens looked up in the prefix cache …
+        self.prefix_hits = 0  # … and found there
         self.waiting: list[Sequence] = []  # kept sorted by (priority, arrival)
         self.running: list[Sequence] = []
 
@@ -163,8 +173,13 @@ class Scheduler:
             seq = self.waiting[0]
             if seq in preempted:
                 break  # just preempted for lack of pages: not back in this step
+            if self.blocks.prefix_caching and seq.num_computed == 0 and not seq.pages:
+                self._reuse_prefix(seq)
             n = 1 if seq.uncomputed == 1 else min(seq.uncomputed, budget, self.config.max_prefill_chunk)
             if not self.blocks.grow(seq.pages, seq.num_computed + n):
+                if seq.num_cached:  # give the prefix back; it is looked up again next time
+                    self.blocks.release(seq.pages)
+                    seq.num_computed = seq.num_cached = 0
                 break
             self.waiting.pop(0)
             if not seq.started:
@@ -176,7 +191,36 @@ class Scheduler:
             else:
                 prefills.append(PrefillChunk(seq, seq.num_computed, seq.num_computed + n))
             budget -= n
+        if self.blocks.prefix_caching:
+            for chunk in prefills:
+                self._register_full_pages(chunk.seq, chunk.end)
+            for seq in decodes:
+                self._register_full_pages(seq, seq.num_computed + 1)
         return StepPlan(tuple(prefills), tuple(decodes), tuple(preempted), tuple(expired))
+
+    def _reuse_prefix(self, seq: Sequence) -> None:
+        ps = self.blocks.page_size
+        full = (len(seq.tokens) - 1) // ps  # pages that may come from the cache
+        hashes, parent = [], self.salt
+        for i in range(full):
+            parent = chain_hash(parent, seq.tokens[i * ps:(i + 1) * ps])
+            hashes.append(parent)
+        pages = self.blocks.lookup(hashes)
+        self.prefix_queries += full * ps
+        if pages:
+            self.blocks.share(pages)
+            seq.pages = list(pages)
+            seq.num_computed = seq.num_cached = len(pages) * ps
+            seq.page_hashes = hashes[:len(pages)]
+            self.prefix_hits += len(pages) * ps
+
+    def _register_full_pages(self, seq: Sequence, computed: int) -> None:
+        """Register the pages that hold `computed` tokens in full (this step completes them)."""
+        ps = self.blocks.page_size
+        for i in range(len(seq.page_hashes), computed // ps):
+            parent = seq.page_hashes[-1] if seq.page_hashes else self.salt
+            seq.page_hashes.append(chain_hash(parent, seq.tokens[i * ps:(i + 1) * ps]))
+            self.blocks.register(seq.pages[i], seq.page_hashes[-1])
 
     def _decodes_left(self, seq: Sequence) -> list[Sequence]:
         """Running requests after `seq` that will want one decode token each this step: a prompt
@@ -202,7 +246,8 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.blocks.release(seq.pages)
-        seq.num_computed = 0  # recompute prompt + output so far
+        seq.num_computed = seq.num_cached = 0  # recompute prompt + output so far (or find it cached)
+        seq.page_hashes = []
         seq.num_preemptions += 1
         self._enqueue(seq)
 
@@ -218,4 +263,6 @@ class Scheduler:
 
     def describe(self) -> dict[str, Any]:
         return {"waiting": len(self.waiting), "running": len(self.running),
-                "pages_used": self.blocks.num_used, "pages_total": self.blocks.num_usable}
+                "pages_used": self.blocks.num_used, "pages_total": self.blocks.num_usable,
+                "pages_cached": self.blocks.num_cached, "prefix_queried_tokens": self.prefix_queries,
+                "prefix_hit_tokens": self.prefix_hits}

@@ -314,7 +314,8 @@ class GenerationService(pb_grpc.GenerationServicer):
         if out.finished:
             resp.finish_reason = FINISH.get(out.finish_reason, pb.FINISH_REASON_UNSPECIFIED)
             resp.usage.CopyFrom(pb.Usage(
-                prompt_tokens=out.prompt_tokens, completion_tokens=out.completion_tokens, cached_tokens=0,
+                prompt_tokens=out.prompt_tokens, completion_tokens=out.completion_tokens,
+                cached_tokens=out.cached_tokens,
                 time_to_first_token_s=(stream.first - stream.arrival) if stream.first else 0.0,
                 queue_time_s=out.queue_time_s or 0.0))
         return resp
