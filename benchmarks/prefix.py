@@ -1,0 +1,81 @@
+"""Time to first token with and without a cached prefix, on the default model (or --model).
+
+A long shared prefix (default 2,000 tokens) plus a short new suffix (default 50): TTFT cold (nothing
+cached), then on a device hit (the prefix's pages still in the KV pool), each the median of --runs
+requests with fresh suffixes. Prints the ratio hit / cold.
+
+    python benchmarks/prefix.py [--prefix 2000] [--suffix 50] [--runs 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+
+from models.checkpoint import load_checkpoint  # noqa: E402
+from models.default import default_checkpoint  # noqa: E402
+from runtime.engine import Engine, EngineConfig  # noqa: E402
+from runtime.sampling import SamplingParams  # noqa: E402
+
+
+def ttft(engine: Engine, prompt: list[int]) -> tuple[float, int]:
+    """Seconds from add_request to the first token, and the prompt tokens found cached."""
+    t0 = time.perf_counter()
+    engine.add_request(prompt, SamplingParams(max_tokens=1, ignore_eos=True))
+    while True:
+        for out in engine.step():
+            if out.token_ids:
+                elapsed = time.perf_counter() - t0
+                while engine.has_unfinished:
+                    engine.step()
+                return elapsed, out.cached_tokens
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=None)
+    p.add_argument("--prefix", type=int, default=2000)
+    p.add_argument("--suffix", type=int, default=50)
+    p.add_argument("--runs", type=int, default=5)
+    args = p.parse_args(argv)
+    ckpt = load_checkpoint(args.model or default_checkpoint(), progress=False)
+    ps, chunk = 16, 256
+    pages = -(-(args.prefix + args.suffix + 1) // ps)
+    config = EngineConfig(page_size=ps, kv_cache_bytes=512 * 2**20, max_seq_len=pages * ps,
+                          max_num_seqs=1, max_num_batched_tokens=chunk, max_prefill_chunk=chunk,
+                          prefill_buckets=(64, chunk), decode_buckets=(1,), context_buckets=(pages,))
+    engine = Engine(ckpt, config)
+    rng = np.random.default_rng(0)
+    vocab = ckpt.config.vocab_size
+
+    def prompt(prefix):
+        return prefix + rng.integers(100, vocab, args.suffix).tolist()
+
+    ttft(engine, rng.integers(100, vocab, 300).tolist())  # warm up the programs
+    cold, hit = [], []
+    for _ in range(args.runs):
+        prefix = rng.integers(100, vocab, args.prefix).tolist()  # a new prefix: nothing cached
+        t, cached = ttft(engine, prompt(prefix))
+        assert cached == 0
+        cold.append(t)
+        t, cached = ttft(engine, prompt(prefix))  # the same prefix, a new suffix: a device hit
+        assert cached >= args.prefix - ps, cached
+        hit.append(t)
+    c, h = statistics.median(cold), statistics.median(hit)
+    print(f"{ckpt.config.name}, prefix {args.prefix} + suffix {args.suffix} tokens, median of {args.runs}")
+    print(f"{'':>12} {'TTFT ms':>10}")
+    print(f"{'cold':>12} {c * 1e3:>10.1f}")
+    print(f"{'device hit':>12} {h * 1e3:>10.1f}")
+    print(f"hit / cold = {h / c:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
