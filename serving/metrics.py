@@ -34,6 +34,12 @@ class Metrics:
         self.pages_total = Gauge("meshserve_kv_pages_total", "KV-cache pages in all", registry=r)
         self.prompt_tokens = Counter("meshserve_prompt_tokens", "Prompt tokens of admitted requests", registry=r)
         self.generation_tokens = Counter("meshserve_generation_tokens", "Generated tokens", registry=r)
+        self.prefix_queried = Counter("meshserve_prefix_cache_queried_tokens",
+                                      "Prompt tokens looked up in the prefix cache", ["tier"], registry=r)
+        self.prefix_hits = Counter("meshserve_prefix_cache_hit_tokens", "Prompt tokens found in the prefix cache",
+                                   ["tier"], registry=r)
+        self.pages_cached = Gauge("meshserve_kv_pages_cached", "KV pages holding a cached prefix page",
+                                  registry=r)
         self.compilations = Counter("meshserve_compilations", "XLA compilations (all at warm-up when healthy)",
                                     registry=r)
         for outcome in ("stop", "length", "abort", "error", "rejected", "invalid", "unauthenticated"):
@@ -43,7 +49,9 @@ class Metrics:
               "meshserve_inter_token_latency_seconds", "meshserve_e2e_request_latency_seconds",
               "meshserve_queue_time_seconds", "meshserve_requests_running", "meshserve_requests_waiting",
               "meshserve_kv_pages_used", "meshserve_kv_pages_total", "meshserve_prompt_tokens_total",
-              "meshserve_generation_tokens_total", "meshserve_compilations_total")
+              "meshserve_generation_tokens_total", "meshserve_compilations_total",
+              "meshserve_prefix_cache_queried_tokens_total", "meshserve_prefix_cache_hit_tokens_total",
+              "meshserve_kv_pages_cached")
 
     def serve(self, host: str, port: int) -> int:
         """Start the /metrics HTTP endpoint; returns the bound port."""

@@ -70,6 +70,7 @@ class EngineLoop(threading.Thread):
         self._on_ready = on_ready
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, _Stream] = {}
+        self._seen: dict[str, int] = {}  # scheduler counters already added to the metrics
         self.engine: Engine | None = None
         self.error: BaseException | None = None
         self.ready = threading.Event()
@@ -141,6 +142,10 @@ class EngineLoop(threading.Thread):
             m.waiting.set(stats["waiting"])
             m.pages_used.set(stats["pages_used"])
             m.pages_total.set(stats["pages_total"])
+            m.pages_cached.set(stats["pages_cached"])
+            for counter, key in ((m.prefix_queried, "prefix_queried_tokens"), (m.prefix_hits, "prefix_hit_tokens")):
+                counter.labels("device").inc(stats[key] - self._seen.get(key, 0))
+                self._seen[key] = stats[key]
 
     def _command(self, kind, arg, future) -> None:
         engine = self.engine
