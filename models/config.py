@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -224,3 +225,16 @@ def rope_inv_freq(config: ModelConfig):
     smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
     medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
     return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def read_yaml_section(path: str | os.PathLike, section: str) -> dict:
+    """The `section:` mapping of a YAML config file ({} when absent); ConfigError naming the file."""
+    try:
+        data = yaml.safe_load(open(path)) or {}
+    except OSError as e:
+        raise ConfigError(f"cannot read {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    if not isinstance(data, dict) or not isinstance(data.get(section) or {}, dict):
+        raise ConfigError(f"{path}: expected a mapping with a '{section}' section")
+    return data.get(section) or {}

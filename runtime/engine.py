@@ -24,6 +24,7 @@ import jax
 import numpy as np
 
 from models.checkpoint import Checkpoint
+from models.config import read_yaml_section
 from models.errors import ConfigError, MeshserveError, RequestError
 from runtime.block_manager import NULL_PAGE, BlockManager
 from runtime.kv_cache import ATTENTION, POOL_AXES, pages_for_budget, pool_shape, sharded_zeros_pool
@@ -79,17 +80,7 @@ class EngineConfig:
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> "EngineConfig":
         """The `engine:` section of a serving config file."""
-        import yaml
-
-        try:
-            data = yaml.safe_load(open(path)) or {}
-        except OSError as e:
-            raise ConfigError(f"cannot read {path}: {e.strerror}") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path} is not valid YAML: {e}") from None
-        if not isinstance(data, Mapping) or not isinstance(data.get("engine", {}), Mapping):
-            raise ConfigError(f"{path}: expected a mapping with an 'engine' section")
-        return cls.from_dict(data.get("engine", {}))
+        return cls.from_dict(read_yaml_section(path, "engine"))
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "EngineConfig":

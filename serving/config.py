@@ -13,6 +13,7 @@ import dataclasses
 import os
 from typing import Any, Mapping
 
+from models.config import read_yaml_section
 from models.errors import ConfigError
 
 
@@ -46,17 +47,8 @@ class ServerConfig:
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> "ServerConfig":
-        import yaml
-
-        try:
-            data = yaml.safe_load(open(path)) or {}
-        except OSError as e:
-            raise ConfigError(f"cannot read {path}: {e.strerror}") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path} is not valid YAML: {e}") from None
-        if not isinstance(data, Mapping) or not isinstance(data.get("server", {}), Mapping):
-            raise ConfigError(f"{path}: expected a mapping with a 'server' section")
-        return cls.from_dict(data.get("server") or {})
+        """The `server:` section of a serving config file."""
+        return cls.from_dict(read_yaml_section(path, "server"))
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "ServerConfig":
