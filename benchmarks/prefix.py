@@ -1,8 +1,9 @@
 """Time to first token with and without a cached prefix, on the default model (or --model).
 
 A long shared prefix (default 2,000 tokens) plus a short new suffix (default 50): TTFT cold (nothing
-cached), then on a device hit (the prefix's pages still in the KV pool), each the median of --runs
-requests with fresh suffixes. Prints the ratio hit / cold.
+cached), on a device hit (the prefix's pages still in the KV pool) and on a host hit (the pages
+evicted to host memory, copied back in), each the median of --runs requests with fresh suffixes.
+Prints the ratios to cold.
 
     python benchmarks/prefix.py [--prefix 2000] [--suffix 50] [--runs 5]
 """
@@ -50,7 +51,8 @@ def main(argv=None) -> int:
     pages = -(-(args.prefix + args.suffix + 1) // ps)
     config = EngineConfig(page_size=ps, kv_cache_bytes=512 * 2**20, max_seq_len=pages * ps,
                           max_num_seqs=1, max_num_batched_tokens=chunk, max_prefill_chunk=chunk,
-                          prefill_buckets=(64, chunk), decode_buckets=(1,), context_buckets=(pages,))
+                          prefill_buckets=(64, chunk), decode_buckets=(1,), context_buckets=(pages,),
+                          host_kv_bytes=512 * 2**20)
     engine = Engine(ckpt, config)
     rng = np.random.default_rng(0)
     vocab = ckpt.config.vocab_size
@@ -59,7 +61,7 @@ def main(argv=None) -> int:
         return prefix + rng.integers(100, vocab, args.suffix).tolist()
 
     ttft(engine, rng.integers(100, vocab, 300).tolist())  # warm up the programs
-    cold, hit = [], []
+    cold, hit, host = [], [], []
     for _ in range(args.runs):
         prefix = rng.integers(100, vocab, args.prefix).tolist()  # a new prefix: nothing cached
         t, cached = ttft(engine, prompt(prefix))
@@ -68,12 +70,18 @@ def main(argv=None) -> int:
         t, cached = ttft(engine, prompt(prefix))  # the same prefix, a new suffix: a device hit
         assert cached >= args.prefix - ps, cached
         hit.append(t)
-    c, h = statistics.median(cold), statistics.median(hit)
+        engine.evict_prefix_cache()  # to host memory
+        t, cached = ttft(engine, prompt(prefix))  # found on the host, copied back in
+        assert cached >= args.prefix - ps, cached
+        host.append(t)
+        engine.evict_prefix_cache()
+    c, h, o = statistics.median(cold), statistics.median(hit), statistics.median(host)
     print(f"{ckpt.config.name}, prefix {args.prefix} + suffix {args.suffix} tokens, median of {args.runs}")
     print(f"{'':>12} {'TTFT ms':>10}")
     print(f"{'cold':>12} {c * 1e3:>10.1f}")
     print(f"{'device hit':>12} {h * 1e3:>10.1f}")
-    print(f"hit / cold = {h / c:.3f}")
+    print(f"{'host hit':>12} {o * 1e3:>10.1f}")
+    print(f"device hit / cold = {h / c:.3f}, host hit / cold = {o / c:.3f}")
     return 0
 
 

@@ -50,6 +50,8 @@ class BlockManager:
         self._hash_of: dict[int, bytes] = {}
         self._page_of: list[dict[bytes, int]] = [{} for _ in range(replicas)]
         self.evictions = 0
+        self.keep_evicted = False  # record evicted cached pages for a lower tier to copy out
+        self._evicted: list[tuple[int, bytes]] = []
 
     @property
     def num_usable(self) -> int:
@@ -84,9 +86,32 @@ class BlockManager:
         if self._free[replica]:
             return self._free[replica].popleft()
         page, _ = self._lru[replica].popitem(last=False)  # evict the least recently used cached page
-        del self._page_of[replica][self._hash_of.pop(page)]
-        self.evictions += 1
+        self._forget(page)
         return page
+
+    def _forget(self, page: int) -> None:
+        page_hash = self._hash_of.pop(page)
+        del self._page_of[self.replica_of(page)][page_hash]
+        self.evictions += 1
+        if self.keep_evicted:
+            self._evicted.append((page, page_hash))
+
+    def take_evicted(self) -> list[tuple[int, bytes]]:
+        """Cached pages evicted since the last call, (page, hash): their data is still in the pool
+        until the next program writes the pages."""
+        evicted, self._evicted = self._evicted, []
+        return evicted
+
+    def evict_all_cached(self) -> int:
+        """Evict every unreferenced cached page (to a lower tier, if one listens); returns how many."""
+        n = 0
+        for replica, lru in enumerate(self._lru):
+            while lru:
+                page, _ = lru.popitem(last=False)
+                self._forget(page)
+                self._free[replica].append(page)
+                n += 1
+        return n
 
     def grow(self, table: list[int], num_tokens: int) -> bool:
         """Extend `table` in place to hold `num_tokens` tokens, from the replica it already uses (a new

@@ -27,7 +27,8 @@ from models.checkpoint import Checkpoint
 from models.config import read_yaml_section
 from models.errors import ConfigError, MeshserveError, RequestError
 from runtime.block_manager import NULL_PAGE, BlockManager
-from runtime.kv_cache import ATTENTION, POOL_AXES, pages_for_budget, pool_shape, sharded_zeros_pool
+from runtime.kv_cache import ATTENTION, POOL_AXES, page_bytes, pages_for_budget, pool_shape, sharded_zeros_pool
+from runtime.kv_tiers import HostTier, LowerTiers, PageMover, StoreTier
 from runtime.programs import Buckets, Programs, StepBatch, enable_compilation_cache, geometric
 from runtime.sampling import SamplingBatch, SamplingParams
 from runtime.scheduler import PrefillChunk, QueueFull, Scheduler, SchedulerConfig, Sequence
@@ -58,6 +59,9 @@ class EngineConfig:
     compile_threads: int | None = None
     attention: str | None = None  # reference | pallas; None: pallas on GPU, reference elsewhere
     enable_prefix_caching: bool = True  # reuse the KV pages of prompt prefixes seen before
+    host_kv_bytes: int = 0  # host memory for prefix pages evicted from the device (0: none)
+    kv_store: str | None = None  # tensorstore tier for pages leaving host memory: a folder or kvstore URL
+    kv_store_write_through: bool = False  # also write every offloaded page to the store at once
 
     def __post_init__(self):
         if self.page_size < 1 or self.page_size & (self.page_size - 1):
@@ -70,6 +74,10 @@ class EngineConfig:
             raise ConfigError(f"max_seq_len must be >= page_size, got {self.max_seq_len}")
         if self.attention not in (None, *ATTENTION):
             raise ConfigError(f"attention must be one of {', '.join(ATTENTION)}, got {self.attention!r}")
+        if self.host_kv_bytes < 0:
+            raise ConfigError(f"host_kv_bytes must be >= 0, got {self.host_kv_bytes}")
+        if (self.host_kv_bytes or self.kv_store) and not self.enable_prefix_caching:
+            raise ConfigError("host_kv_bytes and kv_store need enable_prefix_caching")
         if self.max_prefill_chunk > self.max_num_batched_tokens:
             raise ConfigError("max_prefill_chunk must be <= max_num_batched_tokens")
         try:
@@ -183,9 +191,21 @@ class Engine:
             raise ConfigError(f"the KV budget holds {num_pages} pages: fewer than 2 per data replica")
         self.blocks = BlockManager(num_pages, ps, replicas=R, prefix_caching=config.enable_prefix_caching)
         salt = f"{c.name}|{c.architecture}|{np.dtype(checkpoint.dtype).name}|{checkpoint.path}".encode()
-        self.scheduler = Scheduler(config.scheduler_config(), self.blocks, salt=salt)
         pool_sharding = layout.sharding(POOL_AXES, pool_shape(c, num_pages, ps))
         self.pool = sharded_zeros_pool(c, num_pages, ps, checkpoint.dtype, pool_sharding)
+        self.host_tier = self._mover = None
+        if config.host_kv_bytes or config.kv_store:
+            store = None
+            if config.kv_store:
+                try:
+                    store = StoreTier(os.path.expanduser(config.kv_store))
+                except Exception as e:
+                    raise ConfigError(f"kv_store {config.kv_store!r} cannot be opened: {e}") from None
+            self.host_tier = LowerTiers(HostTier(config.host_kv_bytes, page_bytes(c, ps, checkpoint.dtype)), store,
+                                        config.kv_store_write_through)
+            self._mover = PageMover(self.pool, self.host_tier)
+            self.blocks.keep_evicted = True
+        self.scheduler = Scheduler(config.scheduler_config(), self.blocks, salt=salt, lower_tier=self.host_tier)
         if config.decode_buckets and any(b % R for b in config.decode_buckets):
             raise ConfigError(f"decode_buckets must be multiples of the data replicas ({R})")
         self.buckets = Buckets(
@@ -273,6 +293,13 @@ class Engine:
                                 error=f"queue timeout: waited more than "
                                       f"{s.queue_timeout_s or self.config.queue_timeout_s} s")
                    for s in plan.expired]
+        if self._mover is not None:  # copies out and in go ahead of this step's programs
+            onboarded = set(plan.onboard)  # (evicted again before arriving: the host copy is the data)
+            evicted = [e for e in self.blocks.take_evicted() if e not in onboarded]
+            if evicted:
+                self._mover.offload(self.pool, evicted)
+            if plan.onboard:
+                self.pool = self._mover.onboard(self.pool, list(plan.onboard))
         launched = []  # ([(row, sequence) that sample], device result), dispatched before any sync
         for chunk in plan.prefills:
             result = self._run_prefill(chunk)
@@ -283,6 +310,8 @@ class Engine:
             launched += self._run_decodes(plan.decodes)
             for seq in plan.decodes:
                 seq.num_computed += 1
+        if self._mover is not None:
+            self._mover.finish_offload()
         for rows, result in launched:
             host = jax.device_get(result)
             for row, seq in rows:
@@ -458,8 +487,25 @@ class Engine:
                                          "".join(texts[i]), out.finish_reason, tuple(logprobs[i]))
         return [done[i] for i in range(len(prompts))]
 
+    def evict_prefix_cache(self) -> int:
+        """Evict every unreferenced cached page from the device (into the host tier, if any)."""
+        n = self.blocks.evict_all_cached()
+        if self._mover is not None:
+            self._mover.offload(self.pool, self.blocks.take_evicted())
+            self._mover.finish_offload()
+        return n
+
     def stats(self) -> dict[str, Any]:
-        return {**self.scheduler.describe(), "programs": len(self.programs),
+        tiers = {}
+        if self._mover is not None:
+            t = self.host_tier
+            tiers = {"pages_host": len(t.host), "host_pages_out": self._mover.pages_out,
+                     "host_pages_in": self._mover.pages_in, "host_pages_dropped": t.host.dropped,
+                     "host_hit_pages": t.host_hits, "store_hit_pages": t.store_hits}
+            if t.store is not None:
+                tiers.update(pages_store=len(t.store), store_pages_written=t.store.stored,
+                             store_misses=t.store.misses, store_enabled=t.store.enabled)
+        return {**self.scheduler.describe(), **tiers, "programs": len(self.programs),
                 "compile_seconds": round(self.compile_seconds, 2)}
 
 

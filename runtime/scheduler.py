@@ -78,6 +78,7 @@ class StepPlan:
     decodes: tuple[Sequence, ...] = ()  # one new token each, at position num_computed
     preempted: tuple[Sequence, ...] = ()
     expired: tuple[Sequence, ...] = ()
+    onboard: tuple[tuple[int, bytes], ...] = ()  # (device page, hash): copy in from the lower tier first
 
     @property
     def empty(self) -> bool:
@@ -105,12 +106,15 @@ class SchedulerConfig:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, blocks: BlockManager, salt: bytes = b""):
+    def __init__(self, config: SchedulerConfig, blocks: BlockManager, salt: bytes = b"", lower_tier=None):
         self.config = config
         self.blocks = blocks
         self.salt = salt  # names the model: its pages never match another model's
+        self.lower_tier = lower_tier  # `hash in lower_tier`: pages the engine can copy back in
         self.prefix_queries = 0  # prompt tokens looked up in the prefix cache …
-        self.prefix_hits = 0  # … and found there
+        self.prefix_hits = 0  # … and found on the device
+        self.lower_hits = 0  # … and found in the lower tier
+        self._onboard: list[tuple[int, bytes]] = []
         self.waiting: list[Sequence] = []  # kept sorted by (priority, arrival)
         self.running: list[Sequence] = []
 
@@ -196,7 +200,8 @@ class Scheduler:
                 self._register_full_pages(chunk.seq, chunk.end)
             for seq in decodes:
                 self._register_full_pages(seq, seq.num_computed + 1)
-        return StepPlan(tuple(prefills), tuple(decodes), tuple(preempted), tuple(expired))
+        onboard, self._onboard = tuple(self._onboard), []
+        return StepPlan(tuple(prefills), tuple(decodes), tuple(preempted), tuple(expired), onboard)
 
     def _reuse_prefix(self, seq: Sequence) -> None:
         ps = self.blocks.page_size
@@ -213,6 +218,25 @@ class Scheduler:
             seq.num_computed = seq.num_cached = len(pages) * ps
             seq.page_hashes = hashes[:len(pages)]
             self.prefix_hits += len(pages) * ps
+        if self.lower_tier is None:
+            return
+        lower = []
+        for h in hashes[len(pages):]:
+            if h not in self.lower_tier:
+                break
+            lower.append(h)
+        if not lower:
+            return
+        table = list(seq.pages)
+        if not self.blocks.grow(table, (len(pages) + len(lower)) * ps):
+            return  # no room to bring them in: compute instead
+        for page, h in zip(table[len(pages):], lower):
+            self.blocks.register(page, h)
+            self._onboard.append((page, h))
+        seq.pages = table
+        seq.num_computed = seq.num_cached = len(table) * ps
+        seq.page_hashes = hashes[:len(table)]
+        self.lower_hits += len(lower) * ps
 
     def _register_full_pages(self, seq: Sequence, computed: int) -> None:
         """Register the pages that hold `computed` tokens in full (this step completes them)."""
@@ -265,4 +289,4 @@ class Scheduler:
         return {"waiting": len(self.waiting), "running": len(self.running),
                 "pages_used": self.blocks.num_used, "pages_total": self.blocks.num_usable,
                 "pages_cached": self.blocks.num_cached, "prefix_queried_tokens": self.prefix_queries,
-                "prefix_hit_tokens": self.prefix_hits}
+                "prefix_hit_tokens": self.prefix_hits, "prefix_lower_hit_tokens": self.lower_hits}

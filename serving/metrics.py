@@ -35,7 +35,7 @@ class Metrics:
         self.prompt_tokens = Counter("meshserve_prompt_tokens", "Prompt tokens of admitted requests", registry=r)
         self.generation_tokens = Counter("meshserve_generation_tokens", "Generated tokens", registry=r)
         self.prefix_queried = Counter("meshserve_prefix_cache_queried_tokens",
-                                      "Prompt tokens looked up in the prefix cache", ["tier"], registry=r)
+                                      "Prompt tokens looked up in the prefix cache (tier=all)", ["tier"], registry=r)
         self.prefix_hits = Counter("meshserve_prefix_cache_hit_tokens", "Prompt tokens found in the prefix cache",
                                    ["tier"], registry=r)
         self.pages_cached = Gauge("meshserve_kv_pages_cached", "KV pages holding a cached prefix page",

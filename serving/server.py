@@ -143,8 +143,10 @@ class EngineLoop(threading.Thread):
             m.pages_used.set(stats["pages_used"])
             m.pages_total.set(stats["pages_total"])
             m.pages_cached.set(stats["pages_cached"])
-            for counter, key in ((m.prefix_queried, "prefix_queried_tokens"), (m.prefix_hits, "prefix_hit_tokens")):
-                counter.labels("device").inc(stats[key] - self._seen.get(key, 0))
+            for counter, tier, key in ((m.prefix_queried, "all", "prefix_queried_tokens"),
+                                       (m.prefix_hits, "device", "prefix_hit_tokens"),
+                                       (m.prefix_hits, "host", "prefix_lower_hit_tokens")):
+                counter.labels(tier).inc(stats[key] - self._seen.get(key, 0))
                 self._seen[key] = stats[key]
 
     def _command(self, kind, arg, future) -> None:

@@ -97,3 +97,144 @@ def test_eviction_under_pressure_keeps_outputs_right(tiny_ckpt):
     for p, c in zip(prompts, out):
         assert list(c.token_ids) == greedy_reference(tiny_ckpt, p, 8)
     assert engine.blocks.evictions > 0 and engine.blocks.num_free == engine.blocks.num_usable
+
+
+def test_host_tier_serves_evicted_prefixes_with_the_same_outputs(engines, tiny_ckpt):
+    _, plain = engines
+    engine = Engine(tiny_ckpt, dataclasses.replace(TINY, host_kv_bytes=2**20))
+    params = SamplingParams(max_tokens=10, ignore_eos=True)
+    prompts = shared_prefix_prompts(2)
+    expected = [list(c.token_ids) for c in plain.generate(prompts, params)]
+    assert [list(c.token_ids) for c in engine.generate(prompts[:1], params)] == expected[:1]
+    assert engine.evict_prefix_cache() > 0  # the prefix's pages leave the device for host memory
+    assert engine.blocks.num_cached == 0 and engine.stats()["pages_host"] > 0
+    got, cached = [], []
+    for p in prompts[1:]:
+        rid = engine.add_request(p, params)
+        tokens = []
+        while engine.has_unfinished:
+            for out in engine.step():
+                tokens.extend(out.token_ids)
+                if out.finished:
+                    cached.append(out.cached_tokens)
+        got.append(tokens)
+        engine.evict_prefix_cache()  # every request finds its prefix on the host, not the device
+    assert got == expected[1:]
+    assert cached[:3] == [36, 36, 36]
+    stats = engine.stats()
+    assert stats["prefix_lower_hit_tokens"] > 0 and stats["host_pages_in"] > 0
+    assert engine.blocks.num_free == engine.blocks.num_usable
+
+
+def test_host_tier_under_pressure_stays_correct(tiny_ckpt):
+    """A small device pool evicts on its own; a small host tier drops pages too: outputs never change."""
+    config = dataclasses.replace(TINY, kv_cache_bytes=24 * 2 * 2 * 4 * 2 * 8 * 4, host_kv_bytes=12 * 2 * 2 * 4 * 2 * 8 * 4)
+    engine = Engine(tiny_ckpt, config)
+    rng = np.random.default_rng(3)
+    prefixes = [rng.integers(0, 260, 24).tolist() for _ in range(3)]
+    prompts = [prefixes[i % 3] + rng.integers(0, 260, 1 + i % 5).tolist() for i in range(12)]
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    out = engine.generate(prompts, params)
+    for p, c in zip(prompts, out):
+        assert list(c.token_ids) == greedy_reference(tiny_ckpt, p, 6)
+    stats = engine.stats()
+    assert stats["host_pages_out"] > 0 and engine.blocks.num_free == engine.blocks.num_usable
+
+
+# ---- tier 3: the tensorstore store -----------------------------------------------------------------
+
+
+def run_one(engine, prompt, params):
+    """Tokens and cached-token count of one request run alone."""
+    engine.add_request(prompt, params)
+    tokens, cached = [], None
+    while engine.has_unfinished:
+        for out in engine.step():
+            tokens.extend(out.token_ids)
+            if out.finished:
+                cached = out.cached_tokens
+    return tokens, cached
+
+
+@pytest.fixture(scope="module")
+def expected(engines):
+    _, plain = engines
+    prompts = shared_prefix_prompts(4)
+    out = plain.generate(prompts, SamplingParams(max_tokens=8, ignore_eos=True))
+    return prompts, [list(c.token_ids) for c in out]
+
+
+def store_engine(tiny_ckpt, folder):
+    return Engine(tiny_ckpt, dataclasses.replace(TINY, host_kv_bytes=0, kv_store=str(folder)))
+
+
+def test_store_tier_outputs_and_restart(tiny_ckpt, expected, tmp_path):
+    prompts, want = expected
+    params = SamplingParams(max_tokens=8, ignore_eos=True)
+    engine = store_engine(tiny_ckpt, tmp_path / "kv")
+    assert run_one(engine, prompts[0], params) == (want[0], 0)
+    engine.evict_prefix_cache()  # no host memory: straight to the store
+    assert engine.stats()["pages_store"] >= 9
+    assert run_one(engine, prompts[1], params) == (want[1], 36)  # a store hit
+    assert engine.stats()["store_hit_pages"] == 9
+    del engine
+    restarted = store_engine(tiny_ckpt, tmp_path / "kv")  # a new server on the same store
+    assert restarted.stats()["pages_store"] >= 9
+    assert run_one(restarted, prompts[2], params) == (want[2], 36)
+
+
+def test_store_faults_are_misses_never_wrong_output(tiny_ckpt, expected, tmp_path):
+    prompts, want = expected
+    params = SamplingParams(max_tokens=8, ignore_eos=True)
+    engine = store_engine(tiny_ckpt, tmp_path / "kv")
+    run_one(engine, prompts[0], params)
+    engine.evict_prefix_cache()
+    hashes, parent = [], engine.scheduler.salt
+    for i in range(9):  # the shared prefix's pages, by the names the store gives them
+        parent = chain_hash(parent, prompts[0][4 * i:4 * i + 4])
+        hashes.append(parent)
+    files = [tmp_path / "kv" / "kv" / h.hex() for h in hashes]
+    assert all(f.is_file() for f in files)
+    good = files[0].read_bytes()
+
+    data = bytearray(good)
+    data[-5] ^= 0xFF  # flipped bytes in the first page: nothing of the chain can be used
+    files[0].write_bytes(bytes(data))
+    flipped = store_engine(tiny_ckpt, tmp_path / "kv")
+    assert run_one(flipped, prompts[1], params) == (want[1], 0)
+    assert flipped.stats()["store_misses"] == 1
+
+    files[0].write_bytes(good)
+    files[3].write_bytes(files[3].read_bytes()[:40])  # a truncated fourth page: three pages used
+    truncated = store_engine(tiny_ckpt, tmp_path / "kv")
+    assert run_one(truncated, prompts[2], params) == (want[2], 12)
+    assert truncated.stats()["store_misses"] == 1
+
+    for f in (tmp_path / "kv" / "kv").iterdir():  # the whole store (its index is its keys) deleted
+        f.unlink()
+    gone = store_engine(tiny_ckpt, tmp_path / "kv")
+    assert run_one(gone, prompts[3], params) == (want[3], 0)
+
+
+def test_two_servers_share_one_store(tiny_ckpt, expected, tmp_path):
+    prompts, want = expected
+    params = SamplingParams(max_tokens=8, ignore_eos=True)
+    a, b = store_engine(tiny_ckpt, tmp_path / "kv"), store_engine(tiny_ckpt, tmp_path / "kv")
+    for engine in (a, b):  # both write the same prefix pages
+        run_one(engine, prompts[0], params)
+        engine.evict_prefix_cache()
+    reader = store_engine(tiny_ckpt, tmp_path / "kv")
+    assert run_one(reader, prompts[3], params) == (want[3], 36)
+
+
+def test_a_failing_store_is_turned_off_and_serving_goes_on(tiny_ckpt, expected, tmp_path, caplog):
+    prompts, want = expected
+    params = SamplingParams(max_tokens=8, ignore_eos=True)
+    engine = store_engine(tiny_ckpt, tmp_path / "kv")
+    blocker = tmp_path / "kv" / "kv"
+    blocker.parent.mkdir(parents=True, exist_ok=True)
+    blocker.write_text("a file where the store's folder should be: every write fails")
+    run_one(engine, prompts[0], params)
+    engine.evict_prefix_cache()
+    assert engine.stats()["store_enabled"] is False and "disabled" in caplog.text
+    assert run_one(engine, prompts[1], params) == (want[1], 0)

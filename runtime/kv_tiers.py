@@ -1,0 +1,253 @@
+"""Lower tiers of the prefix cache: pages evicted from device memory live on in host memory.
+
+    device pool ──evict (async copy out)──▶ HostTier (bounded, LRU) ──▶ (dropped)
+         ▲                                      │
+         └──────── onboard (batched copy in) ◀──┘  when a new request's prefix is found here
+
+A page is stored whole, keys and values of every layer: [2·layers, page_size, kv_heads, head_dim],
+keyed by the same chained hash that names it on the device. Copies run in fixed batches of
+`TRANSFER_PAGES` pages through two small compiled programs, so serving never compiles.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections import OrderedDict
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from runtime.kv_cache import KVPool
+
+log = logging.getLogger("meshserve.kv")
+
+TRANSFER_PAGES = 8  # pages per copy program call (padding rows read/write the null page)
+
+
+def _gather(pool: KVPool, pages):
+    return jnp.stack([layer[pages] for layer in pool.k + pool.v], axis=1)  # [M, 2L, S, K, E]
+
+
+def _scatter(pool: KVPool, pages, data):
+    L = len(pool.k)
+    k = tuple(layer.at[pages].set(data[:, i].astype(layer.dtype)) for i, layer in enumerate(pool.k))
+    v = tuple(layer.at[pages].set(data[:, L + i].astype(layer.dtype)) for i, layer in enumerate(pool.v))
+    return KVPool(k, v)
+
+
+class HostTier:
+    """Pages in host memory, least recently used dropped first when over `capacity_bytes`."""
+
+    def __init__(self, capacity_bytes: int, page_bytes: int):
+        self.capacity = max(0, capacity_bytes // page_bytes)  # pages
+        self._pages: OrderedDict[bytes, np.ndarray] = OrderedDict()
+        self.stored = self.dropped = 0
+
+    def __contains__(self, page_hash: bytes) -> bool:
+        return page_hash in self._pages
+
+    def __len__(self) -> int:
+        return len(self._pages)
+
+    def put(self, page_hash: bytes, data: np.ndarray) -> list[tuple[bytes, np.ndarray]]:
+        """Store a page; returns the pages dropped to make room (oldest first)."""
+        if self.capacity == 0:
+            return [(page_hash, data)]
+        self._pages[page_hash] = data
+        self._pages.move_to_end(page_hash)
+        self.stored += 1
+        dropped = []
+        while len(self._pages) > self.capacity:
+            dropped.append(self._pages.popitem(last=False))
+            self.dropped += 1
+        return dropped
+
+    def get(self, page_hash: bytes) -> np.ndarray:
+        self._pages.move_to_end(page_hash)
+        return self._pages[page_hash]
+
+
+class PageMover:
+    """Copies pages between the device pool and a host tier, in batches."""
+
+    def __init__(self, pool: KVPool, tier: "LowerTiers", null_page: int = 0):
+        self.tier = tier
+        self.null_page = null_page
+        self._shape = (TRANSFER_PAGES, 2 * len(pool.k), *pool.k[0].shape[1:])
+        self._dtype = pool.k[0].dtype
+        idx = jax.ShapeDtypeStruct((TRANSFER_PAGES,), jnp.int32)
+        abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), pool)
+        self._gather = jax.jit(_gather).lower(abstract, idx).compile()
+        self._scatter = jax.jit(_scatter, donate_argnums=(0,), out_shardings=jax.tree.map(
+            lambda a: a.sharding, pool)).lower(abstract, idx, jax.ShapeDtypeStruct(self._shape, self._dtype)).compile()
+        self._pending: list[tuple[list[bytes], jax.Array]] = []
+        self.pages_out = self.pages_in = 0
+
+    def _batches(self, items):
+        for i in range(0, len(items), TRANSFER_PAGES):
+            yield items[i:i + TRANSFER_PAGES]
+
+    def _index(self, pages: list[int]) -> np.ndarray:
+        idx = np.full(TRANSFER_PAGES, self.null_page, np.int32)
+        idx[:len(pages)] = pages
+        return idx
+
+    def offload(self, pool: KVPool, evicted: list[tuple[int, bytes]]) -> None:
+        """Start copying evicted pages out (before anything overwrites them: this is dispatched
+        ahead of the step that reuses the pages). `finish_offload` files them."""
+        for batch in self._batches(evicted):
+            data = self._gather(pool, self._index([p for p, _ in batch]))
+            data.copy_to_host_async()
+            self._pending.append(([h for _, h in batch], data))
+
+    def finish_offload(self) -> None:
+        for hashes, data in self._pending:
+            host = np.asarray(data)
+            for i, h in enumerate(hashes):
+                self.tier.put(h, host[i].copy())
+            self.pages_out += len(hashes)
+        self._pending.clear()
+        self.tier.flush()
+
+    def onboard(self, pool: KVPool, loads: list[tuple[int, bytes]]) -> KVPool:
+        """Write host pages into device pages (batched); returns the new pool."""
+        for batch in self._batches(loads):
+            data = np.zeros(self._shape, self._dtype)
+            for i, (_, h) in enumerate(batch):
+                data[i] = self.tier.get(h)
+            pool = self._scatter(pool, self._index([p for p, _ in batch]), data)
+            self.pages_in += len(batch)
+        return pool
+
+
+class StoreTier:
+    """Pages in a tensorstore kvstore (tier 3): by default a folder (`file` driver); any kvstore spec
+    (`memory://`, `gs://…`, `s3://…`) works. One key per page, named by its hash, so the store is its
+    own index: a restarted server lists it and finds its pages again, and two servers writing the same
+    page write the same bytes (each write replaces the value whole). A value is a header (magic, dtype,
+    shape, blake2b checksum of the data) and the data; anything that does not check out — flipped
+    bytes, a truncated or missing value — is a miss, counted, and recomputed. A failed write (a full
+    disk) turns the tier off with a warning; serving goes on.
+    """
+
+    MAGIC = b"MSKV1"
+
+    def __init__(self, spec: str | dict, prefix: str = "kv/"):
+        import tensorstore as ts
+
+        if isinstance(spec, str) and "://" not in spec:
+            spec = {"driver": "file", "path": spec.rstrip("/") + "/"}
+        self._kv = ts.KvStore.open(spec).result()
+        self._prefix = prefix
+        self._keys: set[str] = {k.decode()[len(prefix):] for k in self._kv.list().result()
+                                if k.startswith(prefix.encode())}
+        self._writes: list = []
+        self.enabled = True
+        self.stored = self.hits = self.misses = self.corrupt = 0
+
+    def __contains__(self, page_hash: bytes) -> bool:
+        return self.enabled and page_hash.hex() in self._keys
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    @classmethod
+    def encode(cls, data: np.ndarray) -> bytes:
+        data = np.ascontiguousarray(data)
+        body = data.tobytes()
+        return (cls.MAGIC + data.dtype.str.encode().ljust(8) + np.int64(data.ndim).tobytes()
+                + np.asarray(data.shape, np.int64).tobytes() + hashlib.blake2b(body, digest_size=16).digest() + body)
+
+    @classmethod
+    def decode(cls, raw: bytes) -> np.ndarray:
+        """The page, or ValueError when the value is not one whole, unchanged page."""
+        if raw[:5] != cls.MAGIC or len(raw) < 21:
+            raise ValueError("not a page")
+        dtype = np.dtype(raw[5:13].decode().strip())
+        ndim = int(np.frombuffer(raw[13:21], np.int64)[0])
+        if not 0 < ndim < 8:
+            raise ValueError("bad header")
+        at = 21 + 8 * ndim
+        shape = tuple(int(n) for n in np.frombuffer(raw[21:at], np.int64))
+        checksum, body = raw[at:at + 16], raw[at + 16:]
+        if len(body) != int(np.prod(shape)) * dtype.itemsize or hashlib.blake2b(body, digest_size=16).digest() != checksum:
+            raise ValueError("checksum")
+        return np.frombuffer(body, dtype).reshape(shape).copy()
+
+    def put(self, page_hash: bytes, data: np.ndarray) -> None:
+        if not self.enabled or page_hash.hex() in self._keys:
+            return
+        self._writes.append((page_hash, self._kv.write(self._prefix + page_hash.hex(), self.encode(data))))
+        self._keys.add(page_hash.hex())
+
+    def flush(self) -> None:
+        """Wait for the writes in flight; a failure disables the tier."""
+        for page_hash, future in self._writes:
+            try:
+                future.result()
+                self.stored += 1
+            except Exception as e:  # a full disk, a lost bucket
+                self._keys.discard(page_hash.hex())
+                if self.enabled:
+                    log.warning("KV store tier disabled: a write failed: %s", e)
+                self.enabled = False
+        self._writes.clear()
+
+    def get(self, page_hash: bytes) -> np.ndarray | None:
+        """The page, or None (a counted miss) when it is missing or fails its checks."""
+        self.flush()
+        try:
+            raw = self._kv.read(self._prefix + page_hash.hex()).result().value
+            data = self.decode(raw)
+        except Exception:
+            self._keys.discard(page_hash.hex())
+            self.misses += 1
+            return None
+        self.hits += 1
+        return data
+
+
+class LowerTiers:
+    """Host memory, then optionally the store, as one lower tier for the scheduler and PageMover.
+
+    `page_hash in tiers` answers for both; a store page is read and verified right then (staged for
+    this step's onboarding), so a bad store page is a miss before anything relies on it. Pages the
+    host drops go to the store (or every page, with `write_through`)."""
+
+    def __init__(self, host: HostTier, store: StoreTier | None = None, write_through: bool = False):
+        self.host, self.store, self.write_through = host, store, write_through
+        self._staged: dict[bytes, np.ndarray] = {}
+        self.host_hits = self.store_hits = 0
+
+    def __contains__(self, page_hash: bytes) -> bool:
+        if page_hash in self.host or page_hash in self._staged:
+            return True
+        if self.store is not None and page_hash in self.store:
+            data = self.store.get(page_hash)
+            if data is not None:
+                self._staged[page_hash] = data
+                return True
+        return False
+
+    def get(self, page_hash: bytes) -> np.ndarray:
+        data = self._staged.pop(page_hash, None)
+        if data is not None:
+            self.store_hits += 1
+            return data
+        self.host_hits += 1
+        return self.host.get(page_hash)
+
+    def put(self, page_hash: bytes, data: np.ndarray) -> None:
+        dropped = self.host.put(page_hash, data)
+        if self.store is not None:
+            if self.write_through:
+                self.store.put(page_hash, data)
+            for h, d in dropped:
+                self.store.put(h, d)
+
+    def flush(self) -> None:
+        self._staged.clear()
+        if self.store is not None:
+            self.store.flush()
