@@ -3,9 +3,11 @@
 A long shared prefix (default 2,000 tokens) plus a short new suffix (default 50): TTFT cold (nothing
 cached), on a device hit (the prefix's pages still in the KV pool) and on a host hit (the pages
 evicted to host memory, copied back in), each the median of --runs requests with fresh suffixes.
-Prints the ratios to cold.
+Prints the ratios to cold. Then, on an engine with no host memory and a tensorstore folder, TTFT
+cold vs a store hit (the pages read back from disk) for a sweep of prefix lengths: where the store
+starts to beat recomputing.
 
-    python benchmarks/prefix.py [--prefix 2000] [--suffix 50] [--runs 5]
+    python benchmarks/prefix.py [--prefix 2000] [--suffix 50] [--runs 5] [--sweep 16,64,256,1024,2000]
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ def main(argv=None) -> int:
     p.add_argument("--prefix", type=int, default=2000)
     p.add_argument("--suffix", type=int, default=50)
     p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--sweep", default="16,64,256,1024,2000", help="prefix lengths for the store rows")
     args = p.parse_args(argv)
     ckpt = load_checkpoint(args.model or default_checkpoint(), progress=False)
     ps, chunk = 16, 256
@@ -82,6 +85,26 @@ def main(argv=None) -> int:
     print(f"{'device hit':>12} {h * 1e3:>10.1f}")
     print(f"{'host hit':>12} {o * 1e3:>10.1f}")
     print(f"device hit / cold = {h / c:.3f}, host hit / cold = {o / c:.3f}")
+
+    import dataclasses
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        store = Engine(ckpt, dataclasses.replace(config, host_kv_bytes=0, kv_store=folder))
+        ttft(store, rng.integers(100, vocab, 300).tolist())
+        print(f"\n{'prefix':>8} {'cold ms':>10} {'store hit ms':>13} {'ratio':>7}")
+        for n in [int(x) for x in args.sweep.split(",")]:
+            cold, hit = [], []
+            for _ in range(args.runs):
+                prefix = rng.integers(100, vocab, n).tolist()
+                cold.append(ttft(store, prompt(prefix))[0])
+                store.evict_prefix_cache()  # no host memory: the pages go to the store
+                t, cached = ttft(store, prompt(prefix))
+                assert cached >= n - ps, (n, cached)
+                hit.append(t)
+                store.evict_prefix_cache()
+            c, h = statistics.median(cold), statistics.median(hit)
+            print(f"{n:>8} {c * 1e3:>10.1f} {h * 1e3:>13.1f} {h / c:>7.3f}")
     return 0
 
 

@@ -52,6 +52,7 @@ class BlockManager:
         self.evictions = 0
         self.keep_evicted = False  # record evicted cached pages for a lower tier to copy out
         self._evicted: list[tuple[int, bytes]] = []
+        self.events = None  # a KVEvents log, when someone listens
 
     @property
     def num_usable(self) -> int:
@@ -93,6 +94,8 @@ class BlockManager:
         page_hash = self._hash_of.pop(page)
         del self._page_of[self.replica_of(page)][page_hash]
         self.evictions += 1
+        if self.events is not None:
+            self.events.add("removed", "device", page_hash)
         if self.keep_evicted:
             self._evicted.append((page, page_hash))
 
@@ -158,6 +161,8 @@ class BlockManager:
         if page_hash not in index and page not in self._hash_of:
             index[page_hash] = page
             self._hash_of[page] = page_hash
+            if self.events is not None:
+                self.events.add("stored", "device", page_hash)
 
     def release(self, table: list[int]) -> None:
         """Drop one reference to each page of `table` and empty it."""

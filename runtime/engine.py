@@ -28,7 +28,7 @@ from models.config import read_yaml_section
 from models.errors import ConfigError, MeshserveError, RequestError
 from runtime.block_manager import NULL_PAGE, BlockManager
 from runtime.kv_cache import ATTENTION, POOL_AXES, page_bytes, pages_for_budget, pool_shape, sharded_zeros_pool
-from runtime.kv_tiers import HostTier, LowerTiers, PageMover, StoreTier
+from runtime.kv_tiers import HostTier, KVEvents, LowerTiers, PageMover, StoreTier
 from runtime.programs import Buckets, Programs, StepBatch, enable_compilation_cache, geometric
 from runtime.sampling import SamplingBatch, SamplingParams
 from runtime.scheduler import PrefillChunk, QueueFull, Scheduler, SchedulerConfig, Sequence
@@ -193,16 +193,19 @@ class Engine:
         salt = f"{c.name}|{c.architecture}|{np.dtype(checkpoint.dtype).name}|{checkpoint.path}".encode()
         pool_sharding = layout.sharding(POOL_AXES, pool_shape(c, num_pages, ps))
         self.pool = sharded_zeros_pool(c, num_pages, ps, checkpoint.dtype, pool_sharding)
+        self.page_bytes = page_bytes(c, ps, checkpoint.dtype)  # one page, every layer, keys and values
         self.host_tier = self._mover = None
+        self.kv_events = KVEvents() if config.enable_prefix_caching else None
+        self.blocks.events = self.kv_events
         if config.host_kv_bytes or config.kv_store:
             store = None
             if config.kv_store:
                 try:
-                    store = StoreTier(os.path.expanduser(config.kv_store))
+                    store = StoreTier(os.path.expanduser(config.kv_store), events=self.kv_events)
                 except Exception as e:
                     raise ConfigError(f"kv_store {config.kv_store!r} cannot be opened: {e}") from None
-            self.host_tier = LowerTiers(HostTier(config.host_kv_bytes, page_bytes(c, ps, checkpoint.dtype)), store,
-                                        config.kv_store_write_through)
+            host = HostTier(config.host_kv_bytes, self.page_bytes, events=self.kv_events)
+            self.host_tier = LowerTiers(host, store, config.kv_store_write_through)
             self._mover = PageMover(self.pool, self.host_tier)
             self.blocks.keep_evicted = True
         self.scheduler = Scheduler(config.scheduler_config(), self.blocks, salt=salt, lower_tier=self.host_tier)
@@ -486,6 +489,10 @@ class Engine:
                     done[i] = Completion(out.request_id, prompt_ids[i], tuple(tokens[i]),
                                          "".join(texts[i]), out.finish_reason, tuple(logprobs[i]))
         return [done[i] for i in range(len(prompts))]
+
+    def drain_kv_events(self) -> list[tuple[int, str, str, bytes]]:
+        """Cached-page events since the last call: (seq, "stored" | "removed", tier, page hash)."""
+        return self.kv_events.drain() if self.kv_events is not None else []
 
     def evict_prefix_cache(self) -> int:
         """Evict every unreferenced cached page from the device (into the host tier, if any)."""

@@ -37,13 +37,35 @@ def _scatter(pool: KVPool, pages, data):
     return KVPool(k, v)
 
 
+class KVEvents:
+    """What happened to cached pages, per tier, for a KV-aware router to follow:
+    (sequence number, "stored" | "removed", "device" | "host" | "store", page hash). Bounded: a
+    consumer that falls behind loses the oldest events (and sees the gap in sequence numbers)."""
+
+    def __init__(self, maxlen: int = 65536):
+        from collections import deque
+
+        self._events: deque = deque(maxlen=maxlen)
+        self._seq = 0
+
+    def add(self, kind: str, tier: str, page_hash: bytes) -> None:
+        self._seq += 1
+        self._events.append((self._seq, kind, tier, page_hash))
+
+    def drain(self) -> list[tuple[int, str, str, bytes]]:
+        events = list(self._events)
+        self._events.clear()
+        return events
+
+
 class HostTier:
     """Pages in host memory, least recently used dropped first when over `capacity_bytes`."""
 
-    def __init__(self, capacity_bytes: int, page_bytes: int):
+    def __init__(self, capacity_bytes: int, page_bytes: int, events: KVEvents | None = None):
         self.capacity = max(0, capacity_bytes // page_bytes)  # pages
         self._pages: OrderedDict[bytes, np.ndarray] = OrderedDict()
         self.stored = self.dropped = 0
+        self.events = events
 
     def __contains__(self, page_hash: bytes) -> bool:
         return page_hash in self._pages
@@ -62,6 +84,10 @@ class HostTier:
         while len(self._pages) > self.capacity:
             dropped.append(self._pages.popitem(last=False))
             self.dropped += 1
+        if self.events is not None:
+            self.events.add("stored", "host", page_hash)
+            for h, _ in dropped:
+                self.events.add("removed", "host", h)
         return dropped
 
     def get(self, page_hash: bytes) -> np.ndarray:
@@ -134,9 +160,10 @@ class StoreTier:
 
     MAGIC = b"MSKV1"
 
-    def __init__(self, spec: str | dict, prefix: str = "kv/"):
+    def __init__(self, spec: str | dict, prefix: str = "kv/", events: KVEvents | None = None):
         import tensorstore as ts
 
+        self.events = events
         if isinstance(spec, str) and "://" not in spec:
             spec = {"driver": "file", "path": spec.rstrip("/") + "/"}
         self._kv = ts.KvStore.open(spec).result()
@@ -188,6 +215,8 @@ class StoreTier:
             try:
                 future.result()
                 self.stored += 1
+                if self.events is not None:
+                    self.events.add("stored", "store", page_hash)
             except Exception as e:  # a full disk, a lost bucket
                 self._keys.discard(page_hash.hex())
                 if self.enabled:
@@ -204,6 +233,8 @@ class StoreTier:
         except Exception:
             self._keys.discard(page_hash.hex())
             self.misses += 1
+            if self.events is not None:
+                self.events.add("removed", "store", page_hash)
             return None
         self.hits += 1
         return data

@@ -38,12 +38,26 @@ class Metrics:
                                       "Prompt tokens looked up in the prefix cache (tier=all)", ["tier"], registry=r)
         self.prefix_hits = Counter("meshserve_prefix_cache_hit_tokens", "Prompt tokens found in the prefix cache",
                                    ["tier"], registry=r)
+        self.tier_pages = Gauge("meshserve_kv_tier_pages", "Cached pages held by each lower tier (host, store)",
+                                ["tier"], registry=r)
+        self.pages_moved = Counter("meshserve_kv_pages_moved", "Cached pages copied between tiers",
+                                   ["direction"], registry=r)
+        self.bytes_moved = Counter("meshserve_kv_bytes_moved", "Bytes of cached pages copied between tiers",
+                                   ["direction"], registry=r)
         self.pages_cached = Gauge("meshserve_kv_pages_cached", "KV pages holding a cached prefix page",
                                   registry=r)
         self.compilations = Counter("meshserve_compilations", "XLA compilations (all at warm-up when healthy)",
                                     registry=r)
         for outcome in ("stop", "length", "abort", "error", "rejected", "invalid", "unauthenticated"):
             self.requests.labels(outcome)  # every series exists from the start
+        self.prefix_queried.labels("all")
+        for tier in ("device", "host", "store"):
+            self.prefix_hits.labels(tier)
+        for tier in ("host", "store"):
+            self.tier_pages.labels(tier)
+        for direction in ("device_to_host", "host_to_device", "host_to_store"):
+            self.pages_moved.labels(direction)
+            self.bytes_moved.labels(direction)
 
     SERIES = ("meshserve_requests_total", "meshserve_time_to_first_token_seconds",
               "meshserve_inter_token_latency_seconds", "meshserve_e2e_request_latency_seconds",
@@ -51,7 +65,8 @@ class Metrics:
               "meshserve_kv_pages_used", "meshserve_kv_pages_total", "meshserve_prompt_tokens_total",
               "meshserve_generation_tokens_total", "meshserve_compilations_total",
               "meshserve_prefix_cache_queried_tokens_total", "meshserve_prefix_cache_hit_tokens_total",
-              "meshserve_kv_pages_cached")
+              "meshserve_kv_pages_cached", "meshserve_kv_tier_pages", "meshserve_kv_pages_moved_total",
+              "meshserve_kv_bytes_moved_total")
 
     def serve(self, host: str, port: int) -> int:
         """Start the /metrics HTTP endpoint; returns the bound port."""

@@ -70,7 +70,7 @@ class EngineLoop(threading.Thread):
         self._on_ready = on_ready
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, _Stream] = {}
-        self._seen: dict[str, int] = {}  # scheduler counters already added to the metrics
+        self._seen: dict[int, int] = {}  # engine totals already added to each metric
         self.engine: Engine | None = None
         self.error: BaseException | None = None
         self.ready = threading.Event()
@@ -143,11 +143,24 @@ class EngineLoop(threading.Thread):
             m.pages_used.set(stats["pages_used"])
             m.pages_total.set(stats["pages_total"])
             m.pages_cached.set(stats["pages_cached"])
-            for counter, tier, key in ((m.prefix_queried, "all", "prefix_queried_tokens"),
-                                       (m.prefix_hits, "device", "prefix_hit_tokens"),
-                                       (m.prefix_hits, "host", "prefix_lower_hit_tokens")):
-                counter.labels(tier).inc(stats[key] - self._seen.get(key, 0))
-                self._seen[key] = stats[key]
+            counts = [(m.prefix_queried.labels("all"), stats["prefix_queried_tokens"]),
+                      (m.prefix_hits.labels("device"), stats["prefix_hit_tokens"])]
+            if engine.host_tier is not None:
+                tiers, ps, pb = engine.stats(), engine.config.page_size, engine.page_bytes
+                m.tier_pages.labels("host").set(tiers["pages_host"])
+                m.tier_pages.labels("store").set(tiers.get("pages_store", 0))
+                counts += [(m.prefix_hits.labels("host"), tiers["host_hit_pages"] * ps),
+                           (m.prefix_hits.labels("store"), tiers["store_hit_pages"] * ps),
+                           (m.pages_moved.labels("device_to_host"), tiers["host_pages_out"]),
+                           (m.pages_moved.labels("host_to_device"), tiers["host_pages_in"]),
+                           (m.bytes_moved.labels("device_to_host"), tiers["host_pages_out"] * pb),
+                           (m.bytes_moved.labels("host_to_device"), tiers["host_pages_in"] * pb)]
+                if "store_pages_written" in tiers:
+                    counts += [(m.pages_moved.labels("host_to_store"), tiers["store_pages_written"]),
+                               (m.bytes_moved.labels("host_to_store"), tiers["store_pages_written"] * pb)]
+            for counter, total in counts:  # the engine keeps totals; counters take increments
+                counter.inc(total - self._seen.get(id(counter), 0))
+                self._seen[id(counter)] = total
 
     def _command(self, kind, arg, future) -> None:
         engine = self.engine

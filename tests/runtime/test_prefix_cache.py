@@ -177,6 +177,8 @@ def test_store_tier_outputs_and_restart(tiny_ckpt, expected, tmp_path):
     assert engine.stats()["pages_store"] >= 9
     assert run_one(engine, prompts[1], params) == (want[1], 36)  # a store hit
     assert engine.stats()["store_hit_pages"] == 9
+    events = {(kind, tier) for _, kind, tier, _ in engine.drain_kv_events()}
+    assert {("stored", "device"), ("removed", "device"), ("stored", "store")} <= events
     del engine
     restarted = store_engine(tiny_ckpt, tmp_path / "kv")  # a new server on the same store
     assert restarted.stats()["pages_store"] >= 9
