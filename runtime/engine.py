@@ -502,6 +502,14 @@ class Engine:
             self._mover.finish_offload()
         return n
 
+    def persist_prefix_cache(self) -> int:
+        """Push every cached page down to the store tier (on shutdown: a restart on the same store
+        finds them); returns the pages written. Pages in use stay where they are."""
+        if self.host_tier is None or self.host_tier.store is None:
+            return 0
+        self.evict_prefix_cache()
+        return self.host_tier.persist()
+
     def stats(self) -> dict[str, Any]:
         tiers = {}
         if self._mover is not None:

@@ -94,6 +94,9 @@ class HostTier:
         self._pages.move_to_end(page_hash)
         return self._pages[page_hash]
 
+    def items(self):
+        return list(self._pages.items())
+
 
 class PageMover:
     """Copies pages between the device pool and a host tier, in batches."""
@@ -282,3 +285,12 @@ class LowerTiers:
         self._staged.clear()
         if self.store is not None:
             self.store.flush()
+
+    def persist(self) -> int:
+        """Write every host page to the store (at shutdown, so a restart finds them); returns how many."""
+        if self.store is None:
+            return 0
+        for h, data in self.host.items():
+            self.store.put(h, data)
+        self.store.flush()
+        return len(self.host)

@@ -121,6 +121,10 @@ class EngineLoop(threading.Thread):
             for kind, arg, future in commands:
                 if kind == "stop":
                     self._abort_all()
+                    try:
+                        engine.persist_prefix_cache()  # so a restart on the same store finds them
+                    except Exception:
+                        log.error("persisting the prefix cache failed:\n%s", traceback.format_exc())
                     return
                 try:
                     self._command(kind, arg, future)

@@ -240,3 +240,16 @@ def test_a_failing_store_is_turned_off_and_serving_goes_on(tiny_ckpt, expected, 
     engine.evict_prefix_cache()
     assert engine.stats()["store_enabled"] is False and "disabled" in caplog.text
     assert run_one(engine, prompts[1], params) == (want[1], 0)
+
+
+def test_persist_on_shutdown_then_restart_hits_the_store(tiny_ckpt, expected, tmp_path):
+    prompts, want = expected
+    params = SamplingParams(max_tokens=8, ignore_eos=True)
+    config = dataclasses.replace(TINY, host_kv_bytes=2**20, kv_store=str(tmp_path / "kv"))
+    engine = Engine(tiny_ckpt, config)
+    run_one(engine, prompts[0], params)
+    assert engine.stats()["pages_store"] == 0  # all still on the device
+    assert engine.persist_prefix_cache() >= 9  # what a server does when it stops
+    restarted = Engine(tiny_ckpt, config)
+    assert run_one(restarted, prompts[1], params) == (want[1], 36)
+    assert restarted.stats()["store_hit_pages"] == 9
