@@ -105,6 +105,14 @@ def main(argv=None) -> int:
                 store.evict_prefix_cache()
             c, h = statistics.median(cold), statistics.median(hit)
             print(f"{n:>8} {c * 1e3:>10.1f} {h * 1e3:>13.1f} {h / c:>7.3f}")
+        # a restart: a new engine on the same store finds the last prefix there
+        last = prefix
+        del store
+        restarted = Engine(ckpt, dataclasses.replace(config, host_kv_bytes=0, kv_store=folder))
+        ttft(restarted, rng.integers(100, vocab, 300).tolist())
+        t, cached = ttft(restarted, prompt(last))
+        assert cached >= len(last) - ps, cached
+        print(f"after a restart, prefix {len(last)}: store hit {t * 1e3:.1f} ms ({t / c:.3f} of cold)")
     return 0
 
 

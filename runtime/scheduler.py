@@ -93,6 +93,7 @@ class SchedulerConfig:
     max_queue_size: int = 256
     queue_timeout_s: float | None = None
     priority_levels: int = 3
+    onboard_page_cost: int = 2  # step-budget tokens a page copied in from a lower tier counts for
 
     def __post_init__(self):
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_prefill_chunk", "max_queue_size",
@@ -178,7 +179,9 @@ class Scheduler:
             if seq in preempted:
                 break  # just preempted for lack of pages: not back in this step
             if self.blocks.prefix_caching and seq.num_computed == 0 and not seq.pages:
-                self._reuse_prefix(seq)
+                budget -= self._reuse_prefix(seq, budget)
+                if budget <= 0:
+                    break
             n = 1 if seq.uncomputed == 1 else min(seq.uncomputed, budget, self.config.max_prefill_chunk)
             if not self.blocks.grow(seq.pages, seq.num_computed + n):
                 if seq.num_cached:  # give the prefix back; it is looked up again next time
@@ -203,7 +206,9 @@ class Scheduler:
         onboard, self._onboard = tuple(self._onboard), []
         return StepPlan(tuple(prefills), tuple(decodes), tuple(preempted), tuple(expired), onboard)
 
-    def _reuse_prefix(self, seq: Sequence) -> None:
+    def _reuse_prefix(self, seq: Sequence, budget: int) -> int:
+        """Take seq's cached prefix; returns the step budget its copies from the lower tier use (each
+        page costs `onboard_page_cost` tokens: loading is cheaper than computing, not free)."""
         ps = self.blocks.page_size
         full = (len(seq.tokens) - 1) // ps  # pages that may come from the cache
         hashes, parent = [], self.salt
@@ -219,17 +224,18 @@ class Scheduler:
             seq.page_hashes = hashes[:len(pages)]
             self.prefix_hits += len(pages) * ps
         if self.lower_tier is None:
-            return
+            return 0
+        cost = self.config.onboard_page_cost
         lower = []
         for h in hashes[len(pages):]:
-            if h not in self.lower_tier:
-                break
+            if (len(lower) + 1) * cost >= budget or h not in self.lower_tier:
+                break  # the rest is computed, or loaded in a later admission
             lower.append(h)
         if not lower:
-            return
+            return 0
         table = list(seq.pages)
         if not self.blocks.grow(table, (len(pages) + len(lower)) * ps):
-            return  # no room to bring them in: compute instead
+            return 0  # no room to bring them in: compute instead
         for page, h in zip(table[len(pages):], lower):
             self.blocks.register(page, h)
             self._onboard.append((page, h))
@@ -237,6 +243,7 @@ class Scheduler:
         seq.num_computed = seq.num_cached = len(table) * ps
         seq.page_hashes = hashes[:len(table)]
         self.lower_hits += len(lower) * ps
+        return len(lower) * cost
 
     def _register_full_pages(self, seq: Sequence, computed: int) -> None:
         """Register the pages that hold `computed` tokens in full (this step completes them)."""

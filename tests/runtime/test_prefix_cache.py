@@ -253,3 +253,21 @@ def test_persist_on_shutdown_then_restart_hits_the_store(tiny_ckpt, expected, tm
     restarted = Engine(tiny_ckpt, config)
     assert run_one(restarted, prompts[1], params) == (want[1], 36)
     assert restarted.stats()["store_hit_pages"] == 9
+
+
+def test_copies_from_a_lower_tier_count_against_the_step_budget():
+    from runtime.scheduler import Scheduler, SchedulerConfig, Sequence
+
+    blocks = BlockManager(64, 4, prefix_caching=True)
+    sched = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=16, max_prefill_chunk=16,
+                                      onboard_page_cost=2), blocks, salt=b"m")
+    tokens = list(range(41))
+    hashes, parent = set(), b"m"
+    for i in range(10):
+        parent = chain_hash(parent, tokens[4 * i:4 * i + 4])
+        hashes.add(parent)
+    sched.lower_tier = hashes  # all 10 full pages are in the lower tier
+    sched.add(Sequence("a", tokens, len(tokens)))
+    plan = sched.schedule(0.0)
+    assert len(plan.onboard) == 7  # 7 pages × 2 = 14 of the 16-token budget …
+    assert plan.prefills[0].start == 28 and plan.prefills[0].end == 30  # … leave 2 tokens to compute

@@ -351,3 +351,19 @@ def test_usage_counts_prefix_cache_hits(served):
         again = list(c.generate(token_ids=prompt, max_tokens=2, ignore_eos=True))[-1]
     assert first.usage.cached_tokens == 0 and again.usage.cached_tokens == 32
     assert first.usage.prompt_tokens == again.usage.prompt_tokens == 40
+
+
+def test_restart_on_the_same_store_is_a_store_hit(tiny_ckpt, tmp_path):
+    """Serve, stop (cached pages are written to the store), start again: the prefix comes from it."""
+    config = dataclasses.replace(CONFIG, max_num_seqs=1, decode_buckets=(1,), host_kv_bytes=2**20,
+                                 kv_store=str(tmp_path / "kv"))
+    server = dataclasses.replace(SERVER, auth_tokens=(), metrics_port=None)
+    prompt = list(range(40, 80))
+    usage = []
+    for _ in range(2):
+        with ServerThread(server, lambda: Engine(tiny_ckpt, config)) as s:
+            s.wait_ready()
+            usage.append(_stream(s.port, token_ids=prompt, max_tokens=2, ignore_eos=True)[-1].usage)
+            engine = s.server.loop.engine
+    assert usage[0].cached_tokens == 0 and usage[1].cached_tokens == 32
+    assert engine.stats()["store_hit_pages"] == 4
