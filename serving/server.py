@@ -219,12 +219,12 @@ class EngineLoop(threading.Thread):
                 if stream.first is None:
                     stream.first = now
                     m.ttft.observe(now - stream.arrival)
+                    if out.queue_time_s is not None:
+                        m.queue.observe(out.queue_time_s)
                 else:
                     m.itl.observe(now - stream.last)
                 stream.last = now
                 m.generation_tokens.inc(len(out.token_ids))
-            if out.queue_time_s is not None and stream.first == now and out.token_ids:
-                m.queue.observe(out.queue_time_s)
             if out.finished:
                 if stream.first is not None:
                     m.e2e.observe(now - stream.arrival)
