@@ -4,6 +4,7 @@ input, never a traceback; and the default model answering a question."""
 import io
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from gguf import GGMLQuantizationType as Q
@@ -148,7 +149,7 @@ def test_batch_mode_bad_input(smollm_ckpt, tmp_path, content, fragment):
 def test_compilation_cache_folder_is_used(smollm_ckpt, tmp_path):
     import yaml
 
-    config = yaml.safe_load(open("configs/serving/default.yaml"))
+    config = yaml.safe_load(open(Path(__file__).resolve().parents[2] / "configs/serving/default.yaml"))
     config["engine"]["compilation_cache_dir"] = str(tmp_path / "xla")
     (tmp_path / "serving.yaml").write_text(yaml.safe_dump(config))
     result = meshserve("generate", "--model", smollm_ckpt.path, "--config", tmp_path / "serving.yaml",
