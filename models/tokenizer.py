@@ -21,6 +21,7 @@ from models.errors import CheckpointError, ConfigError
 
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+LONG_TEXT = 4096  # characters: longer texts are tokenized with the GIL released
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,7 +77,10 @@ class Tokenizer:
 
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
         """Token ids of `text`; special-token text (e.g. "<|im_start|>") maps to its single id."""
-        ids = self.backend.encode(text, add_special_tokens=False).ids
+        if len(text) > LONG_TEXT:  # encode_batch releases the GIL (encode does not): other threads run meanwhile
+            ids = self.backend.encode_batch([text], add_special_tokens=False)[0].ids
+        else:
+            ids = self.backend.encode(text, add_special_tokens=False).ids
         if (self.config.add_bos_token if add_bos is None else add_bos) and self.bos_id is not None:
             ids = [self.bos_id] + ids
         return ids

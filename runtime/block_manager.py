@@ -99,6 +99,10 @@ class BlockManager:
         if self.keep_evicted:
             self._evicted.append((page, page_hash))
 
+    def cached_hashes(self) -> list[bytes]:
+        """Hashes of every page registered in the prefix cache (referenced or not)."""
+        return list(self._hash_of.values())
+
     def take_evicted(self) -> list[tuple[int, bytes]]:
         """Cached pages evicted since the last call, (page, hash): their data is still in the pool
         until the next program writes the pages."""

@@ -6,17 +6,30 @@
         for out in engine.step(): ...                  # RequestOutput: new tokens and text
     engine.generate(prompts, params)                   # the same, blocking, for offline use
 
-One `step` = one scheduler plan: a prefill call per prompt chunk, then one decode call for every
-request that is generating. The engine is single-threaded; the server drives it from its own thread.
+One `step` = one scheduler plan, run by the model runner: a prefill call per prompt chunk, then the
+decode calls for every request that is generating. The engine is single-threaded; a server drives
+it from its own thread (serving/engine_loop.py).
+
+Failure contract:
+  - a request that passes `validate_request` can always run to completion: the KV cache is checked
+    at start-up to hold one `max_seq_len` request on every data replica, and every bucket covers
+    the config's limits;
+  - a fault in one request's host work (building its rows, reading its results) ends that request
+    with finish reason "error"; the others in the step go on;
+  - a fault once a program was dispatched (the KV pool is donated, so its contents are unknown) is
+    fatal: `step` raises EngineFault, and every later call raises it again. The plan of a failed
+    step never commits, so no page it was to fill is ever found in the prefix cache, and nothing
+    is persisted to the store after it. Whoever drives the engine reports it and exits.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
 import math
+import operator
 import os
-import secrets
 import time
 from typing import Any, Mapping, Sequence as Seq
 
@@ -26,18 +39,28 @@ import numpy as np
 from models.checkpoint import Checkpoint
 from models.config import read_yaml_section
 from models.errors import ConfigError, MeshserveError, RequestError
-from runtime.block_manager import NULL_PAGE, BlockManager
+from runtime.block_manager import BlockManager
+from runtime.clock import Seeds, clock_for
+from runtime.identity import model_fingerprint
 from runtime.kv_cache import ATTENTION, POOL_AXES, page_bytes, pages_for_budget, pool_shape, sharded_zeros_pool
 from runtime.kv_tiers import HostTier, KVEvents, LowerTiers, PageMover, StoreTier
-from runtime.programs import Buckets, Programs, StepBatch, enable_compilation_cache, geometric
-from runtime.sampling import SamplingBatch, SamplingParams
-from runtime.scheduler import PrefillChunk, QueueFull, Scheduler, SchedulerConfig, Sequence
+from runtime.programs import Buckets, Programs, enable_compilation_cache, geometric
+from runtime.request import RequestLimits, check_request
+from runtime.runner import ModelRunner
+from runtime.sampling import SamplingParams
+from runtime.scheduler import QueueFull, Scheduler, SchedulerConfig, Sequence
 from runtime.text import TextStream
 from sharding.rules import Layout
+
+log = logging.getLogger("meshserve.engine")
 
 
 class QueueFullError(MeshserveError):
     """The waiting queue is full (gRPC: RESOURCE_EXHAUSTED)."""
+
+
+class EngineFault(MeshserveError):
+    """The engine cannot go on (a fault after a program was dispatched); every call raises it."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +85,7 @@ class EngineConfig:
     host_kv_bytes: int = 0  # host memory for prefix pages evicted from the device (0: none)
     kv_store: str | None = None  # tensorstore tier for pages leaving host memory: a folder or kvstore URL
     kv_store_write_through: bool = False  # also write every offloaded page to the store at once
+    limits: RequestLimits = RequestLimits()  # what one request may carry (stop strings, stop ids)
 
     def __post_init__(self):
         if self.page_size < 1 or self.page_size & (self.page_size - 1):
@@ -80,10 +104,29 @@ class EngineConfig:
             raise ConfigError("host_kv_bytes and kv_store need enable_prefix_caching")
         if self.max_prefill_chunk > self.max_num_batched_tokens:
             raise ConfigError("max_prefill_chunk must be <= max_num_batched_tokens")
+        self._check_buckets()
         try:
             self.scheduler_config()
         except ValueError as e:
             raise ConfigError(str(e)) from None
+
+    def _check_buckets(self) -> None:
+        """Buckets given by hand must cover the limits: a chunk or a context with no program to run
+        it would fail at step time, for every request in the step."""
+        for name in ("prefill_buckets", "decode_buckets", "context_buckets"):
+            sizes = getattr(self, name)
+            if sizes is None:
+                continue
+            if not sizes or any(not isinstance(n, int) or isinstance(n, bool) or n < 1 for n in sizes):
+                raise ConfigError(f"{name} must be positive integers, got {list(sizes)}")
+            if list(sizes) != sorted(set(sizes)):
+                raise ConfigError(f"{name} must be in increasing order, got {list(sizes)}")
+        if self.prefill_buckets and self.prefill_buckets[-1] < self.max_prefill_chunk:
+            raise ConfigError(f"prefill_buckets: the largest ({self.prefill_buckets[-1]}) must be >= "
+                              f"max_prefill_chunk ({self.max_prefill_chunk})")
+        if self.context_buckets and self.context_buckets[-1] * self.page_size < self.max_seq_len:
+            raise ConfigError(f"context_buckets: the largest ({self.context_buckets[-1]} pages of "
+                              f"{self.page_size}) must hold max_seq_len ({self.max_seq_len} tokens)")
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> "EngineConfig":
@@ -97,6 +140,8 @@ class EngineConfig:
         if unknown:
             raise ConfigError(f"engine config: unknown field(s) {', '.join(unknown)}")
         values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+        if isinstance(values.get("limits"), dict):
+            values["limits"] = RequestLimits.from_dict(values["limits"])
         try:
             return cls(**values)
         except TypeError as e:
@@ -147,24 +192,7 @@ class _Request:
     params: SamplingParams
     seed: int
     text: TextStream
-
-
-def check_request(ids: Seq[int], params: SamplingParams, priority: int, *, vocab_size: int,
-                  max_seq_len: int, priority_levels: int) -> None:
-    """Raise RequestError naming the first problem with a request; needs no compiled engine."""
-    if not ids:
-        raise RequestError("prompt is empty")
-    bad = next((t for t in ids if not 0 <= t < vocab_size), None)
-    if bad is not None:
-        raise RequestError(f"prompt token id {bad} is outside the vocabulary (size {vocab_size})")
-    if len(ids) >= max_seq_len:
-        raise RequestError(f"prompt of {len(ids)} tokens does not fit the context of {max_seq_len} tokens")
-    params.validate(vocab_size)
-    if len(ids) + params.max_tokens > max_seq_len:
-        raise RequestError(f"max_tokens: prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) "
-                           f"exceeds the context of {max_seq_len} tokens")
-    if not 0 <= priority < priority_levels:
-        raise RequestError(f"priority must be in [0, {priority_levels}), got {priority}")
+    stop_ids: frozenset[int]
 
 
 class Engine:
@@ -183,14 +211,23 @@ class Engine:
         ps = config.page_size
         self.max_pages = math.ceil(self.max_seq_len / ps)
         self.config = config
+        self.failed: str | None = None  # why the engine cannot go on (see EngineFault)
+        self.clock = clock_for(jax.process_count())
+        self._seeds = Seeds(self.clock)
         if config.compilation_cache_dir:
             enable_compilation_cache(os.path.expanduser(config.compilation_cache_dir))
         num_pages = pages_for_budget(c, ps, checkpoint.dtype, self._kv_budget())
         num_pages -= num_pages % R  # each data replica owns an equal range of pages
-        if num_pages // R < 2:
-            raise ConfigError(f"the KV budget holds {num_pages} pages: fewer than 2 per data replica")
+        per_replica = num_pages // R - 1  # usable: the first page of each range is its null page
+        if per_replica * ps < self.max_seq_len:
+            raise ConfigError(
+                f"the KV cache holds {max(per_replica, 0) * ps} tokens per data replica ({num_pages} pages of "
+                f"{ps} tokens{f' over {R} replicas' if R > 1 else ''}), fewer than max_seq_len "
+                f"({self.max_seq_len}): one request could never fit; raise kv_cache_bytes to at least "
+                f"{(self.max_pages + 1) * R * page_bytes(c, ps, checkpoint.dtype)} or lower max_seq_len")
         self.blocks = BlockManager(num_pages, ps, replicas=R, prefix_caching=config.enable_prefix_caching)
-        salt = f"{c.name}|{c.architecture}|{np.dtype(checkpoint.dtype).name}|{checkpoint.path}".encode()
+        self.fingerprint = model_fingerprint(c, checkpoint.params, checkpoint.dtype, ps,
+                                             replicated=None if layout.mesh.size == 1 else layout.replicated())
         pool_sharding = layout.sharding(POOL_AXES, pool_shape(c, num_pages, ps))
         self.pool = sharded_zeros_pool(c, num_pages, ps, checkpoint.dtype, pool_sharding)
         self.page_bytes = page_bytes(c, ps, checkpoint.dtype)  # one page, every layer, keys and values
@@ -198,17 +235,19 @@ class Engine:
         self.kv_events = KVEvents() if config.enable_prefix_caching else None
         self.blocks.events = self.kv_events
         if config.host_kv_bytes or config.kv_store:
+            self._mover = PageMover(self.pool, None)
             store = None
             if config.kv_store:
                 try:
-                    store = StoreTier(os.path.expanduser(config.kv_store), events=self.kv_events)
+                    store = StoreTier(os.path.expanduser(config.kv_store), self._mover.page_shape,
+                                      checkpoint.dtype, events=self.kv_events)
                 except Exception as e:
                     raise ConfigError(f"kv_store {config.kv_store!r} cannot be opened: {e}") from None
             host = HostTier(config.host_kv_bytes, self.page_bytes, events=self.kv_events)
-            self.host_tier = LowerTiers(host, store, config.kv_store_write_through)
-            self._mover = PageMover(self.pool, self.host_tier)
+            self.host_tier = self._mover.tier = LowerTiers(host, store, config.kv_store_write_through)
             self.blocks.keep_evicted = True
-        self.scheduler = Scheduler(config.scheduler_config(), self.blocks, salt=salt, lower_tier=self.host_tier)
+        self.scheduler = Scheduler(config.scheduler_config(), self.blocks, salt=self.fingerprint,
+                                   lower_tier=self.host_tier)
         if config.decode_buckets and any(b % R for b in config.decode_buckets):
             raise ConfigError(f"decode_buckets must be multiples of the data replicas ({R})")
         self.buckets = Buckets(
@@ -224,10 +263,12 @@ class Engine:
                               f"heads do not split over {layout.describe()} (use attention: reference)")
         self.programs = Programs(c, checkpoint.params, self.pool, self.buckets, config.compile_threads,
                                  attention=self.attention, layout=layout)
+        self.runner = ModelRunner(self.programs, self.buckets, self.blocks, ps)
         self.compile_seconds = time.perf_counter() - t0
         self._requests: dict[str, _Request] = {}
         self._ids = itertools.count()
         self._eos = frozenset(c.eos_token_ids) | frozenset(self.tokenizer.eos_ids)
+        self.idle = True  # the last step had nothing to run: a driver may sleep until a new command
 
     def _kv_budget(self) -> int:
         if self.config.kv_cache_bytes is not None:
@@ -246,35 +287,43 @@ class Engine:
 
     def add_request(self, prompt: str | Seq[int], params: SamplingParams = SamplingParams(),
                     request_id: str | None = None, priority: int = 0,
-                    queue_timeout_s: float | None = None) -> str:
+                    queue_timeout_s: float | None = None, arrival: float | None = None) -> str:
         """Queue a request; raises RequestError (bad input) or QueueFullError, leaving others as
-        they were. `queue_timeout_s` overrides the configured queue timeout for this request."""
+        they were. `queue_timeout_s` overrides the configured queue timeout for this request;
+        `arrival` (the engine clock's time, default now) is when its caller received it: queue
+        time and the queue timeout count from there."""
+        self._check_alive()
         if isinstance(prompt, str):
             if not prompt:
                 raise RequestError("prompt is empty")
             ids = self.tokenizer.encode(prompt)
         else:
-            ids = [int(t) for t in prompt]
+            try:
+                ids = [operator.index(t) for t in prompt]
+            except TypeError:
+                raise RequestError("prompt token ids must be integers") from None
         self.validate_request(ids, params, priority)
         if queue_timeout_s is not None and not queue_timeout_s > 0:
             raise RequestError(f"queue_timeout_s must be positive, got {queue_timeout_s}")
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
         if rid in self._requests:
             raise RequestError(f"request_id {rid!r} is already in use")
-        seq = Sequence(rid, list(ids), len(ids), priority=priority, arrival=time.monotonic(),
-                       queue_timeout_s=queue_timeout_s)
+        seq = Sequence(rid, ids, len(ids), priority=priority,
+                       arrival=self.clock.now() if arrival is None else arrival, queue_timeout_s=queue_timeout_s)
         try:
             self.scheduler.add(seq)
         except QueueFull as e:
             raise QueueFullError(str(e)) from None
-        seed = params.seed if params.seed is not None else secrets.randbelow(2**31)
-        self._requests[rid] = _Request(seq, params, seed, TextStream(self.tokenizer, params.stop))
+        seed = params.seed if params.seed is not None else self._seeds.for_request(rid)
+        self._requests[rid] = _Request(seq, params, seed, TextStream(self.tokenizer, params.stop),
+                                       frozenset(params.stop_token_ids))
         return rid
 
     def validate_request(self, ids: Seq[int], params: SamplingParams, priority: int = 0) -> None:
         """Raise RequestError naming the first problem with this request."""
         check_request(ids, params, priority, vocab_size=self.model_config.vocab_size,
-                      max_seq_len=self.max_seq_len, priority_levels=self.config.priority_levels)
+                      max_seq_len=self.max_seq_len, priority_levels=self.config.priority_levels,
+                      limits=self.config.limits)
 
     def abort(self, request_id: str) -> bool:
         """Stop a request now; its pages are free when this returns. False if unknown or done."""
@@ -288,37 +337,45 @@ class Engine:
     def has_unfinished(self) -> bool:
         return bool(self._requests)
 
+    def next_expiry(self) -> float | None:
+        """Clock time at which a waiting request will expire (a driver sleeping on an idle engine
+        wakes then)."""
+        return self.scheduler.next_expiry()
+
+    def _check_alive(self) -> None:
+        if self.failed is not None:
+            raise EngineFault(f"the engine failed and cannot serve: {self.failed}")
+
     # ---- one step ------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        plan = self.scheduler.schedule(time.monotonic())
+        """Plan, build on the host, run on the device, commit the plan, read the results."""
+        self._check_alive()
+        plan = self.scheduler.schedule(self.clock.now())
         outputs = [self._finish(self._requests.pop(s.request_id), "rejected",
                                 error=f"queue timeout: waited more than "
                                       f"{s.queue_timeout_s or self.config.queue_timeout_s} s")
                    for s in plan.expired]
-        if self._mover is not None:  # copies out and in go ahead of this step's programs
-            onboarded = set(plan.onboard)  # (evicted again before arriving: the host copy is the data)
-            evicted = [e for e in self.blocks.take_evicted() if e not in onboarded]
-            if evicted:
-                self._mover.offload(self.pool, evicted)
-            if plan.onboard:
-                self.pool = self._mover.onboard(self.pool, list(plan.onboard))
-        launched = []  # ([(row, sequence) that sample], device result), dispatched before any sync
-        for chunk in plan.prefills:
-            result = self._run_prefill(chunk)
-            chunk.seq.num_computed = chunk.end
-            if chunk.samples:
-                launched.append(([(0, chunk.seq)], result))
-        if plan.decodes:
-            launched += self._run_decodes(plan.decodes)
-            for seq in plan.decodes:
-                seq.num_computed += 1
-        if self._mover is not None:
-            self._mover.finish_offload()
-        for rows, result in launched:
-            host = jax.device_get(result)
+        calls, dropped = self.runner.build(plan, self._sampling_of)
+        for seq, e in dropped.items():
+            log.error("request %s failed while its step was built: %s: %s", seq.request_id, type(e).__name__, e)
+            outputs.append(self._finish(self._requests.pop(seq.request_id), "error",
+                                        error=f"{type(e).__name__}: {e}"))
+        self.idle = plan.empty and not outputs
+        if plan.empty and not plan.onboard:
+            return outputs
+        try:
+            results = self._run_on_device(plan, calls)
+        except Exception as e:
+            self.failed = f"{type(e).__name__}: {e}"
+            log.critical("engine step failed on the device: %s", self.failed)
+            raise EngineFault(f"the engine failed: {self.failed}") from e
+        self.scheduler.commit(plan)
+        for rows, host in results:
             for row, seq in rows:
-                req = self._requests[seq.request_id]
+                req = self._requests.get(seq.request_id)
+                if req is None:
+                    continue
                 try:
                     outputs.append(self._accept(req, host, row))
                 except Exception as e:  # a fault in one request's results ends that request only
@@ -326,95 +383,23 @@ class Engine:
                     outputs.append(self._finish(req, "error", error=f"{type(e).__name__}: {e}"))
         return outputs
 
-    def _sampling_rows(self, rows: list[tuple[int, Sequence]], size: int) -> SamplingBatch:
-        params = [None] * size
-        for row, seq in rows:
-            req = self._requests[seq.request_id]
-            params[row] = (req.params, req.seed, len(seq.tokens) - seq.prompt_len)
-        return SamplingBatch.build(params, size)
+    def _run_on_device(self, plan, calls) -> list:
+        """Copies between tiers, then every program call, then the results on the host."""
+        if self._mover is not None:  # copies out and in go ahead of this step's programs
+            onboarded = {page for page, _ in plan.onboard}  # (a page evicted before arriving: the
+            evicted = [e for e in self.blocks.take_evicted() if e[0] not in onboarded]  # host copy is the data)
+            if evicted:
+                self._mover.offload(self.pool, evicted)
+            if plan.onboard:
+                self.pool = self._mover.onboard(self.pool, list(plan.onboard))
+        self.pool, launched = self.runner.run(self.checkpoint.params, self.pool, calls)
+        if self._mover is not None:
+            self._mover.finish_offload()
+        return [(rows, jax.device_get(sampled)) for rows, sampled in launched]
 
-    def _history(self, rows: list[tuple[int, Sequence]], size: int, width: int) -> np.ndarray:
-        history = np.full((size, width), -1, np.int32)
-        for row, seq in rows:
-            if self._requests[seq.request_id].params.penalized:
-                history[row, :len(seq.tokens)] = seq.tokens
-        return history
-
-    def _run_prefill(self, chunk: PrefillChunk):
-        seq, ps = chunk.seq, self.config.page_size
-        n = chunk.end - chunk.start
-        t = Buckets.pick(self.buckets.prefill_tokens, n)
-        p = Buckets.pick(self.buckets.context_pages, max(len(seq.pages), math.ceil(t / ps)))
-        positions = np.arange(chunk.start, chunk.end, dtype=np.int32)
-        tokens = np.zeros((1, t), np.int32)
-        tokens[0, :n] = seq.tokens[chunk.start:chunk.end]
-        pos = np.zeros((1, t), np.int32)
-        pos[0, :n] = positions
-        write_pages = np.full((1, t), NULL_PAGE, np.int32)
-        write_pages[0, :n] = np.asarray(seq.pages, np.int32)[positions // ps]
-        write_slots = np.zeros((1, t), np.int32)
-        write_slots[0, :n] = positions % ps
-        rows = [(0, seq)]
-        batch = StepBatch(tokens, pos, self._tables(rows, 1, p), write_pages, write_slots,
-                          np.array([n - 1], np.int32), self._sampling_rows(rows, 1),
-                          self._history(rows, 1, p * ps), np.array([seq.prompt_len], np.int32))
-        return self._call(("prefill", 1, t, p), batch)
-
-    def _call(self, shape: tuple[str, int, int, int], batch: StepBatch):
-        """Run one compiled program on host inputs; the pool is donated and replaced."""
-        if jax.process_count() > 1:  # every process holds the same host batch: give each its shards
-            batch = jax.tree.map(
-                lambda host, sharding: jax.make_array_from_callback(host.shape, sharding, lambda i: host[i]),
-                batch, self.programs.batch_shardings[shape])
-        self.pool, sampled = self.programs.compiled[shape](self.checkpoint.params, self.pool, batch)
-        return sampled
-
-    def _run_decodes(self, seqs: Seq[Sequence]) -> list:
-        """Decode calls for `seqs`: with data replicas, rows [r·b/R, (r+1)·b/R) of a call are replica
-        r's requests (their pages live in its shard of the pool); a replica with more requests than
-        the largest bucket leaves room for spills into a further call."""
-        R = self.replicas
-        by_replica = [[] for _ in range(R)]
-        for seq in seqs:
-            by_replica[self.blocks.replica_of(seq.pages[0])].append(seq)
-        cap = self.buckets.decode_batch[-1] // R
-        launched = []
-        while any(by_replica):
-            groups = [g[:cap] for g in by_replica]
-            by_replica = [g[cap:] for g in by_replica]
-            b = Buckets.pick(self.buckets.decode_batch, R * max(len(g) for g in groups))
-            rows = [(r * (b // R) + i, seq) for r, g in enumerate(groups) for i, seq in enumerate(g)]
-            launched.append((rows, self._run_decode(rows, b)))
-        return launched
-
-    def _run_decode(self, rows: list[tuple[int, Sequence]], b: int):
-        ps = self.config.page_size
-        seqs = [seq for _, seq in rows]
-        p = Buckets.pick(self.buckets.context_pages, max(len(s.pages) for s in seqs))
-        tokens = np.zeros((b, 1), np.int32)
-        pos = np.zeros((b, 1), np.int32)
-        write_pages = np.full((b, 1), NULL_PAGE, np.int32)
-        write_slots = np.zeros((b, 1), np.int32)
-        for row, seq in rows:
-            position = seq.num_computed
-            tokens[row, 0] = seq.tokens[position]
-            pos[row, 0] = position
-            write_pages[row, 0] = seq.pages[position // ps]
-            write_slots[row, 0] = position % ps
-        prompt_len = np.zeros(b, np.int32)
-        for row, seq in rows:
-            prompt_len[row] = seq.prompt_len
-        batch = StepBatch(tokens, pos, self._tables(rows, b, p), write_pages, write_slots,
-                          np.zeros(b, np.int32), self._sampling_rows(rows, b),
-                          self._history(rows, b, p * ps), prompt_len)
-        return self._call(("decode", b, 1, p), batch)
-
-    @staticmethod
-    def _tables(rows: list[tuple[int, Sequence]], size: int, pages: int) -> np.ndarray:
-        tables = np.full((size, pages), NULL_PAGE, np.int32)
-        for row, seq in rows:
-            tables[row, :len(seq.pages)] = seq.pages
-        return tables
+    def _sampling_of(self, seq: Sequence) -> tuple[SamplingParams, int]:
+        req = self._requests[seq.request_id]
+        return req.params, req.seed
 
     # ---- results -------------------------------------------------------------------------------
 
@@ -428,7 +413,7 @@ class Engine:
             top = tuple((int(i), float(lp)) for i, lp in zip(sampled.top_ids[row, :params.logprobs],
                                                              sampled.top_logprobs[row, :params.logprobs]))
             logprobs = (TokenLogprob(token, float(sampled.logprob[row]), top),)
-        if (token in self._eos and not params.ignore_eos) or token in params.stop_token_ids:
+        if (token in self._eos and not params.ignore_eos) or token in req.stop_ids:
             return self._finish(self._requests.pop(seq.request_id), "stop", drop_last=True)
         text = req.text.push(token)
         if req.text.stopped_by is not None:
@@ -496,6 +481,7 @@ class Engine:
 
     def evict_prefix_cache(self) -> int:
         """Evict every unreferenced cached page from the device (into the host tier, if any)."""
+        self._check_alive()
         n = self.blocks.evict_all_cached()
         if self._mover is not None:
             self._mover.offload(self.pool, self.blocks.take_evicted())
@@ -504,11 +490,17 @@ class Engine:
 
     def persist_prefix_cache(self) -> int:
         """Push every cached page down to the store tier (on shutdown: a restart on the same store
-        finds them); returns the pages written. Pages in use stay where they are."""
-        if self.host_tier is None or self.host_tier.store is None:
+        finds them); returns how many of the cached pages (device and host) the store holds
+        afterwards, counted there. Pages in use stay where they are. Never after a fault: the
+        device pages may hold anything."""
+        self._check_alive()
+        tiers = self.host_tier
+        if tiers is None or tiers.store is None:
             return 0
+        cached = set(self.blocks.cached_hashes()) | {h for h, _ in tiers.host.items()}
         self.evict_prefix_cache()
-        return self.host_tier.persist()
+        tiers.persist()
+        return sum(h in tiers.store for h in cached)
 
     def stats(self) -> dict[str, Any]:
         tiers = {}

@@ -101,10 +101,11 @@ class HostTier:
 class PageMover:
     """Copies pages between the device pool and a host tier, in batches."""
 
-    def __init__(self, pool: KVPool, tier: "LowerTiers", null_page: int = 0):
+    def __init__(self, pool: KVPool, tier: "LowerTiers | None", null_page: int = 0):
         self.tier = tier
         self.null_page = null_page
         self._shape = (TRANSFER_PAGES, 2 * len(pool.k), *pool.k[0].shape[1:])
+        self.page_shape = self._shape[1:]  # one page: [2·layers, page_size, kv_heads, head_dim]
         self._dtype = pool.k[0].dtype
         idx = jax.ShapeDtypeStruct((TRANSFER_PAGES,), jnp.int32)
         abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), pool)
@@ -155,18 +156,22 @@ class StoreTier:
     """Pages in a tensorstore kvstore (tier 3): by default a folder (`file` driver); any kvstore spec
     (`memory://`, `gs://…`, `s3://…`) works. One key per page, named by its hash, so the store is its
     own index: a restarted server lists it and finds its pages again, and two servers writing the same
-    page write the same bytes (each write replaces the value whole). A value is a header (magic, dtype,
-    shape, blake2b checksum of the data) and the data; anything that does not check out — flipped
-    bytes, a truncated or missing value — is a miss, counted, and recomputed. A failed write (a full
-    disk) turns the tier off with a warning; serving goes on.
+    page write the same bytes (each write replaces the value whole). Page hashes are salted with the
+    model's fingerprint (runtime/identity.py), so another model never looks up this one's pages. A
+    value is a header (magic, dtype, shape, blake2b checksum of the data) and the data; anything that
+    does not check out — flipped bytes, a truncated or missing value, a page of another shape or
+    dtype than this engine's — is a miss, counted, and recomputed. A failed write (a full disk)
+    turns the tier off with a warning; serving goes on.
     """
 
     MAGIC = b"MSKV1"
 
-    def __init__(self, spec: str | dict, prefix: str = "kv/", events: KVEvents | None = None):
+    def __init__(self, spec: str | dict, page_shape: tuple[int, ...], page_dtype, prefix: str = "kv/",
+                 events: KVEvents | None = None):
         import tensorstore as ts
 
         self.events = events
+        self.page_shape, self.page_dtype = tuple(page_shape), np.dtype(page_dtype)
         if isinstance(spec, str) and "://" not in spec:
             spec = {"driver": "file", "path": spec.rstrip("/") + "/"}
         self._kv = ts.KvStore.open(spec).result()
@@ -212,12 +217,14 @@ class StoreTier:
         self._writes.append((page_hash, self._kv.write(self._prefix + page_hash.hex(), self.encode(data))))
         self._keys.add(page_hash.hex())
 
-    def flush(self) -> None:
-        """Wait for the writes in flight; a failure disables the tier."""
+    def flush(self) -> int:
+        """Wait for the writes in flight; returns how many succeeded. A failure disables the tier."""
+        done = 0
         for page_hash, future in self._writes:
             try:
                 future.result()
                 self.stored += 1
+                done += 1
                 if self.events is not None:
                     self.events.add("stored", "store", page_hash)
             except Exception as e:  # a full disk, a lost bucket
@@ -226,6 +233,7 @@ class StoreTier:
                     log.warning("KV store tier disabled: a write failed: %s", e)
                 self.enabled = False
         self._writes.clear()
+        return done
 
     def get(self, page_hash: bytes) -> np.ndarray | None:
         """The page, or None (a counted miss) when it is missing or fails its checks."""
@@ -233,6 +241,8 @@ class StoreTier:
         try:
             raw = self._kv.read(self._prefix + page_hash.hex()).result().value
             data = self.decode(raw)
+            if data.shape != self.page_shape or data.dtype != self.page_dtype:
+                raise ValueError(f"a page of {data.dtype}{list(data.shape)}, not this engine's")
         except Exception:
             self._keys.discard(page_hash.hex())
             self.misses += 1
@@ -287,10 +297,12 @@ class LowerTiers:
             self.store.flush()
 
     def persist(self) -> int:
-        """Write every host page to the store (at shutdown, so a restart finds them); returns how many."""
+        """Write every host page to the store (at shutdown, so a restart finds them); returns how
+        many host pages the store holds afterwards (written now or before; failed writes do not count)."""
         if self.store is None:
             return 0
-        for h, data in self.host.items():
+        pages = self.host.items()
+        for h, data in pages:
             self.store.put(h, data)
         self.store.flush()
-        return len(self.host)
+        return sum(h in self.store for h, _ in pages)

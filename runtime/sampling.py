@@ -10,6 +10,7 @@ temperature → top-k → top-p → min-p → draw. Costly filters run only when
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -41,11 +42,20 @@ class SamplingParams:
 
     def validate(self, vocab_size: int) -> None:
         """Raise RequestError naming the first bad field."""
-        if not isinstance(self.max_tokens, int) or self.max_tokens <= 0:
+        for name in ("max_tokens", "top_k"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise RequestError(f"{name} must be an integer, got {value!r}")
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+                     "frequency_penalty"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+                raise RequestError(f"{name} must be a finite number, got {value!r}")
+        if self.max_tokens <= 0:
             raise RequestError(f"max_tokens must be a positive integer, got {self.max_tokens}")
         if not self.temperature >= 0:
             raise RequestError(f"temperature must be >= 0, got {self.temperature}")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
+        if self.top_k < 0:
             raise RequestError(f"top_k must be >= 0, got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise RequestError(f"top_p must be in (0, 1], got {self.top_p}")
@@ -56,14 +66,15 @@ class SamplingParams:
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2 <= getattr(self, name) <= 2:
                 raise RequestError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
-        if self.seed is not None and not 0 <= self.seed < 2**31:
+        if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < 2**31):
             raise RequestError(f"seed must be in [0, 2**31), got {self.seed}")
         for tid in self.stop_token_ids:
-            if not 0 <= tid < vocab_size:
+            if not isinstance(tid, int) or not 0 <= tid < vocab_size:
                 raise RequestError(f"stop_token_ids: {tid} is outside the vocabulary (size {vocab_size})")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise RequestError("stop strings must be non-empty strings")
-        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+        if self.logprobs is not None and (not isinstance(self.logprobs, int)
+                                          or not 0 <= self.logprobs <= MAX_LOGPROBS):
             raise RequestError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
 
     @property

@@ -10,9 +10,13 @@ When pages run out, the running request that is least entitled (worst priority, 
 preempted: its pages are freed and it goes back to the queue, to recompute prompt + output so far.
 
 With prefix caching, a request starting from scratch first takes the cached pages of its longest
-cached prefix (at least one token is always left to compute: its logits give the next token), and
-every page a step fills is registered under its chained hash as soon as the step is planned (any
-later reader runs after this step on the device).
+cached prefix (at least one token is always left to compute: its logits give the next token).
+
+A plan commits only after it ran. `schedule` allocates pages (a request owns them at once), but
+what a step promises to others — pages registered as cached under their hashes, and so the KV
+events a router sees, and each request's progress — becomes visible in `commit`, which the engine
+calls once the step's programs succeeded. A step that fails leaves no cached page that was never
+written.
 """
 
 from __future__ import annotations
@@ -44,12 +48,14 @@ class Sequence:
     status: Status = Status.WAITING
     num_computed: int = 0  # tokens whose K/V are in the cache
     pages: list[int] = dataclasses.field(default_factory=list)
-    started: bool = False  # ran at least once (a preempted request is not expired)
+    started: bool = False  # ran at least once
     queue_timeout_s: float | None = None  # overrides SchedulerConfig.queue_timeout_s
     num_preemptions: int = 0
     scheduled_at: float | None = None  # when first admitted (queue time = scheduled_at - arrival)
     num_cached: int = 0  # prompt tokens whose K/V came from the prefix cache (last admission)
     page_hashes: list[bytes] = dataclasses.field(default_factory=list)  # of its full pages, in order
+    num_registered: int = 0  # its first pages findable in the prefix cache
+    queued_at: float = 0.0  # when it last entered the waiting queue (arrival, or its preemption)
 
     @property
     def uncomputed(self) -> int:
@@ -79,6 +85,7 @@ class StepPlan:
     preempted: tuple[Sequence, ...] = ()
     expired: tuple[Sequence, ...] = ()
     onboard: tuple[tuple[int, bytes], ...] = ()  # (device page, hash): copy in from the lower tier first
+    now: float = 0.0  # the clock reading it was made at
 
     @property
     def empty(self) -> bool:
@@ -124,10 +131,11 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         if len(self.waiting) >= self.config.max_queue_size:
             raise QueueFull(f"the waiting queue is full ({self.config.max_queue_size} requests)")
-        self._enqueue(seq)
+        self._enqueue(seq, seq.arrival)
 
-    def _enqueue(self, seq: Sequence) -> None:
+    def _enqueue(self, seq: Sequence, now: float) -> None:
         seq.status = Status.WAITING
+        seq.queued_at = now
         i = len(self.waiting)
         while i > 0 and self.waiting[i - 1].order > seq.order:
             i -= 1
@@ -164,7 +172,7 @@ class Scheduler:
                                                   self.config.max_prefill_chunk)
             if n <= 0:
                 continue
-            if not self._make_room(seq, seq.num_computed + n, preempted):
+            if not self._make_room(seq, seq.num_computed + n, preempted, now):
                 continue  # seq itself was preempted
             if n == 1 and seq.uncomputed == 1:
                 decodes.append(seq)
@@ -186,7 +194,8 @@ class Scheduler:
             if not self.blocks.grow(seq.pages, seq.num_computed + n):
                 if seq.num_cached:  # give the prefix back; it is looked up again next time
                     self.blocks.release(seq.pages)
-                    seq.num_computed = seq.num_cached = 0
+                    seq.num_computed = seq.num_cached = seq.num_registered = 0
+                    seq.page_hashes = []
                 break
             self.waiting.pop(0)
             if not seq.started:
@@ -198,13 +207,21 @@ class Scheduler:
             else:
                 prefills.append(PrefillChunk(seq, seq.num_computed, seq.num_computed + n))
             budget -= n
-        if self.blocks.prefix_caching:
-            for chunk in prefills:
-                self._register_full_pages(chunk.seq, chunk.end)
-            for seq in decodes:
-                self._register_full_pages(seq, seq.num_computed + 1)
         onboard, self._onboard = tuple(self._onboard), []
-        return StepPlan(tuple(prefills), tuple(decodes), tuple(preempted), tuple(expired), onboard)
+        return StepPlan(tuple(prefills), tuple(decodes), tuple(preempted), tuple(expired), onboard, now)
+
+    def commit(self, plan: StepPlan) -> None:
+        """The plan's programs ran: its requests advance, and the pages they filled (or copied in
+        from a lower tier) become findable. Requests that left the plan before it ran (finished
+        with an error) are skipped."""
+        for chunk in plan.prefills:
+            if chunk.seq.status is Status.RUNNING:
+                chunk.seq.num_computed = chunk.end
+                self._register_full_pages(chunk.seq)
+        for seq in plan.decodes:
+            if seq.status is Status.RUNNING:
+                seq.num_computed += 1
+                self._register_full_pages(seq)
 
     def _reuse_prefix(self, seq: Sequence, budget: int) -> int:
         """Take seq's cached prefix; returns the step budget its copies from the lower tier use (each
@@ -222,6 +239,7 @@ class Scheduler:
             seq.pages = list(pages)
             seq.num_computed = seq.num_cached = len(pages) * ps
             seq.page_hashes = hashes[:len(pages)]
+            seq.num_registered = len(pages)
             self.prefix_hits += len(pages) * ps
         if self.lower_tier is None:
             return 0
@@ -236,8 +254,7 @@ class Scheduler:
         table = list(seq.pages)
         if not self.blocks.grow(table, (len(pages) + len(lower)) * ps):
             return 0  # no room to bring them in: compute instead
-        for page, h in zip(table[len(pages):], lower):
-            self.blocks.register(page, h)
+        for page, h in zip(table[len(pages):], lower):  # registered in `commit`, once copied in
             self._onboard.append((page, h))
         seq.pages = table
         seq.num_computed = seq.num_cached = len(table) * ps
@@ -245,13 +262,17 @@ class Scheduler:
         self.lower_hits += len(lower) * ps
         return len(lower) * cost
 
-    def _register_full_pages(self, seq: Sequence, computed: int) -> None:
-        """Register the pages that hold `computed` tokens in full (this step completes them)."""
+    def _register_full_pages(self, seq: Sequence) -> None:
+        """Register the pages that hold computed tokens in full (and those copied in for it)."""
+        if not self.blocks.prefix_caching:
+            return
         ps = self.blocks.page_size
-        for i in range(len(seq.page_hashes), computed // ps):
+        for i in range(len(seq.page_hashes), seq.num_computed // ps):
             parent = seq.page_hashes[-1] if seq.page_hashes else self.salt
             seq.page_hashes.append(chain_hash(parent, seq.tokens[i * ps:(i + 1) * ps]))
-            self.blocks.register(seq.pages[i], seq.page_hashes[-1])
+        for i in range(seq.num_registered, len(seq.page_hashes)):
+            self.blocks.register(seq.pages[i], seq.page_hashes[i])
+        seq.num_registered = len(seq.page_hashes)
 
     def _decodes_left(self, seq: Sequence) -> list[Sequence]:
         """Running requests after `seq` that will want one decode token each this step: a prompt
@@ -259,7 +280,7 @@ class Scheduler:
         i = self.running.index(seq)
         return [s for s in self.running[i + 1:] if s.status is Status.RUNNING and s.uncomputed == 1]
 
-    def _make_room(self, seq: Sequence, num_tokens: int, preempted: list[Sequence]) -> bool:
+    def _make_room(self, seq: Sequence, num_tokens: int, preempted: list[Sequence], now: float) -> bool:
         """Grow seq's pages to num_tokens, preempting from the tail of `running` as needed.
         False if seq itself had to be preempted."""
         while not self.blocks.grow(seq.pages, num_tokens):
@@ -268,29 +289,36 @@ class Scheduler:
             victim = next(s for s in reversed(self.running)
                           if s is seq or replica is None
                           or (s.pages and self.blocks.replica_of(s.pages[0]) == replica))
-            self._preempt(victim)
+            self._preempt(victim, now)
             preempted.append(victim)
             if victim is seq:
                 return False
         return True
 
-    def _preempt(self, seq: Sequence) -> None:
+    def _preempt(self, seq: Sequence, now: float) -> None:
         self.running.remove(seq)
         self.blocks.release(seq.pages)
-        seq.num_computed = seq.num_cached = 0  # recompute prompt + output so far (or find it cached)
+        seq.num_computed = seq.num_cached = seq.num_registered = 0  # recompute prompt + output so far
         seq.page_hashes = []
         seq.num_preemptions += 1
-        self._enqueue(seq)
+        self._enqueue(seq, now)
+
+    def _timeout(self, seq: Sequence) -> float | None:
+        return seq.queue_timeout_s if seq.queue_timeout_s is not None else self.config.queue_timeout_s
 
     def _expire(self, now: float) -> list[Sequence]:
-        def timeout(s: Sequence) -> float | None:
-            return s.queue_timeout_s if s.queue_timeout_s is not None else self.config.queue_timeout_s
-
+        """Waiting requests past their queue timeout, counted from when they last entered the queue
+        (a preempted request that cannot get back in expires too, instead of waiting forever)."""
         expired = [s for s in self.waiting
-                   if not s.started and timeout(s) is not None and now - s.arrival > timeout(s)]
+                   if self._timeout(s) is not None and now - s.queued_at > self._timeout(s)]
         for seq in expired:
             self.remove(seq)
         return expired
+
+    def next_expiry(self) -> float | None:
+        """The clock reading at which the next waiting request expires (None: none can)."""
+        times = [s.queued_at + self._timeout(s) for s in self.waiting if self._timeout(s) is not None]
+        return min(times, default=None)
 
     def describe(self) -> dict[str, Any]:
         return {"waiting": len(self.waiting), "running": len(self.running),

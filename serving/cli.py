@@ -206,7 +206,8 @@ def _run_batch(ckpt, config, args, params, lines, layout) -> None:
     import jax
     from tqdm.auto import tqdm
 
-    from runtime.engine import Engine, check_request
+    from runtime.engine import Engine
+    from runtime.request import check_request
 
     # Every line is checked before the slow part (compiling), so a bad line fails at once.
     max_seq_len = min(config.max_seq_len, ckpt.config.max_position_embeddings)
@@ -218,7 +219,7 @@ def _run_batch(ckpt, config, args, params, lines, layout) -> None:
             p = dataclasses.replace(params, **overrides)
             ids = _encode(ckpt.tokenizer, item.get("messages") or item["prompt"], args.chat)
             check_request(ids, p, 0, vocab_size=ckpt.config.vocab_size, max_seq_len=max_seq_len,
-                          priority_levels=config.priority_levels)
+                          priority_levels=config.priority_levels, limits=config.limits)
         except (RequestError, TypeError) as e:
             raise RequestError(f"{Path(args.input).name} line {item['_line']}: {e}") from None
         prompts.append(ids)
@@ -297,7 +298,14 @@ def _serve(args) -> None:
         mesh = MeshConfig.from_yaml(config.mesh)
         if mesh.distributed is not None:
             raise MeshserveError("serve runs on one host for now: use a mesh file without 'distributed'")
-    asyncio.run(serve_forever(Server(config, build_engine(config, engine_config, progress=not args.quiet))))
+    code = asyncio.run(serve_forever(Server(config, build_engine(config, engine_config, progress=not args.quiet))))
+    if code:
+        # The engine failed (its cause is in the log above): exit for a supervisor to restart the
+        # server, without waiting on an engine thread that may be stuck on the device.
+        print("meshserve: error: the engine failed; exiting so that a supervisor restarts the server",
+              file=sys.stderr, flush=True)
+        logging.shutdown()
+        os._exit(code)
 
 
 def _fetch_default(args) -> None:

@@ -29,6 +29,7 @@ class ServerConfig:
     tls_key: str | None = None
     auth_tokens: tuple[str, ...] = ()  # bearer tokens ("authorization: Bearer T"); empty: no auth
     drain_timeout_s: float = 30.0  # on SIGTERM: how long in-flight requests may finish
+    step_timeout_s: float | None = 300.0  # one engine step running longer means a hung device: fail, exit
 
     def __post_init__(self):
         if not 0 <= self.port < 65536:
@@ -39,6 +40,8 @@ class ServerConfig:
             raise ConfigError(f"server.max_message_bytes must be >= 1024, got {self.max_message_bytes}")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ConfigError("server.tls_cert and server.tls_key go together: set both or neither")
+        if self.step_timeout_s is not None and not self.step_timeout_s > 0:
+            raise ConfigError(f"server.step_timeout_s must be positive or null, got {self.step_timeout_s}")
         if self.drain_timeout_s < 0:
             raise ConfigError(f"server.drain_timeout_s must be >= 0, got {self.drain_timeout_s}")
         for t in self.auth_tokens:

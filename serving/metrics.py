@@ -1,8 +1,10 @@
 """Prometheus metrics of the server, on their own registry (served on their own HTTP port).
 
-Latencies are observed by the engine thread as outputs come out of a step: time to first token
-(arrival → first token), inter-token latency (between a request's consecutive tokens, the first
-excluded), end-to-end latency (arrival → last token) and queue time (arrival → first scheduled).
+Every request that reaches the server is counted once in `meshserve_requests_total`, by outcome.
+Latencies are observed by the engine thread as outputs come out of a step, counted from the
+request's arrival at the server (before tokenization): time to first token (arrival → first
+token), inter-token latency (between a request's consecutive tokens, the first excluded),
+end-to-end latency (arrival → last token) and queue time (arrival → first scheduled).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ class Metrics:
     def __init__(self):
         self.registry = r = CollectorRegistry()
         self.requests = Counter("meshserve_requests", "Finished requests by outcome "
-                                "(stop, length, abort, error, rejected, invalid, unauthenticated)",
+                                "(stop, length, abort, error, rejected, invalid, unavailable, unauthenticated)",
                                 ["outcome"], registry=r)
         self.ttft = Histogram("meshserve_time_to_first_token_seconds", "Arrival to first token",
                               buckets=LATENCY_BUCKETS, registry=r)
@@ -48,7 +50,7 @@ class Metrics:
                                   registry=r)
         self.compilations = Counter("meshserve_compilations", "XLA compilations (all at warm-up when healthy)",
                                     registry=r)
-        for outcome in ("stop", "length", "abort", "error", "rejected", "invalid", "unauthenticated"):
+        for outcome in ("stop", "length", "abort", "error", "rejected", "invalid", "unavailable", "unauthenticated"):
             self.requests.labels(outcome)  # every series exists from the start
         self.prefix_queried.labels("all")
         for tier in ("device", "host", "store"):

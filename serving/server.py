@@ -1,336 +1,181 @@
 """The gRPC server: meshserve.v1.Generation, grpc.health.v1.Health, reflection, Prometheus metrics.
 
-    asyncio (grpc.aio handlers)  ──submit / abort──▶  EngineLoop thread (owns the Engine)
-            ▲                                                 │ engine.step()
-            └──────── per-request asyncio.Queue ◀─────────────┘ outputs, via call_soon_threadsafe
+    grpc.aio handlers ──preprocess (thread pool)──▶ EngineLoop.submit ──▶ engine thread
+            ▲                                                                 │
+            └──────────── per-request asyncio.Queue ◀─────────────────────────┘
 
-The engine is single-threaded and lives on its own thread; handlers only hand requests over and
-read their outputs. Health is NOT_SERVING until the engine has loaded the model and compiled every
-program, and again once shutdown begins. A cancelled call or an expired deadline aborts its request
-before the engine's next step, which frees its pages. SIGTERM stops admissions, lets in-flight
-requests finish for `drain_timeout_s`, then aborts the rest.
+This module is the gRPC transport and the process's lifecycle; request preprocessing lives in
+serving/preprocess.py and the engine's thread in serving/engine_loop.py, shared with any other
+transport. Health is NOT_SERVING until the engine has loaded the model and compiled every program,
+and again once shutdown begins or the engine fails. A cancelled call or an expired deadline aborts
+its request before the engine's next step, which frees its pages. SIGTERM stops admissions, lets
+in-flight requests finish for `drain_timeout_s`, aborts the rest, writes the prefix cache to the
+store tier and exits 0; an engine failure ends every stream with UNAVAILABLE and exits
+EXIT_ENGINE_FAILED (see the failure contract in serving/engine_loop.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
-import dataclasses
 import hmac
 import logging
-import queue
 import signal
 import threading
 import time
-import traceback
-import uuid
 from typing import Callable
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from models.errors import MeshserveError, RequestError
 from runtime.engine import Engine, EngineConfig, QueueFullError, RequestOutput
-from runtime.sampling import MAX_LOGPROBS, SamplingParams
+from runtime.sampling import MAX_LOGPROBS
 from serving.config import ServerConfig
+from serving.engine_loop import EngineLoop, EngineUnavailable, State, Stream
 from serving.metrics import Metrics
+from serving.preprocess import EngineFacts, Preprocessor, Prompt
 from serving.proto.meshserve.v1 import generation_pb2 as pb
-from serving.proto.meshserve.v1 import generation_pb2_grpc as pb_grpc
 
 log = logging.getLogger("meshserve.server")
 
 SERVICE = pb.DESCRIPTOR.services_by_name["Generation"].full_name  # "meshserve.v1.Generation"
 FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH, "abort": pb.FINISH_REASON_ABORT,
           "error": pb.FINISH_REASON_ERROR}
-MAX_REQUEST_ID = 256
-
-
-# ---- the engine thread -------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(eq=False)
-class _Stream:
-    """One request as both sides see it: outputs go to `queue` on the handler's event loop."""
-
-    loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue
-    arrival: float = 0.0
-    first: float | None = None  # time of the first token
-    last: float | None = None  # time of the latest token
-
-
-class EngineLoop(threading.Thread):
-    """Owns the Engine: builds it (load + compile), then runs steps while there is work."""
-
-    def __init__(self, build: Callable[[], Engine], metrics: Metrics, on_ready: Callable[[], None]):
-        super().__init__(name="meshserve-engine", daemon=True)
-        self._build = build
-        self._metrics = metrics
-        self._on_ready = on_ready
-        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self._streams: dict[str, _Stream] = {}
-        self._seen: dict[int, int] = {}  # engine totals already added to each metric
-        self.engine: Engine | None = None
-        self.error: BaseException | None = None
-        self.ready = threading.Event()
-
-    # called from other threads
-    def submit(self, ids: list[int], params: SamplingParams, priority: int, request_id: str | None,
-               stream: _Stream) -> concurrent.futures.Future:
-        future: concurrent.futures.Future = concurrent.futures.Future()
-        self._inbox.put(("add", (ids, params, priority, request_id, stream), future))
-        return future
-
-    def abort(self, request_id: str, stream: _Stream | None = None) -> None:
-        """Abort a request (only if it still belongs to `stream`, when given)."""
-        self._inbox.put(("abort", (request_id, stream), None))
-
-    def abort_all(self) -> None:
-        self._inbox.put(("abort_all", None, None))
-
-    def stop(self) -> None:
-        self._inbox.put(("stop", None, None))
-
-    @property
-    def in_flight(self) -> int:
-        return len(self._streams)
-
-    # the thread
-    def run(self) -> None:
-        try:
-            self.engine = self._build()
-        except BaseException as e:  # reported by the server; nothing to serve
-            self.error = e
-            self.ready.set()
-            return
-        self.ready.set()
-        self._on_ready()
-        engine = self.engine
-        while True:
-            idle = not engine.has_unfinished
-            try:
-                commands = [self._inbox.get(timeout=0.5) if idle else self._inbox.get_nowait()]
-            except queue.Empty:
-                commands = []
-            while True:
-                try:
-                    commands.append(self._inbox.get_nowait())
-                except queue.Empty:
-                    break
-            for kind, arg, future in commands:
-                if kind == "stop":
-                    self._abort_all()
-                    try:
-                        engine.persist_prefix_cache()  # so a restart on the same store finds them
-                    except Exception:
-                        log.error("persisting the prefix cache failed:\n%s", traceback.format_exc())
-                    return
-                try:
-                    self._command(kind, arg, future)
-                except Exception:  # never let a command take the loop down
-                    log.error("engine command %s failed:\n%s", kind, traceback.format_exc())
-            if engine.has_unfinished:
-                try:
-                    outputs = engine.step()
-                except Exception as e:  # a fault of the whole step: fail what it held, keep serving
-                    log.error("engine step failed:\n%s", traceback.format_exc())
-                    outputs = self._fail_all(f"{type(e).__name__}: {e}")
-                try:
-                    self._dispatch(outputs)
-                except Exception:
-                    log.error("dispatching outputs failed:\n%s", traceback.format_exc())
-            stats = engine.scheduler.describe()
-            m = self._metrics
-            m.running.set(stats["running"])
-            m.waiting.set(stats["waiting"])
-            m.pages_used.set(stats["pages_used"])
-            m.pages_total.set(stats["pages_total"])
-            m.pages_cached.set(stats["pages_cached"])
-            counts = [(m.prefix_queried.labels("all"), stats["prefix_queried_tokens"]),
-                      (m.prefix_hits.labels("device"), stats["prefix_hit_tokens"])]
-            if engine.host_tier is not None:
-                tiers, ps, pb = engine.stats(), engine.config.page_size, engine.page_bytes
-                m.tier_pages.labels("host").set(tiers["pages_host"])
-                m.tier_pages.labels("store").set(tiers.get("pages_store", 0))
-                counts += [(m.prefix_hits.labels("host"), tiers["host_hit_pages"] * ps),
-                           (m.prefix_hits.labels("store"), tiers["store_hit_pages"] * ps),
-                           (m.pages_moved.labels("device_to_host"), tiers["host_pages_out"]),
-                           (m.pages_moved.labels("host_to_device"), tiers["host_pages_in"]),
-                           (m.bytes_moved.labels("device_to_host"), tiers["host_pages_out"] * pb),
-                           (m.bytes_moved.labels("host_to_device"), tiers["host_pages_in"] * pb)]
-                if "store_pages_written" in tiers:
-                    counts += [(m.pages_moved.labels("host_to_store"), tiers["store_pages_written"]),
-                               (m.bytes_moved.labels("host_to_store"), tiers["store_pages_written"] * pb)]
-            for counter, total in counts:  # the engine keeps totals; counters take increments
-                counter.inc(total - self._seen.get(id(counter), 0))
-                self._seen[id(counter)] = total
-
-    def _command(self, kind, arg, future) -> None:
-        engine = self.engine
-        if kind == "add":
-            ids, params, priority, request_id, stream = arg
-            if not future.set_running_or_notify_cancel():
-                return  # the caller went away before the request was taken
-            try:
-                rid = engine.add_request(ids, params, request_id=request_id, priority=priority)
-            except Exception as e:  # bad input, a full queue, or a fault: that request only
-                future.set_exception(e)
-                return
-            stream.arrival = time.monotonic()
-            self._streams[rid] = stream
-            self._metrics.prompt_tokens.inc(len(ids))
-            future.set_result(rid)
-        elif kind == "abort":
-            rid, stream = arg
-            if stream is not None and self._streams.get(rid) is not stream:
-                return  # finished already, or the id now names another caller's request
-            if engine.abort(rid):
-                self._end(rid, RequestOutput(rid, (), "", finished=True, finish_reason="abort"))
-        elif kind == "abort_all":
-            self._abort_all()
-
-    def _abort_all(self) -> None:
-        for rid in list(self._streams):
-            self.engine.abort(rid)
-            self._end(rid, RequestOutput(rid, (), "", finished=True, finish_reason="abort"))
-
-    def _fail_all(self, error: str) -> list[RequestOutput]:
-        outputs = []
-        for rid in list(self._streams):
-            self.engine.abort(rid)
-            outputs.append(RequestOutput(rid, (), "", finished=True, finish_reason="error", error=error))
-        return outputs
-
-    def _end(self, rid: str, out: RequestOutput) -> None:
-        stream = self._streams.pop(rid, None)
-        if stream is not None:
-            self._metrics.requests.labels(out.finish_reason).inc()
-            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, out)
-
-    def _dispatch(self, outputs: list[RequestOutput]) -> None:
-        now = time.monotonic()
-        m = self._metrics
-        for out in outputs:
-            stream = self._streams.get(out.request_id)
-            if stream is None:
-                continue
-            if out.token_ids:
-                if stream.first is None:
-                    stream.first = now
-                    m.ttft.observe(now - stream.arrival)
-                    if out.queue_time_s is not None:
-                        m.queue.observe(out.queue_time_s)
-                else:
-                    m.itl.observe(now - stream.last)
-                stream.last = now
-                m.generation_tokens.inc(len(out.token_ids))
-            if out.finished:
-                if stream.first is not None:
-                    m.e2e.observe(now - stream.arrival)
-                self._end(out.request_id, out)
-            else:
-                stream.loop.call_soon_threadsafe(stream.queue.put_nowait, out)
+EXIT_ENGINE_FAILED = 3  # the process's exit code after an engine failure
+STOP_TIMEOUT_S = 600.0  # longest wait for the engine thread to persist the prefix cache and end
 
 
 # ---- the gRPC service --------------------------------------------------------------------------
 
 
-def _parse_sampling(s: pb.SamplingOptions) -> SamplingParams:
-    values = {}
-    for name in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
-                 "frequency_penalty", "seed", "max_tokens", "logprobs"):
-        if s.HasField(name):
-            values[name] = getattr(s, name)
+class _Undecodable:
+    """A request whose bytes are not a valid message (e.g. a string field that is not UTF-8): the
+    handler answers INVALID_ARGUMENT instead of grpc's UNKNOWN."""
+
+    def __init__(self, error: str):
+        self.error = error
+
+
+def _lenient(message_cls):
+    def parse(data: bytes):
+        try:
+            return message_cls.FromString(data)
+        except DecodeError as e:
+            return _Undecodable(f"the request is not a valid {message_cls.DESCRIPTOR.full_name}: {e}")
+    return parse
+
+
+def _sampling(s: pb.SamplingOptions) -> dict:
+    """The sampling options a request set (unset ones take the engine's defaults)."""
+    values = {name: getattr(s, name) for name in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty",
+                                                  "presence_penalty", "frequency_penalty", "seed", "max_tokens",
+                                                  "logprobs") if s.HasField(name)}
     if s.stop:
         values["stop"] = tuple(s.stop)
     if s.stop_token_ids:
         values["stop_token_ids"] = tuple(s.stop_token_ids)
     values["ignore_eos"] = s.ignore_eos
-    return SamplingParams(**values)
+    return values
 
 
-class GenerationService(pb_grpc.GenerationServicer):
+def _prompt(text: str, token_ids, messages) -> Prompt:
+    return Prompt(text=text or None, token_ids=list(token_ids) or None,
+                  messages=[{"role": m.role, "content": m.content} for m in messages] or None)
+
+
+class GenerationService:
+    """meshserve.v1.Generation: parses the wire format, hands the rest to the preprocessor and the
+    engine loop, and maps their outcomes to status codes. Every Generate call is counted once in
+    `meshserve_requests_total`, whatever its outcome."""
+
     def __init__(self, server: "Server"):
         self.server = server
 
-    async def _engine(self, context) -> Engine:
-        engine = self.server.engine_ready()
-        if engine is None:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is warming up (compiling); retry shortly")
-        if self.server.draining:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
-        return engine
-
-    def _encode(self, engine: Engine, text: str, token_ids, messages) -> list[int]:
-        given = [name for name, v in (("text", text), ("token_ids", token_ids), ("messages", messages)) if v]
-        if len(given) != 1:
-            raise RequestError("input: set exactly one of text, token_ids, messages"
-                               + (f" (got {' and '.join(given)})" if given else " (got none)"))
-        if text:
-            return engine.tokenizer.encode(text)
-        if token_ids:
-            return list(token_ids)
-        for i, m in enumerate(messages):
-            if not m.role:
-                raise RequestError(f"messages[{i}].role is empty")
-        try:
-            return engine.tokenizer.encode_chat([{"role": m.role, "content": m.content} for m in messages])
-        except Exception as e:  # a template error names what was wrong with the messages
-            raise RequestError(f"messages: the chat template failed: {e}") from None
+    async def _ready(self, context, request, ends=lambda outcome: None) -> Preprocessor:
+        """The preprocessor, if the request parsed and the server is serving; else the call ends."""
+        if isinstance(request, _Undecodable):
+            ends("invalid")
+            await self._invalid(context, request.error)
+        pre = self.server.serving()
+        if pre is None:
+            ends("unavailable")
+            await context.abort(grpc.StatusCode.UNAVAILABLE, self.server.unavailable())
+        return pre
 
     async def _invalid(self, context, message: str):
-        self.server.metrics.requests.labels("invalid").inc()
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
 
     async def Generate(self, request: pb.GenerateRequest, context):
-        engine = await self._engine(context)
+        arrival = time.monotonic()
+        outcome = ["abort"]  # until known otherwise: the client went away
         try:
-            ids = self._encode(engine, request.text, request.token_ids, request.messages)
-            params = _parse_sampling(request.sampling)
-            if not request.sampling.HasField("max_tokens"):  # unset: up to 256, within the context
-                params = dataclasses.replace(params, max_tokens=max(1, min(params.max_tokens,
-                                                                           engine.max_seq_len - len(ids))))
-            rid = request.request_id or None
-            if rid is not None and (len(rid) > MAX_REQUEST_ID or not rid.isprintable()):
-                raise RequestError(f"request_id must be printable and at most {MAX_REQUEST_ID} characters")
+            async for resp in self._generate(request, context, arrival, outcome):
+                yield resp
+        finally:
+            self.server.metrics.requests.labels(outcome[0]).inc()
+
+    async def _generate(self, request, context, arrival: float, outcome: list):
+        def ends(how: str):
+            outcome[0] = how
+
+        pre = await self._ready(context, request, ends)
+        try:
+            prepared = await pre.run(pre.prepare, _prompt(request.text, request.token_ids, request.messages),
+                                     _sampling(request.sampling), priority=request.priority,
+                                     request_id=request.request_id or None, arrival=arrival)
         except RequestError as e:
+            ends("invalid")
             await self._invalid(context, str(e))
-        rid = rid or uuid.uuid4().hex
-        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        loop = self.server.loop
+        stream = Stream(asyncio.get_running_loop(), asyncio.Queue(), arrival)
+        rid = prepared.request_id
         try:
-            await asyncio.wrap_future(self.server.loop.submit(ids, params, request.priority, rid, stream))
+            await asyncio.wrap_future(loop.submit(prepared, stream))
         except asyncio.CancelledError:  # gone while being admitted: undo the admission, if it happened
-            self.server.loop.abort(rid, stream)
+            loop.abort(rid, stream)
             raise
         except RequestError as e:
+            ends("invalid")
             await self._invalid(context, str(e))
         except QueueFullError as e:
-            self.server.metrics.requests.labels("rejected").inc()
+            ends("rejected")
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+        except EngineUnavailable as e:
+            ends("unavailable")
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
         except Exception as e:
-            self.server.metrics.requests.labels("error").inc()
+            ends("error")
             await context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
         done = False
         try:
             while True:
-                out: RequestOutput = await stream.queue.get()
+                out = await stream.queue.get()
+                if isinstance(out, EngineUnavailable):  # the engine failed under this request
+                    done = True
+                    ends("unavailable")
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, str(out))
                 if out.finish_reason == "rejected":  # waited in the queue past its timeout
                     done = True
+                    ends("rejected")
                     await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, out.error or "rejected")
                 if out.finish_reason == "error":
                     done = True
+                    ends("error")
                     await context.abort(grpc.StatusCode.INTERNAL, f"request {rid} failed: {out.error}")
-                yield self._response(rid, out, stream)
                 if out.finished:
                     done = True
+                    ends(out.finish_reason)
+                yield self._response(rid, out, stream)
+                if out.finished:
                     return
         finally:
             if not done:  # the client went away (cancel, deadline): free its pages now
-                self.server.loop.abort(rid, stream)
+                loop.abort(rid, stream)
 
     @staticmethod
-    def _response(rid: str, out: RequestOutput, stream: _Stream) -> pb.GenerateResponse:
+    def _response(rid: str, out: RequestOutput, stream: Stream) -> pb.GenerateResponse:
         resp = pb.GenerateResponse(request_id=rid, token_ids=list(out.token_ids), text=out.text)
         for lp in out.logprobs:
             resp.logprobs.append(pb.TokenLogprob(token_id=lp.token_id, logprob=lp.logprob,
@@ -345,30 +190,46 @@ class GenerationService(pb_grpc.GenerationServicer):
         return resp
 
     async def Tokenize(self, request: pb.TokenizeRequest, context):
-        engine = await self._engine(context)
+        pre = await self._ready(context, request)
         if bool(request.text) == bool(request.messages):
             await self._invalid(context, "input: set exactly one of text, messages")
         try:
-            ids = self._encode(engine, request.text, None, request.messages)
+            ids = await pre.run(pre.encode, _prompt(request.text, (), request.messages))
         except RequestError as e:
             await self._invalid(context, str(e))
         return pb.TokenizeResponse(token_ids=ids)
 
     async def Detokenize(self, request: pb.DetokenizeRequest, context):
-        engine = await self._engine(context)
-        vocab = engine.model_config.vocab_size
-        bad = next((t for t in request.token_ids if not 0 <= t < vocab), None)
-        if bad is not None:
-            await self._invalid(context, f"token_ids: {bad} is outside the vocabulary (size {vocab})")
-        return pb.DetokenizeResponse(text=engine.tokenizer.decode(list(request.token_ids)))
+        pre = await self._ready(context, request)
+        try:
+            text = await pre.run(pre.decode, list(request.token_ids))
+        except RequestError as e:
+            await self._invalid(context, str(e))
+        return pb.DetokenizeResponse(text=text)
 
     async def ModelInfo(self, request: pb.ModelInfoRequest, context):
-        engine = await self._engine(context)
+        await self._ready(context, request)
+        engine = self.server.loop.engine
         c = engine.model_config
         return pb.ModelInfoResponse(
             name=c.name, architecture=c.architecture, context_length=engine.max_seq_len, vocab_size=c.vocab_size,
             dtype=str(engine.checkpoint.dtype), mesh=engine.layout.describe(), max_logprobs=MAX_LOGPROBS,
-            priority_levels=engine.config.priority_levels)
+            priority_levels=engine.config.priority_levels, page_size=engine.config.page_size,
+            kv_fingerprint=engine.fingerprint.hex())
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        """The service's methods, with requests parsed leniently (see _Undecodable)."""
+        methods = {
+            "Generate": grpc.unary_stream_rpc_method_handler(
+                self.Generate, _lenient(pb.GenerateRequest), pb.GenerateResponse.SerializeToString),
+            "Tokenize": grpc.unary_unary_rpc_method_handler(
+                self.Tokenize, _lenient(pb.TokenizeRequest), pb.TokenizeResponse.SerializeToString),
+            "Detokenize": grpc.unary_unary_rpc_method_handler(
+                self.Detokenize, _lenient(pb.DetokenizeRequest), pb.DetokenizeResponse.SerializeToString),
+            "ModelInfo": grpc.unary_unary_rpc_method_handler(
+                self.ModelInfo, _lenient(pb.ModelInfoRequest), pb.ModelInfoResponse.SerializeToString),
+        }
+        return grpc.method_handlers_generic_handler(SERVICE, methods)
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):
@@ -413,28 +274,58 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
 
 class Server:
     """`build` loads the model and returns a compiled Engine; it runs on the engine thread, after
-    the port is open, so health checks answer (NOT_SERVING) while the programs compile."""
+    the port is open, so health checks answer (NOT_SERVING) while the programs compile.
+
+    Lifecycle: STARTING (NOT_SERVING) → SERVING → on SIGTERM: drain, abort the rest, persist the
+    prefix cache, exit 0; on an engine failure: NOT_SERVING at once, every stream ended with
+    UNAVAILABLE, `exit_code` EXIT_ENGINE_FAILED (the process exits for a supervisor to restart it)."""
 
     def __init__(self, config: ServerConfig, build: Callable[[], Engine]):
         self.config = config
         self.metrics = Metrics()
-        self.loop = EngineLoop(build, self.metrics, self._on_ready)
+        self.loop = EngineLoop(build, self.metrics, step_timeout_s=config.step_timeout_s,
+                               on_ready=self._on_ready, on_failure=self._on_failure)
         self.health = health.aio.HealthServicer()
         self.draining = False
+        self.preprocessor: Preprocessor | None = None
+        self.exit_code = 0
         self.port: int | None = None
         self.metrics_port: int | None = None
         self._grpc: grpc.aio.Server | None = None
         self._aio_loop: asyncio.AbstractEventLoop | None = None
         self._stopped: asyncio.Event | None = None
 
-    def engine_ready(self) -> Engine | None:
-        return self.loop.engine if self.loop.ready.is_set() and self.loop.error is None else None
+    def serving(self) -> Preprocessor | None:
+        """The preprocessor while requests are admitted; None while warming up, draining or failed."""
+        if self.draining or self.loop.state is not State.SERVING:
+            return None
+        return self.preprocessor
 
-    def _on_ready(self) -> None:  # on the engine thread
+    def unavailable(self) -> str:
+        if self.draining and self.loop.state is State.SERVING:
+            return "the server is shutting down"
+        return str(self.loop.unavailable())
+
+    def _on_ready(self, engine: Engine) -> None:  # on the engine thread
+        self.preprocessor = Preprocessor(engine.tokenizer, EngineFacts.of(engine))
         self._aio_loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._set_health(True)))
+
+    def _on_failure(self, reason: str) -> None:  # on the engine or watchdog thread
+        self._aio_loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._fail(reason)))
+
+    async def _fail(self, reason: str) -> None:
+        """The engine cannot go on: say so at once, stop listening, let the process exit non-zero."""
+        await self._set_health(False)
+        self.exit_code = EXIT_ENGINE_FAILED
+        if self.draining:  # a shutdown in progress finishes the job
+            return
+        self.draining = True
+        await self._close(grace=1.0)  # every stream has had its status already
 
     async def _set_health(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        if serving and self.loop.state is not State.SERVING:
+            return  # failed (or stopped) before this could run
         for name in ("", SERVICE):
             await self.health.set(name, status)
 
@@ -450,7 +341,7 @@ class Server:
                    ("grpc.so_reuseport", 0)]
         interceptors = [AuthInterceptor(cfg.auth_tokens, self.metrics)] if cfg.auth_tokens else []
         server = grpc.aio.server(interceptors=interceptors, options=options)
-        pb_grpc.add_GenerationServicer_to_server(GenerationService(self), server)
+        server.add_generic_rpc_handlers((GenerationService(self).handler(),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection((SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
         await self._set_health(False)
@@ -483,18 +374,25 @@ class Server:
             raise self.loop.error
 
     async def shutdown(self, drain_timeout_s: float | None = None) -> None:
-        """Stop admitting, let in-flight requests finish (up to the drain timeout), abort the rest."""
+        """Stop admitting, let in-flight requests finish (up to the drain timeout), abort the rest,
+        then stop the engine thread (which persists the prefix cache) and wait for it."""
         if self.draining:
             return
         self.draining = True
         await self._set_health(False)
         deadline = time.monotonic() + (self.config.drain_timeout_s if drain_timeout_s is None else drain_timeout_s)
-        while self.loop.in_flight and time.monotonic() < deadline:
+        while self.loop.in_flight and time.monotonic() < deadline and self.loop.state is State.SERVING:
             await asyncio.sleep(0.05)
         self.loop.abort_all()
-        await asyncio.sleep(0.1)  # let the aborts reach their streams
-        await self._grpc.stop(grace=1.0)
-        self.loop.stop()
+        await self._close(grace=1.0)
+
+    async def _close(self, grace: float) -> None:
+        await asyncio.sleep(0.1)  # let the last outputs reach their streams
+        await self._grpc.stop(grace=grace)
+        if self.loop.state is not State.FAILED:  # a failed engine thread may be stuck: never wait on it
+            await asyncio.get_running_loop().run_in_executor(None, self.loop.stop, STOP_TIMEOUT_S)
+        if self.preprocessor is not None:
+            self.preprocessor.close()
         self.metrics.close()
         import jax
 
@@ -505,8 +403,9 @@ class Server:
         await self._stopped.wait()
 
 
-async def serve_forever(server: Server) -> None:
-    """Run until SIGTERM or SIGINT, then shut down gracefully."""
+async def serve_forever(server: Server) -> int:
+    """Run until SIGTERM or SIGINT (then shut down gracefully: exit code 0) or an engine failure
+    (EXIT_ENGINE_FAILED); returns the exit code."""
     await server.start()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -519,9 +418,10 @@ async def serve_forever(server: Server) -> None:
     if ready.done() and ready.exception() is not None:
         await server.shutdown(0)
         raise ready.exception()
-    if ready.done():
+    if ready.done() and server.loop.state is State.SERVING:
         log.warning("meshserve serving %s", server.loop.engine.model_config.name)
     await closed
+    return server.exit_code
 
 
 class ServerThread:
@@ -554,10 +454,14 @@ class ServerThread:
     def shutdown(self, drain_timeout_s: float | None = None, timeout: float = 120) -> None:
         asyncio.run_coroutine_threadsafe(self.server.shutdown(drain_timeout_s), self._loop).result(timeout=timeout)
 
+    def wait_closed(self, timeout: float = 60) -> None:
+        asyncio.run_coroutine_threadsafe(self.server.wait_closed(), self._loop).result(timeout=timeout)
+
     def stop(self) -> None:
         if self._loop.is_running():
             try:
                 self.shutdown(0)
+                self.wait_closed()
             finally:
                 self._loop.call_soon_threadsafe(self._loop.stop)
                 self._thread.join(timeout=30)

@@ -9,9 +9,9 @@ from runtime.engine import Engine, EngineConfig, QueueFullError
 from runtime.sampling import SamplingParams
 from tests.runtime.conftest import greedy_reference, reference_logits
 
-# A tiny page pool (15 usable pages of 4 tokens = 60 tokens) and a 16-token step budget force
-# chunked prefill and preemption.
-TIGHT = EngineConfig(page_size=4, kv_cache_bytes=16 * 2 * 2 * 4 * 2 * 8 * 4, max_seq_len=128,
+# A tiny page pool (15 usable pages of 4 tokens = 60 tokens, one max_seq_len request) and a 16-token
+# step budget force chunked prefill and preemption.
+TIGHT = EngineConfig(page_size=4, kv_cache_bytes=16 * 2 * 2 * 4 * 2 * 8 * 4, max_seq_len=60,
                      max_num_seqs=4, max_num_batched_tokens=16, max_prefill_chunk=16)
 
 
@@ -83,7 +83,7 @@ def test_no_leaks_after_hundreds_of_requests_with_aborts(engine):
     submitted = 0
     while submitted < 300 or engine.has_unfinished:
         while submitted < 300 and len(engine.scheduler.waiting) < 8:
-            n = int(rng.integers(1, 40))
+            n = int(rng.integers(1, 32))  # + max_tokens: within the 60-token context
             engine.add_request(rng.integers(0, 260, n).tolist(),
                                SamplingParams(max_tokens=int(rng.integers(1, 30)),
                                               temperature=float(rng.choice([0, 1])), seed=submitted),
@@ -102,8 +102,8 @@ def test_no_leaks_after_hundreds_of_requests_with_aborts(engine):
 @pytest.mark.parametrize("prompt,params,priority,message", [
     ("", SamplingParams(), 0, "prompt is empty"),
     ([], SamplingParams(), 0, "prompt is empty"),
-    ([1] * 128, SamplingParams(), 0, "does not fit the context of 128"),
-    ([1] * 100, SamplingParams(max_tokens=29), 0, "max_tokens: prompt .* exceeds the context"),
+    ([1] * 60, SamplingParams(), 0, "does not fit the context of 60"),
+    ([1] * 40, SamplingParams(max_tokens=21), 0, "max_tokens: prompt .* exceeds the context"),
     ([1], SamplingParams(max_tokens=0), 0, "max_tokens must be a positive integer"),
     ([1], SamplingParams(temperature=-1), 0, "temperature must be >= 0"),
     ([1], SamplingParams(top_p=0), 0, r"top_p must be in \(0, 1\]"),

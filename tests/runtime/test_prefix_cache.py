@@ -88,7 +88,7 @@ def test_outputs_equal_with_and_without_the_prefix_cache(engines, tiny_ckpt):
 
 
 def test_eviction_under_pressure_keeps_outputs_right(tiny_ckpt):
-    small = dataclasses.replace(TINY, kv_cache_bytes=16 * 2 * 2 * 4 * 2 * 8 * 4)  # 15 usable pages
+    small = dataclasses.replace(TINY, kv_cache_bytes=16 * 2 * 2 * 4 * 2 * 8 * 4, max_seq_len=60)  # 15 usable pages
     engine = Engine(tiny_ckpt, small)
     rng = np.random.default_rng(1)
     prompts = [rng.integers(0, 260, n).tolist() for n in (20, 23, 17, 30)] * 2
@@ -128,7 +128,8 @@ def test_host_tier_serves_evicted_prefixes_with_the_same_outputs(engines, tiny_c
 
 def test_host_tier_under_pressure_stays_correct(tiny_ckpt):
     """A small device pool evicts on its own; a small host tier drops pages too: outputs never change."""
-    config = dataclasses.replace(TINY, kv_cache_bytes=24 * 2 * 2 * 4 * 2 * 8 * 4, host_kv_bytes=12 * 2 * 2 * 4 * 2 * 8 * 4)
+    config = dataclasses.replace(TINY, kv_cache_bytes=24 * 2 * 2 * 4 * 2 * 8 * 4, max_seq_len=64,
+                                 host_kv_bytes=12 * 2 * 2 * 4 * 2 * 8 * 4)
     engine = Engine(tiny_ckpt, config)
     rng = np.random.default_rng(3)
     prefixes = [rng.integers(0, 260, 24).tolist() for _ in range(3)]

@@ -15,13 +15,12 @@ def seq(rid, n, priority=0, arrival=0.0):
 
 
 def run(sched, plan):
-    """What the engine does with a plan: advance computed counts, sample a token where due."""
+    """What the engine does with a plan once its programs ran: commit, then sample a token where due."""
+    sched.commit(plan)
     for chunk in plan.prefills:
-        chunk.seq.num_computed = chunk.end
         if chunk.samples:
             chunk.seq.tokens.append(7)
     for s in plan.decodes:
-        s.num_computed += 1
         s.tokens.append(7)
 
 

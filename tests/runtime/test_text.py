@@ -1,6 +1,7 @@
 """Stop strings are held back until they can no longer match, and never emitted."""
 
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from runtime.text import TextStream
 
@@ -44,3 +45,46 @@ def test_earliest_stop_wins(stops):
 def test_no_stop_strings_streams_everything():
     deltas, hit = run("plain", [])
     assert deltas[:5] == list("plain") and hit is None
+
+
+def reference_cut(text: str, stops: list[str]) -> tuple[str, str | None]:
+    """Brute force: the stop string that completes first (the longer one on a tie) and the text before it."""
+    best = None  # (end, -length)
+    for s in stops:
+        at = text.find(s)
+        while at >= 0:
+            key = (at + len(s), -len(s))
+            best = key if best is None or key < best else best
+            at = text.find(s, at + 1)
+    if best is None:
+        return text, None
+    end, length = best[0], -best[1]
+    return text[:end - length], text[end - length:end]
+
+
+class ChunkTokenizer:
+    """Token i decodes to the i-th chunk of one text."""
+
+    def __init__(self, text, bounds):
+        self.text, self.bounds = text, bounds
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(self.text[self.bounds[i - 1]:self.bounds[i]] for i in ids)
+
+
+alphabet = st.sampled_from("abcab ")
+
+
+@settings(max_examples=400, derandomize=True, deadline=None)
+@given(text=st.text(alphabet, max_size=40), stops=st.lists(st.text(alphabet, min_size=1, max_size=6), max_size=5),
+       cuts=st.lists(st.integers(0, 40), max_size=8))
+def test_matches_a_brute_force_reference_whatever_the_chunking(text, stops, cuts):
+    bounds = sorted({0, len(text), *[c for c in cuts if c <= len(text)]})
+    stream = TextStream(ChunkTokenizer(text, bounds), tuple(stops))
+    out = []
+    for i in range(1, len(bounds)):  # each "token" releases one chunk of the text
+        out.append(stream.push(i))
+        if stream.stopped_by:
+            break
+    out.append(stream.finish())
+    assert ("".join(out), stream.stopped_by) == reference_cut(text, stops)

@@ -23,8 +23,8 @@ def free_port() -> int:
 def test_serve_answers_paris_then_stops_on_sigterm(smollm_ckpt, tmp_path):
     config = yaml.safe_load((ROOT / "configs/serving/default.yaml").read_text())
     # few programs to compile, so the test starts fast; the rest as shipped
-    config["engine"].update(max_seq_len=256, max_num_seqs=2, prefill_buckets=[64], decode_buckets=[2],
-                            context_buckets=[16], compilation_cache_dir=None)
+    config["engine"].update(max_seq_len=256, max_num_seqs=2, max_prefill_chunk=64, prefill_buckets=[64],
+                            decode_buckets=[2], context_buckets=[16], compilation_cache_dir=None)
     port = free_port()
     config["server"].update(port=port, metrics_port=None, model=str(smollm_ckpt.path))
     path = tmp_path / "serving.yaml"

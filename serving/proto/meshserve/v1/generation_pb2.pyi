@@ -155,7 +155,7 @@ class ModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfoResponse(_message.Message):
-    __slots__ = ("name", "architecture", "context_length", "vocab_size", "dtype", "mesh", "max_logprobs", "priority_levels")
+    __slots__ = ("name", "architecture", "context_length", "vocab_size", "dtype", "mesh", "max_logprobs", "priority_levels", "page_size", "kv_fingerprint")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_LENGTH_FIELD_NUMBER: _ClassVar[int]
@@ -164,6 +164,8 @@ class ModelInfoResponse(_message.Message):
     MESH_FIELD_NUMBER: _ClassVar[int]
     MAX_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_LEVELS_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    KV_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     name: str
     architecture: str
     context_length: int
@@ -172,4 +174,6 @@ class ModelInfoResponse(_message.Message):
     mesh: str
     max_logprobs: int
     priority_levels: int
-    def __init__(self, name: _Optional[str] = ..., architecture: _Optional[str] = ..., context_length: _Optional[int] = ..., vocab_size: _Optional[int] = ..., dtype: _Optional[str] = ..., mesh: _Optional[str] = ..., max_logprobs: _Optional[int] = ..., priority_levels: _Optional[int] = ...) -> None: ...
+    page_size: int
+    kv_fingerprint: str
+    def __init__(self, name: _Optional[str] = ..., architecture: _Optional[str] = ..., context_length: _Optional[int] = ..., vocab_size: _Optional[int] = ..., dtype: _Optional[str] = ..., mesh: _Optional[str] = ..., max_logprobs: _Optional[int] = ..., priority_levels: _Optional[int] = ..., page_size: _Optional[int] = ..., kv_fingerprint: _Optional[str] = ...) -> None: ...

@@ -1,0 +1,67 @@
+"""What one request may ask of the engine: the checks every frontend (gRPC, the CLI, later HTTP) and
+the engine itself apply, so that a request that passes them can always run to completion."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, Sequence
+
+from models.errors import ConfigError, RequestError
+from runtime.sampling import SamplingParams
+
+
+@dataclasses.dataclass(frozen=True)
+class RequestLimits:
+    """Bounds on what one request may carry, so none can cost the engine thread more than a
+    bounded amount of work per token (the `limits:` part of the engine config)."""
+
+    max_stop_strings: int = 16  # OpenAI allows 4; tool-calling clients send a handful
+    max_stop_string_chars: int = 1024
+    max_stop_token_ids: int = 256
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"limits.{f.name} must be a positive integer, got {value!r}")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "RequestLimits":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"engine config: unknown field(s) limits.{', limits.'.join(unknown)}")
+        return cls(**data)
+
+    def check(self, params: SamplingParams) -> None:
+        if len(params.stop) > self.max_stop_strings:
+            raise RequestError(f"stop: {len(params.stop)} stop strings, at most {self.max_stop_strings} allowed")
+        longest = max((len(s) for s in params.stop if isinstance(s, str)), default=0)
+        if longest > self.max_stop_string_chars:
+            raise RequestError(f"stop: a stop string of {longest} characters, at most "
+                               f"{self.max_stop_string_chars} allowed")
+        if len(params.stop_token_ids) > self.max_stop_token_ids:
+            raise RequestError(f"stop_token_ids: {len(params.stop_token_ids)} ids, at most "
+                               f"{self.max_stop_token_ids} allowed")
+
+
+def check_request(ids: Sequence[int], params: SamplingParams, priority: int, *, vocab_size: int,
+                  max_seq_len: int, priority_levels: int, limits: RequestLimits = RequestLimits()) -> None:
+    """Raise RequestError naming the first problem with a request; needs no compiled engine.
+
+    `max_seq_len` is a context the KV cache is known to hold (the engine checks that at start-up),
+    so a request within it never waits for pages that cannot exist."""
+    if not ids:
+        raise RequestError("prompt is empty")
+    if len(ids) >= max_seq_len:  # before looking at every id: a huge prompt fails at once
+        raise RequestError(f"prompt of {len(ids)} tokens does not fit the context of {max_seq_len} tokens")
+    bad = next((t for t in ids if not isinstance(t, int) or not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise RequestError(f"prompt token id {bad} is outside the vocabulary (size {vocab_size})")
+    limits.check(params)
+    params.validate(vocab_size)
+    if len(ids) + params.max_tokens > max_seq_len:
+        raise RequestError(f"max_tokens: prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) "
+                           f"exceeds the context of {max_seq_len} tokens")
+    if not isinstance(priority, int) or not 0 <= priority < priority_levels:
+        raise RequestError(f"priority must be in [0, {priority_levels}), got {priority}")

@@ -1,0 +1,368 @@
+"""The engine's own thread, and the contract any transport (gRPC, HTTP, a Dynamo worker) drives it by.
+
+    transport (asyncio) ──submit(EngineRequest, Stream) / abort──▶ inbox ──▶ engine thread: step(), …
+          ▲                                                                         │
+          └──── Stream.queue ◀── RequestOutput …  (one wake-up per event loop per step) ┘
+
+The engine thread builds the engine (load + compile), then runs steps while there is work, and
+sleeps on its inbox when nothing can run (until a new command, or the next queue timeout).
+
+Failure contract (DESIGN.md decision 7, made to hold):
+  - a fault in one request ends that request (finish reason "error"); the others go on;
+  - a fault the engine cannot survive — EngineFault (a program failed after dispatch: the KV pool
+    is unknown), any exception escaping the loop, the thread dying, or one step running longer than
+    `step_timeout_s` (the watchdog thread catches the last two) — makes the loop FAILED at once:
+    every open stream receives EngineUnavailable, submissions are refused, nothing is persisted,
+    and `on_failure` is called once, so the process reports NOT_SERVING and exits non-zero for a
+    supervisor to restart it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import enum
+import logging
+import queue
+import threading
+import time
+import traceback
+from typing import Callable
+
+from models.errors import MeshserveError
+from runtime.engine import Engine, EngineFault, RequestOutput
+from serving.metrics import Metrics
+from serving.preprocess import EngineRequest
+
+log = logging.getLogger("meshserve.engine_loop")
+
+WATCHDOG_PERIOD_S = 0.1
+
+
+class EngineUnavailable(MeshserveError):
+    """The engine is not serving: warming up, shutting down, or failed (gRPC: UNAVAILABLE)."""
+
+
+class State(enum.Enum):
+    STARTING = "starting"  # loading and compiling
+    SERVING = "serving"
+    STOPPED = "stopped"
+    FAILED = "failed"
+
+
+@dataclasses.dataclass(eq=False)
+class Stream:
+    """One request as both sides see it: outputs (or one EngineUnavailable) go to `queue`, on the
+    event loop `loop` of the transport that submitted it."""
+
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+    arrival: float  # time.monotonic() when the transport received the request
+    first: float | None = None  # time of the first token
+    last: float | None = None  # time of the latest token
+
+
+def _put_all(items: list[tuple[asyncio.Queue, object]]) -> None:
+    for q, item in items:
+        q.put_nowait(item)
+
+
+class EngineLoop:
+    def __init__(self, build: Callable[[], Engine], metrics: Metrics, *, step_timeout_s: float | None = None,
+                 on_ready: Callable[[Engine], None] = lambda engine: None,
+                 on_failure: Callable[[str], None] = lambda reason: None):
+        self._build = build
+        self._metrics = metrics
+        self._step_timeout_s = step_timeout_s
+        self._on_ready = on_ready
+        self._on_failure = on_failure
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._lock = threading.Lock()  # guards state, streams, and admissions against a failure
+        self._state = State.STARTING
+        self._streams: dict[str, Stream] = {}
+        self._seen: dict[int, float] = {}  # engine totals already added to each counter
+        self._step_started: float | None = None  # when the step now running began
+        self.engine: Engine | None = None
+        self.error: BaseException | None = None  # the build's, if it failed
+        self.failure: str | None = None  # why the loop failed
+        self.ready = threading.Event()  # set once the build finished (or failed)
+        self._thread = threading.Thread(target=self._run, name="meshserve-engine", daemon=True)
+        self._watchdog = threading.Thread(target=self._watch, name="meshserve-watchdog", daemon=True)
+
+    # ---- called from other threads -----------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+        self._watchdog.start()
+
+    @property
+    def state(self) -> State:
+        return self._state
+
+    @property
+    def thread(self) -> threading.Thread:
+        return self._thread
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._streams)
+
+    def submit(self, request: EngineRequest, stream: Stream) -> concurrent.futures.Future:
+        """Hand a request to the engine; the future gives its id once queued, or the engine's
+        RequestError / QueueFullError / EngineUnavailable."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._lock:
+            if self._state is not State.SERVING:
+                future.set_exception(self.unavailable())
+            else:
+                self._inbox.put(("add", (request, stream), future))
+        return future
+
+    def abort(self, request_id: str, stream: Stream | None = None) -> None:
+        """Abort a request (only if it still belongs to `stream`, when given)."""
+        self._inbox.put(("abort", (request_id, stream), None))
+
+    def abort_all(self) -> None:
+        self._inbox.put(("abort_all", None, None))
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Abort what is left, persist cached pages (when a store is configured), end the thread;
+        returns once it has ended (or `timeout` passed)."""
+        self._inbox.put(("stop", None, None))
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def unavailable(self) -> EngineUnavailable:
+        if self._state is State.FAILED:
+            return EngineUnavailable(f"the engine failed ({self.failure}); the server is restarting")
+        if self._state is State.STARTING:
+            return EngineUnavailable("the server is warming up (compiling); retry shortly")
+        return EngineUnavailable("the server is shutting down")
+
+    # ---- failure -------------------------------------------------------------------------------------
+
+    def fail(self, reason: str) -> None:
+        """The engine cannot go on: end every stream, refuse what waits in the inbox, tell the owner.
+        Safe from any thread, and only the first call acts."""
+        with self._lock:
+            if self._state in (State.FAILED, State.STOPPED):
+                return
+            self._state, self.failure = State.FAILED, reason
+            streams, self._streams = self._streams, {}
+            waiting = []
+            while True:
+                try:
+                    waiting.append(self._inbox.get_nowait())
+                except queue.Empty:
+                    break
+        log.critical("engine failed: %s", reason)
+        error = self.unavailable()
+        for kind, _, future in waiting:
+            if kind == "add" and future.set_running_or_notify_cancel():
+                future.set_exception(error)
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for stream in streams.values():
+            by_loop.setdefault(stream.loop, []).append((stream.queue, error))
+        self._send(by_loop)
+        self._on_failure(reason)
+
+    def _watch(self) -> None:
+        """Fails the loop when the engine thread is gone or one step runs past the limit."""
+        while True:
+            time.sleep(WATCHDOG_PERIOD_S)
+            state = self._state
+            if state in (State.FAILED, State.STOPPED):
+                return
+            if state is not State.SERVING:
+                continue
+            if not self._thread.is_alive():
+                self.fail("the engine thread died")
+                return
+            started, limit = self._step_started, self._step_timeout_s
+            if started is not None and limit is not None and time.monotonic() - started > limit:
+                self.fail(f"one engine step has run for more than {limit:g} s (step_timeout_s)")
+                return
+
+    # ---- the engine thread ---------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            self.engine = self._build()
+        except BaseException as e:  # reported by the owner; nothing to serve
+            self.error = e
+            with self._lock:
+                self._state = State.STOPPED
+            self.ready.set()
+            return
+        with self._lock:
+            self._state = State.SERVING
+        self.ready.set()
+        self._on_ready(self.engine)
+        try:
+            self._serve(self.engine)
+        except BaseException as e:  # nothing should reach here: the engine's state is not to be trusted
+            log.critical("the engine loop died:\n%s", traceback.format_exc())
+            self.fail(f"the engine loop died: {type(e).__name__}: {e}")
+            if not isinstance(e, Exception):
+                raise
+
+    def _serve(self, engine: Engine) -> None:
+        idle = True
+        while True:
+            for kind, arg, future in self._commands(engine, block=idle):
+                if kind == "stop":
+                    self._shut(engine)
+                    return
+                self._command(engine, kind, arg, future)
+            if self._state is not State.SERVING:
+                return
+            if engine.has_unfinished:
+                self._step_started = time.monotonic()
+                try:
+                    outputs = engine.step()
+                except EngineFault as e:
+                    self.fail(str(e))
+                    return
+                finally:
+                    self._step_started = None
+                self._deliver(outputs)
+                idle = engine.idle
+            else:
+                idle = True
+            self._update_metrics(engine)
+
+    def _commands(self, engine: Engine, block: bool) -> list:
+        """Every command waiting; when idle, first sleep until one comes (or a waiting request's
+        queue timeout is due)."""
+        commands = []
+        if block:
+            due = engine.next_expiry()
+            timeout = None if due is None else max(0.0, due - engine.clock.now()) + 1e-3
+            try:
+                commands.append(self._inbox.get(timeout=timeout))
+            except queue.Empty:
+                pass
+        while True:
+            try:
+                commands.append(self._inbox.get_nowait())
+            except queue.Empty:
+                return commands
+
+    def _command(self, engine: Engine, kind: str, arg, future) -> None:
+        if kind == "add":
+            request, stream = arg
+            if not future.set_running_or_notify_cancel():
+                return  # the caller went away before the request was taken
+            try:
+                rid = engine.add_request(request.token_ids, request.params, request_id=request.request_id,
+                                         priority=request.priority, arrival=request.arrival)
+            except Exception as e:  # bad input or a full queue: that request only
+                future.set_exception(e)
+                return
+            with self._lock:
+                self._streams[rid] = stream
+            self._metrics.prompt_tokens.inc(len(request.token_ids))
+            future.set_result(rid)
+        elif kind == "abort":
+            rid, stream = arg
+            if stream is not None and self._streams.get(rid) is not stream:
+                return  # finished already, or the id now names another caller's request
+            if engine.abort(rid):
+                self._deliver([RequestOutput(rid, (), "", finished=True, finish_reason="abort")])
+        elif kind == "abort_all":
+            self._abort_all(engine)
+
+    def _abort_all(self, engine: Engine) -> None:
+        outputs = []
+        for rid in list(self._streams):
+            engine.abort(rid)
+            outputs.append(RequestOutput(rid, (), "", finished=True, finish_reason="abort"))
+        self._deliver(outputs)
+
+    def _shut(self, engine: Engine) -> None:
+        self._abort_all(engine)
+        with self._lock:
+            if self._state is not State.SERVING:
+                return
+            self._state = State.STOPPED
+        if engine.host_tier is not None and engine.host_tier.store is not None:
+            try:  # so a restart on the same store finds them
+                n = engine.persist_prefix_cache()
+                log.warning("wrote the prefix cache to the KV store: it holds %d of the cached pages", n)
+            except Exception:
+                log.error("persisting the prefix cache failed:\n%s", traceback.format_exc())
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        """Route a step's outputs to their streams (one wake-up per event loop), with the latency
+        metrics. A fault with one output ends that stream only."""
+        now = time.monotonic()
+        m = self._metrics
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for out in outputs:
+            stream = self._streams.get(out.request_id)
+            if stream is None:
+                continue
+            try:
+                if out.token_ids:
+                    if stream.first is None:
+                        stream.first = now
+                        m.ttft.observe(now - stream.arrival)
+                        if out.queue_time_s is not None:
+                            m.queue.observe(out.queue_time_s)
+                    else:
+                        m.itl.observe(now - stream.last)
+                    stream.last = now
+                    m.generation_tokens.inc(len(out.token_ids))
+                if out.finished and stream.first is not None:
+                    m.e2e.observe(now - stream.arrival)
+            except Exception as e:
+                log.error("output of %s could not be delivered:\n%s", out.request_id, traceback.format_exc())
+                if self.engine is not None:
+                    self.engine.abort(out.request_id)
+                out = RequestOutput(out.request_id, (), "", finished=True, finish_reason="error",
+                                    error=f"{type(e).__name__}: {e}")
+            if out.finished:
+                with self._lock:
+                    self._streams.pop(out.request_id, None)
+            by_loop.setdefault(stream.loop, []).append((stream.queue, out))
+        self._send(by_loop)
+
+    @staticmethod
+    def _send(by_loop: dict) -> None:
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # that event loop is closed: nobody is listening
+                pass
+
+    def _update_metrics(self, engine: Engine) -> None:
+        """Gauges and counters from the engine's totals; a fault here is logged, never fatal."""
+        try:
+            stats = engine.scheduler.describe()
+            m = self._metrics
+            m.running.set(stats["running"])
+            m.waiting.set(stats["waiting"])
+            m.pages_used.set(stats["pages_used"])
+            m.pages_total.set(stats["pages_total"])
+            m.pages_cached.set(stats["pages_cached"])
+            counts = [(m.prefix_queried.labels("all"), stats["prefix_queried_tokens"]),
+                      (m.prefix_hits.labels("device"), stats["prefix_hit_tokens"])]
+            if engine.host_tier is not None:
+                tiers, ps, pb = engine.stats(), engine.config.page_size, engine.page_bytes
+                m.tier_pages.labels("host").set(tiers["pages_host"])
+                m.tier_pages.labels("store").set(tiers.get("pages_store", 0))
+                counts += [(m.prefix_hits.labels("host"), tiers["host_hit_pages"] * ps),
+                           (m.prefix_hits.labels("store"), tiers["store_hit_pages"] * ps),
+                           (m.pages_moved.labels("device_to_host"), tiers["host_pages_out"]),
+                           (m.pages_moved.labels("host_to_device"), tiers["host_pages_in"]),
+                           (m.bytes_moved.labels("device_to_host"), tiers["host_pages_out"] * pb),
+                           (m.bytes_moved.labels("host_to_device"), tiers["host_pages_in"] * pb)]
+                if "store_pages_written" in tiers:
+                    counts += [(m.pages_moved.labels("host_to_store"), tiers["store_pages_written"]),
+                               (m.bytes_moved.labels("host_to_store"), tiers["store_pages_written"] * pb)]
+            for counter, total in counts:  # the engine keeps totals; counters take increments
+                counter.inc(total - self._seen.get(id(counter), 0))
+                self._seen[id(counter)] = total
+        except Exception:
+            log.error("updating the metrics failed:\n%s", traceback.format_exc())

@@ -1,0 +1,138 @@
+"""Request preprocessing, shared by every frontend: a prompt (text, token ids or chat messages) and
+sampling values in, a checked `EngineRequest` out — tokenized, defaults filled, every value checked
+against the engine's limits, so what reaches the engine thread is known to be servable.
+
+Tokenizing a long prompt or rendering a chat template takes real time (seconds for megabytes), so
+frontends run `prepare` on this module's small thread pool, never on their event loop; the
+tokenizer releases the GIL for long texts (models/tokenizer.py), so other streams keep flowing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import functools
+import uuid
+from typing import Any, Mapping, Sequence
+
+from models.errors import RequestError
+from models.tokenizer import Tokenizer
+from runtime.request import RequestLimits, check_request
+from runtime.sampling import SamplingParams
+
+ROLES = ("system", "developer", "user", "assistant", "tool")  # the chat roles a request may use
+MAX_REQUEST_ID = 256
+DEFAULT_MAX_TOKENS = 256  # when a request sets none: this many, within the context
+THREADS = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class Prompt:
+    """Exactly one of the three is set by a valid request."""
+
+    text: str | None = None
+    token_ids: Sequence[int] | None = None
+    messages: Sequence[Mapping[str, Any]] | None = None  # {"role", "content"}
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineRequest:
+    """A request ready for Engine.add_request."""
+
+    token_ids: list[int]
+    params: SamplingParams
+    priority: int
+    request_id: str
+    arrival: float  # time.monotonic() when the frontend received it: queue time and TTFT count from here
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineFacts:
+    """What preprocessing must know of the engine (read once it is built)."""
+
+    vocab_size: int
+    max_seq_len: int
+    priority_levels: int
+    limits: RequestLimits
+
+    @classmethod
+    def of(cls, engine) -> "EngineFacts":
+        return cls(engine.model_config.vocab_size, engine.max_seq_len, engine.config.priority_levels,
+                   engine.config.limits)
+
+
+def _unicode(text: str, field: str) -> str:
+    if not isinstance(text, str):
+        raise RequestError(f"{field} must be a string")
+    try:
+        text.encode("utf-8")  # a lone surrogate (possible from JSON) is not text
+    except UnicodeEncodeError:
+        raise RequestError(f"{field} is not valid Unicode text") from None
+    return text
+
+
+class Preprocessor:
+    def __init__(self, tokenizer: Tokenizer, facts: EngineFacts, threads: int = THREADS):
+        self.tokenizer = tokenizer
+        self.facts = facts
+        self._pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="meshserve-preprocess")
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    async def run(self, fn, *args, **kwargs):
+        """`fn(*args, **kwargs)` on the preprocessing threads."""
+        return await asyncio.get_running_loop().run_in_executor(self._pool, functools.partial(fn, *args, **kwargs))
+
+    # ---- the steps -------------------------------------------------------------------------------
+
+    def encode(self, prompt: Prompt) -> list[int]:
+        """Token ids of the one input a request gives."""
+        given = [name for name in ("text", "token_ids", "messages") if getattr(prompt, name)]
+        if len(given) != 1:
+            raise RequestError("input: set exactly one of text, token_ids, messages"
+                               + (f" (got {' and '.join(given)})" if given else " (got none)"))
+        if prompt.text:
+            return self.tokenizer.encode(_unicode(prompt.text, "text"))
+        if prompt.token_ids:
+            return list(prompt.token_ids)
+        messages = []
+        for i, m in enumerate(prompt.messages):
+            role = _unicode(m.get("role", ""), f"messages[{i}].role")
+            if not role:
+                raise RequestError(f"messages[{i}].role is empty")
+            if role not in ROLES:
+                raise RequestError(f"messages[{i}].role must be one of {', '.join(ROLES)}, got {role[:40]!r}")
+            messages.append({"role": role, "content": _unicode(m.get("content", ""), f"messages[{i}].content")})
+        try:
+            return self.tokenizer.encode_chat(messages)
+        except Exception as e:  # a template error names what was wrong with the messages
+            raise RequestError(f"messages: the chat template failed: {e}") from None
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        vocab = self.facts.vocab_size
+        bad = next((t for t in token_ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise RequestError(f"token_ids: {bad} is outside the vocabulary (size {vocab})")
+        return self.tokenizer.decode(list(token_ids))
+
+    def prepare(self, prompt: Prompt, sampling: Mapping[str, Any], *, priority: int = 0,
+                request_id: str | None = None, arrival: float) -> EngineRequest:
+        """Raises RequestError naming the first problem."""
+        if request_id is not None and (len(request_id) > MAX_REQUEST_ID or not request_id.isprintable()):
+            raise RequestError(f"request_id must be printable and at most {MAX_REQUEST_ID} characters")
+        ids = self.encode(prompt)
+        values = dict(sampling)
+        for name, value in values.items():  # text fields of the sampling options, checked like the prompt's
+            if name == "stop":
+                values[name] = tuple(_unicode(s, "stop") for s in value)
+            elif name == "stop_token_ids":
+                values[name] = tuple(value)
+        if "max_tokens" not in values:  # unset: up to DEFAULT_MAX_TOKENS, within the context
+            values["max_tokens"] = max(1, min(DEFAULT_MAX_TOKENS, self.facts.max_seq_len - len(ids)))
+        params = SamplingParams(**values)
+        f = self.facts
+        check_request(ids, params, priority, vocab_size=f.vocab_size, max_seq_len=f.max_seq_len,
+                      priority_levels=f.priority_levels, limits=f.limits)
+        return EngineRequest(ids, params, priority, request_id or uuid.uuid4().hex, arrival)
