@@ -7,7 +7,7 @@ import pytest
 from models.errors import RequestError
 from runtime.engine import Engine, EngineConfig, QueueFullError
 from runtime.sampling import SamplingParams
-from tests.runtime.conftest import greedy_reference, reference_logits
+from tests.runtime.conftest import greedy_reference, penalized_reference, reference_logits
 
 # A tiny page pool (15 usable pages of 4 tokens = 60 tokens, one max_seq_len request) and a 16-token
 # step budget force chunked prefill and preemption.
@@ -48,7 +48,9 @@ def test_correct_under_load_with_chunking_and_preemption(engine, tiny_ckpt):
     assert engine.blocks.num_free == engine.blocks.num_usable
 
 
-def test_no_compiles_after_warm_up(engine):
+def test_no_compiles_after_start_up(tiny_ckpt):
+    """Counted from the moment the engine is built: its first use compiles nothing either."""
+    engine = Engine(tiny_ckpt, TIGHT)
     compiles = []
     jax.monitoring.register_event_duration_secs_listener(
         lambda event, secs, **kw: compiles.append(event) if event == "/jax/core/compile/backend_compile_duration" else None)
@@ -60,12 +62,10 @@ def test_no_compiles_after_warm_up(engine):
                              frequency_penalty=0.2, logprobs=3)),
         ("in an inn", SamplingParams(max_tokens=6, stop=("nn",), stop_token_ids=(5,), logprobs=0)),
     ]
-    engine.generate([p for p, _ in mixed], [s for _, s in mixed])  # warm-up
-    before = len(compiles)
     for round_ in range(3):
         engine.generate([p for p, _ in mixed][round_:] + ["x" * (round_ + 3)],
                         [s for _, s in mixed][round_:] + [SamplingParams(max_tokens=3, temperature=0.5)])
-    assert len(compiles) == before
+    assert compiles == []
 
 
 def test_kv_pool_is_donated_not_copied(engine):
@@ -177,17 +177,43 @@ def test_penalties_match_a_host_reference(tiny_ckpt):
     # a negative presence penalty pulls seen tokens up, so the penalties visibly steer greedy
     p = SamplingParams(max_tokens=n, repetition_penalty=1.5, presence_penalty=-1.5, frequency_penalty=0.4,
                        ignore_eos=True)
-    ids = list(prompt)
-    for _ in range(n):
-        logits = reference_logits(tiny_ckpt, ids)
-        seen = np.zeros_like(logits, bool)
-        seen[ids] = True
-        counts = np.bincount(ids[len(prompt):], minlength=logits.size).astype(np.float32)
-        logits = np.where(seen, np.where(logits > 0, logits / 1.5, logits * 1.5), logits)
-        logits = logits + 1.5 * (counts > 0) - 0.4 * counts
-        ids.append(int(logits.argmax()))
-    assert list(engine.generate([prompt], p)[0].token_ids) == ids[len(prompt):]
-    assert ids[len(prompt):] != greedy_reference(tiny_ckpt, prompt, n)  # the penalties mattered
+    want = penalized_reference(tiny_ckpt, prompt, n, 1.5, -1.5, 0.4)
+    assert list(engine.generate([prompt], p)[0].token_ids) == want
+    assert want != greedy_reference(tiny_ckpt, prompt, n)  # the penalties mattered
+
+
+def test_a_penalized_long_prompt_runs_beside_another_request(tiny_ckpt):
+    """A penalized prompt longer than one prefill chunk (so split over steps) used to fail the
+    whole step, and every request in it, while its penalty history was built."""
+    import dataclasses
+
+    import jax
+
+    tiny_ckpt = dataclasses.replace(tiny_ckpt, params=jax.tree.map(
+        lambda a: a / 20 if a.ndim > 1 else a, tiny_ckpt.params))
+    config = EngineConfig(page_size=16, kv_cache_bytes=2**17, max_seq_len=320, max_num_seqs=4,
+                          max_num_batched_tokens=64, max_prefill_chunk=64, prefill_buckets=(16, 64),
+                          decode_buckets=(2,))  # context buckets of 4, 16 and 20 pages
+    engine = Engine(tiny_ckpt, config)
+    rng = np.random.default_rng(7)
+    long_prompt, short_prompt = rng.integers(0, 260, 300).tolist(), rng.integers(0, 260, 5).tolist()
+    penalized = SamplingParams(max_tokens=6, repetition_penalty=1.2, presence_penalty=-1.0,
+                               frequency_penalty=0.5, ignore_eos=True)
+    plans = []
+    real = engine.scheduler.schedule
+
+    def spy(now):
+        plans.append(real(now))
+        return plans[-1]
+
+    engine.scheduler.schedule = spy
+    out = engine.generate([short_prompt, long_prompt], [SamplingParams(max_tokens=12, ignore_eos=True), penalized])
+    assert [c.finish_reason for c in out] == ["length", "length"]
+    assert list(out[0].token_ids) == greedy_reference(tiny_ckpt, short_prompt, 12)
+    assert list(out[1].token_ids) == penalized_reference(tiny_ckpt, long_prompt, 6, 1.2, -1.0, 0.5)
+    shared = [p for p in plans if any(c.seq.request_id == out[1].request_id and c.start > 0 for c in p.prefills)
+              and any(s.request_id == out[0].request_id for s in p.decodes)]
+    assert shared, "a later chunk of the penalized prompt must share a step with the other request"
 
 
 def test_logprobs_are_the_models_own(engine, tiny_ckpt):
@@ -214,14 +240,22 @@ def test_stop_strings_stop_tokens_and_eos(engine, tiny_ckpt):
     assert list(cut.token_ids) == ref[:ref.index(ref[4])] and cut.finish_reason == "stop"
     # a stop string: the text ends right before it, whichever tokens it spans
     text = full.text
-    if len(text) >= 4:
-        stop = text[2:4]
-        out = engine.generate([prompt], SamplingParams(max_tokens=12, stop=(stop,), ignore_eos=True))[0]
-        assert out.text == text[:text.index(stop)] and out.finish_reason == "stop"
-    # the tokenizer's EOS ends generation unless ignore_eos
+    assert len(text) >= 6, text  # the check below needs text on both sides of the stop string
+    stop = text[2:4]
+    out = engine.generate([prompt], SamplingParams(max_tokens=12, stop=(stop,), ignore_eos=True))[0]
+    assert out.text == text[:text.index(stop)] and out.finish_reason == "stop"
+    assert len(out.token_ids) < len(full.token_ids)
+
+
+def test_eos_ends_generation_unless_ignored(engine, tiny_ckpt):
+    prompt = [3, 0, 30]  # the model's greedy continuation reaches the tokenizer's EOS at its 6th token
     eos = tiny_ckpt.tokenizer.eos_ids[0]
-    steered = engine.generate([prompt], SamplingParams(max_tokens=12, logprobs=0))[0]
-    assert eos not in steered.token_ids
+    ref = greedy_reference(tiny_ckpt, prompt, 12)
+    assert ref.index(eos) == 5
+    stopped = engine.generate([prompt], SamplingParams(max_tokens=12))[0]
+    assert list(stopped.token_ids) == ref[:5] and stopped.finish_reason == "stop"
+    ignored = engine.generate([prompt], SamplingParams(max_tokens=12, ignore_eos=True))[0]
+    assert list(ignored.token_ids) == ref and ignored.finish_reason == "length"
 
 
 def test_priority_is_served_first(tiny_ckpt):
@@ -236,3 +270,131 @@ def test_priority_is_served_first(tiny_ckpt):
     while engine.has_unfinished:
         finished += [o.request_id for o in engine.step() if o.finished]
     assert finished == ["first", "high", "low"]
+
+
+# ---- the failure contract ---------------------------------------------------------------------------
+
+
+def test_a_pool_that_cannot_hold_one_request_is_a_config_error(tiny_ckpt):
+    import dataclasses
+
+    from models.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"holds 60 tokens per data replica .* fewer than max_seq_len \(128\)"):
+        Engine(tiny_ckpt, dataclasses.replace(TIGHT, max_seq_len=128))
+
+
+@pytest.mark.parametrize("fields,message", [
+    (dict(prefill_buckets=(8,)), r"prefill_buckets: the largest \(8\) must be >= max_prefill_chunk \(16\)"),
+    (dict(context_buckets=(4, 8)), r"context_buckets: the largest \(8 pages of 4\) must hold max_seq_len"),
+    (dict(decode_buckets=(4, 2)), "decode_buckets must be in increasing order"),
+    (dict(prefill_buckets=(0, 16)), "prefill_buckets must be positive integers"),
+])
+def test_buckets_must_cover_the_limits(fields, message):
+    import dataclasses
+
+    from models.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        dataclasses.replace(TIGHT, **fields)
+
+
+def _fail_sampling_rows_of(monkeypatch, seed: int):
+    """Building the sampling rows of any call holding a request with `seed` raises."""
+    from runtime.sampling import SamplingBatch
+
+    real = SamplingBatch.build.__func__
+
+    def build(cls, rows, size):
+        if any(r is not None and r[0].seed == seed for r in rows):
+            raise RuntimeError("injected fault while building a step")
+        return real(cls, rows, size)
+
+    monkeypatch.setattr(SamplingBatch, "build", classmethod(build))
+
+
+def test_a_step_that_fails_before_running_caches_nothing(tiny_ckpt, monkeypatch):
+    """A request whose part of a step cannot be built fails alone, before anything runs; the pages
+    it was to fill are never found by the next request with its prompt."""
+    import dataclasses
+
+    engine = Engine(tiny_ckpt, dataclasses.replace(TIGHT, max_num_batched_tokens=48, max_prefill_chunk=48))
+    rng = np.random.default_rng(11)
+    prompt, other = rng.integers(0, 260, 37).tolist(), rng.integers(0, 260, 5).tolist()
+    _fail_sampling_rows_of(monkeypatch, seed=4242)
+    bad = engine.add_request(prompt, SamplingParams(max_tokens=4, seed=4242))
+    good = engine.add_request(other, SamplingParams(max_tokens=6, ignore_eos=True))
+    outs = {}
+    while engine.has_unfinished:
+        for o in engine.step():
+            outs.setdefault(o.request_id, []).append(o)
+    assert outs[bad][-1].finish_reason == "error" and "injected fault" in outs[bad][-1].error
+    assert [t for o in outs[good] for t in o.token_ids] == greedy_reference(tiny_ckpt, other, 6)
+    monkeypatch.undo()
+    again = engine.generate([prompt], SamplingParams(max_tokens=4, ignore_eos=True))[0]
+    assert list(again.token_ids) == greedy_reference(tiny_ckpt, prompt, 4)
+    assert engine.blocks.num_free == engine.blocks.num_usable
+
+
+def _fault_after_dispatch(engine, family: str):
+    """Every `family` program runs (its pool donated), then raises: a device fault after dispatch."""
+    for shape, program in list(engine.programs.compiled.items()):
+        if shape[0] == family:
+            def faulty(*args, _run=program):
+                _run(*args)
+                raise RuntimeError("injected device fault")
+            engine.programs.compiled[shape] = faulty
+
+
+def test_a_fault_after_dispatch_is_fatal_and_leaves_no_trace_in_the_store(tiny_ckpt, tmp_path):
+    import dataclasses
+
+    from runtime.engine import EngineFault
+
+    config = dataclasses.replace(TIGHT, kv_store=str(tmp_path / "kv"))
+    engine = Engine(tiny_ckpt, config)
+    rng = np.random.default_rng(12)
+    prompt = rng.integers(0, 260, 30).tolist()
+    engine.generate([[5, 6, 7, 8, 9]], SamplingParams(max_tokens=2))
+    cached = engine.blocks.num_cached
+    _fault_after_dispatch(engine, "prefill")
+    engine.add_request(prompt, SamplingParams(max_tokens=4, ignore_eos=True))
+    with pytest.raises(EngineFault, match="injected device fault"):
+        engine.step()
+    assert engine.blocks.num_cached == cached  # the failed plan registered nothing
+    for call in (engine.step, engine.persist_prefix_cache, lambda: engine.add_request([1], SamplingParams())):
+        with pytest.raises(EngineFault, match="the engine failed"):
+            call()
+    restarted = Engine(tiny_ckpt, config)  # what a supervisor does
+    assert list(restarted.generate([prompt], SamplingParams(max_tokens=4, ignore_eos=True))[0].token_ids) \
+        == greedy_reference(tiny_ckpt, prompt, 4)
+    assert restarted.stats()["store_hit_pages"] == 0
+
+
+def test_request_limits_are_named(engine):
+    from runtime.request import RequestLimits
+
+    assert engine.config.limits == RequestLimits()
+    cases = [(SamplingParams(stop=tuple(f"s{i}" for i in range(10_000))), r"stop: 10000 stop strings, at most 16"),
+             (SamplingParams(stop=("x" * 5000,)), "stop: a stop string of 5000 characters, at most 1024"),
+             (SamplingParams(stop_token_ids=tuple(range(257))), "stop_token_ids: 257 ids, at most 256"),
+             (SamplingParams(temperature=float("inf")), "temperature must be a finite number"),
+             (SamplingParams(repetition_penalty=float("inf")), "repetition_penalty must be a finite number"),
+             (SamplingParams(top_p=float("nan")), "top_p must be a finite number")]
+    for params, message in cases:
+        with pytest.raises(RequestError, match=message):
+            engine.add_request([1, 2], params)
+    assert not engine.has_unfinished
+
+
+def test_requests_without_a_seed_get_one_from_the_engine_and_their_id(engine):
+    """Reproducible across the processes of one mesh, which agree on the engine's base seed."""
+    p = SamplingParams(max_tokens=6, temperature=1.0, ignore_eos=True)
+    a = engine.add_request([4, 5], p, request_id="same-id")
+    seed = engine._requests[a].seed
+    engine.abort(a)
+    b = engine.add_request([4, 5], p, request_id="same-id")
+    assert engine._requests[b].seed == seed
+    c = engine.add_request([4, 5], p, request_id="other-id")
+    assert engine._requests[c].seed != seed
+    engine.abort(b), engine.abort(c)

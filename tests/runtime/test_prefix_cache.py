@@ -272,3 +272,27 @@ def test_copies_from_a_lower_tier_count_against_the_step_budget():
     plan = sched.schedule(0.0)
     assert len(plan.onboard) == 7  # 7 pages × 2 = 14 of the 16-token budget …
     assert plan.prefills[0].start == 28 and plan.prefills[0].end == 30  # … leave 2 tokens to compute
+
+
+def test_a_store_page_of_another_shape_or_dtype_is_a_miss(tmp_path):
+    from runtime.kv_tiers import StoreTier
+
+    store = StoreTier(str(tmp_path / "kv"), (4, 8, 2, 16), np.float32)
+    good, wrong_shape, wrong_dtype = b"a" * 16, b"b" * 16, b"c" * 16
+    store.put(good, np.ones((4, 8, 2, 16), np.float32))
+    store.put(wrong_shape, np.ones((4, 8, 2, 8), np.float32))
+    store.put(wrong_dtype, np.ones((4, 8, 2, 16), np.float16))
+    assert store.flush() == 3
+    assert store.get(good) is not None
+    assert store.get(wrong_shape) is None and store.get(wrong_dtype) is None
+    assert store.misses == 2 and wrong_shape not in store and good in store
+
+
+def test_persist_counts_what_the_store_holds(tiny_ckpt, tmp_path):
+    config = dataclasses.replace(TINY, host_kv_bytes=8 * 2 * 2 * 4 * 2 * 8 * 4, kv_store=str(tmp_path / "kv"))
+    engine = Engine(tiny_ckpt, config)
+    prompts = shared_prefix_prompts(5)
+    engine.generate(prompts, SamplingParams(max_tokens=8, ignore_eos=True))
+    cached = engine.blocks.num_cached + engine.stats()["pages_host"]
+    assert cached > 8  # more than the host tier holds: some go straight to the store
+    assert engine.persist_prefix_cache() == len(list((tmp_path / "kv" / "kv").iterdir())) == cached

@@ -102,3 +102,44 @@ def test_per_request_queue_timeout_overrides_the_default():
     plan = sched.schedule(now=1.0)
     assert [s.request_id for s in plan.expired] == ["hasty"]
     assert [s.request_id for s in sched.waiting] == ["patient"]
+
+
+def test_a_plan_registers_cached_pages_only_when_committed():
+    blocks = BlockManager(64, 4, prefix_caching=True)
+    sched = Scheduler(SchedulerConfig(max_num_batched_tokens=16, max_prefill_chunk=16), blocks, salt=b"m")
+    a = seq("a", 10)
+    sched.add(a)
+    plan = sched.schedule(0)
+    assert plan.prefills[0].end == 10 and blocks.num_cached == 0 and a.num_computed == 0
+    sched.commit(plan)  # its programs ran: two full pages become findable, a has computed 10 tokens
+    assert blocks.num_cached == 2 and a.num_computed == 10 and a.num_registered == 2
+    b = seq("b", 10)  # the same tokens: a later request finds them
+    sched.add(b)
+    sched.schedule(0)
+    assert b.num_cached == 8
+
+
+def test_a_request_dropped_before_its_step_ran_registers_nothing():
+    blocks = BlockManager(64, 4, prefix_caching=True)
+    sched = Scheduler(SchedulerConfig(max_num_batched_tokens=16, max_prefill_chunk=16), blocks, salt=b"m")
+    a = seq("a", 10)
+    sched.add(a)
+    plan = sched.schedule(0)
+    sched.remove(a)  # the engine fails it while building the step
+    sched.commit(plan)
+    assert blocks.num_cached == 0 and blocks.num_free == blocks.num_usable
+
+
+def test_a_preempted_request_expires_like_any_waiting_one():
+    sched = make(num_pages=5, page_size=4, max_num_seqs=4, max_num_batched_tokens=64, max_prefill_chunk=64,
+                 queue_timeout_s=1.0)
+    a, b = seq("a", 8, arrival=0), seq("b", 8, arrival=1)
+    sched.add(a), sched.add(b)
+    run(sched, sched.schedule(0.5))
+    plan = sched.schedule(1.5)  # b is preempted at 1.5 and waits again, counted from then
+    assert plan.preempted == (b,)
+    run(sched, plan)
+    assert sched.next_expiry() == 2.5
+    assert sched.schedule(2.4).expired == ()
+    plan = sched.schedule(2.6)
+    assert plan.expired == (b,) and b.status is Status.FINISHED and not sched.waiting

@@ -17,4 +17,4 @@ def test_smoke_run_is_correct():
     assert len(rows) == 10  # all but cuDNN, which needs a GPU
     for row in rows:
         err = float(row.split()[-1])
-        assert err < 2e-2, row  # bf16 against the f32 reference
+        assert err < 5e-3, row  # bf16 against the f32 reference
