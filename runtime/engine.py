@@ -37,7 +37,7 @@ import jax
 import numpy as np
 
 from models.checkpoint import Checkpoint
-from models.config import read_yaml_section
+from models.config import ModelConfig, read_yaml_section
 from models.errors import ConfigError, MeshserveError, RequestError
 from runtime.block_manager import BlockManager
 from runtime.clock import Seeds, clock_for
@@ -195,6 +195,24 @@ class _Request:
     stop_ids: frozenset[int]
 
 
+def kv_pages(model: ModelConfig, dtype, config: EngineConfig, replicas: int, budget: int) -> int:
+    """Pages of a KV pool of `budget` bytes, split evenly over the data replicas; ConfigError when
+    one replica could not hold a single max_seq_len request (it would wait for pages forever)."""
+    ps = config.page_size
+    num_pages = pages_for_budget(model, ps, dtype, budget)
+    num_pages -= num_pages % replicas  # each data replica owns an equal range of pages
+    per_replica = num_pages // replicas - 1  # usable: the first page of each range is its null page
+    max_seq_len = min(config.max_seq_len, model.max_position_embeddings)
+    if per_replica * ps < max_seq_len:
+        need = (math.ceil(max_seq_len / ps) + 1) * replicas * page_bytes(model, ps, dtype)
+        raise ConfigError(
+            f"the KV cache holds {max(per_replica, 0) * ps} tokens per data replica ({num_pages} pages of "
+            f"{ps} tokens{f' over {replicas} replicas' if replicas > 1 else ''}), fewer than max_seq_len "
+            f"({max_seq_len}): one request could never fit; set kv_cache_bytes to at least {need} "
+            f"or lower max_seq_len")
+    return num_pages
+
+
 class Engine:
     """`layout` (sharding.rules.Layout, from a mesh file) says which devices and how arrays split;
     the checkpoint's params should already be restored into it (sharding.mesh.load_sharded). None:
@@ -216,15 +234,7 @@ class Engine:
         self._seeds = Seeds(self.clock)
         if config.compilation_cache_dir:
             enable_compilation_cache(os.path.expanduser(config.compilation_cache_dir))
-        num_pages = pages_for_budget(c, ps, checkpoint.dtype, self._kv_budget())
-        num_pages -= num_pages % R  # each data replica owns an equal range of pages
-        per_replica = num_pages // R - 1  # usable: the first page of each range is its null page
-        if per_replica * ps < self.max_seq_len:
-            raise ConfigError(
-                f"the KV cache holds {max(per_replica, 0) * ps} tokens per data replica ({num_pages} pages of "
-                f"{ps} tokens{f' over {R} replicas' if R > 1 else ''}), fewer than max_seq_len "
-                f"({self.max_seq_len}): one request could never fit; raise kv_cache_bytes to at least "
-                f"{(self.max_pages + 1) * R * page_bytes(c, ps, checkpoint.dtype)} or lower max_seq_len")
+        num_pages = kv_pages(c, checkpoint.dtype, config, R, self._kv_budget())
         self.blocks = BlockManager(num_pages, ps, replicas=R, prefix_caching=config.enable_prefix_caching)
         self.fingerprint = model_fingerprint(c, checkpoint.params, checkpoint.dtype, ps,
                                              replicated=None if layout.mesh.size == 1 else layout.replicated())

@@ -280,25 +280,43 @@ class ServerError(MeshserveError):
 
 
 def _serve(args) -> None:
-    import asyncio
     import logging
 
     from runtime.engine import EngineConfig
     from serving.config import ServerConfig
-    from serving.server import Server, build_engine, serve_forever
+    from serving.server import Server, build_engine
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     config = ServerConfig.from_yaml(args.config).override(
         host=args.host, port=args.port, model=args.model, mesh=args.mesh, metrics_port=args.metrics_port,
         tls_cert=args.tls_cert, tls_key=args.tls_key)
     engine_config = EngineConfig.from_yaml(args.config)
+    replicas = 1
     if config.mesh:  # checked now: a bad mesh file fails before the server starts
         from sharding.mesh import MeshConfig
 
         mesh = MeshConfig.from_yaml(config.mesh)
         if mesh.distributed is not None:
             raise MeshserveError("serve runs on one host for now: use a mesh file without 'distributed'")
-    code = asyncio.run(serve_forever(Server(config, build_engine(config, engine_config, progress=not args.quiet))))
+        replicas = dict(mesh.axes).get("data", 1)  # -1: known once the devices are
+    if engine_config.kv_cache_bytes is not None and replicas > 0:  # a pool too small fails before listening
+        from models.checkpoint import read_meta
+        from models.default import default_checkpoint
+        from runtime.engine import kv_pages
+
+        _, model, dtype = read_meta(config.model or default_checkpoint(progress=not args.quiet))
+        kv_pages(model, dtype, engine_config, replicas, engine_config.kv_cache_bytes)
+    run_server(Server(config, build_engine(config, engine_config, progress=not args.quiet)))
+
+
+def run_server(server) -> None:
+    """Serve until SIGTERM (then return) or an engine failure (then exit the process non-zero)."""
+    import asyncio
+    import logging
+
+    from serving.server import serve_forever
+
+    code = asyncio.run(serve_forever(server))
     if code:
         # The engine failed (its cause is in the log above): exit for a supervisor to restart the
         # server, without waiting on an engine thread that may be stuck on the device.

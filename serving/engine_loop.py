@@ -202,10 +202,8 @@ class EngineLoop:
         try:
             self._serve(self.engine)
         except BaseException as e:  # nothing should reach here: the engine's state is not to be trusted
-            log.critical("the engine loop died:\n%s", traceback.format_exc())
-            self.fail(f"the engine loop died: {type(e).__name__}: {e}")
-            if not isinstance(e, Exception):
-                raise
+            log.critical("the engine thread died:\n%s", traceback.format_exc())
+            self.fail(f"the engine thread died: {type(e).__name__}: {e}")
 
     def _serve(self, engine: Engine) -> None:
         idle = True

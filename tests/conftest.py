@@ -50,3 +50,12 @@ def tiny_ckpt(tmp_path_factory):
     from tests.helpers import random_checkpoint
 
     return random_checkpoint(ModelConfig(**TINY_CONFIG), tmp_path_factory.mktemp("tok"), seed=2)
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt_dir(tiny_ckpt, tmp_path_factory):
+    """The tiny random model as a checkpoint folder, for servers in their own process."""
+    from models.checkpoint import save_checkpoint
+
+    return save_checkpoint(tmp_path_factory.mktemp("tiny") / "ckpt", tiny_ckpt.config, tiny_ckpt.params,
+                           tiny_ckpt.tokenizer)

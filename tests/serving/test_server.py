@@ -161,6 +161,15 @@ BAD_REQUESTS = {
     "priority out of range": (dict(text="hi", priority=7), INVALID, "priority"),
     "oversize request id": (dict(text="hi", request_id="x" * 300), INVALID, "request_id"),
     "empty chat role": (dict(messages=[{"role": "", "content": "x"}]), INVALID, "messages[0].role"),
+    "unknown chat role": (dict(messages=[{"role": "wizard", "content": "x"}]), INVALID,
+                          "messages[0].role must be one of system, developer, user, assistant, tool"),
+    "temperature = inf": (dict(text="hi", temperature=float("inf")), INVALID, "temperature must be a finite number"),
+    "repetition_penalty = inf": (dict(text="hi", repetition_penalty=float("inf")), INVALID,
+                                 "repetition_penalty must be a finite number"),
+    "10,000 stop strings": (dict(text="hi", stop=[chr(65 + i % 26) for i in range(10_000)]), INVALID,
+                            "stop: 10000 stop strings, at most 16 allowed"),
+    "a 2,000-character stop string": (dict(text="hi", stop=["x" * 2000]), INVALID, "at most 1024"),
+    "1,000 stop token ids": (dict(text="hi", stop_token_ids=[5] * 1000), INVALID, "at most 256 allowed"),
     "oversize message": (dict(text="x" * 100_000), grpc.StatusCode.RESOURCE_EXHAUSTED, ""),
     "wrong auth token": (dict(text="hi", token="nope"), grpc.StatusCode.UNAUTHENTICATED, "bearer token"),
     "no auth token": (dict(text="hi", token=None), grpc.StatusCode.UNAUTHENTICATED, "bearer token"),
@@ -177,6 +186,58 @@ def test_bad_requests_get_their_status_and_the_server_stays_healthy(served):
     with client(served) as c:
         assert c.health() == "SERVING"
         assert len([r for r in c.generate(text="still fine", max_tokens=4, ignore_eos=True)]) >= 1
+    assert pool_is_free(served.engine)
+
+
+def test_invalid_utf8_is_invalid_argument(served):
+    raw = pb.GenerateRequest(text="abc", sampling=pb.SamplingOptions(max_tokens=2)).SerializeToString()
+    ch = channel(f"127.0.0.1:{served.port}", token=TOKEN)
+    generate = ch.unary_stream("/meshserve.v1.Generation/Generate", request_serializer=lambda b: b,
+                               response_deserializer=pb.GenerateResponse.FromString)
+    with pytest.raises(grpc.RpcError) as e:
+        list(generate(raw.replace(b"abc", b"a\xffc"), timeout=10))
+    assert e.value.code() == INVALID and "bad UTF-8" in e.value.details()
+    assert len(list(generate(raw, timeout=10))) >= 1  # the same request, valid, is served
+    ch.close()
+
+
+def test_a_request_that_cannot_fit_is_refused_at_once_and_the_next_is_served(served, offline):
+    t0 = time.monotonic()
+    code, details = _code(served, token_ids=[5] * 40, max_tokens=40)  # 80 tokens > the 64-token context
+    assert code == INVALID and "exceeds the context of 64 tokens" in details
+    assert time.monotonic() - t0 < 1.0
+    with client(served) as c:
+        ids = [t for r in c.generate(text=prompt_text(5), max_tokens=16, ignore_eos=True, timeout=30)
+               for t in r.token_ids]
+    assert ids == offline[1][5]
+
+
+def test_a_fault_while_delivering_one_output_ends_that_stream_only(served, offline):
+    metrics = served.server.metrics
+    real, failed = metrics.ttft.observe, []
+
+    def observe(value):
+        if not failed:
+            failed.append(value)
+            raise RuntimeError("injected fault while delivering")
+        real(value)
+
+    metrics.ttft.observe = observe
+    try:
+        def one(i):
+            try:
+                with client(served) as c:
+                    return [t for r in c.generate(text=prompt_text(i), max_tokens=16, ignore_eos=True, timeout=60)
+                            for t in r.token_ids]
+            except grpc.RpcError as e:
+                return e.code()
+
+        with concurrent.futures.ThreadPoolExecutor(4) as ex:
+            results = list(ex.map(one, range(4)))
+    finally:
+        del metrics.ttft.observe
+    assert results.count(grpc.StatusCode.INTERNAL) == 1
+    assert all(r == offline[1][i] for i, r in enumerate(results) if r != grpc.StatusCode.INTERNAL)
     assert pool_is_free(served.engine)
 
 
@@ -255,10 +316,39 @@ def test_metrics_endpoint_has_every_series(served):
     body = urllib.request.urlopen(f"http://127.0.0.1:{served.server.metrics_port}/metrics", timeout=10).read().decode()
     for series in Metrics.SERIES:
         assert f"\n{series}" in body or f"\n{series}_" in body, series
-    counted = {line.split()[0]: float(line.split()[1]) for line in body.splitlines()
-               if line.startswith("meshserve_requests_total{")}
+    counted = _outcomes(served)
     for outcome in ("length", "abort", "invalid", "unauthenticated"):
-        assert counted[f'meshserve_requests_total{{outcome="{outcome}"}}'] >= 1, outcome
+        assert counted[outcome] >= 1, outcome
+
+
+def _outcomes(served) -> dict[str, float]:
+    body = urllib.request.urlopen(f"http://127.0.0.1:{served.server.metrics_port}/metrics", timeout=10).read().decode()
+    return {line.split('"')[1]: float(line.split()[1]) for line in body.splitlines()
+            if line.startswith("meshserve_requests_total{")}
+
+
+def test_every_request_is_counted_even_one_cancelled_before_the_engine_saw_it(served, tiny_ckpt, monkeypatch):
+    real = tiny_ckpt.tokenizer.encode
+    tokenizing = threading.Event()
+
+    def slow(text, add_bos=None):
+        tokenizing.set()
+        time.sleep(0.5)
+        return real(text, add_bos)
+
+    before = _outcomes(served)
+    monkeypatch.setattr(tiny_ckpt.tokenizer, "encode", slow)
+    with client(served) as c:
+        call = c.generate(text="never reaches the engine", max_tokens=4)
+        assert tokenizing.wait(10)
+        call.cancel()
+        with pytest.raises(grpc.RpcError):
+            list(call)
+    time.sleep(1.0)
+    monkeypatch.undo()
+    after = _outcomes(served)
+    assert after["abort"] == before["abort"] + 1
+    assert sum(after.values()) == sum(before.values()) + 1
 
 
 # ---- admission control, deadlines and shutdown, on a server that runs one request at a time -------

@@ -1,6 +1,6 @@
 """One process of the two-process test (tests/sharding/test_multihost.py): 4 CPU devices of an
 8-device mesh coordinated by jax.distributed over loopback; restores the checkpoint's shards of its
-own devices and prints the greedy tokens as JSON."""
+own devices and prints, as JSON, the greedy tokens, tokens sampled without a seed, and clock readings."""
 
 import json
 import os
@@ -20,15 +20,20 @@ def main(port: int, process_id: int, data: int, tensor: int, folder: str) -> Non
 
     import jax
 
+    from runtime.sampling import SamplingParams
     from sharding.mesh import load_sharded
-    from tests.sharding.test_sharded_engine import engine_tokens
+    from tests.sharding.test_sharded_engine import engine_tokens, prompts
 
     assert jax.process_count() == 2 and jax.local_device_count() == 4 and jax.device_count() == 8
     ckpt = load_sharded(folder, layout, progress=False)  # each process restores its own shards
     shards = ckpt.params["layers"][0]["mlp"]["gate_proj"].addressable_shards
     assert len(shards) == 4  # only this process's devices
-    tokens, _ = engine_tokens(ckpt, layout)
-    print(json.dumps({"process": jax.process_index(), "tokens": tokens}), flush=True)
+    tokens, engine = engine_tokens(ckpt, layout)
+    # no seed: each request's comes from the engine's base seed, which the processes agree on
+    sampled = engine.generate(prompts(1), SamplingParams(max_tokens=8, temperature=1.0))
+    clock = [engine.clock.now() for _ in range(3)]  # process 0's readings, in every process
+    print(json.dumps({"process": jax.process_index(), "tokens": tokens,
+                      "sampled": [list(c.token_ids) for c in sampled], "clock": clock}), flush=True)
     jax.distributed.shutdown()
 
 

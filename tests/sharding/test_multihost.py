@@ -1,5 +1,5 @@
 """Two processes × 4 CPU devices, coordinated by jax.distributed over loopback (gloo collectives),
-give the tokens of one process with 8 devices."""
+give the tokens of one process with 8 devices, and agree on what they decide alone (seeds, time)."""
 
 import json
 import os
@@ -49,3 +49,6 @@ def test_two_processes_equal_one(tmp_path, data, tensor):
     assert sorted(r["process"] for r in results) == [0, 1]
     for r in results:
         assert r["tokens"] == expected
+    # one mesh, one set of decisions: the same seeds for unseeded requests, the same clock
+    assert results[0]["sampled"] == results[1]["sampled"]
+    assert results[0]["clock"] == results[1]["clock"] and results[0]["clock"] == sorted(results[0]["clock"])

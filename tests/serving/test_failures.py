@@ -1,0 +1,265 @@
+"""The failure contract, against real servers on loopback: an engine fault ends every stream with a
+status, flips health and exits the process non-zero; a dead or stuck engine thread is noticed; a
+graceful stop persists every cached page; nothing runnable costs no CPU; long prompts are tokenized
+off the event loop."""
+
+import concurrent.futures
+import ctypes
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import yaml
+
+from runtime.engine import Engine, EngineConfig
+from serving.client import Client
+from serving.config import ServerConfig
+from serving.proto.meshserve.v1 import generation_pb2 as pb
+from serving.server import EXIT_ENGINE_FAILED, ServerThread
+from tests.serving.test_serve_cli import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+ENGINE = dict(page_size=8, kv_cache_bytes=2**20, max_seq_len=64, max_num_seqs=16, max_num_batched_tokens=256,
+              max_prefill_chunk=64, prefill_buckets=[64], decode_buckets=[16], context_buckets=[8],
+              compilation_cache_dir=None)
+SERVER = ServerConfig(port=0, metrics_port=None)
+
+
+def write_config(tmp_path, ckpt_dir, port, engine=None, server=None) -> Path:
+    path = tmp_path / "serving.yaml"
+    path.write_text(yaml.safe_dump({"engine": {**ENGINE, **(engine or {})},
+                                    "server": {"port": port, "metrics_port": None, "model": str(ckpt_dir),
+                                               **(server or {})}}))
+    return path
+
+
+def start(args: list[str]) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def health(port: int) -> str:
+    """SERVING, NOT_SERVING, or GONE (not listening any more)."""
+    try:
+        with Client(f"127.0.0.1:{port}") as c:
+            return c.health(timeout=0.5)
+    except grpc.RpcError:
+        return "GONE"
+
+
+def stream_status(port: int, **kwargs) -> tuple[grpc.StatusCode, int]:
+    """Status of one Generate call (no deadline: a call that never ends is caught by the caller)."""
+    n = 0
+    try:
+        with Client(f"127.0.0.1:{port}") as c:
+            for resp in c.generate(**kwargs):
+                n += len(resp.token_ids)
+    except grpc.RpcError as e:
+        return e.code(), n
+    return grpc.StatusCode.OK, n
+
+
+# ---- in their own process ---------------------------------------------------------------------------
+
+
+def test_a_fault_after_dispatch_ends_every_stream_and_exits_non_zero(tiny_ckpt_dir, tmp_path):
+    port = free_port()
+    config = write_config(tmp_path, tiny_ckpt_dir, port)
+    server = start(["tests.serving.faulty_server", str(config), "4"])
+    try:
+        with Client(f"127.0.0.1:{port}") as c:
+            c.wait_serving(timeout=300)
+        with concurrent.futures.ThreadPoolExecutor(4) as ex:
+            calls = [ex.submit(stream_status, port, token_ids=[i + 1, 7, 9], max_tokens=50, ignore_eos=True)
+                     for i in range(4)]
+            first = next(concurrent.futures.as_completed(calls, timeout=60))  # never a hang
+            t0 = time.monotonic()
+            while health(port) == "SERVING":
+                assert time.monotonic() - t0 < 1.0, "health still SERVING a second after the fault"
+                time.sleep(0.02)
+            statuses = [call.result(timeout=30) for call in calls]
+        assert first.result()[0] == grpc.StatusCode.UNAVAILABLE
+        assert [code for code, _ in statuses] == [grpc.StatusCode.UNAVAILABLE] * 4
+        server.wait(timeout=60)
+        assert server.returncode == EXIT_ENGINE_FAILED
+        err = server.stderr.read()
+        assert "injected device fault" in err and "meshserve: error: the engine failed" in err
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+
+
+def test_sigterm_during_16_streams_persists_every_cached_page(tiny_ckpt_dir, tmp_path):
+    port = free_port()
+    store = tmp_path / "kv"
+    config = write_config(tmp_path, tiny_ckpt_dir, port, engine=dict(host_kv_bytes=0, kv_store=str(store)))
+    server = start(["serving.cli", "serve", "--config", str(config), "--quiet"])
+    rng = np.random.default_rng(0)
+    prompts = [[i + 1] + rng.integers(0, 260, 19 + i).tolist() for i in range(16)]  # distinct first pages
+    new = 12
+    started = threading.Barrier(17, timeout=120)
+
+    def one(prompt):
+        with Client(f"127.0.0.1:{port}") as c:
+            resps = c.generate(token_ids=prompt, max_tokens=new, ignore_eos=True)
+            out = [next(resps)]
+            started.wait()
+            return out + list(resps)
+
+    try:
+        with Client(f"127.0.0.1:{port}") as c:
+            c.wait_serving(timeout=300)
+        with concurrent.futures.ThreadPoolExecutor(16) as ex:
+            calls = [ex.submit(one, p) for p in prompts]
+            started.wait()  # every stream is under way
+            server.send_signal(signal.SIGTERM)
+            results = [call.result(timeout=60) for call in calls]
+        assert server.wait(timeout=120) == 0, server.stderr.read()
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+    assert all(r[-1].finish_reason == pb.FINISH_REASON_LENGTH for r in results)  # drained, not cut
+    # every full page a request computed (its tokens but the last sampled one) is in the store
+    expected = sum((len(p) + new - 1) // ENGINE["page_size"] for p in prompts)
+    assert len(list((store / "kv").iterdir())) == expected
+
+
+def test_a_pool_too_small_for_max_seq_len_fails_before_listening(tiny_ckpt_dir, tmp_path):
+    port = free_port()
+    # 16 pages of 8 tokens: 120 usable tokens, but max_seq_len 256
+    config = write_config(tmp_path, tiny_ckpt_dir, port, engine=dict(kv_cache_bytes=16 * 2048, max_seq_len=256,
+                                                                     context_buckets=[32]))
+    result = subprocess.run([sys.executable, "-m", "serving.cli", "serve", "--config", str(config)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "meshserve: error: the KV cache holds 120 tokens per data replica (16 pages of 8 tokens), fewer than "
+        "max_seq_len (256): one request could never fit; set kv_cache_bytes to at least 67584 or lower max_seq_len"]
+
+
+# ---- in this process ----------------------------------------------------------------------------------
+
+
+def _server(tiny_ckpt, **server):
+    return ServerThread(dataclasses.replace(SERVER, **server),
+                        lambda: Engine(tiny_ckpt, EngineConfig.from_dict(ENGINE)))
+
+
+def _kill(thread: threading.Thread) -> None:
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident), ctypes.py_object(SystemExit))
+
+
+@pytest.mark.parametrize("how", ["killed", "stuck"])
+def test_a_dead_or_stuck_engine_thread_flips_health_and_ends_streams(tiny_ckpt, how):
+    s = _server(tiny_ckpt, step_timeout_s=0.5)
+    with s:
+        s.wait_ready()
+        engine, loop = s.server.loop.engine, s.server.loop
+        if how == "stuck":
+            real = engine.step
+            steps = [0]
+
+            def step():
+                steps[0] += 1
+                if steps[0] == 5:
+                    time.sleep(3)  # a device that stopped answering
+                return real()
+
+            engine.step = step
+        with concurrent.futures.ThreadPoolExecutor(8) as ex:
+            calls = [ex.submit(stream_status, s.port, token_ids=[i + 1, 5], max_tokens=60, ignore_eos=True)
+                     for i in range(8)]
+            while engine.scheduler.num_unfinished < 8:
+                time.sleep(0.005)
+            t0 = time.monotonic()
+            if how == "killed":
+                _kill(loop.thread)
+            while health(s.port) == "SERVING":
+                assert time.monotonic() - t0 < 1.0 + (0.5 if how == "stuck" else 0), "still SERVING"
+                time.sleep(0.02)
+            statuses = [call.result(timeout=30)[0] for call in calls]
+        assert set(statuses) == {grpc.StatusCode.UNAVAILABLE}
+        s.wait_closed()
+        assert s.server.exit_code == EXIT_ENGINE_FAILED
+        assert ("thread died" if how == "killed" else "step_timeout_s") in loop.failure
+
+
+def _cpu_seconds(thread: threading.Thread) -> float:
+    fields = Path(f"/proc/self/task/{thread.native_id}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def test_an_engine_with_nothing_runnable_sleeps(tiny_ckpt):
+    with _server(tiny_ckpt) as s:
+        s.wait_ready()
+        engine, thread = s.server.loop.engine, s.server.loop.thread
+        hog = []
+        assert engine.blocks.grow(hog, engine.blocks.num_free * engine.config.page_size)  # every page taken
+        with concurrent.futures.ThreadPoolExecutor(2) as ex:
+            waiting = ex.submit(stream_status, s.port, token_ids=[3, 4, 5], max_tokens=4, ignore_eos=True)
+            while not engine.scheduler.waiting:
+                time.sleep(0.01)
+            time.sleep(0.2)
+            cpu0, t0 = _cpu_seconds(thread), time.monotonic()
+            time.sleep(2.0)
+            share = (_cpu_seconds(thread) - cpu0) / (time.monotonic() - t0)
+            assert share < 0.05, f"the engine thread used {share:.0%} of a core with nothing to run"
+            engine.blocks.release(hog)  # pages again: the next command wakes the engine
+            other = ex.submit(stream_status, s.port, token_ids=[6, 7], max_tokens=4, ignore_eos=True)
+            assert waiting.result(timeout=30) == (grpc.StatusCode.OK, 4)
+            assert other.result(timeout=30) == (grpc.StatusCode.OK, 4)
+
+
+def test_a_long_prompt_is_tokenized_off_the_event_loop(tiny_ckpt):
+    """While a 4 MB prompt is tokenized (seconds), other streams keep flowing."""
+    with _server(tiny_ckpt, max_message_bytes=8 * 2**20) as s:
+        s.wait_ready()
+        done = threading.Event()
+        arrivals = []
+
+        def steady():
+            with Client(f"127.0.0.1:{s.port}") as c:
+                while not done.is_set():
+                    for _ in c.generate(token_ids=[3, 4], max_tokens=40, ignore_eos=True):
+                        arrivals.append(time.monotonic())
+
+        with concurrent.futures.ThreadPoolExecutor(1) as ex:
+            flowing = ex.submit(steady)
+            while len(arrivals) < 20:
+                time.sleep(0.01)
+            t0 = time.monotonic()
+            code, _ = stream_status(s.port, text="the theory in an inn " * 200_000, max_tokens=1)
+            took = time.monotonic() - t0
+            done.set()
+            flowing.result(timeout=60)
+        assert code == grpc.StatusCode.INVALID_ARGUMENT  # far longer than the context, once tokenized
+        assert took > 1.5, "the prompt must take a while to tokenize for this test to mean anything"
+        during = [b - a for a, b in zip(arrivals, arrivals[1:]) if t0 <= a <= t0 + took]
+        assert during and max(during) < 0.5, f"streams stalled {max(during):.2f} s while a prompt was tokenized"
+
+
+def test_time_to_first_token_and_queue_time_count_tokenization(tiny_ckpt, monkeypatch):
+    tokenizer = tiny_ckpt.tokenizer
+    real = tokenizer.encode
+
+    def slow(text, add_bos=None):
+        time.sleep(0.3)
+        return real(text, add_bos)
+
+    with _server(tiny_ckpt) as s:
+        s.wait_ready()
+        monkeypatch.setattr(tokenizer, "encode", slow)
+        with Client(f"127.0.0.1:{s.port}") as c:
+            last = list(c.generate(text="hello", max_tokens=2, ignore_eos=True))[-1]
+        monkeypatch.undo()
+    assert last.usage.time_to_first_token_s >= 0.3 and last.usage.queue_time_s >= 0.3
