@@ -238,3 +238,16 @@ def read_yaml_section(path: str | os.PathLike, section: str) -> dict:
     if not isinstance(data, dict) or not isinstance(data.get(section) or {}, dict):
         raise ConfigError(f"{path}: expected a mapping with a '{section}' section")
     return data.get(section) or {}
+
+
+def config_from_dict(cls, data: Any, what: str):
+    """`cls(**data)` for a frozen config dataclass; ConfigError naming unknown fields or a bad value."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what} must be a mapping, got {data!r}")
+    unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+        raise ConfigError(f"{what}: unknown field(s) {', '.join(unknown)}")
+    try:
+        return cls(**data)
+    except TypeError as e:
+        raise ConfigError(f"{what}: {e}") from None

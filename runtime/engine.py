@@ -37,7 +37,7 @@ import jax
 import numpy as np
 
 from models.checkpoint import Checkpoint
-from models.config import ModelConfig, read_yaml_section
+from models.config import ModelConfig, config_from_dict, read_yaml_section
 from models.errors import ConfigError, MeshserveError, RequestError
 from runtime.block_manager import BlockManager
 from runtime.clock import Seeds, clock_for
@@ -135,17 +135,10 @@ class EngineConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "EngineConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"engine config: unknown field(s) {', '.join(unknown)}")
         values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
-        if isinstance(values.get("limits"), dict):
-            values["limits"] = RequestLimits.from_dict(values["limits"])
-        try:
-            return cls(**values)
-        except TypeError as e:
-            raise ConfigError(f"engine config: {e}") from None
+        if "limits" in values:
+            values["limits"] = config_from_dict(RequestLimits, values["limits"], "engine config limits")
+        return config_from_dict(cls, values, "engine config")
 
     def scheduler_config(self) -> SchedulerConfig:
         return SchedulerConfig(self.max_num_seqs, self.max_num_batched_tokens, self.max_prefill_chunk,

@@ -4,7 +4,7 @@ the engine itself apply, so that a request that passes them can always run to co
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Sequence
+from typing import Sequence
 
 from models.errors import ConfigError, RequestError
 from runtime.sampling import SamplingParams
@@ -24,14 +24,6 @@ class RequestLimits:
             value = getattr(self, f.name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"limits.{f.name} must be a positive integer, got {value!r}")
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "RequestLimits":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"engine config: unknown field(s) limits.{', limits.'.join(unknown)}")
-        return cls(**data)
 
     def check(self, params: SamplingParams) -> None:
         if len(params.stop) > self.max_stop_strings:

@@ -43,9 +43,8 @@ class SamplingParams:
     def validate(self, vocab_size: int) -> None:
         """Raise RequestError naming the first bad field."""
         for name in ("max_tokens", "top_k"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool):
-                raise RequestError(f"{name} must be an integer, got {value!r}")
+            if not _integer(getattr(self, name)):
+                raise RequestError(f"{name} must be an integer, got {getattr(self, name)!r}")
         for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
                      "frequency_penalty"):
             value = getattr(self, name)
@@ -66,21 +65,24 @@ class SamplingParams:
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2 <= getattr(self, name) <= 2:
                 raise RequestError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
-        if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < 2**31):
+        if self.seed is not None and (not _integer(self.seed) or not 0 <= self.seed < 2**31):
             raise RequestError(f"seed must be in [0, 2**31), got {self.seed}")
         for tid in self.stop_token_ids:
-            if not isinstance(tid, int) or not 0 <= tid < vocab_size:
+            if not _integer(tid) or not 0 <= tid < vocab_size:
                 raise RequestError(f"stop_token_ids: {tid} is outside the vocabulary (size {vocab_size})")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise RequestError("stop strings must be non-empty strings")
-        if self.logprobs is not None and (not isinstance(self.logprobs, int)
-                                          or not 0 <= self.logprobs <= MAX_LOGPROBS):
+        if self.logprobs is not None and (not _integer(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
             raise RequestError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
 
     @property
     def penalized(self) -> bool:
         return (self.repetition_penalty != 1 or self.presence_penalty != 0
                 or self.frequency_penalty != 0)
+
+
+def _integer(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @jax.tree_util.register_dataclass

@@ -13,7 +13,7 @@ import dataclasses
 import os
 from typing import Any, Mapping
 
-from models.config import read_yaml_section
+from models.config import config_from_dict, read_yaml_section
 from models.errors import ConfigError
 
 
@@ -55,10 +55,6 @@ class ServerConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "ServerConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"server config: unknown field(s) {', '.join(unknown)}")
         values = dict(data)
         if "auth_tokens" in values:
             tokens = values["auth_tokens"] or []
@@ -68,10 +64,7 @@ class ServerConfig:
         for key in ("model", "mesh", "tls_cert", "tls_key"):
             if values.get(key):
                 values[key] = os.path.expanduser(str(values[key]))
-        try:
-            return cls(**values)
-        except TypeError as e:
-            raise ConfigError(f"server config: {e}") from None
+        return config_from_dict(cls, values, "server config")
 
     def override(self, **flags) -> "ServerConfig":
         """Command-line flags (None = not given) over the file's values."""

@@ -104,12 +104,17 @@ def test_per_request_queue_timeout_overrides_the_default():
     assert [s.request_id for s in sched.waiting] == ["patient"]
 
 
-def test_a_plan_registers_cached_pages_only_when_committed():
+def caching(rid="a", n=10):
+    """A prefix-caching scheduler with one request planned: (scheduler, its blocks, the request, the plan)."""
     blocks = BlockManager(64, 4, prefix_caching=True)
     sched = Scheduler(SchedulerConfig(max_num_batched_tokens=16, max_prefill_chunk=16), blocks, salt=b"m")
-    a = seq("a", 10)
+    a = seq(rid, n)
     sched.add(a)
-    plan = sched.schedule(0)
+    return sched, blocks, a, sched.schedule(0)
+
+
+def test_a_plan_registers_cached_pages_only_when_committed():
+    sched, blocks, a, plan = caching()
     assert plan.prefills[0].end == 10 and blocks.num_cached == 0 and a.num_computed == 0
     sched.commit(plan)  # its programs ran: two full pages become findable, a has computed 10 tokens
     assert blocks.num_cached == 2 and a.num_computed == 10 and a.num_registered == 2
@@ -120,11 +125,7 @@ def test_a_plan_registers_cached_pages_only_when_committed():
 
 
 def test_a_request_dropped_before_its_step_ran_registers_nothing():
-    blocks = BlockManager(64, 4, prefix_caching=True)
-    sched = Scheduler(SchedulerConfig(max_num_batched_tokens=16, max_prefill_chunk=16), blocks, salt=b"m")
-    a = seq("a", 10)
-    sched.add(a)
-    plan = sched.schedule(0)
+    sched, blocks, a, plan = caching()
     sched.remove(a)  # the engine fails it while building the step
     sched.commit(plan)
     assert blocks.num_cached == 0 and blocks.num_free == blocks.num_usable
