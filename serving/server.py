@@ -302,8 +302,8 @@ class Server:
         return self.preprocessor
 
     def unavailable(self) -> str:
-        if self.draining and self.loop.state is State.SERVING:
-            return "the server is shutting down"
+        if self.loop.state is State.SERVING:  # the engine is, this server is not (yet, or any more)
+            return "the server is shutting down" if self.draining else "the server is warming up; retry shortly"
         return str(self.loop.unavailable())
 
     def _on_ready(self, engine: Engine) -> None:  # on the engine thread
@@ -324,10 +324,11 @@ class Server:
 
     async def _set_health(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
-        if serving and self.loop.state is not State.SERVING:
-            return  # failed (or stopped) before this could run
-        for name in ("", SERVICE):
-            await self.health.set(name, status)
+        async with self._health_lock:  # one change at a time: a failure never interleaves with "ready"
+            if serving and (self.loop.state is not State.SERVING or self.draining):
+                return  # failed or stopping before this could run
+            for name in ("", SERVICE):
+                await self.health.set(name, status)
 
     async def start(self) -> None:
         import jax
@@ -335,6 +336,7 @@ class Server:
         cfg = self.config
         self._aio_loop = asyncio.get_running_loop()
         self._stopped = asyncio.Event()
+        self._health_lock = asyncio.Lock()
         jax.monitoring.register_event_duration_secs_listener(self._count_compile)
         options = [("grpc.max_receive_message_length", cfg.max_message_bytes),
                    ("grpc.max_send_message_length", cfg.max_message_bytes),
