@@ -11,13 +11,14 @@ decode calls for every request that is generating. The engine is single-threaded
 it from its own thread (serving/engine_loop.py).
 
 Failure contract:
-  - a request that passes `validate_request` can always run to completion: the KV cache is checked
-    at start-up to hold one `max_seq_len` request on every data replica, and every bucket covers
-    the config's limits;
+  - a request that passes `validate_request` never waits for pages that cannot exist, nor for a
+    program that was not compiled: the KV cache is checked at start-up to hold one `max_seq_len`
+    request on every data replica, and every bucket covers the config's limits;
   - a fault in one request's host work (building its rows, reading its results) ends that request
     with finish reason "error"; the others in the step go on;
-  - a fault once a program was dispatched (the KV pool is donated, so its contents are unknown) is
-    fatal: `step` raises EngineFault, and every later call raises it again. The plan of a failed
+  - any other fault in a step — above all once a program was dispatched (the KV pool is donated, so
+    its contents are unknown) — is fatal: `step` raises EngineFault, and every later call raises it
+    again. The plan of a failed
     step never commits, so no page it was to fill is ever found in the prefix cache, and nothing
     is persisted to the store after it. Whoever drives the engine reports it and exits.
 """
@@ -293,8 +294,8 @@ class Engine:
                     queue_timeout_s: float | None = None, arrival: float | None = None) -> str:
         """Queue a request; raises RequestError (bad input) or QueueFullError, leaving others as
         they were. `queue_timeout_s` overrides the configured queue timeout for this request;
-        `arrival` (the engine clock's time, default now) is when its caller received it: queue
-        time and the queue timeout count from there."""
+        `arrival` (time.monotonic(), the engine's clock in one process; default now) is when its
+        caller received it: queue time and the queue timeout count from there."""
         self._check_alive()
         if isinstance(prompt, str):
             if not prompt:
@@ -352,8 +353,18 @@ class Engine:
     # ---- one step ------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """Plan, build on the host, run on the device, commit the plan, read the results."""
+        """Plan, build on the host, run on the device, commit the plan, read the results. Faults of
+        one request end that request; any other fault from here on is fatal (EngineFault): the plan
+        has taken pages and maybe dispatched programs, so nothing about the state can be trusted."""
         self._check_alive()
+        try:
+            return self._step()
+        except Exception as e:
+            self.failed = f"{type(e).__name__}: {e}"
+            log.critical("engine step failed: %s", self.failed)
+            raise EngineFault(f"the engine failed: {self.failed}") from e
+
+    def _step(self) -> list[RequestOutput]:
         plan = self.scheduler.schedule(self.clock.now())
         outputs = [self._finish(self._requests.pop(s.request_id), "rejected",
                                 error=f"queue timeout: waited more than "
@@ -367,12 +378,7 @@ class Engine:
         self.idle = plan.empty and not outputs
         if plan.empty and not plan.onboard:
             return outputs
-        try:
-            results = self._run_on_device(plan, calls)
-        except Exception as e:
-            self.failed = f"{type(e).__name__}: {e}"
-            log.critical("engine step failed on the device: %s", self.failed)
-            raise EngineFault(f"the engine failed: {self.failed}") from e
+        results = self._run_on_device(plan, calls)
         self.scheduler.commit(plan)
         for rows, host in results:
             for row, seq in rows:
@@ -388,9 +394,8 @@ class Engine:
 
     def _run_on_device(self, plan, calls) -> list:
         """Copies between tiers, then every program call, then the results on the host."""
-        if self._mover is not None:  # copies out and in go ahead of this step's programs
-            onboarded = {page for page, _ in plan.onboard}  # (a page evicted before arriving: the
-            evicted = [e for e in self.blocks.take_evicted() if e[0] not in onboarded]  # host copy is the data)
+        if self._mover is not None:  # copies out and in go ahead of this step's programs (in that
+            evicted = self.blocks.take_evicted()  # order: an evicted page may be a copy's target)
             if evicted:
                 self._mover.offload(self.pool, evicted)
             if plan.onboard:

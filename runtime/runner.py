@@ -10,7 +10,8 @@ propagate and the engine treats it as fatal.
 
 Prefill: one call per prompt chunk (batch of one, by token-count bucket). Decode: one call per
 batch bucket; with data replicas, rows [r·b/R, (r+1)·b/R) of a call are replica r's requests
-(their pages live in its shard of the pool).
+(their pages live in its shard of the pool). A decode call that cannot be built drops all its
+requests (no single row can be blamed), still before anything runs.
 """
 
 from __future__ import annotations
@@ -75,7 +76,12 @@ class ModelRunner:
                 rows.append(self._decode_row(seq, sampling_of))
             except Exception as e:
                 dropped[seq] = e
-        calls += self._decodes(rows)
+        for b, placed in self._decode_groups(rows):
+            try:
+                p = Buckets.pick(self.buckets.context_pages, max(len(row.seq.pages) for _, row in placed))
+                calls.append(self._call("decode", placed, b, 1, p))
+            except Exception as e:  # not one row's fault that can be told: the call's requests leave
+                dropped.update((row.seq, e) for _, row in placed)
         return calls, dropped
 
     def _row(self, seq: Sequence, start: int, end: int, samples: bool, sampling_of: SamplingOf) -> _Row:
@@ -95,23 +101,22 @@ class ModelRunner:
     def _decode_row(self, seq: Sequence, sampling_of: SamplingOf) -> _Row:
         return self._row(seq, seq.num_computed, seq.num_computed + 1, True, sampling_of)
 
-    def _decodes(self, rows: list[_Row]) -> list[Call]:
-        """Decode calls for `rows`, grouped by data replica; a replica with more requests than the
-        largest bucket spills into a further call."""
+    def _decode_groups(self, rows: list[_Row]) -> list[tuple[int, list[tuple[int, _Row]]]]:
+        """`rows` placed into decode calls: (batch bucket, [(row index, row)]) per call. Rows
+        [r·b/R, (r+1)·b/R) are replica r's; a replica with more requests than the largest bucket
+        spills into a further call."""
         R = self.replicas
         by_replica: list[list[_Row]] = [[] for _ in range(R)]
         for row in rows:
             by_replica[self.blocks.replica_of(row.seq.pages[0])].append(row)
         cap = self.buckets.decode_batch[-1] // R
-        calls = []
+        placed = []
         while any(by_replica):
             groups = [g[:cap] for g in by_replica]
             by_replica = [g[cap:] for g in by_replica]
             b = Buckets.pick(self.buckets.decode_batch, R * max(len(g) for g in groups))
-            placed = [(r * (b // R) + i, row) for r, g in enumerate(groups) for i, row in enumerate(g)]
-            p = Buckets.pick(self.buckets.context_pages, max(len(row.seq.pages) for _, row in placed))
-            calls.append(self._call("decode", placed, b, 1, p))
-        return calls
+            placed.append((b, [(r * (b // R) + i, row) for r, g in enumerate(groups) for i, row in enumerate(g)]))
+        return placed
 
     def _call(self, family: str, placed: list[tuple[int, _Row]], b: int, t: int, p: int) -> Call:
         """Host arrays of one call; padding rows and tokens write to the null page, read nothing."""

@@ -54,8 +54,8 @@ class SamplingParams:
             raise RequestError(f"max_tokens must be a positive integer, got {self.max_tokens}")
         if not self.temperature >= 0:
             raise RequestError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise RequestError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 <= self.top_k < 2**31:
+            raise RequestError(f"top_k must be in [0, 2**31), got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise RequestError(f"top_p must be in (0, 1], got {self.top_p}")
         if not 0 <= self.min_p <= 1:

@@ -85,7 +85,6 @@ class StepPlan:
     preempted: tuple[Sequence, ...] = ()
     expired: tuple[Sequence, ...] = ()
     onboard: tuple[tuple[int, bytes], ...] = ()  # (device page, hash): copy in from the lower tier first
-    now: float = 0.0  # the clock reading it was made at
 
     @property
     def empty(self) -> bool:
@@ -193,6 +192,8 @@ class Scheduler:
             n = 1 if seq.uncomputed == 1 else min(seq.uncomputed, budget, self.config.max_prefill_chunk)
             if not self.blocks.grow(seq.pages, seq.num_computed + n):
                 if seq.num_cached:  # give the prefix back; it is looked up again next time
+                    given_back = set(seq.pages)
+                    self._onboard = [(p, h) for p, h in self._onboard if p not in given_back]
                     self.blocks.release(seq.pages)
                     seq.num_computed = seq.num_cached = seq.num_registered = 0
                     seq.page_hashes = []
@@ -208,7 +209,7 @@ class Scheduler:
                 prefills.append(PrefillChunk(seq, seq.num_computed, seq.num_computed + n))
             budget -= n
         onboard, self._onboard = tuple(self._onboard), []
-        return StepPlan(tuple(prefills), tuple(decodes), tuple(preempted), tuple(expired), onboard, now)
+        return StepPlan(tuple(prefills), tuple(decodes), tuple(preempted), tuple(expired), onboard)
 
     def commit(self, plan: StepPlan) -> None:
         """The plan's programs ran: its requests advance, and the pages they filled (or copied in
@@ -244,9 +245,10 @@ class Scheduler:
         if self.lower_tier is None:
             return 0
         cost = self.config.onboard_page_cost
+        coming = {h for _, h in self._onboard}  # copied in for another request this step: not findable yet
         lower = []
         for h in hashes[len(pages):]:
-            if (len(lower) + 1) * cost >= budget or h not in self.lower_tier:
+            if (len(lower) + 1) * cost >= budget or h in coming or h not in self.lower_tier:
                 break  # the rest is computed, or loaded in a later admission
             lower.append(h)
         if not lower:

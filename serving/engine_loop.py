@@ -128,10 +128,13 @@ class EngineLoop:
 
     def stop(self, timeout: float | None = None) -> None:
         """Abort what is left, persist cached pages (when a store is configured), end the thread;
-        returns once it has ended (or `timeout` passed)."""
+        returns once it has ended, the loop failed (a stuck step), or `timeout` passed."""
         self._inbox.put(("stop", None, None))
-        if self._thread.is_alive():
-            self._thread.join(timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self._thread.is_alive() and self._state is not State.FAILED:
+            if deadline is not None and time.monotonic() >= deadline:
+                return
+            self._thread.join(WATCHDOG_PERIOD_S)
 
     def unavailable(self) -> EngineUnavailable:
         if self._state is State.FAILED:
@@ -208,9 +211,10 @@ class EngineLoop:
     def _serve(self, engine: Engine) -> None:
         idle = True
         while True:
-            for kind, arg, future in self._commands(engine, block=idle):
+            commands = self._commands(engine, block=idle)
+            for i, (kind, arg, future) in enumerate(commands):
                 if kind == "stop":
-                    self._shut(engine)
+                    self._shut(engine, commands[i + 1:])
                     return
                 self._command(engine, kind, arg, future)
             if self._state is not State.SERVING:
@@ -258,8 +262,14 @@ class EngineLoop:
             except Exception as e:  # bad input or a full queue: that request only
                 future.set_exception(e)
                 return
-            with self._lock:
-                self._streams[rid] = stream
+            with self._lock:  # a failure may have ended every stream meanwhile (from the watchdog)
+                serving = self._state is State.SERVING
+                if serving:
+                    self._streams[rid] = stream
+            if not serving:
+                engine.abort(rid)
+                future.set_exception(self.unavailable())
+                return
             self._metrics.prompt_tokens.inc(len(request.token_ids))
             future.set_result(rid)
         elif kind == "abort":
@@ -278,12 +288,21 @@ class EngineLoop:
             outputs.append(RequestOutput(rid, (), "", finished=True, finish_reason="abort"))
         self._deliver(outputs)
 
-    def _shut(self, engine: Engine) -> None:
+    def _shut(self, engine: Engine, after: list) -> None:
+        """Abort what runs, refuse what was still to come in, then persist the prefix cache."""
         self._abort_all(engine)
         with self._lock:
             if self._state is not State.SERVING:
                 return
             self._state = State.STOPPED
+            while True:
+                try:
+                    after.append(self._inbox.get_nowait())
+                except queue.Empty:
+                    break
+        for kind, _, future in after:
+            if kind == "add" and future.set_running_or_notify_cancel():
+                future.set_exception(self.unavailable())
         if engine.host_tier is not None and engine.host_tier.store is not None:
             try:  # so a restart on the same store finds them
                 n = engine.persist_prefix_cache()

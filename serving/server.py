@@ -121,21 +121,19 @@ class GenerationService:
             outcome[0] = how
 
         pre = await self._ready(context, request, ends)
+        loop = self.server.loop
+        self.server.admitting += 1  # in flight from here on: a graceful stop waits for it
         try:
             prepared = await pre.run(pre.prepare, _prompt(request.text, request.token_ids, request.messages),
                                      _sampling(request.sampling), priority=request.priority,
                                      request_id=request.request_id or None, arrival=arrival)
-        except RequestError as e:
-            ends("invalid")
-            await self._invalid(context, str(e))
-        loop = self.server.loop
-        stream = Stream(asyncio.get_running_loop(), asyncio.Queue(), arrival)
-        rid = prepared.request_id
-        try:
-            await asyncio.wrap_future(loop.submit(prepared, stream))
-        except asyncio.CancelledError:  # gone while being admitted: undo the admission, if it happened
-            loop.abort(rid, stream)
-            raise
+            stream = Stream(asyncio.get_running_loop(), asyncio.Queue(), arrival)
+            rid = prepared.request_id
+            try:
+                await asyncio.wrap_future(loop.submit(prepared, stream))
+            except asyncio.CancelledError:  # gone while being admitted: undo the admission, if it happened
+                loop.abort(rid, stream)
+                raise
         except RequestError as e:
             ends("invalid")
             await self._invalid(context, str(e))
@@ -145,9 +143,11 @@ class GenerationService:
         except EngineUnavailable as e:
             ends("unavailable")
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
-        except Exception as e:
+        except Exception as e:  # a fault of preprocessing or admission: this request only
             ends("error")
             await context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
+        finally:
+            self.server.admitting -= 1
         done = False
         try:
             while True:
@@ -251,7 +251,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or details.method.startswith("/grpc.health.v1.Health/") \
                 or self._ok(details.invocation_metadata):
             return handler
-        self._metrics.requests.labels("unauthenticated").inc()
+        if details.method == f"/{SERVICE}/Generate":  # counted with the other Generate outcomes
+            self._metrics.requests.labels("unauthenticated").inc()
         message = "missing or wrong bearer token (metadata 'authorization: Bearer <token>')"
 
         async def deny(request, context):
@@ -287,6 +288,7 @@ class Server:
                                on_ready=self._on_ready, on_failure=self._on_failure)
         self.health = health.aio.HealthServicer()
         self.draining = False
+        self.admitting = 0  # Generate calls being preprocessed or handed to the engine
         self.preprocessor: Preprocessor | None = None
         self.exit_code = 0
         self.port: int | None = None
@@ -383,7 +385,8 @@ class Server:
         self.draining = True
         await self._set_health(False)
         deadline = time.monotonic() + (self.config.drain_timeout_s if drain_timeout_s is None else drain_timeout_s)
-        while self.loop.in_flight and time.monotonic() < deadline and self.loop.state is State.SERVING:
+        while ((self.loop.in_flight or self.admitting) and time.monotonic() < deadline
+               and self.loop.state is State.SERVING):
             await asyncio.sleep(0.05)
         self.loop.abort_all()
         await self._close(grace=1.0)

@@ -108,7 +108,7 @@ def test_no_leaks_after_hundreds_of_requests_with_aborts(engine):
     ([1], SamplingParams(temperature=-1), 0, "temperature must be >= 0"),
     ([1], SamplingParams(top_p=0), 0, r"top_p must be in \(0, 1\]"),
     ([1], SamplingParams(top_p=1.01), 0, r"top_p must be in \(0, 1\]"),
-    ([1], SamplingParams(top_k=-1), 0, "top_k must be >= 0"),
+    ([1], SamplingParams(top_k=-1), 0, r"top_k must be in \[0, 2\*\*31\)"),
     ([1], SamplingParams(stop_token_ids=(300,)), 0, "stop_token_ids: 300 is outside the vocabulary"),
     ([1, 999], SamplingParams(), 0, "prompt token id 999 is outside the vocabulary"),
     ([1], SamplingParams(logprobs=21), 0, "logprobs must be in"),
@@ -333,6 +333,21 @@ def test_a_step_that_fails_before_running_caches_nothing(tiny_ckpt, monkeypatch)
     monkeypatch.undo()
     again = engine.generate([prompt], SamplingParams(max_tokens=4, ignore_eos=True))[0]
     assert list(again.token_ids) == greedy_reference(tiny_ckpt, prompt, 4)
+    assert engine.blocks.num_free == engine.blocks.num_usable
+
+
+def test_a_decode_call_that_cannot_be_built_fails_its_requests_not_the_engine(tiny_ckpt, monkeypatch):
+    engine = Engine(tiny_ckpt, TIGHT)
+    _fail_sampling_rows_of(monkeypatch, seed=4242)
+    a = engine.add_request([7], SamplingParams(max_tokens=4, seed=4242))  # one token: straight to decode
+    b = engine.add_request([8], SamplingParams(max_tokens=4, ignore_eos=True))  # in the same decode call
+    finished = {}
+    while engine.has_unfinished:
+        finished.update((o.request_id, o) for o in engine.step() if o.finished)
+    assert finished[a].finish_reason == finished[b].finish_reason == "error"
+    monkeypatch.undo()
+    out = engine.generate([[8]], SamplingParams(max_tokens=4, ignore_eos=True))[0]
+    assert engine.failed is None and list(out.token_ids) == greedy_reference(tiny_ckpt, [8], 4)
     assert engine.blocks.num_free == engine.blocks.num_usable
 
 

@@ -296,3 +296,37 @@ def test_persist_counts_what_the_store_holds(tiny_ckpt, tmp_path):
     cached = engine.blocks.num_cached + engine.stats()["pages_host"]
     assert cached > 8  # more than the host tier holds: some go straight to the store
     assert engine.persist_prefix_cache() == len(list((tmp_path / "kv" / "kv").iterdir())) == cached
+
+
+def test_two_requests_sharing_a_store_prefix_in_one_step(tiny_ckpt, expected, tmp_path):
+    """The second finds the pages the first is copying in this step not findable yet: it computes
+    them (it used to copy the same store page twice, and the second copy found nothing)."""
+    prompts, want = expected
+    params = SamplingParams(max_tokens=8, ignore_eos=True)
+    writer = store_engine(tiny_ckpt, tmp_path / "kv")
+    run_one(writer, prompts[0], params)
+    writer.evict_prefix_cache()
+    reader = store_engine(tiny_ckpt, tmp_path / "kv")
+    out = reader.generate([prompts[1], prompts[2]], params)  # admitted in the same step
+    assert [list(c.token_ids) for c in out] == want[1:3]
+    assert reader.stats()["store_hit_pages"] == 9 and reader.failed is None
+
+
+def test_a_cached_page_reused_as_a_copy_target_is_offloaded_first(tiny_ckpt):
+    """When a prefix comes back from the host and the only pages left are other cached ones, those
+    are evicted to make room: their contents go to the host before the copy overwrites them."""
+    engine = Engine(tiny_ckpt, dataclasses.replace(TINY, host_kv_bytes=2**20))
+    rng = np.random.default_rng(6)
+    back, *others = [rng.integers(0, 260, 17).tolist() for _ in range(3)]
+    params = SamplingParams(max_tokens=1)
+    engine.generate([back], params)
+    engine.evict_prefix_cache()  # `back`'s 4 full pages now live on the host only
+    engine.generate(others, params)  # 8 cached pages on the device
+    others_hashes = set(engine.blocks.cached_hashes())
+    hog = []  # every never-cached free page taken: only the cached ones are left to grow into
+    assert engine.blocks.grow(hog, (engine.blocks.num_free - engine.blocks.num_cached) * TINY.page_size)
+    assert run_one(engine, back, SamplingParams(max_tokens=4, ignore_eos=True)) == \
+        (greedy_reference(tiny_ckpt, back, 4), 16)  # copied in from the host
+    evicted = others_hashes - set(engine.blocks.cached_hashes())
+    assert evicted and evicted <= {h for h, _ in engine.host_tier.host.items()}
+    engine.blocks.release(hog)

@@ -263,3 +263,83 @@ def test_time_to_first_token_and_queue_time_count_tokenization(tiny_ckpt, monkey
             last = list(c.generate(text="hello", max_tokens=2, ignore_eos=True))[-1]
         monkeypatch.undo()
     assert last.usage.time_to_first_token_s >= 0.3 and last.usage.queue_time_s >= 0.3
+
+
+def test_submissions_racing_a_stop_all_get_an_answer(tiny_ckpt):
+    import asyncio
+
+    from runtime.sampling import SamplingParams
+    from serving.engine_loop import EngineLoop, EngineUnavailable, Stream
+    from serving.metrics import Metrics
+    from serving.preprocess import EngineRequest
+
+    loop = EngineLoop(lambda: Engine(tiny_ckpt, EngineConfig.from_dict(ENGINE)), Metrics())
+    loop.start()
+    assert loop.ready.wait(120)
+    aio = asyncio.new_event_loop()
+    runner = threading.Thread(target=aio.run_forever, daemon=True)
+    runner.start()
+    futures = []
+
+    def submit(i):
+        request = EngineRequest([3, 4 + i % 5], SamplingParams(max_tokens=30, ignore_eos=True), 0, f"r{i}",
+                                time.monotonic())
+        futures.append(loop.submit(request, Stream(aio, asyncio.Queue(), time.monotonic())))
+
+    with concurrent.futures.ThreadPoolExecutor(4) as ex:
+        for i in range(40):
+            ex.submit(submit, i)
+            if i == 20:
+                ex.submit(loop.stop, 30)
+    for future in futures:  # admitted, or refused: never left waiting
+        try:
+            future.result(timeout=10)
+        except EngineUnavailable:
+            pass
+    assert not loop.thread.is_alive() and len(futures) == 40
+    aio.call_soon_threadsafe(aio.stop)
+    runner.join(10)
+
+
+def test_a_graceful_stop_waits_for_a_request_being_tokenized(tiny_ckpt, monkeypatch):
+    real = tiny_ckpt.tokenizer.encode
+    tokenizing = threading.Event()
+
+    def slow(text, add_bos=None):
+        tokenizing.set()
+        time.sleep(0.8)
+        return real(text, add_bos)
+
+    with _server(tiny_ckpt) as s:
+        s.wait_ready()
+        monkeypatch.setattr(tiny_ckpt.tokenizer, "encode", slow)
+        with concurrent.futures.ThreadPoolExecutor(1) as ex:
+            call = ex.submit(lambda: list(Client(f"127.0.0.1:{s.port}").generate(text="hello", max_tokens=5,
+                                                                                 ignore_eos=True)))
+            assert tokenizing.wait(10)
+            s.shutdown(drain_timeout_s=10)
+            responses = call.result(timeout=30)
+        assert responses[-1].finish_reason == pb.FINISH_REASON_LENGTH
+
+
+def test_a_stop_during_a_stuck_step_returns_once_the_watchdog_fires(tiny_ckpt):
+    s = _server(tiny_ckpt, step_timeout_s=0.5)
+    with s:
+        s.wait_ready()
+        engine = s.server.loop.engine
+        real, stuck = engine.step, threading.Event()
+
+        def step():
+            stuck.set()
+            time.sleep(5)
+            return real()
+
+        engine.step = step
+        with concurrent.futures.ThreadPoolExecutor(1) as ex:
+            call = ex.submit(stream_status, s.port, token_ids=[3, 4], max_tokens=4)
+            assert stuck.wait(10)
+            t0 = time.monotonic()
+            s.shutdown(drain_timeout_s=0)
+            assert time.monotonic() - t0 < 3.0
+            assert call.result(timeout=10)[0] == grpc.StatusCode.UNAVAILABLE
+        assert s.server.exit_code == EXIT_ENGINE_FAILED

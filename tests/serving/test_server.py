@@ -346,6 +346,8 @@ def test_every_request_is_counted_even_one_cancelled_before_the_engine_saw_it(se
             list(call)
     time.sleep(1.0)
     monkeypatch.undo()
+    with Client(f"127.0.0.1:{served.port}", token="nope") as c, pytest.raises(grpc.RpcError):
+        c.tokenize("not a Generate call: not counted")
     after = _outcomes(served)
     assert after["abort"] == before["abort"] + 1
     assert sum(after.values()) == sum(before.values()) + 1
