@@ -19,7 +19,7 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import source_tree  # noqa: E402,F401  (meshserve from this checkout when not installed)
 
 PROMPT, NEW, CONCURRENT = 64, 64, 16
 
@@ -30,7 +30,7 @@ def prompts(vocab: int, n: int) -> list[list[int]]:
 
 
 def time_ours(engine, batch: list[list[int]], new: int) -> float:
-    from runtime.sampling import SamplingParams
+    from meshserve.runtime.sampling import SamplingParams
 
     params = SamplingParams(max_tokens=new, ignore_eos=True)
     t = time.perf_counter()
@@ -63,9 +63,9 @@ def main() -> None:
     import transformers
     from transformers import AutoModelForCausalLM
 
-    from models.checkpoint import load_checkpoint
-    from models.default import cache_dir, default_checkpoint, default_gguf
-    from runtime.engine import Engine, EngineConfig
+    from meshserve.models.checkpoint import load_checkpoint
+    from meshserve.models.default import cache_dir, default_checkpoint, default_gguf
+    from meshserve.runtime.engine import Engine, EngineConfig
 
     ckpt = load_checkpoint(default_checkpoint(), progress=False)
     gguf = default_gguf()

@@ -16,20 +16,18 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import statistics
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import source_tree  # noqa: E402,F401  (meshserve from this checkout when not installed)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from runtime.kernels.paged_decode import paged_decode  # noqa: E402
-from runtime.kernels.ragged_prefill import ragged_prefill  # noqa: E402
-from runtime.kernels.reference import paged_decode_reference, ragged_prefill_reference  # noqa: E402
+from meshserve.runtime.kernels.paged_decode import paged_decode  # noqa: E402
+from meshserve.runtime.kernels.ragged_prefill import ragged_prefill  # noqa: E402
+from meshserve.runtime.kernels.reference import paged_decode_reference, ragged_prefill_reference  # noqa: E402
 
 
 def timed(fn, iters: int) -> float:

@@ -13,19 +13,18 @@ starts to beat recomputing.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import source_tree  # noqa: E402,F401  (meshserve from this checkout when not installed)
 
 import numpy as np  # noqa: E402
 
-from models.checkpoint import load_checkpoint  # noqa: E402
-from models.default import default_checkpoint  # noqa: E402
-from runtime.engine import Engine, EngineConfig  # noqa: E402
-from runtime.sampling import SamplingParams  # noqa: E402
+from meshserve.models.checkpoint import load_checkpoint  # noqa: E402
+from meshserve.models.default import default_checkpoint  # noqa: E402
+from meshserve.runtime.engine import Engine, EngineConfig  # noqa: E402
+from meshserve.runtime.sampling import SamplingParams  # noqa: E402
 
 
 def ttft(engine: Engine, prompt: list[int]) -> tuple[float, int]:

@@ -24,13 +24,13 @@ import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import source_tree  # noqa: E402,F401  (meshserve from this checkout when not installed)
 
 import grpc  # noqa: E402
 
-from serving.client import Client, SAMPLING_FIELDS  # noqa: E402,F401
-from serving.proto.meshserve.v1 import generation_pb2 as pb  # noqa: E402
-from serving.proto.meshserve.v1 import generation_pb2_grpc as pb_grpc  # noqa: E402
+from meshserve.serving.client import Client, SAMPLING_FIELDS  # noqa: E402,F401
+from meshserve.serving.proto.meshserve.v1 import generation_pb2 as pb  # noqa: E402
+from meshserve.serving.proto.meshserve.v1 import generation_pb2_grpc as pb_grpc  # noqa: E402
 
 
 def length_range(text: str) -> tuple[int, int]:

@@ -25,10 +25,10 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from models.config import ModelConfig
-from models.errors import CheckpointError, ConfigError
-from models.llama import Params, abstract_params, param_axes
-from models.tokenizer import Tokenizer
+from meshserve.models.config import ModelConfig
+from meshserve.models.errors import CheckpointError, ConfigError
+from meshserve.models.llama import Params, abstract_params, param_axes
+from meshserve.models.tokenizer import Tokenizer
 
 FORMAT = 1
 META_FILE, CONFIG_FILE, PARAMS_DIR = "meshserve.json", "config.yaml", "params"

@@ -14,7 +14,7 @@ from typing import Any, Mapping
 
 import yaml
 
-from models.errors import ConfigError
+from meshserve.models.errors import ConfigError
 
 ARCHITECTURES = ("llama", "mistral", "qwen2")
 

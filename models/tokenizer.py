@@ -17,7 +17,7 @@ import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
 
-from models.errors import CheckpointError, ConfigError
+from meshserve.models.errors import CheckpointError, ConfigError
 
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
@@ -32,12 +32,16 @@ class TokenizerConfig:
     chat_template: str | None
 
     def to_json(self) -> str:
-        return json.dumps({**dataclasses.asdict(self), "eos_tokens": list(self.eos_tokens)}, indent=1)
+        # `eos_token` is the key other tools read (transformers, lm-eval, vLLM); `eos_tokens` keeps
+        # every id that ends generation
+        eos = {"eos_token": self.eos_tokens[0]} if self.eos_tokens else {}
+        return json.dumps({**dataclasses.asdict(self), **eos, "eos_tokens": list(self.eos_tokens)}, indent=1)
 
     @classmethod
     def from_json(cls, text: str) -> "TokenizerConfig":
         data = json.loads(text)
-        return cls(bos_token=data.get("bos_token"), eos_tokens=tuple(data.get("eos_tokens", ())),
+        eos = data.get("eos_tokens") or ([data["eos_token"]] if isinstance(data.get("eos_token"), str) else [])
+        return cls(bos_token=data.get("bos_token"), eos_tokens=tuple(eos),
                    add_bos_token=bool(data.get("add_bos_token", False)),
                    chat_template=data.get("chat_template"))
 

@@ -37,21 +37,21 @@ from typing import Any, Mapping, Sequence as Seq
 import jax
 import numpy as np
 
-from models.checkpoint import Checkpoint
-from models.config import ModelConfig, config_from_dict, read_yaml_section
-from models.errors import ConfigError, MeshserveError, RequestError
-from runtime.block_manager import BlockManager
-from runtime.clock import Seeds, clock_for
-from runtime.identity import model_fingerprint
-from runtime.kv_cache import ATTENTION, POOL_AXES, page_bytes, pages_for_budget, pool_shape, sharded_zeros_pool
-from runtime.kv_tiers import HostTier, KVEvents, LowerTiers, PageMover, StoreTier
-from runtime.programs import Buckets, Programs, enable_compilation_cache, geometric
-from runtime.request import RequestLimits, check_request
-from runtime.runner import ModelRunner
-from runtime.sampling import SamplingParams
-from runtime.scheduler import QueueFull, Scheduler, SchedulerConfig, Sequence
-from runtime.text import TextStream
-from sharding.rules import Layout
+from meshserve.models.checkpoint import Checkpoint
+from meshserve.models.config import ModelConfig, config_from_dict, read_yaml_section
+from meshserve.models.errors import ConfigError, MeshserveError, RequestError
+from meshserve.runtime.block_manager import BlockManager
+from meshserve.runtime.clock import Seeds, clock_for
+from meshserve.runtime.identity import model_fingerprint
+from meshserve.runtime.kv_cache import ATTENTION, POOL_AXES, page_bytes, pages_for_budget, pool_shape, sharded_zeros_pool
+from meshserve.runtime.kv_tiers import HostTier, KVEvents, LowerTiers, PageMover, StoreTier
+from meshserve.runtime.programs import Buckets, Programs, enable_compilation_cache, geometric
+from meshserve.runtime.request import RequestLimits, check_request
+from meshserve.runtime.runner import ModelRunner
+from meshserve.runtime.sampling import SamplingParams
+from meshserve.runtime.scheduler import QueueFull, Scheduler, SchedulerConfig, Sequence
+from meshserve.runtime.text import TextStream
+from meshserve.sharding.rules import Layout
 
 log = logging.getLogger("meshserve.engine")
 

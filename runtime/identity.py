@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from models.config import ModelConfig
+from meshserve.models.config import ModelConfig
 
 SAMPLES_PER_ARRAY = 64
 

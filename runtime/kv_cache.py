@@ -22,10 +22,10 @@ from jax import lax
 from jax.sharding import Mesh, PartitionSpec as P
 from jaxtyping import Array, Float, Int
 
-from models.config import ModelConfig
-from models.errors import ConfigError
-from models.llama import attention as attention_ref
-from runtime.block_manager import NULL_PAGE  # noqa: F401  (the page padding writes go to)
+from meshserve.models.config import ModelConfig
+from meshserve.models.errors import ConfigError
+from meshserve.models.llama import attention as attention_ref
+from meshserve.runtime.block_manager import NULL_PAGE  # noqa: F401  (the page padding writes go to)
 
 
 @jax.tree_util.register_dataclass
@@ -182,8 +182,8 @@ def _attend_local(q, k_pages, v_pages, tables, start, query_lens, *, attention: 
 
 
 def _pallas_attention(q, k_pages, v_pages, tables, start, query_lens, sliding_window):
-    from runtime.kernels.paged_decode import paged_decode
-    from runtime.kernels.ragged_prefill import ragged_prefill
+    from meshserve.runtime.kernels.paged_decode import paged_decode
+    from meshserve.runtime.kernels.ragged_prefill import ragged_prefill
 
     interpret = jax.default_backend() == "cpu"  # CPU runs the kernels in the Pallas interpreter
     if q.shape[1] == 1:  # decode: one token per row, at position start

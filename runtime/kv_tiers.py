@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from runtime.kv_cache import KVPool
+from meshserve.runtime.kv_cache import KVPool
 
 log = logging.getLogger("meshserve.kv")
 

@@ -23,11 +23,11 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Int
 
-from models.config import ModelConfig
-from models.llama import Params, forward, param_axes
-from runtime.kv_cache import POOL_AXES, AttentionShards, KVPool, PagedKVCache
-from runtime.sampling import Sampled, SamplingBatch, sample
-from sharding.rules import Layout
+from meshserve.models.config import ModelConfig
+from meshserve.models.llama import Params, forward, param_axes
+from meshserve.runtime.kv_cache import POOL_AXES, AttentionShards, KVPool, PagedKVCache
+from meshserve.runtime.sampling import Sampled, SamplingBatch, sample
+from meshserve.sharding.rules import Layout
 
 
 @jax.tree_util.register_dataclass

@@ -6,8 +6,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Sequence
 
-from models.errors import ConfigError, RequestError
-from runtime.sampling import SamplingParams
+from meshserve.models.errors import ConfigError, RequestError
+from meshserve.runtime.sampling import SamplingParams
 
 
 @dataclasses.dataclass(frozen=True)

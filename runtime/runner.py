@@ -23,11 +23,11 @@ from typing import Callable, Sequence as Seq
 import jax
 import numpy as np
 
-from runtime.block_manager import NULL_PAGE, BlockManager
-from runtime.kv_cache import KVPool
-from runtime.programs import Buckets, Programs, StepBatch
-from runtime.sampling import SamplingBatch, SamplingParams
-from runtime.scheduler import PrefillChunk, Sequence, StepPlan
+from meshserve.runtime.block_manager import NULL_PAGE, BlockManager
+from meshserve.runtime.kv_cache import KVPool
+from meshserve.runtime.programs import Buckets, Programs, StepBatch
+from meshserve.runtime.sampling import SamplingBatch, SamplingParams
+from meshserve.runtime.scheduler import PrefillChunk, Sequence, StepPlan
 
 # (params, seed) of a request, for its sampling row
 SamplingOf = Callable[[Sequence], tuple[SamplingParams, int]]

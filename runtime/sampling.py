@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
-from models.errors import RequestError
+from meshserve.models.errors import RequestError
 
 MAX_LOGPROBS = 20  # top-N logprobs a request may ask for; fixed so it never recompiles
 

@@ -25,7 +25,7 @@ import dataclasses
 import enum
 from typing import Any
 
-from runtime.block_manager import BlockManager, chain_hash
+from meshserve.runtime.block_manager import BlockManager, chain_hash
 
 
 class Status(enum.Enum):

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections import deque
 
-from models.tokenizer import IncrementalDecoder, Tokenizer
+from meshserve.models.tokenizer import IncrementalDecoder, Tokenizer
 
 
 class StopMatcher:

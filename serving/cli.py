@@ -19,7 +19,7 @@ import os
 import sys
 from pathlib import Path
 
-from models.errors import MeshserveError, RequestError
+from meshserve.models.errors import MeshserveError, RequestError
 
 EXIT_ERROR = 1
 DEFAULT_SERVING_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "serving" / "default.yaml"
@@ -81,14 +81,14 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _convert(args) -> None:
-    from models.convert import convert
+    from meshserve.models.convert import convert
 
     out = convert(args.source, args.out, dtype=args.dtype)
     print(f"wrote {out}", file=sys.stderr)
 
 
 def _sampling(args):
-    from runtime.sampling import SamplingParams
+    from meshserve.runtime.sampling import SamplingParams
 
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, min_p=args.min_p, seed=args.seed, stop=tuple(args.stop))
@@ -100,26 +100,26 @@ def _layout(args):
     """The mesh file's layout (validated, then devices set up) or None for one device."""
     if not args.mesh:
         return None
-    from sharding.mesh import MeshConfig
+    from meshserve.sharding.mesh import MeshConfig
 
     return MeshConfig.from_yaml(args.mesh).setup()
 
 
 def _load(args, layout):
-    from models.checkpoint import load_checkpoint, read_meta
-    from models.default import default_checkpoint
+    from meshserve.models.checkpoint import load_checkpoint, read_meta
+    from meshserve.models.default import default_checkpoint
 
     folder = args.model or default_checkpoint(progress=not args.quiet)
     if layout is None:
         return load_checkpoint(folder, progress=not args.quiet)
-    from sharding.mesh import load_sharded
+    from meshserve.sharding.mesh import load_sharded
 
     layout.for_model(read_meta(folder)[1])  # a model the mesh cannot split fails here, before loading
     return load_sharded(folder, layout, progress=not args.quiet)
 
 
 def _generate(args) -> None:
-    from runtime.engine import EngineConfig
+    from meshserve.runtime.engine import EngineConfig
 
     if (args.input is None) == (args.prompt is None):
         raise RequestError("give either a prompt or --input FILE")
@@ -152,7 +152,7 @@ def _stream_one(ckpt, config, args, params, layout) -> None:
     """One prompt: an engine sized to it (few programs to compile), text streamed as it comes."""
     import jax
 
-    from runtime.engine import Engine
+    from meshserve.runtime.engine import Engine
 
     ids = _encode(ckpt.tokenizer, args.prompt, args.chat)
     if not ids:
@@ -206,8 +206,8 @@ def _run_batch(ckpt, config, args, params, lines, layout) -> None:
     import jax
     from tqdm.auto import tqdm
 
-    from runtime.engine import Engine
-    from runtime.request import check_request
+    from meshserve.runtime.engine import Engine
+    from meshserve.runtime.request import check_request
 
     # Every line is checked before the slow part (compiling), so a bad line fails at once.
     max_seq_len = min(config.max_seq_len, ckpt.config.max_position_embeddings)
@@ -258,7 +258,7 @@ def _generate_remote(args) -> None:
     """Stream one prompt from a running server; a failed call is one line with its status."""
     import grpc
 
-    from serving.client import Client
+    from meshserve.serving.client import Client
 
     if args.input is not None:
         raise RequestError("--input runs locally; with --server give one prompt")
@@ -282,9 +282,9 @@ class ServerError(MeshserveError):
 def _serve(args) -> None:
     import logging
 
-    from runtime.engine import EngineConfig
-    from serving.config import ServerConfig
-    from serving.server import Server, build_engine
+    from meshserve.runtime.engine import EngineConfig
+    from meshserve.serving.config import ServerConfig
+    from meshserve.serving.server import Server, build_engine
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     config = ServerConfig.from_yaml(args.config).override(
@@ -293,16 +293,16 @@ def _serve(args) -> None:
     engine_config = EngineConfig.from_yaml(args.config)
     replicas = 1
     if config.mesh:  # checked now: a bad mesh file fails before the server starts
-        from sharding.mesh import MeshConfig
+        from meshserve.sharding.mesh import MeshConfig
 
         mesh = MeshConfig.from_yaml(config.mesh)
         if mesh.distributed is not None:
             raise MeshserveError("serve runs on one host for now: use a mesh file without 'distributed'")
         replicas = dict(mesh.axes).get("data", 1)  # -1: known once the devices are
     if engine_config.kv_cache_bytes is not None and replicas > 0:  # a pool too small fails before listening
-        from models.checkpoint import read_meta
-        from models.default import default_checkpoint
-        from runtime.engine import kv_pages
+        from meshserve.models.checkpoint import read_meta
+        from meshserve.models.default import default_checkpoint
+        from meshserve.runtime.engine import kv_pages
 
         _, model, dtype = read_meta(config.model or default_checkpoint(progress=not args.quiet))
         kv_pages(model, dtype, engine_config, replicas, engine_config.kv_cache_bytes)
@@ -314,7 +314,7 @@ def run_server(server) -> None:
     import asyncio
     import logging
 
-    from serving.server import serve_forever
+    from meshserve.serving.server import serve_forever
 
     code = asyncio.run(serve_forever(server))
     if code:
@@ -327,7 +327,7 @@ def run_server(server) -> None:
 
 
 def _fetch_default(args) -> None:
-    from models.default import default_checkpoint
+    from meshserve.models.default import default_checkpoint
 
     print(default_checkpoint(dtype=args.dtype))
 

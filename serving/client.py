@@ -12,8 +12,8 @@ from typing import Iterator
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from serving.proto.meshserve.v1 import generation_pb2 as pb
-from serving.proto.meshserve.v1 import generation_pb2_grpc as pb_grpc
+from meshserve.serving.proto.meshserve.v1 import generation_pb2 as pb
+from meshserve.serving.proto.meshserve.v1 import generation_pb2_grpc as pb_grpc
 
 SAMPLING_FIELDS = {f.name for f in pb.SamplingOptions.DESCRIPTOR.fields}
 

@@ -13,8 +13,8 @@ import dataclasses
 import os
 from typing import Any, Mapping
 
-from models.config import config_from_dict, read_yaml_section
-from models.errors import ConfigError
+from meshserve.models.config import config_from_dict, read_yaml_section
+from meshserve.models.errors import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)

@@ -30,10 +30,10 @@ import time
 import traceback
 from typing import Callable
 
-from models.errors import MeshserveError
-from runtime.engine import Engine, EngineFault, RequestOutput
-from serving.metrics import Metrics
-from serving.preprocess import EngineRequest
+from meshserve.models.errors import MeshserveError
+from meshserve.runtime.engine import Engine, EngineFault, RequestOutput
+from meshserve.serving.metrics import Metrics
+from meshserve.serving.preprocess import EngineRequest
 
 log = logging.getLogger("meshserve.engine_loop")
 

@@ -16,10 +16,10 @@ import functools
 import uuid
 from typing import Any, Mapping, Sequence
 
-from models.errors import RequestError
-from models.tokenizer import Tokenizer
-from runtime.request import RequestLimits, check_request
-from runtime.sampling import SamplingParams
+from meshserve.models.errors import RequestError
+from meshserve.models.tokenizer import Tokenizer
+from meshserve.runtime.request import RequestLimits, check_request
+from meshserve.runtime.sampling import SamplingParams
 
 ROLES = ("system", "developer", "user", "assistant", "tool")  # the chat roles a request may use
 MAX_REQUEST_ID = 256

@@ -29,14 +29,14 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from models.errors import MeshserveError, RequestError
-from runtime.engine import Engine, EngineConfig, QueueFullError, RequestOutput
-from runtime.sampling import MAX_LOGPROBS
-from serving.config import ServerConfig
-from serving.engine_loop import EngineLoop, EngineUnavailable, State, Stream
-from serving.metrics import Metrics
-from serving.preprocess import EngineFacts, Preprocessor, Prompt
-from serving.proto.meshserve.v1 import generation_pb2 as pb
+from meshserve.models.errors import MeshserveError, RequestError
+from meshserve.runtime.engine import Engine, EngineConfig, QueueFullError, RequestOutput
+from meshserve.runtime.sampling import MAX_LOGPROBS
+from meshserve.serving.config import ServerConfig
+from meshserve.serving.engine_loop import EngineLoop, EngineUnavailable, State, Stream
+from meshserve.serving.metrics import Metrics
+from meshserve.serving.preprocess import EngineFacts, Preprocessor, Prompt
+from meshserve.serving.proto.meshserve.v1 import generation_pb2 as pb
 
 log = logging.getLogger("meshserve.server")
 
@@ -475,19 +475,19 @@ class ServerThread:
 def build_engine(config: ServerConfig, engine_config: EngineConfig, progress: bool = True) -> Callable[[], Engine]:
     """The usual build: the mesh (if any), the checkpoint (the default model if none), the engine."""
     def build() -> Engine:
-        from models.checkpoint import load_checkpoint, read_meta
-        from models.default import default_checkpoint
+        from meshserve.models.checkpoint import load_checkpoint, read_meta
+        from meshserve.models.default import default_checkpoint
 
         layout = None
         if config.mesh:
-            from sharding.mesh import MeshConfig
+            from meshserve.sharding.mesh import MeshConfig
 
             layout = MeshConfig.from_yaml(config.mesh).setup()
         folder = config.model or default_checkpoint(progress=progress)
         if layout is None:
             ckpt = load_checkpoint(folder, progress=progress)
         else:
-            from sharding.mesh import load_sharded
+            from meshserve.sharding.mesh import load_sharded
 
             layout.for_model(read_meta(folder)[1])
             ckpt = load_sharded(folder, layout, progress=progress)

@@ -24,8 +24,8 @@ import math
 import os
 from typing import Any, Mapping
 
-from models.errors import ConfigError
-from sharding.rules import DEFAULT_RULES, MESH_AXES, Layout, check_rules
+from meshserve.models.errors import ConfigError
+from meshserve.sharding.rules import DEFAULT_RULES, MESH_AXES, Layout, check_rules
 
 PLATFORMS = ("cpu", "gpu", "tpu")
 
@@ -234,7 +234,7 @@ class MeshConfig:
 def load_sharded(folder, layout: Layout, progress: bool = True):
     """Restore a checkpoint straight into `layout`: Orbax reads, on each process, only the shards of
     that process's devices, one layer group at a time (never the whole checkpoint in host memory)."""
-    from models.checkpoint import load_checkpoint, read_meta
+    from meshserve.models.checkpoint import load_checkpoint, read_meta
 
     _, config, _ = read_meta(folder)
     return load_checkpoint(folder, sharding=layout.for_model(config).sharding, progress=progress)

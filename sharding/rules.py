@@ -20,8 +20,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from models.config import ModelConfig
-from models.errors import ConfigError
+from meshserve.models.config import ModelConfig
+from meshserve.models.errors import ConfigError
 
 Rules = Mapping[str, str | None]
 
@@ -159,7 +159,7 @@ class Layout:
 
     def place(self, params, config: ModelConfig):
         """In-memory params (a test's, a converter's) onto this layout."""
-        from models.llama import param_axes
+        from meshserve.models.llama import param_axes
 
         layout = self.for_model(config)
 

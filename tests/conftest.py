@@ -14,7 +14,7 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def smollm_gguf():
     """The default model's GGUF file (fetched into the user cache once, by `make test` first)."""
-    from models.default import default_gguf
+    from meshserve.models.default import default_gguf
 
     return default_gguf()
 
@@ -22,8 +22,8 @@ def smollm_gguf():
 @pytest.fixture(scope="session")
 def smollm_ckpt(smollm_gguf, tmp_path_factory):
     """The default model converted to a float32 checkpoint, loaded on one device."""
-    from models.checkpoint import load_checkpoint
-    from models.convert import convert
+    from meshserve.models.checkpoint import load_checkpoint
+    from meshserve.models.convert import convert
 
     out = convert(f"gguf:{smollm_gguf}", tmp_path_factory.mktemp("smollm") / "ckpt", progress=False)
     return load_checkpoint(out, progress=False)
@@ -46,7 +46,7 @@ TINY_CONFIG = dict(name="tiny", architecture="llama", vocab_size=300, hidden_siz
 @pytest.fixture(scope="session")
 def tiny_ckpt(tmp_path_factory):
     """A tiny random model with a real byte-level tokenizer, in memory on one device."""
-    from models.config import ModelConfig
+    from meshserve.models.config import ModelConfig
     from tests.helpers import random_checkpoint
 
     return random_checkpoint(ModelConfig(**TINY_CONFIG), tmp_path_factory.mktemp("tok"), seed=2)
@@ -55,7 +55,7 @@ def tiny_ckpt(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_ckpt_dir(tiny_ckpt, tmp_path_factory):
     """The tiny random model as a checkpoint folder, for servers in their own process."""
-    from models.checkpoint import save_checkpoint
+    from meshserve.models.checkpoint import save_checkpoint
 
     return save_checkpoint(tmp_path_factory.mktemp("tiny") / "ckpt", tiny_ckpt.config, tiny_ckpt.params,
                            tiny_ckpt.tokenizer)

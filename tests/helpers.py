@@ -183,9 +183,9 @@ def random_checkpoint(config, folder: Path, seed: int):
     import numpy as np
     from tokenizers import Tokenizer as HFTokenizer
 
-    from models.checkpoint import Checkpoint
-    from models.llama import init_params
-    from models.tokenizer import Tokenizer, TokenizerConfig
+    from meshserve.models.checkpoint import Checkpoint
+    from meshserve.models.llama import init_params
+    from meshserve.models.tokenizer import Tokenizer, TokenizerConfig
 
     folder.mkdir(parents=True, exist_ok=True)
     write_tokenizer(folder)

@@ -21,7 +21,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jaxtyping import Array, Float, Int
 
-from runtime.kernels.tile import empty, fold, gather_tile, tile_positions
+from meshserve.runtime.kernels.tile import empty, fold, gather_tile, tile_positions
 
 
 

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-from models.checkpoint import load_checkpoint, save_checkpoint
-from models.config import ModelConfig
-from models.errors import CheckpointError
-from models.llama import init_params
-from sharding.rules import sharding_fn
+from meshserve.models.checkpoint import load_checkpoint, save_checkpoint
+from meshserve.models.config import ModelConfig
+from meshserve.models.errors import CheckpointError
+from meshserve.models.llama import init_params
+from meshserve.sharding.rules import sharding_fn
 
 # Head counts, vocabulary and MLP all divide 8, so every kind of axis really gets split.
 CONFIG = ModelConfig(name="tiny", architecture="llama", vocab_size=128, hidden_size=64,

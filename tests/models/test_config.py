@@ -2,8 +2,8 @@ import dataclasses
 
 import pytest
 
-from models.config import CONFIG_DIR, ModelConfig, RopeScaling, rope_inv_freq
-from models.errors import ConfigError
+from meshserve.models.config import CONFIG_DIR, ModelConfig, RopeScaling, rope_inv_freq
+from meshserve.models.errors import ConfigError
 
 SHIPPED = ["smollm2-135m", "llama3-8b", "llama3-70b", "qwen2-7b", "mistral-7b"]
 

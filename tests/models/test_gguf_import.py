@@ -8,11 +8,11 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
 
-from models.checkpoint import load_checkpoint
-from models.convert import convert
-from models.errors import CheckpointError, ConvertError
-from models.gguf_import import unpermute_rope_rows
-from models.llama import forward
+from meshserve.models.checkpoint import load_checkpoint
+from meshserve.models.convert import convert
+from meshserve.models.errors import CheckpointError, ConvertError
+from meshserve.models.gguf_import import unpermute_rope_rows
+from meshserve.models.llama import forward
 from tests.helpers import _llamacpp_permute, make_hf_model, write_gguf
 
 # Row length 256 so the K-quants (256-wide blocks) apply to every matrix.
@@ -154,7 +154,7 @@ def test_sentencepiece_vocabulary_rebuilds_its_merges():
     text exactly as the BPE the vocabulary was trained with."""
     from tokenizers import SentencePieceBPETokenizer
 
-    from models.gguf_import import _sentencepiece_bpe
+    from meshserve.models.gguf_import import _sentencepiece_bpe
 
     corpus = ["The quick brown fox jumps over the lazy dog.", "Pack my box with five dozen jugs!",
               "hello world, hello there, the theory of everything", "numbers 12345 and more"] * 20

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from models.convert import convert, open_source
-from models.errors import ConvertError
+from meshserve.models.convert import convert, open_source
+from meshserve.models.errors import ConvertError
 from tests.helpers import make_hf_model
 
 

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from models.checkpoint import load_checkpoint
-from models.convert import convert
-from models.llama import forward
-from runtime.engine import Engine, EngineConfig
-from runtime.sampling import SamplingParams
+from meshserve.models.checkpoint import load_checkpoint
+from meshserve.models.convert import convert
+from meshserve.models.llama import forward
+from meshserve.runtime.engine import Engine, EngineConfig
+from meshserve.runtime.sampling import SamplingParams
 from tests.helpers import make_hf_model
 
 _forward = jax.jit(forward, static_argnames="config")

@@ -2,7 +2,7 @@
 
 import pytest
 
-from models.tokenizer import IncrementalDecoder
+from meshserve.models.tokenizer import IncrementalDecoder
 
 TEXTS = [
     "What is the capital of France?",
@@ -33,6 +33,20 @@ def test_special_tokens(smollm_ckpt):
     assert tok.encode("<|im_start|>") == [1] and tok.bos_id == 1
     assert tok.eos_ids == (2,)
     assert tok.config.add_bos_token is False
+
+
+def test_tokenizer_config_has_the_standard_keys(smollm_ckpt):
+    """Tools that read a checkpoint's tokenizer_config.json (transformers, lm-eval) look for
+    `bos_token` and `eos_token`; meshserve keeps every stop id in `eos_tokens`."""
+    import json
+
+    from meshserve.models.tokenizer import TokenizerConfig
+
+    data = json.loads((smollm_ckpt.path / "tokenizer_config.json").read_text())
+    assert data["bos_token"] == "<|im_start|>" and data["eos_token"] == "<|im_end|>"
+    assert data["eos_tokens"] == ["<|im_end|>"]
+    only_standard = json.dumps({"bos_token": "<s>", "eos_token": "</s>", "chat_template": None})
+    assert TokenizerConfig.from_json(only_standard).eos_tokens == ("</s>",)
 
 
 def test_chat_template_matches_transformers(smollm_ckpt, hf_tokenizer):

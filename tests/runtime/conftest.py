@@ -4,8 +4,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from models.checkpoint import Checkpoint
-from models.llama import forward
+from meshserve.models.checkpoint import Checkpoint
+from meshserve.models.llama import forward
 
 _forward = jax.jit(forward, static_argnames="config")
 

@@ -3,7 +3,7 @@ import sys
 
 import pytest
 
-from runtime.block_manager import NULL_PAGE, BlockManager
+from meshserve.runtime.block_manager import NULL_PAGE, BlockManager
 
 
 def test_grow_is_all_or_nothing_and_never_hands_out_the_null_page():

@@ -1,6 +1,6 @@
 """Time and seeds of one process (the agreed versions run in tests/sharding/test_multihost.py)."""
 
-from runtime.clock import Clock, MeshClock, Seeds, clock_for
+from meshserve.runtime.clock import Clock, MeshClock, Seeds, clock_for
 
 
 def test_one_process_reads_its_own_clock_and_keeps_its_values():

@@ -4,9 +4,9 @@ import jax
 import numpy as np
 import pytest
 
-from models.errors import RequestError
-from runtime.engine import Engine, EngineConfig, QueueFullError
-from runtime.sampling import SamplingParams
+from meshserve.models.errors import RequestError
+from meshserve.runtime.engine import Engine, EngineConfig, QueueFullError
+from meshserve.runtime.sampling import SamplingParams
 from tests.runtime.conftest import greedy_reference, penalized_reference, reference_logits
 
 # A tiny page pool (15 usable pages of 4 tokens = 60 tokens, one max_seq_len request) and a 16-token
@@ -278,7 +278,7 @@ def test_priority_is_served_first(tiny_ckpt):
 def test_a_pool_that_cannot_hold_one_request_is_a_config_error(tiny_ckpt):
     import dataclasses
 
-    from models.errors import ConfigError
+    from meshserve.models.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"holds 60 tokens per data replica .* fewer than max_seq_len \(128\)"):
         Engine(tiny_ckpt, dataclasses.replace(TIGHT, max_seq_len=128))
@@ -293,7 +293,7 @@ def test_a_pool_that_cannot_hold_one_request_is_a_config_error(tiny_ckpt):
 def test_buckets_must_cover_the_limits(fields, message):
     import dataclasses
 
-    from models.errors import ConfigError
+    from meshserve.models.errors import ConfigError
 
     with pytest.raises(ConfigError, match=message):
         dataclasses.replace(TIGHT, **fields)
@@ -301,7 +301,7 @@ def test_buckets_must_cover_the_limits(fields, message):
 
 def _fail_sampling_rows_of(monkeypatch, seed: int):
     """Building the sampling rows of any call holding a request with `seed` raises."""
-    from runtime.sampling import SamplingBatch
+    from meshserve.runtime.sampling import SamplingBatch
 
     real = SamplingBatch.build.__func__
 
@@ -364,7 +364,7 @@ def _fault_after_dispatch(engine, family: str):
 def test_a_fault_after_dispatch_is_fatal_and_leaves_no_trace_in_the_store(tiny_ckpt, tmp_path):
     import dataclasses
 
-    from runtime.engine import EngineFault
+    from meshserve.runtime.engine import EngineFault
 
     config = dataclasses.replace(TIGHT, kv_store=str(tmp_path / "kv"))
     engine = Engine(tiny_ckpt, config)
@@ -387,7 +387,7 @@ def test_a_fault_after_dispatch_is_fatal_and_leaves_no_trace_in_the_store(tiny_c
 
 
 def test_request_limits_are_named(engine):
-    from runtime.request import RequestLimits
+    from meshserve.runtime.request import RequestLimits
 
     assert engine.config.limits == RequestLimits()
     cases = [(SamplingParams(stop=tuple(f"s{i}" for i in range(10_000))), r"stop: 10000 stop strings, at most 16"),

@@ -5,8 +5,8 @@ import dataclasses
 
 import pytest
 
-from runtime.engine import Engine, EngineConfig
-from runtime.sampling import SamplingParams
+from meshserve.runtime.engine import Engine, EngineConfig
+from meshserve.runtime.sampling import SamplingParams
 
 SMALL = dict(max_seq_len=128, max_num_seqs=2, max_num_batched_tokens=32, max_prefill_chunk=32,
              decode_buckets=(2,), prefill_buckets=(32,), context_buckets=(8,), page_size=16)
@@ -34,7 +34,7 @@ def test_sliding_window_pallas_equals_reference(tiny_ckpt):
 
 
 def test_unknown_attention_is_refused():
-    from models.errors import ConfigError
+    from meshserve.models.errors import ConfigError
 
     with pytest.raises(ConfigError, match="attention must be one of reference, pallas"):
         EngineConfig(attention="flash")

@@ -6,10 +6,10 @@ import shutil
 
 import numpy as np
 
-from models.checkpoint import load_checkpoint, save_checkpoint
-from runtime.engine import Engine, EngineConfig
-from runtime.identity import model_fingerprint
-from runtime.sampling import SamplingParams
+from meshserve.models.checkpoint import load_checkpoint, save_checkpoint
+from meshserve.runtime.engine import Engine, EngineConfig
+from meshserve.runtime.identity import model_fingerprint
+from meshserve.runtime.sampling import SamplingParams
 from tests.helpers import random_checkpoint
 from tests.runtime.conftest import greedy_reference
 

@@ -5,9 +5,9 @@ import dataclasses
 import numpy as np
 import pytest
 
-from runtime.block_manager import BlockManager, chain_hash
-from runtime.engine import Engine, EngineConfig
-from runtime.sampling import SamplingParams
+from meshserve.runtime.block_manager import BlockManager, chain_hash
+from meshserve.runtime.engine import Engine, EngineConfig
+from meshserve.runtime.sampling import SamplingParams
 from tests.runtime.conftest import greedy_reference
 
 
@@ -257,7 +257,7 @@ def test_persist_on_shutdown_then_restart_hits_the_store(tiny_ckpt, expected, tm
 
 
 def test_copies_from_a_lower_tier_count_against_the_step_budget():
-    from runtime.scheduler import Scheduler, SchedulerConfig, Sequence
+    from meshserve.runtime.scheduler import Scheduler, SchedulerConfig, Sequence
 
     blocks = BlockManager(64, 4, prefix_caching=True)
     sched = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=16, max_prefill_chunk=16,
@@ -275,7 +275,7 @@ def test_copies_from_a_lower_tier_count_against_the_step_budget():
 
 
 def test_a_store_page_of_another_shape_or_dtype_is_a_miss(tmp_path):
-    from runtime.kv_tiers import StoreTier
+    from meshserve.runtime.kv_tiers import StoreTier
 
     store = StoreTier(str(tmp_path / "kv"), (4, 8, 2, 16), np.float32)
     good, wrong_shape, wrong_dtype = b"a" * 16, b"b" * 16, b"c" * 16

@@ -2,10 +2,10 @@
 
 import pytest
 
-from models.errors import ConfigError, RequestError
-from runtime.engine import EngineConfig
-from runtime.request import RequestLimits, check_request
-from runtime.sampling import SamplingParams
+from meshserve.models.errors import ConfigError, RequestError
+from meshserve.runtime.engine import EngineConfig
+from meshserve.runtime.request import RequestLimits, check_request
+from meshserve.runtime.sampling import SamplingParams
 
 FACTS = dict(vocab_size=100, max_seq_len=32, priority_levels=3)
 

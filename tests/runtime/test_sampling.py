@@ -3,8 +3,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from models.errors import RequestError
-from runtime.sampling import MAX_LOGPROBS, SamplingBatch, SamplingParams, sample
+from meshserve.models.errors import RequestError
+from meshserve.runtime.sampling import MAX_LOGPROBS, SamplingBatch, SamplingParams, sample
 
 _sample = jax.jit(sample)
 

@@ -2,8 +2,8 @@
 
 import pytest
 
-from runtime.block_manager import BlockManager
-from runtime.scheduler import QueueFull, Scheduler, SchedulerConfig, Sequence, Status
+from meshserve.runtime.block_manager import BlockManager
+from meshserve.runtime.scheduler import QueueFull, Scheduler, SchedulerConfig, Sequence, Status
 
 
 def make(num_pages=64, page_size=4, **cfg):

@@ -3,7 +3,7 @@
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from runtime.text import TextStream
+from meshserve.runtime.text import TextStream
 
 
 class CharTokenizer:

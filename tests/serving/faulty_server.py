@@ -8,10 +8,10 @@ def main(config_path: str, fail_from: int) -> None:
     import logging
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
-    from runtime.engine import EngineConfig
-    from serving.cli import run_server
-    from serving.config import ServerConfig
-    from serving.server import Server, build_engine
+    from meshserve.runtime.engine import EngineConfig
+    from meshserve.serving.cli import run_server
+    from meshserve.serving.config import ServerConfig
+    from meshserve.serving.server import Server, build_engine
 
     config = ServerConfig.from_yaml(config_path)
     build = build_engine(config, EngineConfig.from_yaml(config_path), progress=False)

@@ -13,7 +13,7 @@ from tests.helpers import make_hf_model, write_gguf
 
 
 def meshserve(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "serving.cli", *map(str, args)],
+    return subprocess.run([sys.executable, "-m", "meshserve.serving.cli", *map(str, args)],
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -96,8 +96,8 @@ def test_chat_answers_paris(smollm_ckpt):
 
 
 def test_progress_bars_on_a_terminal(sources, tmp_path, monkeypatch):
-    from models.checkpoint import load_checkpoint
-    from models.convert import convert
+    from meshserve.models.checkpoint import load_checkpoint
+    from meshserve.models.convert import convert
 
     class Terminal(io.StringIO):
         def isatty(self):

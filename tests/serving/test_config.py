@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from models.errors import ConfigError
-from serving.config import ServerConfig
+from meshserve.models.errors import ConfigError
+from meshserve.serving.config import ServerConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -42,7 +42,7 @@ def test_bad_server_config(data, message):
 def test_serve_with_a_bad_config_is_one_line(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("server:\n  port: 70000\n")
-    proc = subprocess.run([sys.executable, "-m", "serving.cli", "serve", "--config", str(path)],
+    proc = subprocess.run([sys.executable, "-m", "meshserve.serving.cli", "serve", "--config", str(path)],
                           cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == ["meshserve: error: server.port must be in [0, 65536), got 70000"]

@@ -19,11 +19,11 @@ import numpy as np
 import pytest
 import yaml
 
-from runtime.engine import Engine, EngineConfig
-from serving.client import Client
-from serving.config import ServerConfig
-from serving.proto.meshserve.v1 import generation_pb2 as pb
-from serving.server import EXIT_ENGINE_FAILED, ServerThread
+from meshserve.runtime.engine import Engine, EngineConfig
+from meshserve.serving.client import Client
+from meshserve.serving.config import ServerConfig
+from meshserve.serving.proto.meshserve.v1 import generation_pb2 as pb
+from meshserve.serving.server import EXIT_ENGINE_FAILED, ServerThread
 from tests.serving.test_serve_cli import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -102,7 +102,7 @@ def test_sigterm_during_16_streams_persists_every_cached_page(tiny_ckpt_dir, tmp
     port = free_port()
     store = tmp_path / "kv"
     config = write_config(tmp_path, tiny_ckpt_dir, port, engine=dict(host_kv_bytes=0, kv_store=str(store)))
-    server = start(["serving.cli", "serve", "--config", str(config), "--quiet"])
+    server = start(["meshserve.serving.cli", "serve", "--config", str(config), "--quiet"])
     rng = np.random.default_rng(0)
     prompts = [[i + 1] + rng.integers(0, 260, 19 + i).tolist() for i in range(16)]  # distinct first pages
     new = 12
@@ -139,7 +139,7 @@ def test_a_pool_too_small_for_max_seq_len_fails_before_listening(tiny_ckpt_dir, 
     # 16 pages of 8 tokens: 120 usable tokens, but max_seq_len 256
     config = write_config(tmp_path, tiny_ckpt_dir, port, engine=dict(kv_cache_bytes=16 * 2048, max_seq_len=256,
                                                                      context_buckets=[32]))
-    result = subprocess.run([sys.executable, "-m", "serving.cli", "serve", "--config", str(config)], cwd=ROOT,
+    result = subprocess.run([sys.executable, "-m", "meshserve.serving.cli", "serve", "--config", str(config)], cwd=ROOT,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
@@ -268,10 +268,10 @@ def test_time_to_first_token_and_queue_time_count_tokenization(tiny_ckpt, monkey
 def test_submissions_racing_a_stop_all_get_an_answer(tiny_ckpt):
     import asyncio
 
-    from runtime.sampling import SamplingParams
-    from serving.engine_loop import EngineLoop, EngineUnavailable, Stream
-    from serving.metrics import Metrics
-    from serving.preprocess import EngineRequest
+    from meshserve.runtime.sampling import SamplingParams
+    from meshserve.serving.engine_loop import EngineLoop, EngineUnavailable, Stream
+    from meshserve.serving.metrics import Metrics
+    from meshserve.serving.preprocess import EngineRequest
 
     loop = EngineLoop(lambda: Engine(tiny_ckpt, EngineConfig.from_dict(ENGINE)), Metrics())
     loop.start()

@@ -7,12 +7,12 @@ import time
 import grpc
 from hypothesis import HealthCheck, given, seed, settings, strategies as st
 
-from runtime.engine import Engine, EngineConfig
-from serving.client import Client
-from serving.config import ServerConfig
-from serving.preprocess import ROLES
-from serving.proto.meshserve.v1 import generation_pb2 as pb
-from serving.server import ServerThread
+from meshserve.runtime.engine import Engine, EngineConfig
+from meshserve.serving.client import Client
+from meshserve.serving.config import ServerConfig
+from meshserve.serving.preprocess import ROLES
+from meshserve.serving.proto.meshserve.v1 import generation_pb2 as pb
+from meshserve.serving.server import ServerThread
 from tests.serving.test_server import pool_is_free
 
 CONFIG = EngineConfig(page_size=8, kv_cache_bytes=2**20, max_seq_len=64, max_num_seqs=8, max_num_batched_tokens=64,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from serving.client import Client
+from meshserve.serving.client import Client
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -29,17 +29,17 @@ def test_serve_answers_paris_then_stops_on_sigterm(smollm_ckpt, tmp_path):
     config["server"].update(port=port, metrics_port=None, model=str(smollm_ckpt.path))
     path = tmp_path / "serving.yaml"
     path.write_text(yaml.safe_dump(config))
-    server = subprocess.Popen([sys.executable, "-m", "serving.cli", "serve", "--config", str(path), "--quiet"],
+    server = subprocess.Popen([sys.executable, "-m", "meshserve.serving.cli", "serve", "--config", str(path), "--quiet"],
                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         with Client(f"127.0.0.1:{port}") as c:
             c.wait_serving(timeout=300)
-        answer = subprocess.run([sys.executable, "-m", "serving.cli", "generate", "--server", f"localhost:{port}",
+        answer = subprocess.run([sys.executable, "-m", "meshserve.serving.cli", "generate", "--server", f"localhost:{port}",
                                  "--chat", "--max-tokens", "16", "What is the capital of France?"],
                                 cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert answer.returncode == 0, answer.stderr
         assert "Paris" in answer.stdout
-        bad = subprocess.run([sys.executable, "-m", "serving.cli", "generate", "--server", f"localhost:{port}",
+        bad = subprocess.run([sys.executable, "-m", "meshserve.serving.cli", "generate", "--server", f"localhost:{port}",
                               "--temperature", "-1", "hi"], cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert bad.returncode == 1
         assert bad.stderr.strip().splitlines() == [

@@ -12,12 +12,12 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from runtime.engine import Engine, EngineConfig
-from runtime.sampling import SamplingParams
-from serving.client import Client, channel
-from serving.config import ServerConfig
-from serving.proto.meshserve.v1 import generation_pb2 as pb
-from serving.server import ServerThread
+from meshserve.runtime.engine import Engine, EngineConfig
+from meshserve.runtime.sampling import SamplingParams
+from meshserve.serving.client import Client, channel
+from meshserve.serving.config import ServerConfig
+from meshserve.serving.proto.meshserve.v1 import generation_pb2 as pb
+from meshserve.serving.server import ServerThread
 
 TOKEN = "s3cret-token"
 CONFIG = EngineConfig(page_size=8, kv_cache_bytes=2**20, max_seq_len=64, max_num_seqs=64,
@@ -303,7 +303,7 @@ def test_health_needs_no_token(served):
 
 
 def test_metrics_endpoint_has_every_series(served):
-    from serving.metrics import Metrics
+    from meshserve.serving.metrics import Metrics
 
     with client(served) as c:  # one of each outcome this test counts
         list(c.generate(text="x", max_tokens=2, ignore_eos=True))

@@ -11,7 +11,7 @@ os.environ["JAX_PLATFORMS"] = "cpu"
 
 
 def main(port: int, process_id: int, data: int, tensor: int, folder: str) -> None:
-    from sharding.mesh import MeshConfig
+    from meshserve.sharding.mesh import MeshConfig
 
     mesh = MeshConfig.from_dict({"axes": {"data": data, "tensor": tensor}, "distributed": {
         "coordinator_address": f"127.0.0.1:{port}", "num_processes": 2, "process_id": process_id,
@@ -20,8 +20,8 @@ def main(port: int, process_id: int, data: int, tensor: int, folder: str) -> Non
 
     import jax
 
-    from runtime.sampling import SamplingParams
-    from sharding.mesh import load_sharded
+    from meshserve.runtime.sampling import SamplingParams
+    from meshserve.sharding.mesh import load_sharded
     from tests.sharding.test_sharded_engine import engine_tokens, prompts
 
     assert jax.process_count() == 2 and jax.local_device_count() == 4 and jax.device_count() == 8

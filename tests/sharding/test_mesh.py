@@ -8,9 +8,9 @@ import jax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from models.config import ModelConfig
-from models.errors import ConfigError
-from sharding.mesh import MeshConfig
+from meshserve.models.config import ModelConfig
+from meshserve.models.errors import ConfigError
+from meshserve.sharding.mesh import MeshConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 MESHES = ROOT / "configs" / "meshes"
@@ -97,7 +97,7 @@ def test_bad_mesh_file_fails_before_any_compile(tmp_path, name):
 
 def test_cli_bad_mesh_is_one_line(tmp_path, smollm_ckpt):
     mesh = write(tmp_path, "axes: {data: 1, tensor: 2}\nnum_devices: 2\nrequire_split: [q_heads]\n")
-    proc = subprocess.run([sys.executable, "-m", "serving.cli", "generate", "--model", str(smollm_ckpt.path),
+    proc = subprocess.run([sys.executable, "-m", "meshserve.serving.cli", "generate", "--model", str(smollm_ckpt.path),
                            "--mesh", str(mesh), "--quiet", "hello"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
@@ -107,7 +107,7 @@ def test_cli_bad_mesh_is_one_line(tmp_path, smollm_ckpt):
 
 def test_cli_generate_on_a_mesh(smollm_ckpt):
     """The default model, tensor-parallel over 8 simulated devices, answers like one device does."""
-    proc = subprocess.run([sys.executable, "-m", "serving.cli", "generate", "--model", str(smollm_ckpt.path),
+    proc = subprocess.run([sys.executable, "-m", "meshserve.serving.cli", "generate", "--model", str(smollm_ckpt.path),
                            "--mesh", str(MESHES / "cpu-8.yaml"), "--chat", "--quiet", "--max-tokens", "12",
                            "What is the capital of France?"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)

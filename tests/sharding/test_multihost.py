@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from models.checkpoint import save_checkpoint
+from meshserve.models.checkpoint import save_checkpoint
 from tests.helpers import random_checkpoint
 from tests.sharding.test_sharded_engine import WIDE, engine_tokens, layout
 

@@ -2,7 +2,7 @@ import jax
 import pytest
 from jax.sharding import AxisType, PartitionSpec as P
 
-from sharding.rules import partition_spec
+from meshserve.sharding.rules import partition_spec
 
 
 @pytest.fixture(scope="module")

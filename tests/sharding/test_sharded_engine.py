@@ -7,12 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from models.checkpoint import Checkpoint
-from models.config import ModelConfig
-from models.llama import forward, init_params
-from runtime.engine import Engine, EngineConfig
-from runtime.sampling import SamplingParams
-from sharding.mesh import MeshConfig
+from meshserve.models.checkpoint import Checkpoint
+from meshserve.models.config import ModelConfig
+from meshserve.models.llama import forward, init_params
+from meshserve.runtime.engine import Engine, EngineConfig
+from meshserve.runtime.sampling import SamplingParams
+from meshserve.sharding.mesh import MeshConfig
 from tests.runtime.conftest import greedy_reference
 
 MESHES = {"tensor=1": (1, 1), "tensor=2": (1, 2), "tensor=4": (1, 4), "tensor=8": (1, 8),

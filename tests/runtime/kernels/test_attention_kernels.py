@@ -7,9 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from runtime.kernels.paged_decode import paged_decode
-from runtime.kernels.ragged_prefill import ragged_prefill
-from runtime.kernels.reference import paged_decode_reference, ragged_prefill_reference
+from meshserve.runtime.kernels.paged_decode import paged_decode
+from meshserve.runtime.kernels.ragged_prefill import ragged_prefill
+from meshserve.runtime.kernels.reference import paged_decode_reference, ragged_prefill_reference
 
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
 
@@ -108,7 +108,7 @@ def test_ragged_prefill_sliding_window():
 
 def test_reference_agrees_with_the_model_attention():
     """The kernel reference and the model's dense attention are the same function of positions."""
-    from models.llama import attention
+    from meshserve.models.llama import attention
 
     rng = np.random.default_rng(2)
     k_pages, v_pages = _pool(rng, 10, 4, 2, 8, jnp.float32)

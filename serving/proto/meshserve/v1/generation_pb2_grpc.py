@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from serving.proto.meshserve.v1 import generation_pb2 as serving_dot_proto_dot_meshserve_dot_v1_dot_generation__pb2
+from meshserve.serving.proto.meshserve.v1 import generation_pb2 as meshserve_dot_serving_dot_proto_dot_meshserve_dot_v1_dot_generation__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in serving/proto/meshserve/v1/generation_pb2_grpc.py depends on'
+        + ' but the generated code in meshserve/serving/proto/meshserve/v1/generation_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,23 +36,23 @@ class GenerationStub:
         """
         self.Generate = channel.unary_stream(
                 '/meshserve.v1.Generation/Generate',
-                request_serializer=serving_dot_proto_dot_meshserve_dot_v1_dot_generation__pb2.GenerateRequest.SerializeToString,
-                response_deserializer=serving_dot_proto_dot_meshserve_dot_v1_dot_generation__pb2.GenerateResponse.FromString,
+                request_serializer=meshserve_dot_serving_dot_proto_dot_meshserve_dot_v1_dot_generation__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=meshserve_dot_serving_dot_proto_dot_meshserve_dot_v1_dot_generation__pb2.GenerateResponse.FromString,
                 _registered_method=True)
         self.Tokenize = channel.unary_unary(
                 '/meshserve.v1.Generation/Tokenize',
-                request_serializer=serving_dot_proto_dot_meshserve_dot_v1_dot_generation__pb2.TokenizeRequest.SerializeToString,
-                response_deserializer=serving_dot_proto_dot_meshserve_dot_v1_dot_generation__pb2.TokenizeResponse.FromString,
+                request_serializer=meshserve_dot_serving_dot_proto_dot_meshserve_dot_v1_dot_generation__pb2.TokenizeRequest.SerializeToString,
+                response_deserializer=meshserve_dot_serving_dot_proto_dot_meshserve_dot_v1_dot_generation__pb2.TokenizeResponse.FromString,
                 _registered_method=True)
         self.Detokenize = channel.unary_unary(
                 '/meshserve.v1.Generation/Detokenize',
-                request_serializer=serving_dot_proto_dot_meshserve_dot_v1_dot_generation__pb2.DetokenizeRequest.SerializeToString,
-                response_deserializer=serving_dot_proto_dot_meshserve_dot_v1_dot_generation__pb2.DetokenizeResponse.FromString,
+                request_serializer=meshserve_dot_serving_dot_proto_dot_meshserve_dot_v1_dot_generation__pb2.DetokenizeRequest.SerializeToString,
+                response_deserializer=meshserve_dot_serving_dot_proto_dot_meshserve_dot_v1_dot_generation__pb2.DetokenizeResponse.FromString,
                 _registered_method=True)
         self.ModelInfo = channel.unary_unary(
                 '/meshserve.v1.Generation/ModelInfo',
-                request_serializer=serving_dot_proto_dot_meshserve_dot_v1_dot_generation__pb2.ModelInfoRequest.SerializeToString,
-                response_deserializer=serving_dot_proto_dot_meshserve_dot_v1_dot_generation__pb2.ModelInfoResponse.FromString,
+                request_serializer=meshserve_dot_serving_dot_proto_dot_meshserve_dot_v1_dot_generation__pb2.ModelInfoRequest.SerializeToString,
+                response_deserializer=meshserve_dot_serving_dot_proto_dot_meshserve_dot_v1_dot_generation__pb2.ModelInfoResponse.FromString,
                 _registered_method=True)
 
 
@@ -90,23 +90,23 @@ def add_GenerationServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Generate': grpc.unary_stream_rpc_method_handler(
                     servicer.Generate,
-                    request_deserializer=serving_dot_proto_dot_meshserve_dot_v1_dot_generation__pb2.GenerateRequest.FromString,
-                    response_serializer=serving_dot_proto_dot_meshserve_dot_v1_dot_generation__pb2.GenerateResponse.SerializeToString,
+                    request_deserializer=meshserve_dot_serving_dot_proto_dot_meshserve_dot_v1_dot_generation__pb2.GenerateRequest.FromString,
+                    response_serializer=meshserve_dot_serving_dot_proto_dot_meshserve_dot_v1_dot_generation__pb2.GenerateResponse.SerializeToString,
             ),
             'Tokenize': grpc.unary_unary_rpc_method_handler(
                     servicer.Tokenize,
-                    request_deserializer=serving_dot_proto_dot_meshserve_dot_v1_dot_generation__pb2.TokenizeRequest.FromString,
-                    response_serializer=serving_dot_proto_dot_meshserve_dot_v1_dot_generation__pb2.TokenizeResponse.SerializeToString,
+                    request_deserializer=meshserve_dot_serving_dot_proto_dot_meshserve_dot_v1_dot_generation__pb2.TokenizeRequest.FromString,
+                    response_serializer=meshserve_dot_serving_dot_proto_dot_meshserve_dot_v1_dot_generation__pb2.TokenizeResponse.SerializeToString,
             ),
             'Detokenize': grpc.unary_unary_rpc_method_handler(
                     servicer.Detokenize,
-                    request_deserializer=serving_dot_proto_dot_meshserve_dot_v1_dot_generation__pb2.DetokenizeRequest.FromString,
-                    response_serializer=serving_dot_proto_dot_meshserve_dot_v1_dot_generation__pb2.DetokenizeResponse.SerializeToString,
+                    request_deserializer=meshserve_dot_serving_dot_proto_dot_meshserve_dot_v1_dot_generation__pb2.DetokenizeRequest.FromString,
+                    response_serializer=meshserve_dot_serving_dot_proto_dot_meshserve_dot_v1_dot_generation__pb2.DetokenizeResponse.SerializeToString,
             ),
             'ModelInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.ModelInfo,
-                    request_deserializer=serving_dot_proto_dot_meshserve_dot_v1_dot_generation__pb2.ModelInfoRequest.FromString,
-                    response_serializer=serving_dot_proto_dot_meshserve_dot_v1_dot_generation__pb2.ModelInfoResponse.SerializeToString,
+                    request_deserializer=meshserve_dot_serving_dot_proto_dot_meshserve_dot_v1_dot_generation__pb2.ModelInfoRequest.FromString,
+                    response_serializer=meshserve_dot_serving_dot_proto_dot_meshserve_dot_v1_dot_generation__pb2.ModelInfoResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -134,8 +134,8 @@ class Generation:
             request,
             target,
             '/meshserve.v1.Generation/Generate',
-            serving_dot_proto_dot_meshserve_dot_v1_dot_generation__pb2.GenerateRequest.SerializeToString,
-            serving_dot_proto_dot_meshserve_dot_v1_dot_generation__pb2.GenerateResponse.FromString,
+            meshserve_dot_serving_dot_proto_dot_meshserve_dot_v1_dot_generation__pb2.GenerateRequest.SerializeToString,
+            meshserve_dot_serving_dot_proto_dot_meshserve_dot_v1_dot_generation__pb2.GenerateResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -161,8 +161,8 @@ class Generation:
             request,
             target,
             '/meshserve.v1.Generation/Tokenize',
-            serving_dot_proto_dot_meshserve_dot_v1_dot_generation__pb2.TokenizeRequest.SerializeToString,
-            serving_dot_proto_dot_meshserve_dot_v1_dot_generation__pb2.TokenizeResponse.FromString,
+            meshserve_dot_serving_dot_proto_dot_meshserve_dot_v1_dot_generation__pb2.TokenizeRequest.SerializeToString,
+            meshserve_dot_serving_dot_proto_dot_meshserve_dot_v1_dot_generation__pb2.TokenizeResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -188,8 +188,8 @@ class Generation:
             request,
             target,
             '/meshserve.v1.Generation/Detokenize',
-            serving_dot_proto_dot_meshserve_dot_v1_dot_generation__pb2.DetokenizeRequest.SerializeToString,
-            serving_dot_proto_dot_meshserve_dot_v1_dot_generation__pb2.DetokenizeResponse.FromString,
+            meshserve_dot_serving_dot_proto_dot_meshserve_dot_v1_dot_generation__pb2.DetokenizeRequest.SerializeToString,
+            meshserve_dot_serving_dot_proto_dot_meshserve_dot_v1_dot_generation__pb2.DetokenizeResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -215,8 +215,8 @@ class Generation:
             request,
             target,
             '/meshserve.v1.Generation/ModelInfo',
-            serving_dot_proto_dot_meshserve_dot_v1_dot_generation__pb2.ModelInfoRequest.SerializeToString,
-            serving_dot_proto_dot_meshserve_dot_v1_dot_generation__pb2.ModelInfoResponse.FromString,
+            meshserve_dot_serving_dot_proto_dot_meshserve_dot_v1_dot_generation__pb2.ModelInfoRequest.SerializeToString,
+            meshserve_dot_serving_dot_proto_dot_meshserve_dot_v1_dot_generation__pb2.ModelInfoResponse.FromString,
             options,
             channel_credentials,
             insecure,
