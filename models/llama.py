@@ -118,18 +118,23 @@ class Llama(nnx.Module):
 
     def __call__(self, tokens: Int[Array, "b t"], positions: Int[Array, "b t"],
                  cache: "KVCache | None" = None, logits_at: Int[Array, "b"] | None = None):
+        x, cache = self.hidden(tokens, positions, cache)
+        if logits_at is not None:  # only these tokens' logits: the vocabulary head is costly
+            x = x[jnp.arange(x.shape[0]), logits_at][:, None]  # [B, 1, D]
+        return self.head(x), cache
+
+    def hidden(self, tokens: Int[Array, "b t"], positions: Int[Array, "b t"], cache: "KVCache | None" = None):
+        """The last layer's output, normed: f32-or-params-dtype[B, T, D] (the head's input)."""
         x = jnp.take(self.embed[...], tokens, axis=0)  # [B, T, D]
         rope = rope_tables(self.config, positions)
         for i, layer in enumerate(self.layers):
             x, cache = layer(x, rope, positions, cache, i)
-        if logits_at is not None:  # only these tokens' logits: the vocabulary head is costly
-            x = x[jnp.arange(x.shape[0]), logits_at][:, None]  # [B, 1, D]
-        x = self.norm(x)
+        return self.norm(x), cache
+
+    def head(self, x: Float[Array, "b t d"]) -> Float[Array, "b t v"]:
         if self.config.tie_word_embeddings:  # contract with embed [V, D] as stored: no transposed copy
-            logits = jnp.einsum("btd,vd->btv", x, self.embed[...], preferred_element_type=jnp.float32)
-        else:
-            logits = jnp.einsum("btd,dv->btv", x, self.lm_head[...], preferred_element_type=jnp.float32)
-        return logits, cache
+            return jnp.einsum("btd,vd->btv", x, self.embed[...], preferred_element_type=jnp.float32)
+        return jnp.einsum("btd,dv->btv", x, self.lm_head[...], preferred_element_type=jnp.float32)
 
 
 class KVCache(Protocol):
@@ -227,6 +232,20 @@ def forward(params: Params, tokens: Int[Array, "b t"], positions: Int[Array, "b 
     row when given), and the updated cache (None without one)."""
     graphdef, _ = _abstract_model(config, jnp.float32)
     return nnx.merge(graphdef, params)(tokens, positions, cache, logits_at)
+
+
+def forward_hidden(params: Params, tokens: Int[Array, "b t"], positions: Int[Array, "b t"],
+                   cache: KVCache | None = None, *, config: ModelConfig):
+    """The normed hidden states [B, T, D] feeding the vocabulary head, and the updated cache:
+    `head(params, x)` of any of them gives their logits."""
+    graphdef, _ = _abstract_model(config, jnp.float32)
+    return nnx.merge(graphdef, params).hidden(tokens, positions, cache)
+
+
+def head(params: Params, x: Float[Array, "b t d"], *, config: ModelConfig) -> Float[Array, "b t v"]:
+    """Logits f32[B, T, V] of hidden states from `forward_hidden`."""
+    graphdef, _ = _abstract_model(config, jnp.float32)
+    return nnx.merge(graphdef, params).head(x)
 
 
 def abstract_params(config: ModelConfig, dtype=jnp.float32) -> Params:

@@ -168,6 +168,8 @@ class RequestOutput:
     completion_tokens: int = 0
     queue_time_s: float | None = None  # arrival → first scheduled (None: never scheduled)
     cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache
+    # with the first token, when asked: one per prompt token, the first None (nothing precedes it)
+    prompt_logprobs: tuple[TokenLogprob | None, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,6 +189,12 @@ class _Request:
     seed: int
     text: TextStream
     stop_ids: frozenset[int]
+    prompt_scores: list[TokenLogprob] | None = None  # scores of prompt tokens 1…, while being computed
+    fork_of: str | None = None  # waits for this request's prompt to be computed (see add_request)
+
+    @property
+    def scoring(self) -> bool:
+        return self.prompt_scores is not None and len(self.prompt_scores) < self.seq.prompt_len - 1
 
 
 def kv_pages(model: ModelConfig, dtype, config: EngineConfig, replicas: int, budget: int) -> int:
@@ -291,11 +299,16 @@ class Engine:
 
     def add_request(self, prompt: str | Seq[int], params: SamplingParams = SamplingParams(),
                     request_id: str | None = None, priority: int = 0,
-                    queue_timeout_s: float | None = None, arrival: float | None = None) -> str:
+                    queue_timeout_s: float | None = None, arrival: float | None = None,
+                    fork_of: str | None = None) -> str:
         """Queue a request; raises RequestError (bad input) or QueueFullError, leaving others as
         they were. `queue_timeout_s` overrides the configured queue timeout for this request;
         `arrival` (time.monotonic(), the engine's clock in one process; default now) is when its
-        caller received it: queue time and the queue timeout count from there."""
+        caller received it: queue time and the queue timeout count from there.
+
+        `fork_of`: another sample of that request's prompt (n > 1). It waits until that prompt is
+        computed, then takes its pages from the prefix cache (shared, ref-counted) and computes only
+        the prompt's last partial page: n samples cost one prefill, not n."""
         self._check_alive()
         if isinstance(prompt, str):
             if not prompt:
@@ -314,13 +327,19 @@ class Engine:
             raise RequestError(f"request_id {rid!r} is already in use")
         seq = Sequence(rid, ids, len(ids), priority=priority,
                        arrival=self.clock.now() if arrival is None else arrival, queue_timeout_s=queue_timeout_s)
-        try:
-            self.scheduler.add(seq)
-        except QueueFull as e:
-            raise QueueFullError(str(e)) from None
         seed = params.seed if params.seed is not None else self._seeds.for_request(rid)
-        self._requests[rid] = _Request(seq, params, seed, TextStream(self.tokenizer, params.stop),
-                                       frozenset(params.stop_token_ids))
+        req = _Request(seq, params, seed, TextStream(self.tokenizer, params.stop), frozenset(params.stop_token_ids))
+        if params.prompt_logprobs is not None:
+            req.prompt_scores = []
+            seq.reuse_prefix = False  # every prompt position's logits are needed: compute them all
+        if fork_of is not None and fork_of in self._requests and self._requests[fork_of].fork_of is None:
+            req.fork_of = fork_of  # held here, not queued, until the prompt's pages are cached
+        else:
+            try:
+                self.scheduler.add(seq)
+            except QueueFull as e:
+                raise QueueFullError(str(e)) from None
+        self._requests[rid] = req
         return rid
 
     def validate_request(self, ids: Seq[int], params: SamplingParams, priority: int = 0) -> None:
@@ -336,6 +355,19 @@ class Engine:
             return False
         self.scheduler.remove(req.seq)
         return True
+
+    def _release_forks(self) -> list[RequestOutput]:
+        """Queue held forks whose prompt is computed (or whose original left): they find its pages."""
+        outputs = []
+        for req in [r for r in self._requests.values() if r.fork_of is not None]:
+            parent = self._requests.get(req.fork_of)
+            if parent is None or parent.seq.num_computed >= parent.seq.prompt_len:
+                req.fork_of = None
+                try:
+                    self.scheduler.add(req.seq)
+                except QueueFull as e:
+                    outputs.append(self._finish(self._requests.pop(req.seq.request_id), "rejected", error=str(e)))
+        return outputs
 
     @property
     def has_unfinished(self) -> bool:
@@ -365,11 +397,12 @@ class Engine:
             raise EngineFault(f"the engine failed: {self.failed}") from e
 
     def _step(self) -> list[RequestOutput]:
+        outputs = self._release_forks()
         plan = self.scheduler.schedule(self.clock.now())
-        outputs = [self._finish(self._requests.pop(s.request_id), "rejected",
-                                error=f"queue timeout: waited more than "
-                                      f"{s.queue_timeout_s or self.config.queue_timeout_s} s")
-                   for s in plan.expired]
+        outputs += [self._finish(self._requests.pop(s.request_id), "rejected",
+                                 error=f"queue timeout: waited more than "
+                                       f"{s.queue_timeout_s or self.config.queue_timeout_s} s")
+                    for s in plan.expired]
         calls, dropped = self.runner.build(plan, self._sampling_of)
         for seq, e in dropped.items():
             log.error("request %s failed while its step was built: %s: %s", seq.request_id, type(e).__name__, e)
@@ -380,13 +413,15 @@ class Engine:
             return outputs
         results = self._run_on_device(plan, calls)
         self.scheduler.commit(plan)
-        for rows, host in results:
-            for row, seq in rows:
+        for call, sampled, scored in results:
+            for row, seq, start, count in call.scored:
+                self._keep_scores(self._requests.get(seq.request_id), scored, row, start, count)
+            for row, seq in call.rows:
                 req = self._requests.get(seq.request_id)
                 if req is None:
                     continue
                 try:
-                    outputs.append(self._accept(req, host, row))
+                    outputs.append(self._accept(req, sampled, row))
                 except Exception as e:  # a fault in one request's results ends that request only
                     self._requests.pop(seq.request_id, None)
                     outputs.append(self._finish(req, "error", error=f"{type(e).__name__}: {e}"))
@@ -403,11 +438,28 @@ class Engine:
         self.pool, launched = self.runner.run(self.checkpoint.params, self.pool, calls)
         if self._mover is not None:
             self._mover.finish_offload()
-        return [(rows, jax.device_get(sampled)) for rows, sampled in launched]
+        return [(call, jax.device_get(sampled), jax.device_get(scored) if call.scored else None)
+                for call, sampled, scored in launched]
 
-    def _sampling_of(self, seq: Sequence) -> tuple[SamplingParams, int]:
+    def _sampling_of(self, seq: Sequence) -> tuple[SamplingParams, int, bool]:
         req = self._requests[seq.request_id]
-        return req.params, req.seed
+        return req.params, req.seed, req.scoring
+
+    def _keep_scores(self, req: _Request | None, scored, row: int, start: int, count: int) -> None:
+        """File a chunk's prompt scores (positions start… score prompt tokens start + 1…)."""
+        if req is None or not req.scoring or start != len(req.prompt_scores):
+            return  # gone, done, or a recomputation after preemption: scored once already
+        n, seq = req.params.prompt_logprobs, req.seq
+        for k in range(count):
+            top = tuple((int(i), float(v)) for i, v in zip(scored.top_ids[row, k, :n], scored.top_logprobs[row, k, :n]))
+            req.prompt_scores.append(TokenLogprob(seq.tokens[start + k + 1], float(scored.logprob[row, k]), top))
+        if not req.scoring:
+            seq.reuse_prefix = True  # a recomputation may take cached pages now
+
+    @staticmethod
+    def _prompt_logprobs(req: _Request, generated: int) -> tuple[TokenLogprob | None, ...]:
+        """The prompt's scores with the first generated token: (None, scores of tokens 1…)."""
+        return (None, *req.prompt_scores) if req.prompt_scores is not None and generated == 1 else ()
 
     # ---- results -------------------------------------------------------------------------------
 
@@ -416,26 +468,29 @@ class Engine:
         token = int(sampled.tokens[row])
         seq.tokens.append(token)
         generated = len(seq.tokens) - seq.prompt_len
+        scores = self._prompt_logprobs(req, generated)
         logprobs = ()
         if params.logprobs is not None:
             top = tuple((int(i), float(lp)) for i, lp in zip(sampled.top_ids[row, :params.logprobs],
                                                              sampled.top_logprobs[row, :params.logprobs]))
             logprobs = (TokenLogprob(token, float(sampled.logprob[row]), top),)
         if (token in self._eos and not params.ignore_eos) or token in req.stop_ids:
-            return self._finish(self._requests.pop(seq.request_id), "stop", drop_last=True)
+            return self._finish(self._requests.pop(seq.request_id), "stop", drop_last=True, prompt_logprobs=scores)
         text = req.text.push(token)
         if req.text.stopped_by is not None:
             return self._finish(self._requests.pop(seq.request_id), "stop", last=(token,), text=text,
-                                logprobs=logprobs)
+                                logprobs=logprobs, prompt_logprobs=scores)
         if generated >= params.max_tokens or len(seq.tokens) >= self.max_seq_len:
             return self._finish(self._requests.pop(seq.request_id), "length", last=(token,), text=text,
-                                logprobs=logprobs)
+                                logprobs=logprobs, prompt_logprobs=scores)
         return RequestOutput(seq.request_id, (token,), text, logprobs=logprobs,
                              prompt_tokens=seq.prompt_len, completion_tokens=generated,
-                             queue_time_s=_queue_time(seq), cached_tokens=min(seq.num_cached, seq.prompt_len))
+                             queue_time_s=_queue_time(seq), cached_tokens=min(seq.num_cached, seq.prompt_len),
+                             prompt_logprobs=scores)
 
     def _finish(self, req: _Request, reason: str, *, last: tuple[int, ...] = (), text: str = "",
-                logprobs=(), error: str | None = None, drop_last: bool = False) -> RequestOutput:
+                logprobs=(), error: str | None = None, drop_last: bool = False,
+                prompt_logprobs=()) -> RequestOutput:
         seq = req.seq
         self.scheduler.remove(seq)  # pages back to the pool in this same step
         if drop_last:  # EOS / stop token: ends the output, is not part of it
@@ -444,7 +499,7 @@ class Engine:
         return RequestOutput(seq.request_id, last, text + tail, finished=True, finish_reason=reason,
                              error=error, logprobs=logprobs, prompt_tokens=seq.prompt_len,
                              completion_tokens=len(seq.tokens) - seq.prompt_len, queue_time_s=_queue_time(seq),
-                             cached_tokens=min(seq.num_cached, seq.prompt_len))
+                             cached_tokens=min(seq.num_cached, seq.prompt_len), prompt_logprobs=prompt_logprobs)
 
     # ---- offline -------------------------------------------------------------------------------
 

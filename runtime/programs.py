@@ -5,7 +5,10 @@ donated, so serving never traces or compiles.
 
 Both families run one pure step function:
 
-    step(params, pool, batch) -> (pool, Sampled)
+    step(params, pool, batch) -> (pool, Sampled, Scored)
+
+Sampled holds each row's next token (from its last position's logits); Scored the prompt scores of
+every position, computed only when a row of the call asks for them (`targets`), else zeros.
 
 `StepBatch` carries everything per call as arrays; padding rows and tokens write to the null page and
 are never read back.
@@ -24,9 +27,9 @@ import jax.numpy as jnp
 from jaxtyping import Array, Int
 
 from meshserve.models.config import ModelConfig
-from meshserve.models.llama import Params, forward, param_axes
+from meshserve.models.llama import Params, forward_hidden, head, param_axes
 from meshserve.runtime.kv_cache import POOL_AXES, AttentionShards, KVPool, PagedKVCache
-from meshserve.runtime.sampling import Sampled, SamplingBatch, sample
+from meshserve.runtime.sampling import Sampled, SamplingBatch, Scored, no_scores, sample, score
 from meshserve.sharding.rules import Layout
 
 
@@ -42,21 +45,28 @@ class StepBatch:
     sampling: SamplingBatch
     history: Int[Array, "b l"]  # tokens so far, -1 padded (for penalties); l = p * page_size
     prompt_len: Int[Array, "b"]
+    targets: Int[Array, "b t"]  # prompt scoring: the token after each position, -1 where not asked
 
 
 def step(params: Params, pool: KVPool, batch: StepBatch, *, config: ModelConfig,
-         attention: str = "reference", shards: AttentionShards | None = None) -> tuple[KVPool, Sampled]:
+         attention: str = "reference", shards: AttentionShards | None = None) -> tuple[KVPool, Sampled, Scored]:
     cache = PagedKVCache(pool, batch.page_tables, batch.write_pages, batch.write_slots, batch.last + 1,
                          attention, shards)
-    logits, cache = forward(params, batch.tokens, batch.positions, cache, config=config,
-                            logits_at=batch.last)
-    return cache.pool, sample(logits[:, 0], batch.sampling, batch.history, batch.prompt_len)
+    x, cache = forward_hidden(params, batch.tokens, batch.positions, cache, config=config)
+    B, T = batch.tokens.shape
+    logits = head(params, x[jnp.arange(B), batch.last][:, None], config=config)  # only the sampled ones'
+    sampled = sample(logits[:, 0], batch.sampling, batch.history, batch.prompt_len)
+    # every position's logits only when a row asked for prompt scores: the vocabulary head is costly
+    scored = jax.lax.cond(jnp.any(batch.targets >= 0),
+                          lambda h: score(head(params, h, config=config), batch.targets),
+                          lambda h: no_scores(B, T), x)
+    return cache.pool, sampled, scored
 
 
 # Logical axes of every StepBatch field, for the sharding rules.
 BATCH_AXES = StepBatch(("batch", "tokens"), ("batch", "tokens"), ("batch", "context"), ("batch", "tokens"),
                        ("batch", "tokens"), ("batch",), SamplingBatch(*[("batch",)] * 10),
-                       ("batch", "context"), ("batch",))
+                       ("batch", "context"), ("batch",), ("batch", "tokens"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,7 +107,8 @@ def abstract_batch(batch: int, tokens: int, pages: int, page_size: int) -> StepB
     sampling = SamplingBatch(f32(batch), i32(batch), f32(batch), f32(batch), f32(batch), f32(batch),
                              f32(batch), i32(batch), i32(batch), jax.ShapeDtypeStruct((batch,), jnp.bool_))
     return StepBatch(i32(batch, tokens), i32(batch, tokens), i32(batch, pages), i32(batch, tokens),
-                     i32(batch, tokens), i32(batch), sampling, i32(batch, pages * page_size), i32(batch))
+                     i32(batch, tokens), i32(batch), sampling, i32(batch, pages * page_size), i32(batch),
+                     i32(batch, tokens))
 
 
 class Programs:
@@ -126,7 +137,7 @@ class Programs:
             else:
                 jitted = jax.jit(fn, donate_argnums=(1,),
                                  in_shardings=(param_shardings, self.pool_sharding, batch_sharding),
-                                 out_shardings=(self.pool_sharding, layout.replicated()))
+                                 out_shardings=(self.pool_sharding, layout.replicated(), layout.replicated()))
             lowered[shape] = jitted.lower(_abstract(params), _abstract(pool), batch)
         workers = threads or max(1, os.cpu_count() or 1)
         with concurrent.futures.ThreadPoolExecutor(workers) as pool_exec:

@@ -29,8 +29,8 @@ from meshserve.runtime.programs import Buckets, Programs, StepBatch
 from meshserve.runtime.sampling import SamplingBatch, SamplingParams
 from meshserve.runtime.scheduler import PrefillChunk, Sequence, StepPlan
 
-# (params, seed) of a request, for its sampling row
-SamplingOf = Callable[[Sequence], tuple[SamplingParams, int]]
+# (params, seed, whether its prompt is to be scored) of a request, for its rows
+SamplingOf = Callable[[Sequence], tuple[SamplingParams, int, bool]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +38,7 @@ class Call:
     shape: tuple[str, int, int, int]  # (family, batch, tokens, pages): which compiled program
     batch: StepBatch  # host arrays
     rows: tuple[tuple[int, Sequence], ...]  # (row, request) whose sampled token is wanted
+    scored: tuple[tuple[int, Sequence, int, int], ...] = ()  # (row, request, first position, count) scored
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +50,7 @@ class _Row:
     positions: np.ndarray  # i32[n]
     sampling: tuple[SamplingParams, int, int] | None  # (params, seed, step); None: not sampled
     history: Seq[int] | None  # tokens up to the last position fed (penalized rows only)
+    targets: np.ndarray | None  # i32[n]: the prompt token after each position fed (-1: none), when scored
 
 
 class ModelRunner:
@@ -85,12 +87,17 @@ class ModelRunner:
         return calls, dropped
 
     def _row(self, seq: Sequence, start: int, end: int, samples: bool, sampling_of: SamplingOf) -> _Row:
-        params, seed = sampling_of(seq)
+        params, seed, scores = sampling_of(seq)
         sampling = (params, seed, len(seq.tokens) - seq.prompt_len) if samples else None
         # penalties look at every token before the one sampled: tokens[:end], never more
         history = seq.tokens[:end] if samples and params.penalized else None
+        targets = None
+        if scores and start < seq.prompt_len - 1:  # position p scores prompt token p + 1
+            targets = np.full(end - start, -1, np.int32)
+            stop = min(end, seq.prompt_len - 1)
+            targets[:stop - start] = seq.tokens[start + 1:stop + 1]
         return _Row(seq, np.asarray(seq.tokens[start:end], np.int32), np.arange(start, end, dtype=np.int32),
-                    sampling, history)
+                    sampling, history, targets)
 
     def _prefill(self, chunk: PrefillChunk, sampling_of: SamplingOf) -> Call:
         row = self._row(chunk.seq, chunk.start, chunk.end, chunk.samples, sampling_of)
@@ -129,6 +136,7 @@ class ModelRunner:
         last = np.zeros(b, np.int32)
         prompt_len = np.zeros(b, np.int32)
         history = np.full((b, p * ps), -1, np.int32)
+        targets = np.full((b, t), -1, np.int32)
         sampling: list[tuple[SamplingParams, int, int] | None] = [None] * b
         for r, row in placed:
             n, seq = len(row.tokens), row.seq
@@ -142,17 +150,21 @@ class ModelRunner:
             sampling[r] = row.sampling
             if row.history is not None:
                 history[r, :len(row.history)] = row.history
+            if row.targets is not None:
+                targets[r, :n] = row.targets
         batch = StepBatch(tokens, positions, tables, write_pages, write_slots, last,
-                          SamplingBatch.build(sampling, b), history, prompt_len)
+                          SamplingBatch.build(sampling, b), history, prompt_len, targets)
         rows = tuple((r, row.seq) for r, row in placed if row.sampling is not None)
-        return Call((family, b, t, p), batch, rows)
+        scored = tuple((r, row.seq, int(row.positions[0]), int((row.targets >= 0).sum()))
+                       for r, row in placed if row.targets is not None)
+        return Call((family, b, t, p), batch, rows, scored)
 
     # ---- device --------------------------------------------------------------------------------
 
     def run(self, params, pool: KVPool, calls: list[Call]) -> tuple[KVPool, list]:
         """Dispatch every call back to back (no host sync between them); returns the new pool and
-        each call's (rows, Sampled) on the device. The pool is donated: an exception here leaves
-        it unknown."""
+        each call's (call, Sampled, Scored) on the device. The pool is donated: an exception here
+        leaves it unknown."""
         launched = []
         for call in calls:
             batch = call.batch
@@ -161,6 +173,6 @@ class ModelRunner:
                     lambda host, sharding: jax.make_array_from_callback(host.shape, sharding,
                                                                         lambda i: host[i]),
                     batch, self.programs.batch_shardings[call.shape])
-            pool, sampled = self.programs.compiled[call.shape](params, pool, batch)
-            launched.append((call.rows, sampled))
+            pool, sampled, scored = self.programs.compiled[call.shape](params, pool, batch)
+            launched.append((call, sampled, scored))
         return pool, launched

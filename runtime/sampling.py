@@ -39,6 +39,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None  # top-N logprobs per token (0: only the chosen token's)
+    prompt_logprobs: int | None = None  # the same for every prompt token after the first (scoring)
 
     def validate(self, vocab_size: int) -> None:
         """Raise RequestError naming the first bad field."""
@@ -72,8 +73,10 @@ class SamplingParams:
                 raise RequestError(f"stop_token_ids: {tid} is outside the vocabulary (size {vocab_size})")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise RequestError("stop strings must be non-empty strings")
-        if self.logprobs is not None and (not _integer(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
-            raise RequestError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and (not _integer(value) or not 0 <= value <= MAX_LOGPROBS):
+                raise RequestError(f"{name} must be in [0, {MAX_LOGPROBS}], got {value}")
 
     @property
     def penalized(self) -> bool:
@@ -124,6 +127,32 @@ class Sampled:
     logprob: Float[Array, "b"]  # of the chosen token, under the model's own distribution
     top_ids: Int[Array, "b n"]  # top-N alternatives (rows that asked for logprobs)
     top_logprobs: Float[Array, "b n"]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Scored:
+    """Prompt scoring of a prefill chunk: at position p, the logprob of the token at p + 1 (the
+    `targets`) under the model, and the top-N alternatives. Zeros unless some row asked."""
+
+    logprob: Float[Array, "b t"]
+    top_ids: Int[Array, "b t n"]
+    top_logprobs: Float[Array, "b t n"]
+
+
+def score(logits: Float[Array, "b t v"], targets: Int[Array, "b t"]) -> Scored:
+    logprobs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    chosen = jnp.take_along_axis(logprobs, jnp.maximum(targets, 0)[..., None], axis=-1)[..., 0]
+    n = min(MAX_LOGPROBS, logprobs.shape[-1])
+    values, ids = jax.lax.top_k(logprobs, n)
+    pad = ((0, 0), (0, 0), (0, MAX_LOGPROBS - n))
+    return Scored(jnp.where(targets >= 0, chosen, 0.0), jnp.pad(ids, pad).astype(jnp.int32),
+                  jnp.pad(values, pad, constant_values=-jnp.inf))
+
+
+def no_scores(batch: int, tokens: int) -> Scored:
+    return Scored(jnp.zeros((batch, tokens), jnp.float32), jnp.zeros((batch, tokens, MAX_LOGPROBS), jnp.int32),
+                  jnp.full((batch, tokens, MAX_LOGPROBS), -jnp.inf, jnp.float32))
 
 
 def apply_penalties(logits: Float[Array, "b v"], s: SamplingBatch, history: Int[Array, "b l"],

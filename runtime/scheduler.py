@@ -56,6 +56,7 @@ class Sequence:
     page_hashes: list[bytes] = dataclasses.field(default_factory=list)  # of its full pages, in order
     num_registered: int = 0  # its first pages findable in the prefix cache
     queued_at: float = 0.0  # when it last entered the waiting queue (arrival, or its preemption)
+    reuse_prefix: bool = True  # may start from cached pages (not while its prompt is being scored)
 
     @property
     def uncomputed(self) -> int:
@@ -185,7 +186,7 @@ class Scheduler:
             seq = self.waiting[0]
             if seq in preempted:
                 break  # just preempted for lack of pages: not back in this step
-            if self.blocks.prefix_caching and seq.num_computed == 0 and not seq.pages:
+            if self.blocks.prefix_caching and seq.reuse_prefix and seq.num_computed == 0 and not seq.pages:
                 budget -= self._reuse_prefix(seq, budget)
                 if budget <= 0:
                     break

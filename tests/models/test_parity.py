@@ -88,3 +88,28 @@ def test_random_hf_model_matches_transformers(tmp_path, family, sharded):
         assert_logits_close(ours_logits(ckpt, ids), ref_logits(model, ids))
     prompt = rng.integers(0, ckpt.config.vocab_size, 11).tolist()
     assert engine_greedy(ckpt, [prompt], 32)[0] == ref_greedy(model, prompt, 32)
+
+
+def test_prompt_scores_match_transformers(smollm_ckpt, smollm_hf):
+    """Prompt logprobs (and top-5) of the default model against transformers' log-softmax over the
+    whole prompt in one pass; the 200-token prompt is computed by the engine in 64-token chunks."""
+    engine = Engine(smollm_ckpt, EngineConfig(max_seq_len=256, max_num_seqs=4, max_num_batched_tokens=64,
+                                              max_prefill_chunk=64, prefill_buckets=(16, 64), decode_buckets=(4,),
+                                              context_buckets=(16,), page_size=16))
+    rng = np.random.default_rng(5)
+    tok = smollm_ckpt.tokenizer
+    prompts = [tok.encode("The capital of France is Paris."), tok.encode_chat([{"role": "user", "content": "Hi!"}]),
+               rng.integers(0, smollm_ckpt.config.vocab_size, 200).tolist()]
+    outputs = {}
+    for prompt in prompts:
+        rid = engine.add_request(prompt, SamplingParams(max_tokens=1, prompt_logprobs=5))
+        while engine.has_unfinished:
+            outputs.update((o.request_id, o) for o in engine.step() if o.request_id == rid)
+        scores = outputs[rid].prompt_logprobs
+        ref = torch.log_softmax(torch.tensor(ref_logits(smollm_hf, np.array([prompt]))[0]), dim=-1).numpy()
+        assert len(scores) == len(prompt) and scores[0] is None
+        for p, s in enumerate(scores[1:]):  # position p scores token p + 1
+            assert s.token_id == prompt[p + 1]
+            assert abs(s.logprob - ref[p, prompt[p + 1]]) <= 1e-4, (len(prompt), p)
+            assert [t for t, _ in s.top] == list(np.argsort(-ref[p])[:5]), (len(prompt), p)
+            assert max(abs(v - ref[p, t]) for t, v in s.top) <= 1e-4

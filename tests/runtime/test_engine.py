@@ -61,6 +61,7 @@ def test_no_compiles_after_start_up(tiny_ckpt):
         ([1], SamplingParams(max_tokens=4, repetition_penalty=1.3, presence_penalty=0.5,
                              frequency_penalty=0.2, logprobs=3)),
         ("in an inn", SamplingParams(max_tokens=6, stop=("nn",), stop_token_ids=(5,), logprobs=0)),
+        ([9, 8] * 12, SamplingParams(max_tokens=2, prompt_logprobs=2)),  # prompt scores: no new program
     ]
     for round_ in range(3):
         engine.generate([p for p, _ in mixed][round_:] + ["x" * (round_ + 3)],
@@ -413,3 +414,56 @@ def test_requests_without_a_seed_get_one_from_the_engine_and_their_id(engine):
     c = engine.add_request([4, 5], p, request_id="other-id")
     assert engine._requests[c].seed != seed
     engine.abort(b), engine.abort(c)
+
+
+# ---- prompt scoring and several samples of one prompt ------------------------------------------------
+
+
+def test_prompt_scores_equal_the_dense_reference(engine, tiny_ckpt):
+    """Scores of every prompt token, computed chunk by chunk (16 tokens here), beside a request that
+    asks for none."""
+    from meshserve.models.llama import forward
+
+    prompt = np.random.default_rng(8).integers(0, 260, 41).tolist()
+    out = engine.generate([prompt, [5, 6, 7]], [SamplingParams(max_tokens=3, prompt_logprobs=3, ignore_eos=True),
+                                               SamplingParams(max_tokens=3, ignore_eos=True)])
+    logits, _ = jax.jit(forward, static_argnames="config")(
+        tiny_ckpt.params, np.asarray([prompt], np.int32), np.arange(len(prompt), dtype=np.int32)[None],
+        config=tiny_ckpt.config)
+    ref = np.asarray(jax.nn.log_softmax(logits[0], axis=-1))
+    rid = out[0].request_id
+    engine.add_request(prompt, SamplingParams(max_tokens=1, prompt_logprobs=3), request_id="scored")
+    first = None
+    while engine.has_unfinished:
+        first = next((o for o in engine.step() if o.request_id == "scored"), first)
+    scores = first.prompt_logprobs
+    assert rid and len(scores) == 41 and scores[0] is None
+    for p, s in enumerate(scores[1:]):
+        assert s.token_id == prompt[p + 1] and s.logprob == pytest.approx(ref[p, prompt[p + 1]], abs=1e-5)
+        assert [t for t, _ in s.top] == list(np.argsort(-ref[p])[:3])
+    assert list(out[0].token_ids) == greedy_reference(tiny_ckpt, prompt, 3)
+    assert list(out[1].token_ids) == greedy_reference(tiny_ckpt, [5, 6, 7], 3)
+
+
+def test_forks_of_one_prompt_share_its_pages(tiny_ckpt):
+    """n samples of one prompt: the forks wait for the prompt, then take its full pages from the
+    prefix cache (ref-counted) and compute only its last partial page."""
+    import dataclasses
+
+    engine = Engine(tiny_ckpt, dataclasses.replace(TIGHT, max_num_batched_tokens=48, max_prefill_chunk=48))
+    prompt = np.random.default_rng(9).integers(0, 260, 30).tolist()
+    samples = [SamplingParams(max_tokens=5, temperature=1.0, seed=s, ignore_eos=True) for s in (1, 2, 3)]
+    engine.add_request(prompt, samples[0], request_id="n0")
+    engine.add_request(prompt, samples[1], request_id="n1", fork_of="n0")
+    engine.add_request(prompt, samples[2], request_id="n2", fork_of="n0")
+    tokens, cached = {f"n{i}": [] for i in range(3)}, {}
+    while engine.has_unfinished:
+        for o in engine.step():
+            tokens[o.request_id] += o.token_ids
+            if o.finished:
+                cached[o.request_id] = o.cached_tokens
+    assert [cached[f"n{i}"] for i in range(3)] == [0, 28, 28]  # 7 full pages of 4 tokens shared
+    alone = [list(engine.generate([prompt], p)[0].token_ids) for p in samples]
+    assert [tokens[f"n{i}"] for i in range(3)] == alone  # each the same as run by itself
+    assert len({tuple(t) for t in alone}) == 3
+    assert engine.blocks.num_free == engine.blocks.num_usable
