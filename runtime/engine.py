@@ -279,7 +279,7 @@ class Engine:
         self.compile_seconds = time.perf_counter() - t0
         self._requests: dict[str, _Request] = {}
         self._ids = itertools.count()
-        self._eos = frozenset(c.eos_token_ids) | frozenset(self.tokenizer.eos_ids)
+        self.eos_ids = frozenset(c.eos_token_ids) | frozenset(self.tokenizer.eos_ids)
         self.idle = True  # the last step had nothing to run: a driver may sleep until a new command
 
     def _kv_budget(self) -> int:
@@ -346,7 +346,7 @@ class Engine:
         """Raise RequestError naming the first problem with this request."""
         check_request(ids, params, priority, vocab_size=self.model_config.vocab_size,
                       max_seq_len=self.max_seq_len, priority_levels=self.config.priority_levels,
-                      limits=self.config.limits)
+                      limits=self.config.limits, eos_ids=len(self.eos_ids))
 
     def abort(self, request_id: str) -> bool:
         """Stop a request now; its pages are free when this returns. False if unknown or done."""
@@ -441,9 +441,13 @@ class Engine:
         return [(call, jax.device_get(sampled), jax.device_get(scored) if call.scored else None)
                 for call, sampled, scored in launched]
 
-    def _sampling_of(self, seq: Sequence) -> tuple[SamplingParams, int, bool]:
+    def _sampling_of(self, seq: Sequence) -> tuple[SamplingParams, int, bool, tuple[int, ...]]:
         req = self._requests[seq.request_id]
-        return req.params, req.seed, req.scoring
+        params = req.params
+        held = ()
+        if len(seq.tokens) - seq.prompt_len < params.min_tokens:  # nothing may end it yet
+            held = tuple(sorted(req.stop_ids | (frozenset() if params.ignore_eos else self.eos_ids)))
+        return params, req.seed, req.scoring, held
 
     def _keep_scores(self, req: _Request | None, scored, row: int, start: int, count: int) -> None:
         """File a chunk's prompt scores (positions start… score prompt tokens start + 1…)."""
@@ -474,7 +478,7 @@ class Engine:
             top = tuple((int(i), float(lp)) for i, lp in zip(sampled.top_ids[row, :params.logprobs],
                                                              sampled.top_logprobs[row, :params.logprobs]))
             logprobs = (TokenLogprob(token, float(sampled.logprob[row]), top),)
-        if (token in self._eos and not params.ignore_eos) or token in req.stop_ids:
+        if (token in self.eos_ids and not params.ignore_eos) or token in req.stop_ids:
             return self._finish(self._requests.pop(seq.request_id), "stop", drop_last=True, prompt_logprobs=scores)
         text = req.text.push(token)
         if req.text.stopped_by is not None:

@@ -29,7 +29,7 @@ from jaxtyping import Array, Int
 from meshserve.models.config import ModelConfig
 from meshserve.models.llama import Params, forward_hidden, head, param_axes
 from meshserve.runtime.kv_cache import POOL_AXES, AttentionShards, KVPool, PagedKVCache
-from meshserve.runtime.sampling import Sampled, SamplingBatch, Scored, no_scores, sample, score
+from meshserve.runtime.sampling import BIAS_SLOTS, Sampled, SamplingBatch, Scored, no_scores, sample, score
 from meshserve.sharding.rules import Layout
 
 
@@ -65,7 +65,8 @@ def step(params: Params, pool: KVPool, batch: StepBatch, *, config: ModelConfig,
 
 # Logical axes of every StepBatch field, for the sharding rules.
 BATCH_AXES = StepBatch(("batch", "tokens"), ("batch", "tokens"), ("batch", "context"), ("batch", "tokens"),
-                       ("batch", "tokens"), ("batch",), SamplingBatch(*[("batch",)] * 10),
+                       ("batch", "tokens"), ("batch",),
+                       SamplingBatch(*[("batch",)] * 10, ("batch", "top"), ("batch", "top")),
                        ("batch", "context"), ("batch",), ("batch", "tokens"))
 
 
@@ -105,7 +106,8 @@ def abstract_batch(batch: int, tokens: int, pages: int, page_size: int) -> StepB
     i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
     f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
     sampling = SamplingBatch(f32(batch), i32(batch), f32(batch), f32(batch), f32(batch), f32(batch),
-                             f32(batch), i32(batch), i32(batch), jax.ShapeDtypeStruct((batch,), jnp.bool_))
+                             f32(batch), i32(batch), i32(batch), jax.ShapeDtypeStruct((batch,), jnp.bool_),
+                             i32(batch, BIAS_SLOTS), f32(batch, BIAS_SLOTS))
     return StepBatch(i32(batch, tokens), i32(batch, tokens), i32(batch, pages), i32(batch, tokens),
                      i32(batch, tokens), i32(batch), sampling, i32(batch, pages * page_size), i32(batch),
                      i32(batch, tokens))

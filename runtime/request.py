@@ -7,7 +7,7 @@ import dataclasses
 from typing import Sequence
 
 from meshserve.models.errors import ConfigError, RequestError
-from meshserve.runtime.sampling import SamplingParams
+from meshserve.runtime.sampling import BIAS_SLOTS, SamplingParams
 
 
 @dataclasses.dataclass(frozen=True)
@@ -18,6 +18,7 @@ class RequestLimits:
     max_stop_strings: int = 16  # OpenAI allows 4; tool-calling clients send a handful
     max_stop_string_chars: int = 1024
     max_stop_token_ids: int = 256
+    max_logit_bias: int = 64  # entries of logit_bias
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -35,10 +36,13 @@ class RequestLimits:
         if len(params.stop_token_ids) > self.max_stop_token_ids:
             raise RequestError(f"stop_token_ids: {len(params.stop_token_ids)} ids, at most "
                                f"{self.max_stop_token_ids} allowed")
+        if len(params.logit_bias) > self.max_logit_bias:
+            raise RequestError(f"logit_bias: {len(params.logit_bias)} entries, at most {self.max_logit_bias} allowed")
 
 
 def check_request(ids: Sequence[int], params: SamplingParams, priority: int, *, vocab_size: int,
-                  max_seq_len: int, priority_levels: int, limits: RequestLimits = RequestLimits()) -> None:
+                  max_seq_len: int, priority_levels: int, limits: RequestLimits = RequestLimits(),
+                  eos_ids: int = 0) -> None:
     """Raise RequestError naming the first problem with a request; needs no compiled engine.
 
     `max_seq_len` is a context the KV cache is known to hold (the engine checks that at start-up),
@@ -52,6 +56,9 @@ def check_request(ids: Sequence[int], params: SamplingParams, priority: int, *, 
         raise RequestError(f"prompt token id {bad} is outside the vocabulary (size {vocab_size})")
     limits.check(params)
     params.validate(vocab_size)
+    if params.min_tokens and len(params.logit_bias) + len(params.stop_token_ids) + eos_ids > BIAS_SLOTS:
+        raise RequestError(f"min_tokens: with {len(params.stop_token_ids)} stop_token_ids and "
+                           f"{len(params.logit_bias)} logit_bias entries, more than {BIAS_SLOTS} tokens to hold back")
     if len(ids) + params.max_tokens > max_seq_len:
         raise RequestError(f"max_tokens: prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) "
                            f"exceeds the context of {max_seq_len} tokens")

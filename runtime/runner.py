@@ -29,8 +29,8 @@ from meshserve.runtime.programs import Buckets, Programs, StepBatch
 from meshserve.runtime.sampling import SamplingBatch, SamplingParams
 from meshserve.runtime.scheduler import PrefillChunk, Sequence, StepPlan
 
-# (params, seed, whether its prompt is to be scored) of a request, for its rows
-SamplingOf = Callable[[Sequence], tuple[SamplingParams, int, bool]]
+# (params, seed, whether its prompt is to be scored, token ids it cannot sample now) of a request
+SamplingOf = Callable[[Sequence], tuple[SamplingParams, int, bool, tuple[int, ...]]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,7 +48,7 @@ class _Row:
     seq: Sequence
     tokens: np.ndarray  # i32[n] fed this call
     positions: np.ndarray  # i32[n]
-    sampling: tuple[SamplingParams, int, int] | None  # (params, seed, step); None: not sampled
+    sampling: tuple[SamplingParams, int, int, tuple[int, ...]] | None  # (params, seed, step, held back)
     history: Seq[int] | None  # tokens up to the last position fed (penalized rows only)
     targets: np.ndarray | None  # i32[n]: the prompt token after each position fed (-1: none), when scored
 
@@ -87,8 +87,8 @@ class ModelRunner:
         return calls, dropped
 
     def _row(self, seq: Sequence, start: int, end: int, samples: bool, sampling_of: SamplingOf) -> _Row:
-        params, seed, scores = sampling_of(seq)
-        sampling = (params, seed, len(seq.tokens) - seq.prompt_len) if samples else None
+        params, seed, scores, held = sampling_of(seq)
+        sampling = (params, seed, len(seq.tokens) - seq.prompt_len, held) if samples else None
         # penalties look at every token before the one sampled: tokens[:end], never more
         history = seq.tokens[:end] if samples and params.penalized else None
         targets = None
@@ -137,7 +137,7 @@ class ModelRunner:
         prompt_len = np.zeros(b, np.int32)
         history = np.full((b, p * ps), -1, np.int32)
         targets = np.full((b, t), -1, np.int32)
-        sampling: list[tuple[SamplingParams, int, int] | None] = [None] * b
+        sampling: list[tuple[SamplingParams, int, int, tuple[int, ...]] | None] = [None] * b
         for r, row in placed:
             n, seq = len(row.tokens), row.seq
             tokens[r, :n] = row.tokens

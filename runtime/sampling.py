@@ -20,6 +20,7 @@ from jaxtyping import Array, Float, Int
 from meshserve.models.errors import RequestError
 
 MAX_LOGPROBS = 20  # top-N logprobs a request may ask for; fixed so it never recompiles
+BIAS_SLOTS = 128  # per row: logit-bias entries plus tokens held back by min_tokens; fixed likewise
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,10 +41,12 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # top-N logprobs per token (0: only the chosen token's)
     prompt_logprobs: int | None = None  # the same for every prompt token after the first (scoring)
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit), OpenAI style
+    min_tokens: int = 0  # EOS and stop token ids cannot be sampled before this many tokens
 
     def validate(self, vocab_size: int) -> None:
         """Raise RequestError naming the first bad field."""
-        for name in ("max_tokens", "top_k"):
+        for name in ("max_tokens", "top_k", "min_tokens"):
             if not _integer(getattr(self, name)):
                 raise RequestError(f"{name} must be an integer, got {getattr(self, name)!r}")
         for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
@@ -53,6 +56,13 @@ class SamplingParams:
                 raise RequestError(f"{name} must be a finite number, got {value!r}")
         if self.max_tokens <= 0:
             raise RequestError(f"max_tokens must be a positive integer, got {self.max_tokens}")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise RequestError(f"min_tokens must be in [0, max_tokens], got {self.min_tokens}")
+        for tid, bias in self.logit_bias:
+            if not _integer(tid) or not 0 <= tid < vocab_size:
+                raise RequestError(f"logit_bias: token {tid} is outside the vocabulary (size {vocab_size})")
+            if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not -100 <= bias <= 100:
+                raise RequestError(f"logit_bias: the bias of token {tid} must be in [-100, 100], got {bias!r}")
         if not self.temperature >= 0:
             raise RequestError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 <= self.top_k < 2**31:
@@ -103,21 +113,29 @@ class SamplingBatch:
     seed: Array
     step: Array  # tokens generated so far by the request
     want_logprobs: Array  # bool: compute top-N logprobs at all
+    bias_ids: Array  # i32[B, BIAS_SLOTS]: tokens whose logits move (-1: unused slot) …
+    bias_values: Array  # f32[B, BIAS_SLOTS]: … by this much (-inf: cannot be sampled)
 
     @classmethod
-    def build(cls, rows: list[tuple[SamplingParams, int, int] | None], size: int) -> "SamplingBatch":
-        """From (params, seed, step) per request; padding rows (None, or past the list) are greedy."""
+    def build(cls, rows: list[tuple[SamplingParams, int, int, tuple[int, ...]] | None], size: int) -> "SamplingBatch":
+        """From (params, seed, step, held back) per request — held back: token ids that cannot be
+        sampled this step (min_tokens); padding rows (None, or past the list) are greedy."""
         f = lambda: np.zeros(size, np.float32)
         i = lambda: np.zeros(size, np.int32)
         t, tk, tp, mp, rp, pp, fp, sd, st, lp = f(), i(), f() + 1, f(), f() + 1, f(), f(), i(), i(), np.zeros(size, bool)
+        bias_ids = np.full((size, BIAS_SLOTS), -1, np.int32)
+        bias_values = np.zeros((size, BIAS_SLOTS), np.float32)
         for r, row in enumerate(rows):
             if row is None:
                 continue
-            p, seed, step = row
+            p, seed, step, held = row
             t[r], tk[r], tp[r], mp[r] = p.temperature, p.top_k, p.top_p, p.min_p
             rp[r], pp[r], fp[r] = p.repetition_penalty, p.presence_penalty, p.frequency_penalty
             sd[r], st[r], lp[r] = seed, step, p.logprobs is not None
-        return cls(t, tk, tp, mp, rp, pp, fp, sd, st, lp)
+            entries = list(p.logit_bias) + [(tid, -np.inf) for tid in held]
+            for k, (tid, bias) in enumerate(entries):
+                bias_ids[r, k], bias_values[r, k] = tid, bias
+        return cls(t, tk, tp, mp, rp, pp, fp, sd, st, lp, bias_ids, bias_values)
 
 
 @jax.tree_util.register_dataclass
@@ -173,7 +191,8 @@ def apply_penalties(logits: Float[Array, "b v"], s: SamplingBatch, history: Int[
 def sample(logits: Float[Array, "b v"], s: SamplingBatch, history: Int[Array, "b l"] | None = None,
            prompt_len: Int[Array, "b"] | None = None) -> Sampled:
     logits = logits.astype(jnp.float32)
-    logprobs = jax.nn.log_softmax(logits, axis=-1)
+    logprobs = jax.nn.log_softmax(logits, axis=-1)  # the model's own: before biases and penalties
+    logits = jax.lax.cond(jnp.any(s.bias_ids >= 0), lambda x: _add_bias(x, s), lambda x: x, logits)
     if history is not None:
         penalized = (s.repetition_penalty != 1) | (s.presence_penalty != 0) | (s.frequency_penalty != 0)
         logits = jax.lax.cond(jnp.any(penalized),
@@ -204,6 +223,11 @@ def sample(logits: Float[Array, "b v"], s: SamplingBatch, history: Int[Array, "b
 
     top_lp, top_ids = jax.lax.cond(jnp.any(s.want_logprobs), top, none, logprobs)
     return Sampled(tokens, chosen, top_ids.astype(jnp.int32), top_lp)
+
+
+def _add_bias(logits: Float[Array, "b v"], s: SamplingBatch) -> Float[Array, "b v"]:
+    rows = jnp.arange(logits.shape[0])[:, None]
+    return logits.at[rows, jnp.maximum(s.bias_ids, 0)].add(jnp.where(s.bias_ids >= 0, s.bias_values, 0.0))
 
 
 def _filter(x: Float[Array, "b v"], s: SamplingBatch) -> Float[Array, "b v"]:

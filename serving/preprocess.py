@@ -55,11 +55,12 @@ class EngineFacts:
     max_seq_len: int
     priority_levels: int
     limits: RequestLimits
+    eos_ids: int  # how many token ids end generation by themselves
 
     @classmethod
     def of(cls, engine) -> "EngineFacts":
         return cls(engine.model_config.vocab_size, engine.max_seq_len, engine.config.priority_levels,
-                   engine.config.limits)
+                   engine.config.limits, len(engine.eos_ids))
 
 
 def _unicode(text: str, field: str) -> str:
@@ -134,5 +135,5 @@ class Preprocessor:
         params = SamplingParams(**values)
         f = self.facts
         check_request(ids, params, priority, vocab_size=f.vocab_size, max_seq_len=f.max_seq_len,
-                      priority_levels=f.priority_levels, limits=f.limits)
+                      priority_levels=f.priority_levels, limits=f.limits, eos_ids=f.eos_ids)
         return EngineRequest(ids, params, priority, request_id or uuid.uuid4().hex, arrival)

@@ -467,3 +467,34 @@ def test_forks_of_one_prompt_share_its_pages(tiny_ckpt):
     assert [tokens[f"n{i}"] for i in range(3)] == alone  # each the same as run by itself
     assert len({tuple(t) for t in alone}) == 3
     assert engine.blocks.num_free == engine.blocks.num_usable
+
+
+def test_logit_bias_and_min_tokens_match_a_host_reference(engine, tiny_ckpt):
+    prompt, eos = [3, 0, 30], tiny_ckpt.tokenizer.eos_ids[0]  # greedy reaches EOS at its 6th token
+    bias = ((17, 100.0), (40, -100.0))
+
+    def reference(n, bias=(), min_tokens=0):
+        ids = list(prompt)
+        for step in range(n):
+            logits = reference_logits(tiny_ckpt, ids).copy()
+            for tid, b in bias:
+                logits[tid] += b
+            if step < min_tokens:
+                logits[eos] = -np.inf
+            ids.append(int(logits.argmax()))
+            if ids[-1] == eos:
+                return ids[len(prompt):-1]
+        return ids[len(prompt):]
+
+    biased = engine.generate([prompt], SamplingParams(max_tokens=6, logit_bias=bias, logprobs=0))[0]
+    assert list(biased.token_ids) == reference(6, bias) and biased.token_ids[0] == 17
+    # logprobs stay the model's own, before the bias
+    assert biased.logprobs[0].logprob == pytest.approx(
+        float(jax.nn.log_softmax(reference_logits(tiny_ckpt, prompt))[17]), abs=1e-5)
+    held = engine.generate([prompt], SamplingParams(max_tokens=12, min_tokens=8))[0]
+    assert list(held.token_ids) == reference(12, min_tokens=8) and len(held.token_ids) >= 8
+    assert reference(12) == greedy_reference(tiny_ckpt, prompt, 12)[:5]  # without it, EOS at the 6th
+    with pytest.raises(RequestError, match="logit_bias: token 999 is outside the vocabulary"):
+        engine.add_request(prompt, SamplingParams(logit_bias=((999, 1.0),)))
+    with pytest.raises(RequestError, match="min_tokens must be in"):
+        engine.add_request(prompt, SamplingParams(max_tokens=3, min_tokens=4))
