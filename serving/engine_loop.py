@@ -28,7 +28,7 @@ import queue
 import threading
 import time
 import traceback
-from typing import Callable
+from typing import AsyncIterator, Callable
 
 from meshserve.models.errors import MeshserveError
 from meshserve.runtime.engine import Engine, EngineFault, RequestOutput
@@ -42,6 +42,14 @@ WATCHDOG_PERIOD_S = 0.1
 
 class EngineUnavailable(MeshserveError):
     """The engine is not serving: warming up, shutting down, or failed (gRPC: UNAVAILABLE)."""
+
+
+class RequestRejected(MeshserveError):
+    """The request waited in the queue past its timeout (gRPC: RESOURCE_EXHAUSTED)."""
+
+
+class RequestFailed(MeshserveError):
+    """An internal fault in this request only (gRPC: INTERNAL)."""
 
 
 class State(enum.Enum):
@@ -118,6 +126,40 @@ class EngineLoop:
             else:
                 self._inbox.put(("add", (request, stream), future))
         return future
+
+    async def admit(self, request: EngineRequest, stream: Stream) -> None:
+        """Hand a request to the engine from an event loop; raises what `submit`'s future does. A
+        caller cancelled meanwhile undoes the admission."""
+        try:
+            await asyncio.wrap_future(self.submit(request, stream))
+        except asyncio.CancelledError:
+            self.abort(request.request_id, stream)
+            raise
+
+    async def outputs(self, request_id: str, stream: Stream) -> AsyncIterator[RequestOutput]:
+        """The admitted request's outputs, the last one finished; raises EngineUnavailable,
+        RequestRejected or RequestFailed instead of a last output. A consumer that stops early
+        (a cancelled call, a client gone) aborts the request before the engine's next step:
+        iterate inside `contextlib.aclosing`, so that happens at once."""
+        done = False
+        try:
+            while True:
+                out = await stream.queue.get()
+                if isinstance(out, EngineUnavailable):
+                    done = True
+                    raise out
+                if out.finished:
+                    done = True
+                    if out.finish_reason == "rejected":  # waited in the queue past its timeout
+                        raise RequestRejected(out.error or "rejected")
+                    if out.finish_reason == "error":
+                        raise RequestFailed(f"request {request_id} failed: {out.error}")
+                yield out
+                if out.finished:
+                    return
+        finally:
+            if not done:
+                self.abort(request_id, stream)
 
     def abort(self, request_id: str, stream: Stream | None = None) -> None:
         """Abort a request (only if it still belongs to `stream`, when given)."""

@@ -17,6 +17,7 @@ EXIT_ENGINE_FAILED (see the failure contract in serving/engine_loop.py).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import logging
 import signal
@@ -33,7 +34,8 @@ from meshserve.models.errors import MeshserveError, RequestError
 from meshserve.runtime.engine import Engine, EngineConfig, QueueFullError, RequestOutput
 from meshserve.runtime.sampling import MAX_LOGPROBS
 from meshserve.serving.config import ServerConfig
-from meshserve.serving.engine_loop import EngineLoop, EngineUnavailable, State, Stream
+from meshserve.serving.engine_loop import (EngineLoop, EngineUnavailable, RequestFailed, RequestRejected, State,
+                                           Stream)
 from meshserve.serving.metrics import Metrics
 from meshserve.serving.preprocess import EngineFacts, Preprocessor, Prompt
 from meshserve.serving.proto.meshserve.v1 import generation_pb2 as pb
@@ -122,57 +124,33 @@ class GenerationService:
 
         pre = await self._ready(context, request, ends)
         loop = self.server.loop
-        self.server.admitting += 1  # in flight from here on: a graceful stop waits for it
         try:
-            prepared = await pre.run(pre.prepare, _prompt(request.text, request.token_ids, request.messages),
-                                     _sampling(request.sampling), priority=request.priority,
-                                     request_id=request.request_id or None, arrival=arrival)
-            stream = Stream(asyncio.get_running_loop(), asyncio.Queue(), arrival)
-            rid = prepared.request_id
-            try:
-                await asyncio.wrap_future(loop.submit(prepared, stream))
-            except asyncio.CancelledError:  # gone while being admitted: undo the admission, if it happened
-                loop.abort(rid, stream)
-                raise
+            async with self.server.admitting():  # in flight from here on: a graceful stop waits for it
+                prepared = await pre.run(pre.prepare, _prompt(request.text, request.token_ids, request.messages),
+                                         _sampling(request.sampling), priority=request.priority,
+                                         request_id=request.request_id or None, arrival=arrival)
+                stream = Stream(asyncio.get_running_loop(), asyncio.Queue(), arrival)
+                await loop.admit(prepared, stream)
+            async with contextlib.aclosing(loop.outputs(prepared.request_id, stream)) as outputs:
+                async for out in outputs:
+                    if out.finished:
+                        ends(out.finish_reason)
+                    yield self._response(prepared.request_id, out, stream)
         except RequestError as e:
             ends("invalid")
             await self._invalid(context, str(e))
-        except QueueFullError as e:
+        except (QueueFullError, RequestRejected) as e:
             ends("rejected")
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
         except EngineUnavailable as e:
             ends("unavailable")
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+        except RequestFailed as e:
+            ends("error")
+            await context.abort(grpc.StatusCode.INTERNAL, str(e))
         except Exception as e:  # a fault of preprocessing or admission: this request only
             ends("error")
             await context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
-        finally:
-            self.server.admitting -= 1
-        done = False
-        try:
-            while True:
-                out = await stream.queue.get()
-                if isinstance(out, EngineUnavailable):  # the engine failed under this request
-                    done = True
-                    ends("unavailable")
-                    await context.abort(grpc.StatusCode.UNAVAILABLE, str(out))
-                if out.finish_reason == "rejected":  # waited in the queue past its timeout
-                    done = True
-                    ends("rejected")
-                    await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, out.error or "rejected")
-                if out.finish_reason == "error":
-                    done = True
-                    ends("error")
-                    await context.abort(grpc.StatusCode.INTERNAL, f"request {rid} failed: {out.error}")
-                if out.finished:
-                    done = True
-                    ends(out.finish_reason)
-                yield self._response(rid, out, stream)
-                if out.finished:
-                    return
-        finally:
-            if not done:  # the client went away (cancel, deadline): free its pages now
-                loop.abort(rid, stream)
 
     @staticmethod
     def _response(rid: str, out: RequestOutput, stream: Stream) -> pb.GenerateResponse:
@@ -288,7 +266,7 @@ class Server:
                                on_ready=self._on_ready, on_failure=self._on_failure)
         self.health = health.aio.HealthServicer()
         self.draining = False
-        self.admitting = 0  # Generate calls being preprocessed or handed to the engine
+        self._admitting = 0  # requests being preprocessed or handed to the engine
         self.preprocessor: Preprocessor | None = None
         self.exit_code = 0
         self.port: int | None = None
@@ -302,6 +280,15 @@ class Server:
         if self.draining or self.loop.state is not State.SERVING:
             return None
         return self.preprocessor
+
+    @contextlib.asynccontextmanager
+    async def admitting(self):
+        """Around a request's preprocessing and admission: a graceful stop waits for it too."""
+        self._admitting += 1
+        try:
+            yield
+        finally:
+            self._admitting -= 1
 
     def unavailable(self) -> str:
         if self.loop.state is State.SERVING:  # the engine is, this server is not (yet, or any more)
@@ -385,7 +372,7 @@ class Server:
         self.draining = True
         await self._set_health(False)
         deadline = time.monotonic() + (self.config.drain_timeout_s if drain_timeout_s is None else drain_timeout_s)
-        while ((self.loop.in_flight or self.admitting) and time.monotonic() < deadline
+        while ((self.loop.in_flight or self._admitting) and time.monotonic() < deadline
                and self.loop.state is State.SERVING):
             await asyncio.sleep(0.05)
         self.loop.abort_all()
