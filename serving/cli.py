@@ -63,7 +63,7 @@ def _parser() -> argparse.ArgumentParser:
                      help="bearer token for --server (default: $MESHSERVE_TOKEN)")
     gen.add_argument("--tls-ca", metavar="PEM", help="CA certificate for a TLS --server")
 
-    srv = sub.add_parser("serve", help="run the gRPC server (health, reflection, Prometheus metrics)")
+    srv = sub.add_parser("serve", help="run the gRPC and OpenAI-compatible HTTP servers")
     srv.add_argument("--config", default=str(DEFAULT_SERVING_CONFIG),
                      help="serving config: 'server' and 'engine' sections")
     srv.add_argument("--host")
@@ -71,6 +71,7 @@ def _parser() -> argparse.ArgumentParser:
     srv.add_argument("--model", metavar="CKPT_DIR", help="checkpoint folder (default: the default model)")
     srv.add_argument("--mesh", metavar="MESH_YAML")
     srv.add_argument("--metrics-port", type=int)
+    srv.add_argument("--http-port", type=int, help="the OpenAI-compatible HTTP API's port")
     srv.add_argument("--tls-cert", metavar="PEM")
     srv.add_argument("--tls-key", metavar="PEM")
     srv.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -289,7 +290,7 @@ def _serve(args) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     config = ServerConfig.from_yaml(args.config).override(
         host=args.host, port=args.port, model=args.model, mesh=args.mesh, metrics_port=args.metrics_port,
-        tls_cert=args.tls_cert, tls_key=args.tls_key)
+        http_port=args.http_port, tls_cert=args.tls_cert, tls_key=args.tls_key)
     engine_config = EngineConfig.from_yaml(args.config)
     replicas = 1
     if config.mesh:  # checked now: a bad mesh file fails before the server starts

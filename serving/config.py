@@ -24,6 +24,8 @@ class ServerConfig:
     model: str | None = None  # checkpoint folder; None: the default model
     mesh: str | None = None  # mesh file; None: one device
     metrics_port: int | None = 9464  # Prometheus /metrics over HTTP; None: off; 0: any free port
+    http_port: int | None = None  # the OpenAI-compatible HTTP API; None: off; 0: any free port
+    served_model_name: str | None = None  # the model's name in the HTTP API; None: the checkpoint's
     max_message_bytes: int = 4 * 2**20  # larger requests are refused (RESOURCE_EXHAUSTED)
     tls_cert: str | None = None  # PEM files; both or neither
     tls_key: str | None = None
@@ -34,8 +36,10 @@ class ServerConfig:
     def __post_init__(self):
         if not 0 <= self.port < 65536:
             raise ConfigError(f"server.port must be in [0, 65536), got {self.port}")
-        if self.metrics_port is not None and not 0 <= self.metrics_port < 65536:
-            raise ConfigError(f"server.metrics_port must be in [0, 65536) or null, got {self.metrics_port}")
+        for name in ("metrics_port", "http_port"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value < 65536:
+                raise ConfigError(f"server.{name} must be in [0, 65536) or null, got {value}")
         if self.max_message_bytes < 1024:
             raise ConfigError(f"server.max_message_bytes must be >= 1024, got {self.max_message_bytes}")
         if (self.tls_cert is None) != (self.tls_key is None):

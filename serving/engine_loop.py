@@ -300,7 +300,8 @@ class EngineLoop:
                 return  # the caller went away before the request was taken
             try:
                 rid = engine.add_request(request.token_ids, request.params, request_id=request.request_id,
-                                         priority=request.priority, arrival=request.arrival)
+                                         priority=request.priority, arrival=request.arrival,
+                                         fork_of=request.fork_of)
             except Exception as e:  # bad input or a full queue: that request only
                 future.set_exception(e)
                 return

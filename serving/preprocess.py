@@ -45,6 +45,7 @@ class EngineRequest:
     priority: int
     request_id: str
     arrival: float  # time.monotonic() when the frontend received it: queue time and TTFT count from here
+    fork_of: str | None = None  # another sample of this request's prompt (Engine.add_request)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,8 +120,10 @@ class Preprocessor:
         return self.tokenizer.decode(list(token_ids))
 
     def prepare(self, prompt: Prompt, sampling: Mapping[str, Any], *, priority: int = 0,
-                request_id: str | None = None, arrival: float) -> EngineRequest:
-        """Raises RequestError naming the first problem."""
+                request_id: str | None = None, arrival: float,
+                default_max_tokens: int | None = DEFAULT_MAX_TOKENS) -> EngineRequest:
+        """Raises RequestError naming the first problem. Without max_tokens: `default_max_tokens`
+        within the context (None: the whole rest of the context)."""
         if request_id is not None and (len(request_id) > MAX_REQUEST_ID or not request_id.isprintable()):
             raise RequestError(f"request_id must be printable and at most {MAX_REQUEST_ID} characters")
         ids = self.encode(prompt)
@@ -130,8 +133,9 @@ class Preprocessor:
                 values[name] = tuple(_unicode(s, "stop") for s in value)
             elif name == "stop_token_ids":
                 values[name] = tuple(value)
-        if "max_tokens" not in values:  # unset: up to DEFAULT_MAX_TOKENS, within the context
-            values["max_tokens"] = max(1, min(DEFAULT_MAX_TOKENS, self.facts.max_seq_len - len(ids)))
+        if "max_tokens" not in values:
+            room = self.facts.max_seq_len - len(ids)
+            values["max_tokens"] = max(1, room if default_max_tokens is None else min(default_max_tokens, room))
         params = SamplingParams(**values)
         f = self.facts
         check_request(ids, params, priority, vocab_size=f.vocab_size, max_seq_len=f.max_seq_len,

@@ -36,6 +36,7 @@ from meshserve.runtime.sampling import MAX_LOGPROBS
 from meshserve.serving.config import ServerConfig
 from meshserve.serving.engine_loop import (EngineLoop, EngineUnavailable, RequestFailed, RequestRejected, State,
                                            Stream)
+from meshserve.serving.http import HTTPFrontend
 from meshserve.serving.metrics import Metrics
 from meshserve.serving.preprocess import EngineFacts, Preprocessor, Prompt
 from meshserve.serving.proto.meshserve.v1 import generation_pb2 as pb
@@ -271,6 +272,7 @@ class Server:
         self.exit_code = 0
         self.port: int | None = None
         self.metrics_port: int | None = None
+        self.http: HTTPFrontend | None = None  # the OpenAI-compatible API, when server.http_port is set
         self._grpc: grpc.aio.Server | None = None
         self._aio_loop: asyncio.AbstractEventLoop | None = None
         self._stopped: asyncio.Event | None = None
@@ -352,6 +354,12 @@ class Server:
         self._grpc = server
         if cfg.metrics_port is not None:
             self.metrics_port = self.metrics.serve(cfg.host, cfg.metrics_port)
+        if cfg.http_port is not None:
+            self.http = HTTPFrontend(self)
+            try:
+                await self.http.start(cfg.host, cfg.http_port)
+            except OSError as e:
+                raise MeshserveError(f"cannot listen on {cfg.host}:{cfg.http_port} (HTTP): {e.strerror}") from None
         self.loop.start()
 
     def _count_compile(self, event: str, secs: float, **kw) -> None:
@@ -380,6 +388,8 @@ class Server:
 
     async def _close(self, grace: float) -> None:
         await asyncio.sleep(0.1)  # let the last outputs reach their streams
+        if self.http is not None:
+            await self.http.stop()
         await self._grpc.stop(grace=grace)
         if self.loop.state is not State.FAILED:  # a failed engine thread may be stuck: never wait on it
             await asyncio.get_running_loop().run_in_executor(None, self.loop.stop, STOP_TIMEOUT_S)

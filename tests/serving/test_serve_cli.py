@@ -1,4 +1,4 @@
-"""`meshserve serve` as users run it: the default model, a client streaming from it, SIGTERM."""
+"""`meshserve serve` as users run it: the default model, gRPC and HTTP clients asking it, SIGTERM."""
 
 import signal
 import socket
@@ -25,8 +25,8 @@ def test_serve_answers_paris_then_stops_on_sigterm(smollm_ckpt, tmp_path):
     # few programs to compile, so the test starts fast; the rest as shipped
     config["engine"].update(max_seq_len=256, max_num_seqs=2, max_prefill_chunk=64, prefill_buckets=[64],
                             decode_buckets=[2], context_buckets=[16], compilation_cache_dir=None)
-    port = free_port()
-    config["server"].update(port=port, metrics_port=None, model=str(smollm_ckpt.path))
+    port, http_port = free_port(), free_port()
+    config["server"].update(port=port, metrics_port=None, http_port=http_port, model=str(smollm_ckpt.path))
     path = tmp_path / "serving.yaml"
     path.write_text(yaml.safe_dump(config))
     server = subprocess.Popen([sys.executable, "-m", "meshserve.serving.cli", "serve", "--config", str(path), "--quiet"],
@@ -39,6 +39,12 @@ def test_serve_answers_paris_then_stops_on_sigterm(smollm_ckpt, tmp_path):
                                 cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert answer.returncode == 0, answer.stderr
         assert "Paris" in answer.stdout
+        import openai  # the same server, over its OpenAI-compatible HTTP API
+
+        chat = openai.OpenAI(base_url=f"http://127.0.0.1:{http_port}/v1", api_key="none").chat.completions.create(
+            model="Smollm2 135M 8k Lc100K Mix1 Ep2", messages=[{"role": "user", "content": "What is the capital of France?"}],
+            max_tokens=16, temperature=0)
+        assert "Paris" in chat.choices[0].message.content
         bad = subprocess.run([sys.executable, "-m", "meshserve.serving.cli", "generate", "--server", f"localhost:{port}",
                               "--temperature", "-1", "hi"], cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert bad.returncode == 1

@@ -1,0 +1,355 @@
+"""The OpenAI-compatible HTTP API, on its own port, in the same process and asyncio loop as the gRPC
+server, over the same preprocessing and engine loop.
+
+    POST /v1/completions, /v1/chat/completions   JSON or server-sent events (`stream: true`)
+    GET  /v1/models · /health · /metrics · /tokenizer_info
+    POST /tokenize · /detokenize                  (vLLM's shapes: evaluation tools need no local tokenizer)
+
+aiohttp, not FastAPI + uvicorn: it runs on the loop already running (an AppRunner and a TCPSite, no
+second loop, and no server of its own taking over SIGTERM as uvicorn's does), it cancels a handler
+whose client disconnected (so the request is aborted before the engine's next step, streaming or
+not, with no polling), and every body is checked by hand into the OpenAI error envelope, never a
+framework's 422.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import functools
+import hmac
+import json
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from meshserve.models.errors import RequestError
+from meshserve.runtime.engine import QueueFullError, RequestOutput
+from meshserve.serving.engine_loop import EngineUnavailable, RequestFailed, RequestRejected, Stream
+from meshserve.serving.openai import APIError, Choice, Generation, Shaper, invalid, parse_chat, parse_completion
+from meshserve.serving.preprocess import EngineRequest, Prompt
+
+if TYPE_CHECKING:
+    from meshserve.serving.server import Server
+
+log = logging.getLogger("meshserve.http")
+
+OPEN = ("/health", "/metrics")  # paths that need no bearer token
+RETRY_AFTER_S = 1
+
+
+def _json(body: dict, status: int = 200, headers: dict | None = None) -> web.Response:
+    return web.Response(text=json.dumps(body), status=status, content_type="application/json", headers=headers)
+
+
+def _error(e: APIError) -> web.Response:
+    headers = {"Retry-After": str(e.retry_after)} if e.retry_after is not None else None
+    return _json(e.body(), e.status, headers)
+
+
+def _param_of(message: str) -> str | None:
+    """The request field a meshserve error message names first ("top_p must be …" → "top_p")."""
+    head = message.split(":", 1)[0].split(" ", 1)[0].split("[", 1)[0]
+    return head if head.replace("_", "").isalpha() and head.islower() else None
+
+
+def _sse(body: dict) -> bytes:
+    return f"data: {json.dumps(body)}\n\n".encode()
+
+
+class HTTPFrontend:
+    def __init__(self, server: "Server"):
+        self.server = server
+        self.runner: web.AppRunner | None = None
+        self.port: int | None = None
+        self.started = int(time.time())
+
+    async def start(self, host: str, port: int) -> int:
+        app = web.Application(client_max_size=self.server.config.max_message_bytes,
+                              middlewares=[self._errors, self._auth])
+        app.add_routes([web.post("/v1/completions", self.completions), web.post("/v1/chat/completions", self.chat),
+                        web.get("/v1/models", self.models), web.get("/health", self.health),
+                        web.get("/metrics", self.metrics), web.get("/tokenizer_info", self.tokenizer_info),
+                        web.post("/tokenize", self.tokenize), web.post("/detokenize", self.detokenize)])
+        self.runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, host, port, reuse_port=False)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]
+        return self.port
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+
+    # ---- middleware ---------------------------------------------------------------------------------
+
+    @web.middleware
+    async def _errors(self, request: web.Request, handler):
+        try:
+            return await handler(request)
+        except APIError as e:
+            return _error(e)
+        except web.HTTPRequestEntityTooLarge:
+            return _error(APIError(413, f"the request body is larger than {self.server.config.max_message_bytes} "
+                                   "bytes (server.max_message_bytes)", None, "request_too_large"))
+        except web.HTTPException as e:  # no such route or method: still the envelope
+            return _error(APIError(e.status, f"{request.method} {request.path}: {e.reason}"))
+
+    @web.middleware
+    async def _auth(self, request: web.Request, handler):
+        tokens = self.server.config.auth_tokens
+        if tokens and request.path not in OPEN:
+            given = request.headers.get("Authorization", "")
+            ok = given.startswith("Bearer ") and any(
+                hmac.compare_digest(given[7:].encode(), t.encode()) for t in tokens)
+            if not ok:
+                if request.path.endswith("completions"):
+                    self.server.metrics.requests.labels("unauthenticated").inc()
+                raise APIError(401, "missing or wrong bearer token (header 'Authorization: Bearer <token>')",
+                               None, "invalid_api_key")
+        return await handler(request)
+
+    # ---- small endpoints ----------------------------------------------------------------------------
+
+    def _engine(self):
+        pre = self.server.serving()
+        if pre is None:
+            raise APIError(503, self.server.unavailable(), None, "unavailable", retry_after=5)
+        return pre, self.server.loop.engine
+
+    @property
+    def model_name(self) -> str:
+        return self.server.config.served_model_name or self.server.loop.engine.model_config.name
+
+    async def health(self, request: web.Request) -> web.Response:
+        return web.Response(status=200 if self.server.serving() is not None else 503)
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(self.server.metrics.registry),
+                            headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def models(self, request: web.Request) -> web.Response:
+        _, engine = self._engine()
+        name = self.model_name
+        return _json({"object": "list", "data": [{"id": name, "object": "model", "created": self.started,
+                                                  "owned_by": "meshserve", "root": name, "parent": None,
+                                                  "max_model_len": engine.max_seq_len}]})
+
+    async def tokenizer_info(self, request: web.Request) -> web.Response:
+        _, engine = self._engine()
+        config = engine.tokenizer.config
+        return _json({"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": (config.eos_tokens or (None,))[0],
+                      "bos_token": config.bos_token, "pad_token": None, "chat_template": config.chat_template,
+                      "model_max_length": engine.max_seq_len, "add_bos_token": config.add_bos_token})
+
+    async def tokenize(self, request: web.Request) -> web.Response:
+        pre, engine = self._engine()
+        body = await self._body(request)
+        if ("prompt" in body) == ("messages" in body):
+            raise invalid("give exactly one of prompt, messages", "prompt")
+        if "prompt" in body:
+            if not isinstance(body["prompt"], str):
+                raise invalid("prompt must be a string", "prompt")
+            prompt, add = Prompt(text=body["prompt"]), body.get("add_special_tokens", True)
+            ids = await self._pre(pre.run(lambda: engine.tokenizer.encode(prompt.text, add_bos=None if add else False)))
+        else:
+            call = parse_chat({"messages": body["messages"]})
+            ids = await self._pre(pre.run(pre.encode, call.prompts[0]))
+        return _json({"count": len(ids), "max_model_len": engine.max_seq_len, "tokens": ids, "token_strs": None})
+
+    async def detokenize(self, request: web.Request) -> web.Response:
+        pre, _ = self._engine()
+        tokens = (await self._body(request)).get("tokens")
+        if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
+            raise invalid("tokens must be a list of token ids", "tokens")
+        return _json({"prompt": await self._pre(pre.run(pre.decode, tokens))})
+
+    @staticmethod
+    async def _body(request: web.Request) -> dict:
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise invalid(f"the request body is not valid JSON: {e}", None) from None
+        if not isinstance(body, dict):
+            raise invalid("the request body must be a JSON object", None)
+        return body
+
+    @staticmethod
+    async def _pre(work):
+        try:
+            return await work
+        except RequestError as e:
+            raise invalid(str(e), _param_of(str(e))) from None
+
+    # ---- generation ---------------------------------------------------------------------------------
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, parse_completion)
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, parse_chat)
+
+    async def _generate(self, request: web.Request, parse) -> web.StreamResponse:
+        """One generation call: counted once in the metrics, whatever its outcome."""
+        arrival = time.monotonic()
+        outcome = ["abort"]  # until known otherwise: the client went away
+        try:
+            return await self._run(request, parse, arrival, outcome)
+        except APIError as e:
+            outcome[0] = {400: "invalid", 413: "invalid", 404: "invalid", 429: "rejected", 503: "unavailable"}.get(
+                e.status, "error")
+            raise
+        finally:
+            self.server.metrics.requests.labels(outcome[0]).inc()
+
+    async def _run(self, request, parse, arrival, outcome) -> web.StreamResponse:
+        call: Generation = parse(await self._body(request))
+        pre, engine = self._engine()
+        if call.model is not None and call.model != self.model_name:
+            raise APIError(404, f"the model {call.model!r} does not exist (this server serves {self.model_name!r})",
+                           "model", "model_not_found")
+        shaper = Shaper(call, self.model_name, _token_text(engine.tokenizer), engine.tokenizer.decode)
+        loop = self.server.loop
+        async with contextlib.AsyncExitStack() as stack:
+            async with self.server.admitting():
+                requests = await self._prepare(call, pre, arrival)
+                streams = {}
+                stack.callback(lambda: [loop.abort(r.request_id, s) for r, s in streams.values()])
+                for i, r in enumerate(requests):  # the first sample of a prompt before its forks
+                    stream = Stream(asyncio.get_running_loop(), asyncio.Queue(), arrival)
+                    try:
+                        await loop.admit(r, stream)
+                    except (RequestError, QueueFullError, EngineUnavailable) as e:
+                        raise _api_error(e) from None
+                    streams[i] = (r, stream)
+            prompt_ids = [requests[p * call.n].token_ids for p in range(len(call.prompts))]
+            choices = [Choice(i) for i in range(len(requests))]
+            if call.stream:
+                return await self._stream(request, call, shaper, streams, choices, prompt_ids, outcome)
+            await self._collect(streams, choices)
+            outcome[0] = choices[0].finish_reason or "abort"
+            return _json(shaper.response(choices, prompt_ids))
+
+    async def _prepare(self, call: Generation, pre, arrival: float) -> list[EngineRequest]:
+        """Every choice's engine request: each prompt tokenized once, its samples forks of the first."""
+        requests = []
+        default = None if call.chat else call.sampling.get("max_tokens")
+        for prompt in call.prompts:
+            sampling = dict(call.sampling)
+            first = await self._pre(pre.run(pre.prepare, prompt, sampling, arrival=arrival,
+                                            default_max_tokens=default))
+            requests.append(first)
+            for i, seed in enumerate(call.seeds()[1:], 1):  # scored once, by the first
+                params = dataclasses.replace(first.params, seed=seed, prompt_logprobs=None)
+                requests.append(EngineRequest(first.token_ids, params, first.priority, f"{first.request_id}-{i}",
+                                              arrival, fork_of=first.request_id))
+        return requests
+
+    async def _collect(self, streams, choices: list[Choice]) -> None:
+        try:
+            async with asyncio.TaskGroup() as group:  # a cancelled handler (client gone) cancels them all
+                for i, (r, stream) in streams.items():
+                    group.create_task(self._follow(r, stream, choices[i]))
+        except* APIError as failed:
+            raise failed.exceptions[0] from None
+
+    async def _follow(self, r: EngineRequest, stream: Stream, choice: Choice, on_output=None) -> None:
+        loop = self.server.loop
+        try:
+            async with contextlib.aclosing(loop.outputs(r.request_id, stream)) as outputs:
+                async for out in outputs:
+                    _add(choice, out)
+                    if on_output is not None:
+                        await on_output(choice, out)
+        except (EngineUnavailable, RequestRejected, RequestFailed) as e:
+            raise _api_error(e) from None
+
+    async def _stream(self, request, call: Generation, shaper: Shaper, streams, choices, prompt_ids,
+                      outcome) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await response.prepare(request)
+        offsets = {}
+        usage_every = call.include_usage and not call.continuous_usage
+
+        async def send(body: dict) -> None:
+            if call.continuous_usage:
+                body["usage"] = shaper.usage_of(choices)
+            elif usage_every:
+                body["usage"] = None
+            await response.write(_sse(body))
+
+        if call.chat:
+            for choice in choices:
+                await send(shaper.chunk(choice.index, role=True))
+
+        async def on_output(choice: Choice, out: RequestOutput) -> None:
+            first = choice.index not in offsets
+            prompt = prompt_ids[choice.index // call.n]
+            text, entries = out.text, list(out.logprobs)
+            if first and call.echo:
+                echoed = shaper.echo_text(choice.index, prompt)
+                text, entries = echoed + text, list(out.prompt_logprobs) + entries
+                offsets[choice.index] = 0
+            elif first:
+                offsets[choice.index] = 0 if call.chat else len(shaper.echo_text(choice.index, prompt))
+            if call.score_only:
+                text, entries = (text[:len(text) - len(out.text)], entries[:len(entries) - len(out.logprobs)])
+            logprobs = None
+            if call.logprobs is not None:
+                if call.chat:
+                    logprobs = shaper.chat_logprobs(entries)
+                else:
+                    logprobs = shaper.completion_logprobs(entries, prompt, offsets[choice.index])
+                    offsets[choice.index] += sum(len(t) for t in logprobs["tokens"])
+            if text or logprobs or out.finished:
+                await send(shaper.chunk(choice.index, text=text, logprobs=logprobs,
+                                        finish_reason=out.finish_reason if out.finished else None))
+
+        try:
+            async with asyncio.TaskGroup() as group:
+                for i, (r, stream) in streams.items():
+                    group.create_task(self._follow(r, stream, choices[i], on_output))
+            outcome[0] = choices[0].finish_reason or "abort"
+            if call.include_usage:
+                await response.write(_sse(shaper.usage_chunk(choices)))
+        except* APIError as group:  # after the stream started: the error as an event, then the end
+            error = group.exceptions[0]
+            outcome[0] = {429: "rejected", 503: "unavailable"}.get(error.status, "error")
+            await response.write(_sse(error.body()))
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+
+def _add(choice: Choice, out: RequestOutput) -> None:
+    choice.token_ids += out.token_ids
+    choice.text.append(out.text)
+    choice.logprobs += out.logprobs
+    if out.prompt_logprobs:
+        choice.prompt_logprobs = out.prompt_logprobs
+    choice.prompt_tokens, choice.cached_tokens = out.prompt_tokens, out.cached_tokens
+    if out.finished:
+        choice.finish_reason = out.finish_reason
+
+
+def _api_error(e: Exception) -> APIError:
+    if isinstance(e, RequestError):
+        return invalid(str(e), _param_of(str(e)))
+    if isinstance(e, (QueueFullError, RequestRejected)):
+        return APIError(429, str(e), None, "queue_full", retry_after=RETRY_AFTER_S)
+    if isinstance(e, EngineUnavailable):
+        return APIError(503, str(e), None, "unavailable", retry_after=RETRY_AFTER_S)
+    return APIError(500, str(e), None, None)
+
+
+def _token_text(tokenizer):
+    """Token id → its text as the OpenAI logprobs shapes show it (special tokens spelled out)."""
+    @functools.lru_cache(maxsize=65536)
+    def text(token_id: int) -> str:
+        return tokenizer.decode([token_id], skip_special_tokens=False)
+    return text
