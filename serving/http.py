@@ -124,7 +124,10 @@ class HTTPFrontend:
 
     @property
     def model_name(self) -> str:
-        return self.server.config.served_model_name or self.server.loop.engine.model_config.name
+        """server.served_model_name, else the checkpoint folder's name (as vLLM names a model by its path)."""
+        engine = self.server.loop.engine
+        path = engine.checkpoint.path
+        return self.server.config.served_model_name or (path.name if path else engine.model_config.name)
 
     async def health(self, request: web.Request) -> web.Response:
         return web.Response(status=200 if self.server.serving() is not None else 503)

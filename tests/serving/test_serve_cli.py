@@ -41,9 +41,11 @@ def test_serve_answers_paris_then_stops_on_sigterm(smollm_ckpt, tmp_path):
         assert "Paris" in answer.stdout
         import openai  # the same server, over its OpenAI-compatible HTTP API
 
-        chat = openai.OpenAI(base_url=f"http://127.0.0.1:{http_port}/v1", api_key="none").chat.completions.create(
-            model="Smollm2 135M 8k Lc100K Mix1 Ep2", messages=[{"role": "user", "content": "What is the capital of France?"}],
-            max_tokens=16, temperature=0)
+        api = openai.OpenAI(base_url=f"http://127.0.0.1:{http_port}/v1", api_key="none")
+        model = api.models.list().data[0].id
+        assert model == smollm_ckpt.path.name  # the checkpoint folder names the model
+        chat = api.chat.completions.create(model=model, messages=[{"role": "user", "content": "What is the capital "
+                                                                   "of France?"}], max_tokens=16, temperature=0)
         assert "Paris" in chat.choices[0].message.content
         bad = subprocess.run([sys.executable, "-m", "meshserve.serving.cli", "generate", "--server", f"localhost:{port}",
                               "--temperature", "-1", "hi"], cwd=ROOT, capture_output=True, text=True, timeout=120)
