@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 ARGS   ?=
 
-.PHONY: serve test model clean
+.PHONY: serve test model clean bench-eval bench-load
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,11 @@ serve: model
 
 test: $(VENV)/.test model
 	$(BIN)/python -m pytest -q
+
+# lm-evaluation-harness through the OpenAI-compatible API, against transformers (benchmarks/lm_eval_check.py).
+bench-eval: $(VENV)/.test model
+	$(BIN)/pip install -q -r benchmarks/requirements-eval.txt
+	$(BIN)/python benchmarks/lm_eval_check.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -163,7 +163,7 @@ class RequestOutput:
     finished: bool = False
     finish_reason: str | None = None  # stop | length | abort | rejected | error
     error: str | None = None
-    logprobs: tuple[TokenLogprob, ...] = ()
+    logprobs: tuple[TokenLogprob, ...] = ()  # one per new token; a stop token that ended it adds its own
     prompt_tokens: int = 0
     completion_tokens: int = 0
     queue_time_s: float | None = None  # arrival → first scheduled (None: never scheduled)
@@ -479,7 +479,10 @@ class Engine:
                                                              sampled.top_logprobs[row, :params.logprobs]))
             logprobs = (TokenLogprob(token, float(sampled.logprob[row]), top),)
         if (token in self.eos_ids and not params.ignore_eos) or token in req.stop_ids:
-            return self._finish(self._requests.pop(seq.request_id), "stop", drop_last=True, prompt_logprobs=scores)
+            # the stop token ends the output and is not part of it; its logprob is still reported
+            # (last), as OpenAI-style scoring counts one entry per sampled token
+            return self._finish(self._requests.pop(seq.request_id), "stop", drop_last=True, logprobs=logprobs,
+                                prompt_logprobs=scores)
         text = req.text.push(token)
         if req.text.stopped_by is not None:
             return self._finish(self._requests.pop(seq.request_id), "stop", last=(token,), text=text,
