@@ -35,5 +35,9 @@ bench-eval: $(VENV)/.test model
 	$(BIN)/pip install -q -r benchmarks/requirements-eval.txt
 	$(BIN)/python benchmarks/lm_eval_check.py
 
+# A real load tool (aiperf, in its own venv) on the OpenAI API beside benchmarks/serving.py on both APIs.
+bench-load: $(VENV)/.test model
+	$(BIN)/python benchmarks/openai_load.py
+
 clean:
 	rm -rf $(VENV) .pytest_cache

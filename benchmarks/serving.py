@@ -6,6 +6,7 @@ request streams; per request we record time to first token (TTFT), the gaps betw
 tokens (inter-token latency, TTFT not folded in) and end-to-end latency.
 
     python benchmarks/serving.py --server localhost:50051 --concurrency 16 --requests 200
+    python benchmarks/serving.py --http http://localhost:8000 ...   the same load on the OpenAI API
     python benchmarks/serving.py --server localhost:50051 --rate 4 --requests 200 --shared-prefix 512
     ... --prompt-len 32:512 --output-len 16:128 --out results.json --plot results.png
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -64,6 +66,35 @@ async def one_request(stub, request: pb.GenerateRequest, metadata, timeout: floa
             "itl_s": [b - a for a, b in zip(times, times[1:])], "e2e_s": end - sent, "start_s": sent}
 
 
+async def one_http_request(session, url: str, body: dict, headers: dict, timeout: float) -> dict:
+    """One streamed /v1/completions call; a chunk's arrival time counts for each token it carries
+    (continuous usage stats give the running count)."""
+    sent = time.perf_counter()
+    times, tokens, error = [], 0, None
+    try:
+        async with session.post(url, json=body, headers=headers, timeout=timeout) as resp:
+            if resp.status != 200:
+                error = f"HTTP {resp.status}: {(await resp.text())[:200]}"
+            else:
+                async for line in resp.content:
+                    if not line.startswith(b"data: {"):
+                        continue
+                    chunk = json.loads(line[6:])
+                    if "error" in chunk:
+                        error = chunk["error"]["message"]
+                        break
+                    count = chunk["usage"]["completion_tokens"]
+                    if count > tokens:
+                        times.extend([time.perf_counter()] * (count - tokens))
+                        tokens = count
+    except Exception as e:  # a broken connection: a failed request
+        error = f"{type(e).__name__}: {e}"
+    end = time.perf_counter()
+    return {"prompt_tokens": len(body["prompt"]), "output_tokens": tokens, "error": error,
+            "ttft_s": times[0] - sent if times else None,
+            "itl_s": [b - a for a, b in zip(times, times[1:]) if b > a], "e2e_s": end - sent, "start_s": sent}
+
+
 async def run(args) -> dict:
     rng = random.Random(args.seed)
     prefix = [rng.randrange(args.vocab_lo, args.vocab_hi) for _ in range(args.shared_prefix)]
@@ -75,14 +106,34 @@ async def run(args) -> dict:
         requests.append(pb.GenerateRequest(token_ids=ids, sampling=pb.SamplingOptions(
             max_tokens=out, ignore_eos=True, temperature=args.temperature)))
     metadata = (("authorization", f"Bearer {args.token}"),) if args.token else None
-    async with grpc.aio.insecure_channel(args.server) as channel:
-        stub = pb_grpc.GenerationStub(channel)
-        info = await stub.ModelInfo(pb.ModelInfoRequest(), metadata=metadata)
+    async with contextlib.AsyncExitStack() as stack:
+        if args.http:
+            import aiohttp
+
+            session = await stack.enter_async_context(aiohttp.ClientSession())
+            headers = {"Authorization": f"Bearer {args.token}"} if args.token else {}
+            async with session.get(args.http + "/v1/models", headers=headers) as resp:
+                model = (await resp.json())["data"][0]["id"]
+            info = pb.ModelInfoResponse(name=model, mesh="(HTTP)")
+            url = args.http + "/v1/completions"
+
+            def send(req):
+                body = {"model": model, "prompt": list(req.token_ids), "max_tokens": req.sampling.max_tokens,
+                        "temperature": req.sampling.temperature, "ignore_eos": True, "stream": True,
+                        "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+                return one_http_request(session, url, body, headers, args.timeout)
+        else:
+            channel = await stack.enter_async_context(grpc.aio.insecure_channel(args.server))
+            stub = pb_grpc.GenerationStub(channel)
+            info = await stub.ModelInfo(pb.ModelInfoRequest(), metadata=metadata)
+
+            def send(req):
+                return one_request(stub, req, metadata, args.timeout)
         t0 = time.perf_counter()
         if args.rate:  # open loop: Poisson arrivals, whatever the server's pace
             tasks = []
             for req in requests:
-                tasks.append(asyncio.ensure_future(one_request(stub, req, metadata, args.timeout)))
+                tasks.append(asyncio.ensure_future(send(req)))
                 await asyncio.sleep(rng.expovariate(args.rate))
             records = await asyncio.gather(*tasks)
         else:  # closed loop: `concurrency` clients, each sending its next request when one ends
@@ -91,14 +142,14 @@ async def run(args) -> dict:
 
             async def worker():
                 while queue:
-                    records.append(await one_request(stub, queue.pop(0), metadata, args.timeout))
+                    records.append(await send(queue.pop(0)))
 
             await asyncio.gather(*[worker() for _ in range(args.concurrency)])
         elapsed = time.perf_counter() - t0
     ok = [r for r in records if r["error"] is None]
     out_tokens = sum(r["output_tokens"] for r in ok)
     summary = {
-        "model": info.name, "mesh": info.mesh, "server": args.server,
+        "model": info.name, "mesh": info.mesh, "server": args.http or args.server,
         "mode": f"rate {args.rate}/s" if args.rate else f"concurrency {args.concurrency}",
         "requests": len(records), "failed": len(records) - len(ok), "shared_prefix": args.shared_prefix,
         "prompt_len": args.prompt_len, "output_len": args.output_len, "elapsed_s": elapsed,
@@ -143,6 +194,7 @@ def plot(result: dict, path: str) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--server", default="localhost:50051")
+    p.add_argument("--http", default=None, metavar="URL", help="the OpenAI API at URL instead of gRPC")
     p.add_argument("--token", default=os.environ.get("MESHSERVE_TOKEN"))
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--concurrency", type=int, default=8)

@@ -57,6 +57,7 @@ def default_gguf() -> Path:
 def default_checkpoint(dtype: str = "float32", progress: bool = True) -> Path:
     """The default model converted to a meshserve checkpoint in the cache (converted once)."""
     from meshserve.models.convert import convert
+    from meshserve.models.tokenizer import TOKENIZER_CONFIG_FILE, Tokenizer
 
     out = cache_dir() / "checkpoints" / f"smollm2-135m-instruct-{dtype}"
     if not out.is_dir():
@@ -65,4 +66,6 @@ def default_checkpoint(dtype: str = "float32", progress: bool = True) -> Path:
         except CheckpointError:
             if not out.is_dir():  # else another process converted it first
                 raise
+    elif "tokenizer_class" not in (out / TOKENIZER_CONFIG_FILE).read_text():  # converted before tools could read it
+        Tokenizer.load(out).save(out)
     return out

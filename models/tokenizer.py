@@ -35,7 +35,8 @@ class TokenizerConfig:
         # `eos_token` is the key other tools read (transformers, lm-eval, vLLM); `eos_tokens` keeps
         # every id that ends generation
         eos = {"eos_token": self.eos_tokens[0]} if self.eos_tokens else {}
-        return json.dumps({**dataclasses.asdict(self), **eos, "eos_tokens": list(self.eos_tokens)}, indent=1)
+        return json.dumps({"tokenizer_class": "PreTrainedTokenizerFast", **dataclasses.asdict(self), **eos,
+                           "eos_tokens": list(self.eos_tokens)}, indent=1)
 
     @classmethod
     def from_json(cls, text: str) -> "TokenizerConfig":
