@@ -218,25 +218,27 @@ class HTTPFrontend:
                            "model", "model_not_found")
         shaper = Shaper(call, self.model_name, _token_text(engine.tokenizer), engine.tokenizer.decode)
         loop = self.server.loop
-        async with contextlib.AsyncExitStack() as stack:
-            async with self.server.admitting():
-                requests = await self._prepare(call, pre, arrival)
-                streams = {}
-                stack.callback(lambda: [loop.abort(r.request_id, s) for r, s in streams.values()])
+        async with self.server.admitting():
+            requests = await self._prepare(call, pre, arrival)
+            streams = {}
+            try:
                 for i, r in enumerate(requests):  # the first sample of a prompt before its forks
                     stream = Stream(asyncio.get_running_loop(), asyncio.Queue(), arrival)
-                    try:
-                        await loop.admit(r, stream)
-                    except (RequestError, QueueFullError, EngineUnavailable) as e:
-                        raise _api_error(e) from None
+                    await loop.admit(r, stream)
                     streams[i] = (r, stream)
-            prompt_ids = [requests[p * call.n].token_ids for p in range(len(call.prompts))]
-            choices = [Choice(i) for i in range(len(requests))]
-            if call.stream:
-                return await self._stream(request, call, shaper, streams, choices, prompt_ids, outcome)
-            await self._collect(streams, choices)
-            outcome[0] = choices[0].finish_reason or "abort"
-            return _json(shaper.response(choices, prompt_ids))
+            except BaseException as e:  # all or none: the choices already admitted leave again
+                for r, stream in streams.values():
+                    loop.abort(r.request_id, stream)
+                if isinstance(e, (RequestError, QueueFullError, EngineUnavailable)):
+                    raise _api_error(e) from None
+                raise
+        prompt_ids = [requests[p * call.n].token_ids for p in range(len(call.prompts))]
+        choices = [Choice(i) for i in range(len(requests))]
+        if call.stream:
+            return await self._stream(request, call, shaper, streams, choices, prompt_ids, outcome)
+        await self._collect(streams, choices)
+        outcome[0] = choices[0].finish_reason or "abort"
+        return _json(shaper.response(choices, prompt_ids))
 
     async def _prepare(self, call: Generation, pre, arrival: float) -> list[EngineRequest]:
         """Every choice's engine request: each prompt tokenized once, its samples forks of the first."""

@@ -238,6 +238,19 @@ def test_malformed_json_auth_and_unknown_fields(served):
     assert status == 200  # unknown fields are ignored
 
 
+def _requests_total(served) -> float:
+    body = get(served, "/metrics", token=None)[1]
+    return sum(float(line.split()[-1]) for line in body.splitlines() if line.startswith("meshserve_requests_total{"))
+
+
+def test_every_generation_call_is_counted_once(served):
+    before = _requests_total(served)
+    client(served).completions.create(model="tiny", prompt=["a", "b"], n=2, max_tokens=2)  # 4 choices, 1 call
+    post(served, "/v1/completions", {"prompt": "a", "top_p": 9})
+    post(served, "/v1/completions", {"prompt": "a"}, token="wrong")
+    assert _requests_total(served) == before + 3
+
+
 def test_model_list_health_metrics_and_tokenizer_endpoints(served, tiny_ckpt):
     status, body = get(served, "/v1/models")
     assert status == 200 and json.loads(body)["data"][0]["max_model_len"] == 64
