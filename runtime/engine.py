@@ -334,6 +334,7 @@ class Engine:
             seq.reuse_prefix = False  # every prompt position's logits are needed: compute them all
         if fork_of is not None and fork_of in self._requests and self._requests[fork_of].fork_of is None:
             req.fork_of = fork_of  # held here, not queued, until the prompt's pages are cached
+            seq.reuse_prefix = True  # (its prompt scores, if asked, come from the original)
         else:
             try:
                 self.scheduler.add(seq)
@@ -356,18 +357,20 @@ class Engine:
         self.scheduler.remove(req.seq)
         return True
 
-    def _release_forks(self) -> list[RequestOutput]:
-        """Queue held forks whose prompt is computed (or whose original left): they find its pages."""
-        outputs = []
+    def _release_forks(self) -> None:
+        """Queue held forks whose prompt is computed (or whose original left): they find its pages.
+        They were admitted with their original, so they go in whatever the queue holds, and wait
+        from now; they take its prompt scores, or compute their own if it left before it had them."""
         for req in [r for r in self._requests.values() if r.fork_of is not None]:
             parent = self._requests.get(req.fork_of)
             if parent is None or parent.seq.num_computed >= parent.seq.prompt_len:
                 req.fork_of = None
-                try:
-                    self.scheduler.add(req.seq)
-                except QueueFull as e:
-                    outputs.append(self._finish(self._requests.pop(req.seq.request_id), "rejected", error=str(e)))
-        return outputs
+                if req.prompt_scores is not None:
+                    if parent is not None and parent.prompt_scores is not None and not parent.scoring:
+                        req.prompt_scores = list(parent.prompt_scores)
+                    else:
+                        req.seq.reuse_prefix = False
+                self.scheduler.add(req.seq, now=self.clock.now(), over_limit=True)
 
     @property
     def has_unfinished(self) -> bool:
@@ -397,9 +400,9 @@ class Engine:
             raise EngineFault(f"the engine failed: {self.failed}") from e
 
     def _step(self) -> list[RequestOutput]:
-        outputs = self._release_forks()
+        self._release_forks()
         plan = self.scheduler.schedule(self.clock.now())
-        outputs += [self._finish(self._requests.pop(s.request_id), "rejected",
+        outputs = [self._finish(self._requests.pop(s.request_id), "rejected",
                                  error=f"queue timeout: waited more than "
                                        f"{s.queue_timeout_s or self.config.queue_timeout_s} s")
                     for s in plan.expired]
@@ -450,11 +453,12 @@ class Engine:
         return params, req.seed, req.scoring, held
 
     def _keep_scores(self, req: _Request | None, scored, row: int, start: int, count: int) -> None:
-        """File a chunk's prompt scores (positions start… score prompt tokens start + 1…)."""
-        if req is None or not req.scoring or start != len(req.prompt_scores):
-            return  # gone, done, or a recomputation after preemption: scored once already
+        """File a chunk's prompt scores (positions start… score prompt tokens start + 1…): the part
+        not filed yet (a recomputation after preemption may cut the prompt into other chunks)."""
+        if req is None or not req.scoring or not start <= len(req.prompt_scores) < start + count:
+            return  # gone, done, or nothing new
         n, seq = req.params.prompt_logprobs, req.seq
-        for k in range(count):
+        for k in range(len(req.prompt_scores) - start, count):
             top = tuple((int(i), float(v)) for i, v in zip(scored.top_ids[row, k, :n], scored.top_logprobs[row, k, :n]))
             req.prompt_scores.append(TokenLogprob(seq.tokens[start + k + 1], float(scored.logprob[row, k]), top))
         if not req.scoring:
@@ -483,7 +487,7 @@ class Engine:
             # (last), as OpenAI-style scoring counts one entry per sampled token
             return self._finish(self._requests.pop(seq.request_id), "stop", drop_last=True, logprobs=logprobs,
                                 prompt_logprobs=scores)
-        text = req.text.push(token)
+        text = req.text.push(token, stops=generated >= params.min_tokens)
         if req.text.stopped_by is not None:
             return self._finish(self._requests.pop(seq.request_id), "stop", last=(token,), text=text,
                                 logprobs=logprobs, prompt_logprobs=scores)

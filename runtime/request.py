@@ -25,6 +25,9 @@ class RequestLimits:
             value = getattr(self, f.name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"limits.{f.name} must be a positive integer, got {value!r}")
+        if self.max_logit_bias > BIAS_SLOTS:
+            raise ConfigError(f"limits.max_logit_bias must be <= {BIAS_SLOTS} (the sampler's bias slots), "
+                              f"got {self.max_logit_bias}")
 
     def check(self, params: SamplingParams) -> None:
         if len(params.stop) > self.max_stop_strings:

@@ -128,10 +128,12 @@ class Scheduler:
 
     # ---- requests in and out ----------------------------------------------------------------
 
-    def add(self, seq: Sequence) -> None:
-        if len(self.waiting) >= self.config.max_queue_size:
+    def add(self, seq: Sequence, now: float | None = None, over_limit: bool = False) -> None:
+        """Queue `seq`, waiting from `now` (default: its arrival). `over_limit`: even into a full
+        queue (a request whose admission was already decided, e.g. a held fork)."""
+        if len(self.waiting) >= self.config.max_queue_size and not over_limit:
             raise QueueFull(f"the waiting queue is full ({self.config.max_queue_size} requests)")
-        self._enqueue(seq, seq.arrival)
+        self._enqueue(seq, seq.arrival if now is None else now)
 
     def _enqueue(self, seq: Sequence, now: float) -> None:
         seq.status = Status.WAITING

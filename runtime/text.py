@@ -73,8 +73,13 @@ class TextStream:
         self._pending = ""  # text not sent yet: the part that may still begin a stop string
         self.stopped_by: str | None = None
 
-    def push(self, token_id: int) -> str:
-        """The text this token releases ('' while held back). Sets `stopped_by` on a stop string."""
+    def push(self, token_id: int, stops: bool = True) -> str:
+        """The text this token releases ('' while held back). Sets `stopped_by` on a stop string.
+        `stops=False` (before min_tokens): no stop string may end the text yet; none is looked for."""
+        if not stops and self._stops is not None:
+            out, self._pending = self._pending + self._decoder.push(token_id), ""
+            self._stops.state = 0
+            return out
         return self._release(self._decoder.push(token_id))
 
     def finish(self) -> str:

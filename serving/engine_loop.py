@@ -136,6 +136,18 @@ class EngineLoop:
             self.abort(request.request_id, stream)
             raise
 
+    async def admit_all(self, admissions: list[tuple[EngineRequest, Stream]]) -> None:
+        """Several requests handed over at once (taken in this order, in one engine step), all or
+        none: if one is refused, the others leave again and its error is raised."""
+        futures = [self.submit(request, stream) for request, stream in admissions]
+        results = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures), return_exceptions=True)
+        failed = next((r for r in results if isinstance(r, BaseException)), None)
+        if failed is not None:
+            for (request, stream), result in zip(admissions, results):
+                if not isinstance(result, BaseException):
+                    self.abort(request.request_id, stream)
+            raise failed
+
     async def outputs(self, request_id: str, stream: Stream) -> AsyncIterator[RequestOutput]:
         """The admitted request's outputs, the last one finished; raises EngineUnavailable,
         RequestRejected or RequestFailed instead of a last output. A consumer that stops early

@@ -99,6 +99,9 @@ class HTTPFrontend:
                                    "bytes (server.max_message_bytes)", None, "request_too_large"))
         except web.HTTPException as e:  # no such route or method: still the envelope
             return _error(APIError(e.status, f"{request.method} {request.path}: {e.reason}"))
+        except Exception as e:  # a fault of this server's: the envelope, never a traceback
+            log.exception("%s %s failed", request.method, request.path)
+            return _error(APIError(500, f"internal error: {type(e).__name__}: {e}"))
 
     @web.middleware
     async def _auth(self, request: web.Request, handler):
@@ -156,10 +159,10 @@ class HTTPFrontend:
         if ("prompt" in body) == ("messages" in body):
             raise invalid("give exactly one of prompt, messages", "prompt")
         if "prompt" in body:
-            if not isinstance(body["prompt"], str):
-                raise invalid("prompt must be a string", "prompt")
-            prompt, add = Prompt(text=body["prompt"]), body.get("add_special_tokens", True)
-            ids = await self._pre(pre.run(lambda: engine.tokenizer.encode(prompt.text, add_bos=None if add else False)))
+            if not isinstance(body["prompt"], str) or not body["prompt"]:
+                raise invalid("prompt must be a non-empty string", "prompt")
+            add = body.get("add_special_tokens", True) is not False
+            ids = await self._pre(pre.run(pre.encode, Prompt(text=body["prompt"]), add_special_tokens=add))
         else:
             call = parse_chat({"messages": body["messages"]})
             ids = await self._pre(pre.run(pre.encode, call.prompts[0]))
@@ -176,8 +179,8 @@ class HTTPFrontend:
     async def _body(request: web.Request) -> dict:
         try:
             body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise invalid(f"the request body is not valid JSON: {e}", None) from None
+        except (ValueError, RecursionError) as e:  # not JSON, not UTF-8, or nested too deep to read
+            raise invalid(f"the request body is not valid JSON: {type(e).__name__}: {e}", None) from None
         if not isinstance(body, dict):
             raise invalid("the request body must be a JSON object", None)
         return body
@@ -220,23 +223,22 @@ class HTTPFrontend:
         loop = self.server.loop
         async with self.server.admitting():
             requests = await self._prepare(call, pre, arrival)
-            streams = {}
-            try:
-                for i, r in enumerate(requests):  # the first sample of a prompt before its forks
-                    stream = Stream(asyncio.get_running_loop(), asyncio.Queue(), arrival)
-                    await loop.admit(r, stream)
-                    streams[i] = (r, stream)
-            except BaseException as e:  # all or none: the choices already admitted leave again
-                for r, stream in streams.values():
-                    loop.abort(r.request_id, stream)
-                if isinstance(e, (RequestError, QueueFullError, EngineUnavailable)):
-                    raise _api_error(e) from None
-                raise
+            streams = {i: (r, Stream(asyncio.get_running_loop(), asyncio.Queue(), arrival))
+                       for i, r in enumerate(requests)}
+            try:  # all at once (one engine step), all or none; the first of a prompt before its forks
+                await loop.admit_all(list(streams.values()))
+            except (RequestError, QueueFullError, EngineUnavailable) as e:
+                raise _api_error(e) from None
         prompt_ids = [requests[p * call.n].token_ids for p in range(len(call.prompts))]
         choices = [Choice(i) for i in range(len(requests))]
-        if call.stream:
-            return await self._stream(request, call, shaper, streams, choices, prompt_ids, outcome)
-        await self._collect(streams, choices)
+        try:
+            if call.stream:
+                return await self._stream(request, call, shaper, streams, choices, prompt_ids, outcome)
+            await self._collect(streams, choices)
+        finally:  # whatever ended this (a client gone before its stream began…): nothing left running
+            for i, (r, stream) in streams.items():
+                if choices[i].finish_reason is None:
+                    loop.abort(r.request_id, stream)
         outcome[0] = choices[0].finish_reason or "abort"
         return _json(shaper.response(choices, prompt_ids))
 
@@ -249,8 +251,8 @@ class HTTPFrontend:
             first = await self._pre(pre.run(pre.prepare, prompt, sampling, arrival=arrival,
                                             default_max_tokens=default))
             requests.append(first)
-            for i, seed in enumerate(call.seeds()[1:], 1):  # scored once, by the first
-                params = dataclasses.replace(first.params, seed=seed, prompt_logprobs=None)
+            for i, seed in enumerate(call.seeds()[1:], 1):  # scored once: forks take the first's scores
+                params = dataclasses.replace(first.params, seed=seed)
                 requests.append(EngineRequest(first.token_ids, params, first.priority, f"{first.request_id}-{i}",
                                               arrival, fork_of=first.request_id))
         return requests
@@ -315,6 +317,7 @@ class HTTPFrontend:
                 await send(shaper.chunk(choice.index, text=text, logprobs=logprobs,
                                         finish_reason=out.finish_reason if out.finished else None))
 
+        error, gone = None, False
         try:
             async with asyncio.TaskGroup() as group:
                 for i, (r, stream) in streams.items():
@@ -322,8 +325,13 @@ class HTTPFrontend:
             outcome[0] = choices[0].finish_reason or "abort"
             if call.include_usage:
                 await response.write(_sse(shaper.usage_chunk(choices)))
+        except* ConnectionResetError:  # the client left mid-stream: its requests were aborted on the way out
+            gone = True
         except* APIError as group:  # after the stream started: the error as an event, then the end
             error = group.exceptions[0]
+        if gone:
+            return response
+        if error is not None:
             outcome[0] = {429: "rejected", 503: "unavailable"}.get(error.status, "error")
             await response.write(_sse(error.body()))
         await response.write(b"data: [DONE]\n\n")

@@ -183,7 +183,8 @@ def _stream_options(body: _Body, stream: bool) -> tuple[bool, bool]:
     if not isinstance(options, dict):
         raise invalid("stream_options must be an object", "stream_options")
     opts = _Body(options)
-    return opts.get("include_usage", (bool,), False), opts.get("continuous_usage_stats", (bool,), False)
+    include = opts.get("include_usage", (bool,), False)
+    return include, include and opts.get("continuous_usage_stats", (bool,), False)  # as vLLM: only with it
 
 
 def _n(body: _Body) -> int:

@@ -89,14 +89,15 @@ class Preprocessor:
 
     # ---- the steps -------------------------------------------------------------------------------
 
-    def encode(self, prompt: Prompt) -> list[int]:
-        """Token ids of the one input a request gives."""
+    def encode(self, prompt: Prompt, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of the one input a request gives (`add_special_tokens=False`: text without
+        the BOS the tokenizer would add)."""
         given = [name for name in ("text", "token_ids", "messages") if getattr(prompt, name)]
         if len(given) != 1:
             raise RequestError("input: set exactly one of text, token_ids, messages"
                                + (f" (got {' and '.join(given)})" if given else " (got none)"))
         if prompt.text:
-            return self.tokenizer.encode(_unicode(prompt.text, "text"))
+            return self.tokenizer.encode(_unicode(prompt.text, "text"), add_bos=None if add_special_tokens else False)
         if prompt.token_ids:
             return list(prompt.token_ids)
         messages = []

@@ -88,3 +88,11 @@ def test_matches_a_brute_force_reference_whatever_the_chunking(text, stops, cuts
             break
     out.append(stream.finish())
     assert ("".join(out), stream.stopped_by) == reference_cut(text, stops)
+
+
+def test_before_min_tokens_no_stop_string_ends_the_text():
+    stream = TextStream(CharTokenizer(), ("ab",))
+    out = [stream.push(ord(c), stops=False) for c in "xab"]  # "ab" appears before min_tokens
+    out += [stream.push(ord(c)) for c in "cab"]  # … and again after: this one stops it
+    out.append(stream.finish())
+    assert "".join(out) == "xabc" and stream.stopped_by == "ab"

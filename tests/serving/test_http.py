@@ -314,3 +314,17 @@ def test_a_client_gone_before_the_answer_aborts_the_request(served):
         while not served.engine.has_unfinished:
             time.sleep(0.001)
     assert pool_is_free(served.engine, timeout=5)
+
+
+def test_echoed_logprobs_for_every_choice_and_odd_bodies(served):
+    status, _, text = post(served, "/v1/completions", {"prompt": "abc", "echo": True, "logprobs": 1, "max_tokens": 1,
+                                                       "n": 2, "temperature": 1.0, "seed": 3})
+    choices = json.loads(text)["choices"]
+    assert status == 200 and len(choices) == 2
+    for c in choices:  # each choice scores the prompt (forks take the first's scores)
+        assert c["logprobs"]["token_logprobs"][0] is None and len(c["logprobs"]["token_logprobs"]) == 4
+    assert choices[0]["logprobs"]["token_logprobs"][:3] == choices[1]["logprobs"]["token_logprobs"][:3]
+    status, _, text = post(served, "/v1/completions", None, raw=b"[" * 100_000 + b"]" * 100_000)
+    assert status in (400, 413) and "error" in json.loads(text)
+    status, _, text = post(served, "/tokenize", {"prompt": "\ud800"})
+    assert status == 400 and json.loads(text)["error"]["message"].startswith("text is not valid Unicode")
