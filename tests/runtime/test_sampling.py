@@ -11,13 +11,13 @@ _sample = jax.jit(sample)
 
 def _draw(logits, n, step=0, **params):
     p = SamplingParams(**params)
-    batch = SamplingBatch.build([(p, seed, step) for seed in range(n)], n)
+    batch = SamplingBatch.build([(p, seed, step, ()) for seed in range(n)], n)
     return np.asarray(_sample(jnp.tile(jnp.asarray(logits, jnp.float32), (n, 1)), batch).tokens)
 
 
 def test_temperature_zero_is_argmax():
     logits = np.random.default_rng(0).standard_normal((5, 50)).astype(np.float32)
-    out = _sample(jnp.asarray(logits), SamplingBatch.build([(SamplingParams(), 0, 0)] * 5, 5))
+    out = _sample(jnp.asarray(logits), SamplingBatch.build([(SamplingParams(), 0, 0, ())] * 5, 5))
     np.testing.assert_array_equal(out.tokens, logits.argmax(-1))
     np.testing.assert_allclose(out.logprob, jax.nn.log_softmax(logits)[np.arange(5), logits.argmax(-1)],
                                rtol=1e-6)
@@ -57,7 +57,7 @@ def test_temperature_sharpens():
 
 def test_top_logprobs():
     logits = np.random.default_rng(3).standard_normal((2, 64)).astype(np.float32)
-    batch = SamplingBatch.build([(SamplingParams(logprobs=5), 0, 0)] * 2, 2)
+    batch = SamplingBatch.build([(SamplingParams(logprobs=5), 0, 0, ())] * 2, 2)
     out = _sample(jnp.asarray(logits), batch)
     ref = np.asarray(jax.nn.log_softmax(logits))
     assert out.top_ids.shape == (2, MAX_LOGPROBS)
