@@ -45,7 +45,7 @@ from meshserve.runtime.clock import Seeds, clock_for
 from meshserve.runtime.identity import model_fingerprint
 from meshserve.runtime.kv_cache import ATTENTION, POOL_AXES, page_bytes, pages_for_budget, pool_shape, sharded_zeros_pool
 from meshserve.runtime.kv_tiers import HostTier, KVEvents, LowerTiers, PageMover, StoreTier
-from meshserve.runtime.programs import Buckets, Programs, enable_compilation_cache, geometric
+from meshserve.runtime.programs import Buckets, Programs, enable_compilation_cache
 from meshserve.runtime.request import RequestLimits, check_request
 from meshserve.runtime.runner import ModelRunner
 from meshserve.runtime.sampling import SamplingParams
@@ -76,9 +76,9 @@ class EngineConfig:
     max_queue_size: int = 256
     queue_timeout_s: float | None = None
     priority_levels: int = 3
-    prefill_buckets: tuple[int, ...] | None = None  # None: 16, 64, … up to max_prefill_chunk
-    decode_buckets: tuple[int, ...] | None = None  # None: 1, 2, 4, … up to max_num_seqs
-    context_buckets: tuple[int, ...] | None = None  # in pages; None: ×4 steps up to max_seq_len
+    prefill_buckets: tuple[int, ...] | None = None  # tokens per prefill call; None: 64, 256, … up to max_prefill_chunk
+    decode_buckets: tuple[int, ...] | None = None  # None: 1, 4, 16, … up to max_num_seqs
+    context_buckets: tuple[int, ...] | None = None  # in pages; None: one, of max_seq_len (attention reads real pages only)
     compilation_cache_dir: str | None = None
     compile_threads: int | None = None
     attention: str | None = None  # reference | pallas; None: pallas on GPU, reference elsewhere
@@ -262,11 +262,11 @@ class Engine:
                                    lower_tier=self.host_tier)
         if config.decode_buckets and any(b % R for b in config.decode_buckets):
             raise ConfigError(f"decode_buckets must be multiples of the data replicas ({R})")
-        self.buckets = Buckets(
-            prefill_tokens=config.prefill_buckets or geometric(16, config.max_prefill_chunk, 4),
-            decode_batch=config.decode_buckets or tuple(
-                R * b for b in geometric(1, math.ceil(config.max_num_seqs / R), 2)),
-            context_pages=config.context_buckets or geometric(min(4, self.max_pages), self.max_pages, 4))
+        default = Buckets.default(config.max_prefill_chunk, config.max_num_seqs, self.max_pages, R)
+        self.buckets = Buckets(prefill_tokens=config.prefill_buckets or default.prefill_tokens,
+                               decode_batch=config.decode_buckets or default.decode_batch,
+                               context_pages=config.context_buckets or default.context_pages,
+                               max_rows=config.max_num_seqs)
         t0 = time.perf_counter()
         self.attention = config.attention or ("pallas" if jax.default_backend() == "gpu" else "reference")
         if (self.attention == "pallas" and layout.axis("q_heads") is not None
@@ -417,8 +417,8 @@ class Engine:
         results = self._run_on_device(plan, calls)
         self.scheduler.commit(plan)
         for call, sampled, scored in results:
-            for row, seq, start, count in call.scored:
-                self._keep_scores(self._requests.get(seq.request_id), scored, row, start, count)
+            for at, seq, start, count in call.scored:
+                self._keep_scores(self._requests.get(seq.request_id), scored, at, start, count)
             for row, seq in call.rows:
                 req = self._requests.get(seq.request_id)
                 if req is None:
@@ -452,15 +452,18 @@ class Engine:
             held = tuple(sorted(req.stop_ids | (frozenset() if params.ignore_eos else self.eos_ids)))
         return params, req.seed, req.scoring, held
 
-    def _keep_scores(self, req: _Request | None, scored, row: int, start: int, count: int) -> None:
-        """File a chunk's prompt scores (positions start… score prompt tokens start + 1…): the part
-        not filed yet (a recomputation after preemption may cut the prompt into other chunks)."""
+    def _keep_scores(self, req: _Request | None, scored, at: tuple[int, int], start: int, count: int) -> None:
+        """File a chunk's prompt scores (positions start… score prompt tokens start + 1…; in Scored
+        from index `at` on): the part not filed yet (a recomputation after preemption may cut the
+        prompt into other chunks)."""
         if req is None or not req.scoring or not start <= len(req.prompt_scores) < start + count:
             return  # gone, done, or nothing new
         n, seq = req.params.prompt_logprobs, req.seq
+        b, o = at
         for k in range(len(req.prompt_scores) - start, count):
-            top = tuple((int(i), float(v)) for i, v in zip(scored.top_ids[row, k, :n], scored.top_logprobs[row, k, :n]))
-            req.prompt_scores.append(TokenLogprob(seq.tokens[start + k + 1], float(scored.logprob[row, k]), top))
+            top = tuple((int(i), float(v)) for i, v in zip(scored.top_ids[b, o + k, :n],
+                                                           scored.top_logprobs[b, o + k, :n]))
+            req.prompt_scores.append(TokenLogprob(seq.tokens[start + k + 1], float(scored.logprob[b, o + k]), top))
         if not req.scoring:
             seq.reuse_prefix = True  # a recomputation may take cached pages now
 

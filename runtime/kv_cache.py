@@ -24,7 +24,6 @@ from jaxtyping import Array, Float, Int
 
 from meshserve.models.config import ModelConfig
 from meshserve.models.errors import ConfigError
-from meshserve.models.llama import attention as attention_ref
 from meshserve.runtime.block_manager import NULL_PAGE  # noqa: F401  (the page padding writes go to)
 
 
@@ -145,7 +144,210 @@ class PagedKVCache:
         return out, dataclasses.replace(self, pool=pool)
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class RaggedKVCache:
+    """The pool plus a ragged prefill call's metadata: the prompt chunks of R rows flattened into one
+    token axis (queries [1, T]), and the pages of their contexts flattened into one page list.
+
+        token_row:  i32[T]  the row of each token (-1: padding); a row's tokens are contiguous
+        ctx_pages:  i32[Q]  each row's pages up to its chunk's end, row after row (NULL_PAGE: padding)
+        ctx_row:    i32[Q]  the row each of those pages belongs to (-1: padding)
+        ctx_index:  i32[Q]  its index in that row's page table (page i holds positions i·ps …)
+
+    A query sees the keys of its own row at positions <= its own. The reference path scores each
+    token against the whole flattened context at once, so its cost follows the real context of the
+    call, not rows × the longest context. `rows` (static) is R: the pallas path lays the queries out
+    as R padded rows for the ragged prefill kernel, which skips the padding.
+    """
+
+    pool: KVPool
+    write_pages: Int[Array, "1 t"]
+    write_slots: Int[Array, "1 t"]
+    token_row: Int[Array, "t"]
+    ctx_pages: Int[Array, "q"]
+    ctx_row: Int[Array, "q"]
+    ctx_index: Int[Array, "q"]
+    rows: int = dataclasses.field(default=1, metadata=dict(static=True))
+    attention: str = dataclasses.field(default="reference", metadata=dict(static=True))
+    shards: AttentionShards | None = dataclasses.field(default=None, metadata=dict(static=True))
+
+    def attend(self, layer, q, k, v, positions, sliding_window):
+        kp = self.pool.k[layer].at[self.write_pages, self.write_slots].set(k.astype(self.pool.k[layer].dtype))
+        vp = self.pool.v[layer].at[self.write_pages, self.write_slots].set(v.astype(self.pool.v[layer].dtype))
+        fn = functools.partial(_ragged_local, rows=self.rows, attention=self.attention,
+                               sliding_window=sliding_window, shards=self.shards)
+        args = (q[0], kp, vp, self.ctx_pages, self.ctx_row, self.ctx_index, self.token_row, positions[0])
+        if self.shards is None:
+            out = fn(*args)
+        else:
+            q_spec, pool_spec, _, _ = self.shards.specs()
+            flat = P(None, q_spec[2], None)  # [T, H, E]: heads split over tensor, tokens not split
+            out = jax.shard_map(fn, mesh=self.shards.mesh, check_vma=False,
+                                in_specs=(flat, pool_spec, pool_spec, P(), P(), P(), P(), P()),
+                                out_specs=flat)(*args)
+        pool = KVPool(_replace(self.pool.k, layer, kp), _replace(self.pool.v, layer, vp))
+        return out[None], dataclasses.replace(self, pool=pool)
+
+
+def _ragged_local(q, k_pages, v_pages, ctx_pages, ctx_row, ctx_index, token_row, positions, *, rows: int,
+                  attention: str, sliding_window: int | None, shards: AttentionShards | None):
+    """Ragged prefill attention of one shard (or of everything, on one device): q [T, H, E]."""
+    pages_used = jnp.sum(ctx_row >= 0)  # a call's pages come first, padding after
+    owned = None
+    if shards is not None and shards.pages is not None:  # this data shard's pages, ids made local
+        n_local = k_pages.shape[0]
+        local = ctx_pages - lax.axis_index(shards.pages) * n_local
+        owned = (local >= 0) & (local < n_local)
+        ctx_pages = jnp.where(owned, local, 0)
+        ctx_row = jnp.where(owned, ctx_row, -1)  # another shard's pages: no row of this shard's
+    kv_first = None
+    if shards is not None and shards.q_heads is not None and shards.kv_heads is None:
+        group = q.shape[1] * shards.mesh.shape[shards.q_heads] // k_pages.shape[2]
+        kv_first = lax.axis_index(shards.q_heads) * q.shape[1] // group
+    if attention == "pallas":
+        if kv_first is not None:
+            raise ConfigError("attention: pallas needs kv heads split like q heads; use reference")
+        out = _ragged_pallas(q, k_pages, v_pages, ctx_pages, ctx_row, token_row, positions, rows, sliding_window)
+    else:
+        out = _ragged_tiled(q, k_pages, v_pages, ctx_pages, ctx_row, ctx_index, token_row, positions, pages_used,
+                            sliding_window, kv_first)
+    if owned is not None:
+        # a row's pages all live on one data shard: that shard's result is the token's
+        mine = jnp.any(token_row[:, None] == jnp.where(owned, ctx_row, -2)[None], axis=1)
+        out = lax.psum(jnp.where(mine[:, None, None], out, jnp.zeros_like(out)), shards.pages)
+    return out
+
+
+# The jnp attention ("reference"): an online softmax over tiles of TILE_KEYS keys, looping only
+# over the tiles that hold a real key (a dynamic trip count), so its cost follows the real context
+# lengths, not the width of the page tables: no context buckets are needed for it.
+TILE_KEYS = 256
+
+
+def _fold(carry, scores, visible, values, spec: str):
+    """One online-softmax step: scores [..., s] (f32, scaled), masked by `visible`."""
+    m, l, acc = carry
+    scores = jnp.where(visible, scores, _MASKED)
+    m_new = jnp.maximum(m, scores.max(axis=-1))
+    correction = jnp.exp(m - m_new)
+    p = jnp.exp(scores - m_new[..., None])
+    pv = jnp.einsum(spec, p.astype(values.dtype), values, preferred_element_type=jnp.float32)
+    return m_new, l * correction + p.sum(axis=-1), acc * correction[..., None] + pv
+
+
+def _empty(shape, head_dim: int):
+    return (jnp.full(shape, _MASKED, jnp.float32), jnp.zeros(shape, jnp.float32),
+            jnp.zeros((*shape, head_dim), jnp.float32))
+
+
+def _pad_to(x, multiple: int, axis: int, value):
+    extra = -x.shape[axis] % multiple
+    if not extra:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, extra)
+    return jnp.pad(x, widths, constant_values=value)
+
+
+def _decode_tiled(q, k_pages, v_pages, tables, owned, start, sliding_window, kv_first):
+    """q [B, 1, H, E]: row b's one query at position start[b] over its pages (tables [B, P])."""
+    B, _, H, E = q.shape
+    ps = k_pages.shape[1]
+    tp = max(1, min(TILE_KEYS // ps, tables.shape[1]))  # pages per tile
+    tile = tp * ps
+    tables = _pad_to(tables, tp, 1, 0)
+    if owned is not None:
+        owned = _pad_to(owned, tp, 1, False)
+    K = 1 if kv_first is not None else k_pages.shape[2]
+    qg = q[:, 0].reshape(B, K, H // K, E)
+    scale = E ** -0.5
+    first = 0
+    if sliding_window is not None:
+        first = jnp.maximum(jnp.min(start) - sliding_window + 1, 0) // tile
+    last = jnp.max(start) // tile + 1
+
+    def body(j, carry):
+        pages = lax.dynamic_slice_in_dim(tables, j * tp, tp, axis=1)  # [B, tp]
+        keys = k_pages[pages].reshape(B, tile, *k_pages.shape[2:])
+        values = v_pages[pages].reshape(B, tile, *v_pages.shape[2:])
+        if kv_first is not None:
+            keys = lax.dynamic_slice_in_dim(keys, kv_first, 1, axis=2)
+            values = lax.dynamic_slice_in_dim(values, kv_first, 1, axis=2)
+        scores = jnp.einsum("bkge,bske->bkgs", qg, keys, preferred_element_type=jnp.float32) * scale
+        pos = j * tile + jnp.arange(tile, dtype=jnp.int32)
+        visible = pos[None] <= start[:, None]  # [B, tile]
+        if sliding_window is not None:
+            visible &= pos[None] > start[:, None] - sliding_window
+        if owned is not None:
+            visible &= jnp.repeat(lax.dynamic_slice_in_dim(owned, j * tp, tp, axis=1), ps, axis=1)
+        return _fold(carry, scores, visible[:, None, None], values, "bkgs,bske->bkge")
+
+    m, l, acc = lax.fori_loop(first, last, body, _empty((B, K, H // K), E))
+    out = acc / jnp.maximum(l, 1e-30)[..., None]
+    return out.reshape(B, 1, H, E).astype(q.dtype)
+
+
+def _ragged_tiled(q, k_pages, v_pages, ctx_pages, ctx_row, ctx_index, token_row, positions, pages_used,
+                  sliding_window, kv_first):
+    """q [T, H, E]: every token over the call's flattened context (ctx_*, the first `pages_used`
+    pages real), masked to its own row and to positions <= its own."""
+    T, H, E = q.shape
+    ps = k_pages.shape[1]
+    tp = max(1, min(TILE_KEYS // ps, ctx_pages.shape[0]))
+    tile = tp * ps
+    ctx_pages = _pad_to(ctx_pages, tp, 0, 0)
+    ctx_row = _pad_to(ctx_row, tp, 0, -1)
+    ctx_index = _pad_to(ctx_index, tp, 0, 0)
+    K = 1 if kv_first is not None else k_pages.shape[2]
+    qg = q.reshape(T, K, H // K, E)
+    scale = E ** -0.5
+
+    def body(j, carry):
+        pages = lax.dynamic_slice_in_dim(ctx_pages, j * tp, tp)
+        keys = k_pages[pages].reshape(tile, *k_pages.shape[2:])
+        values = v_pages[pages].reshape(tile, *v_pages.shape[2:])
+        if kv_first is not None:
+            keys = lax.dynamic_slice_in_dim(keys, kv_first, 1, axis=1)
+            values = lax.dynamic_slice_in_dim(values, kv_first, 1, axis=1)
+        scores = jnp.einsum("tkge,ske->tkgs", qg, keys, preferred_element_type=jnp.float32) * scale
+        key_row = jnp.repeat(lax.dynamic_slice_in_dim(ctx_row, j * tp, tp), ps)
+        index = lax.dynamic_slice_in_dim(ctx_index, j * tp, tp)
+        key_pos = (index[:, None] * ps + jnp.arange(ps, dtype=jnp.int32)).reshape(-1)
+        visible = (key_row[None] == token_row[:, None]) & (key_pos[None] <= positions[:, None])  # [T, tile]
+        if sliding_window is not None:
+            visible &= key_pos[None] > positions[:, None] - sliding_window
+        return _fold(carry, scores, visible[:, None, None], values, "tkgs,ske->tkge")
+
+    m, l, acc = lax.fori_loop(0, (pages_used + tp - 1) // tp, body, _empty((T, K, H // K), E))
+    out = acc / jnp.maximum(l, 1e-30)[..., None]  # padding tokens: zeros or garbage, never read
+    return out.reshape(T, H, E).astype(q.dtype)
+
+
+def _ragged_pallas(q, k_pages, v_pages, ctx_pages, ctx_row, token_row, positions, rows: int, sliding_window):
+    """The flattened call as `rows` padded rows for the ragged prefill kernel, and back."""
+    from meshserve.runtime.kernels.ragged_prefill import ragged_prefill
+
+    T, Q = q.shape[0], ctx_pages.shape[0]
+    r = jnp.arange(rows, dtype=jnp.int32)
+    in_row = token_row[None] == r[:, None]  # [R, T]
+    row_len = in_row.sum(axis=1).astype(jnp.int32)
+    row_first = jnp.argmax(in_row, axis=1).astype(jnp.int32)  # a row's tokens are contiguous
+    row_start = positions[row_first]
+    page_in_row = ctx_row[None] == r[:, None]  # [R, Q]
+    page_first = jnp.argmax(page_in_row, axis=1)
+    j = jnp.arange(Q)
+    tables = jnp.where(j[None] < page_in_row.sum(axis=1)[:, None],
+                       ctx_pages[jnp.minimum(page_first[:, None] + j[None], Q - 1)], 0)
+    take = jnp.minimum(row_first[:, None] + jnp.arange(T)[None], T - 1)  # [R, T]
+    out = ragged_prefill(q[take], k_pages, v_pages, tables, row_start, row_len, sliding_window=sliding_window,
+                         interpret=jax.default_backend() == "cpu")  # [R, T, H, E]
+    row = jnp.maximum(token_row, 0)
+    return out[row, jnp.arange(T) - row_first[row]]
+
+
 ATTENTION = ("reference", "pallas")
+_MASKED = -1e30  # finite, as in models.llama.attention
 
 
 def _attend_local(q, k_pages, v_pages, tables, start, query_lens, *, attention: str,
@@ -167,13 +369,7 @@ def _attend_local(q, k_pages, v_pages, tables, start, query_lens, *, attention: 
             raise ConfigError("attention: pallas needs kv heads split like q heads; use reference")
         out = _pallas_attention(q, k_pages, v_pages, tables, start, query_lens, sliding_window)
     else:
-        keys, values = _gather(k_pages, tables), _gather(v_pages, tables)
-        if kv_first is not None:
-            keys = lax.dynamic_slice_in_dim(keys, kv_first, 1, axis=2)
-            values = lax.dynamic_slice_in_dim(values, kv_first, 1, axis=2)
-        key_pos = jnp.broadcast_to(jnp.arange(keys.shape[1], dtype=jnp.int32), keys.shape[:2])
-        positions = start[:, None] + jnp.arange(q.shape[1], dtype=jnp.int32)
-        out = attention_ref(q, keys, values, positions, key_pos, sliding_window)
+        out = _decode_tiled(q, k_pages, v_pages, tables, owned, start, sliding_window, kv_first)
     if owned is not None and shards.batch is None:
         # rows not split over data: every data shard computed them; keep the owner's result
         mine = owned[:, 0][:, None, None, None]
@@ -192,11 +388,6 @@ def _pallas_attention(q, k_pages, v_pages, tables, start, query_lens, sliding_wi
                             sliding_window=sliding_window, interpret=interpret)[:, None]
     return ragged_prefill(q, k_pages, v_pages, tables, start, query_lens, sliding_window=sliding_window,
                           interpret=interpret)
-
-
-def _gather(pages: Float[Array, "n s k e"], tables: Int[Array, "b p"]) -> Float[Array, "b ps k e"]:
-    g = pages[tables]  # [B, P, page_size, K, E]
-    return g.reshape(g.shape[0], g.shape[1] * g.shape[2], *g.shape[3:])
 
 
 def _replace(items: tuple, i: int, value) -> tuple:

@@ -1,17 +1,22 @@
-"""The compiled programs: prefill (one request's prompt chunk, by token-count bucket) and decode (one
-token for each of a batch of requests, by batch bucket), each also by context bucket (how many pages
-of keys attention reads). All are `jit(...).lower(...).compile()`d at start-up, with the KV pool
-donated, so serving never traces or compiles.
+"""The compiled programs, two families, each `jit(...).lower(...).compile()`d at start-up with the KV
+pool donated, so serving never traces or compiles:
 
-Both families run one pure step function:
+  prefill (tokens T): the prompt chunks of up to rows(T) requests flattened into one token axis of
+          T (a bucket of the call's total), their contexts into one list of pages;
+  decode (batch B): one token for each of B requests.
 
-    step(params, pool, batch) -> (pool, Sampled, Scored)
+    prefill_step(params, pool, PrefillBatch) -> (pool, Sampled, Scored)
+    decode_step(params, pool, StepBatch)     -> (pool, Sampled, Scored)
 
 Sampled holds each row's next token (from its last position's logits); Scored the prompt scores of
 every position, computed only when a row of the call asks for them (`targets`), else zeros.
+Padding rows and tokens write to the null page and are never read back.
 
-`StepBatch` carries everything per call as arrays; padding rows and tokens write to the null page and
-are never read back.
+Buckets (see `Buckets.default`): tokens per prefill call and requests per decode call, ×4 apart —
+on a device whose matmuls are compute-bound (CPU) a padded token costs as much as a real one, and
+each bucket is a program to compile. Not context length: both attentions (the jnp one and the
+Pallas kernels) loop over the pages a call really holds, so page tables are as wide as
+max_seq_len and one program serves every length. `context_buckets` can still be set by hand.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import functools
+import math
 import os
 from typing import Iterable
 
@@ -28,7 +34,7 @@ from jaxtyping import Array, Int
 
 from meshserve.models.config import ModelConfig
 from meshserve.models.llama import Params, forward_hidden, head, param_axes
-from meshserve.runtime.kv_cache import POOL_AXES, AttentionShards, KVPool, PagedKVCache
+from meshserve.runtime.kv_cache import POOL_AXES, AttentionShards, KVPool, PagedKVCache, RaggedKVCache
 from meshserve.runtime.sampling import BIAS_SLOTS, Sampled, SamplingBatch, Scored, no_scores, sample, score
 from meshserve.sharding.rules import Layout
 
@@ -48,33 +54,76 @@ class StepBatch:
     targets: Int[Array, "b t"]  # prompt scoring: the token after each position, -1 where not asked
 
 
-def step(params: Params, pool: KVPool, batch: StepBatch, *, config: ModelConfig,
-         attention: str = "reference", shards: AttentionShards | None = None) -> tuple[KVPool, Sampled, Scored]:
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class PrefillBatch:
+    """A ragged prefill call: T tokens of R rows (each row one request's prompt chunk, contiguous),
+    their contexts as Q pages (see kv_cache.RaggedKVCache)."""
+
+    tokens: Int[Array, "t"]
+    positions: Int[Array, "t"]
+    write_pages: Int[Array, "t"]
+    write_slots: Int[Array, "t"]
+    token_row: Int[Array, "t"]  # -1: padding
+    ctx_pages: Int[Array, "q"]
+    ctx_row: Int[Array, "q"]
+    ctx_index: Int[Array, "q"]
+    last: Int[Array, "r"]  # index in t of each row's last token: its logits are sampled
+    sampling: SamplingBatch
+    history: Int[Array, "r l"]  # as StepBatch; l = q * page_size
+    prompt_len: Int[Array, "r"]
+    targets: Int[Array, "t"]  # prompt scoring: the token after each position, -1 where not asked
+
+
+def _sample_and_score(params, x, last_x, batch, targets, config):
+    logits = head(params, last_x[:, None], config=config)  # only the sampled ones'
+    sampled = sample(logits[:, 0], batch.sampling, batch.history, batch.prompt_len)
+    # every position's logits only when a row asked for prompt scores: the vocabulary head is costly
+    scored = jax.lax.cond(jnp.any(targets >= 0), lambda h: score(head(params, h, config=config), targets),
+                          lambda h: no_scores(*targets.shape), x)
+    return sampled, scored
+
+
+def decode_step(params: Params, pool: KVPool, batch: StepBatch, *, config: ModelConfig,
+                attention: str = "reference", shards: AttentionShards | None = None) -> tuple[KVPool, Sampled, Scored]:
     cache = PagedKVCache(pool, batch.page_tables, batch.write_pages, batch.write_slots, batch.last + 1,
                          attention, shards)
     x, cache = forward_hidden(params, batch.tokens, batch.positions, cache, config=config)
-    B, T = batch.tokens.shape
-    logits = head(params, x[jnp.arange(B), batch.last][:, None], config=config)  # only the sampled ones'
-    sampled = sample(logits[:, 0], batch.sampling, batch.history, batch.prompt_len)
-    # every position's logits only when a row asked for prompt scores: the vocabulary head is costly
-    scored = jax.lax.cond(jnp.any(batch.targets >= 0),
-                          lambda h: score(head(params, h, config=config), batch.targets),
-                          lambda h: no_scores(B, T), x)
+    B = batch.tokens.shape[0]
+    sampled, scored = _sample_and_score(params, x, x[jnp.arange(B), batch.last], batch, batch.targets, config)
     return cache.pool, sampled, scored
 
 
-# Logical axes of every StepBatch field, for the sharding rules.
+def prefill_step(params: Params, pool: KVPool, batch: PrefillBatch, *, config: ModelConfig,
+                 attention: str = "reference", shards: AttentionShards | None = None
+                 ) -> tuple[KVPool, Sampled, Scored]:
+    cache = RaggedKVCache(pool, batch.write_pages[None], batch.write_slots[None], batch.token_row,
+                          batch.ctx_pages, batch.ctx_row, batch.ctx_index, batch.last.shape[0], attention, shards)
+    x, cache = forward_hidden(params, batch.tokens[None], batch.positions[None], cache, config=config)
+    sampled, scored = _sample_and_score(params, x, x[0, batch.last], batch, batch.targets[None], config)
+    return cache.pool, sampled, scored
+
+
+# Logical axes of every batch field, for the sharding rules.
 BATCH_AXES = StepBatch(("batch", "tokens"), ("batch", "tokens"), ("batch", "context"), ("batch", "tokens"),
                        ("batch", "tokens"), ("batch",),
                        SamplingBatch(*[("batch",)] * 10, ("batch", "top"), ("batch", "top")),
                        ("batch", "context"), ("batch",), ("batch", "tokens"))
+PREFILL_AXES = PrefillBatch(*[("tokens",)] * 5, *[("context",)] * 3, ("rows",),
+                            SamplingBatch(*[("rows",)] * 10, ("rows", "top"), ("rows", "top")),
+                            ("rows", "context"), ("rows",), ("tokens",))
 
 
 @dataclasses.dataclass(frozen=True)
 class Buckets:
-    prefill_tokens: tuple[int, ...]  # prompt-chunk lengths (batch of one)
-    decode_batch: tuple[int, ...]  # requests per decode call
-    context_pages: tuple[int, ...]  # pages of keys per request
+    """The shapes programs are compiled for. Prefill: a call's total tokens (`prefill_tokens`) and
+    total context pages (`context_pages`: the width of its page list), with up to rows(T) requests;
+    decode: requests per call (`decode_batch`) and pages per request (`context_pages`)."""
+
+    prefill_tokens: tuple[int, ...]
+    decode_batch: tuple[int, ...]
+    context_pages: tuple[int, ...]
+    max_rows: int = 1  # requests one prefill call may take (max_num_seqs)
 
     @staticmethod
     def pick(sizes: tuple[int, ...], n: int) -> int:
@@ -83,14 +132,26 @@ class Buckets:
                 return size
         raise ValueError(f"{n} exceeds the largest bucket {sizes[-1]}")
 
+    def rows(self, tokens: int) -> int:
+        """Rows of a prefill call of `tokens`: one per 8 tokens (a padding row costs its share of
+        the vocabulary head), at most max_rows."""
+        return max(1, min(self.max_rows, tokens // 8))
+
     def shapes(self, page_size: int) -> Iterable[tuple[str, int, int, int]]:
-        """(family, batch, tokens, pages) of every program to compile."""
+        """(family, rows or batch, tokens, pages) of every program to compile."""
         for p in self.context_pages:
             for t in self.prefill_tokens:
-                if t <= p * page_size:  # a chunk of t tokens needs at least t slots
-                    yield ("prefill", 1, t, p)
+                if t <= p * page_size:  # fewer pages could not hold t tokens: a smaller t bucket serves
+                    yield ("prefill", self.rows(t), t, p)
             for b in self.decode_batch:
                 yield ("decode", b, 1, p)
+
+    @staticmethod
+    def default(max_prefill_chunk: int, max_num_seqs: int, max_pages: int, replicas: int) -> "Buckets":
+        """Few, coarse buckets (see the module's docstring): ×4 in tokens and in batch, one context."""
+        return Buckets(prefill_tokens=geometric(min(64, max_prefill_chunk), max_prefill_chunk, 4),
+                       decode_batch=tuple(replicas * b for b in geometric(1, math.ceil(max_num_seqs / replicas), 4)),
+                       context_pages=(max_pages,), max_rows=max_num_seqs)
 
 
 def geometric(lo: int, hi: int, factor: int) -> tuple[int, ...]:
@@ -102,15 +163,24 @@ def geometric(lo: int, hi: int, factor: int) -> tuple[int, ...]:
     return tuple(sizes + [hi])
 
 
-def abstract_batch(batch: int, tokens: int, pages: int, page_size: int) -> StepBatch:
-    i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
-    f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
-    sampling = SamplingBatch(f32(batch), i32(batch), f32(batch), f32(batch), f32(batch), f32(batch),
-                             f32(batch), i32(batch), i32(batch), jax.ShapeDtypeStruct((batch,), jnp.bool_),
-                             i32(batch, BIAS_SLOTS), f32(batch, BIAS_SLOTS))
-    return StepBatch(i32(batch, tokens), i32(batch, tokens), i32(batch, pages), i32(batch, tokens),
-                     i32(batch, tokens), i32(batch), sampling, i32(batch, pages * page_size), i32(batch),
-                     i32(batch, tokens))
+def _i32(*shape):
+    return jax.ShapeDtypeStruct(shape, jnp.int32)
+
+
+def _abstract_sampling(rows: int) -> SamplingBatch:
+    f32 = jax.ShapeDtypeStruct((rows,), jnp.float32)
+    return SamplingBatch(f32, _i32(rows), f32, f32, f32, f32, f32, _i32(rows), _i32(rows),
+                         jax.ShapeDtypeStruct((rows,), jnp.bool_), _i32(rows, BIAS_SLOTS),
+                         jax.ShapeDtypeStruct((rows, BIAS_SLOTS), jnp.float32))
+
+
+def abstract_batch(family: str, rows: int, tokens: int, pages: int, page_size: int) -> StepBatch | PrefillBatch:
+    if family == "prefill":
+        return PrefillBatch(*[_i32(tokens)] * 5, *[_i32(pages)] * 3, _i32(rows), _abstract_sampling(rows),
+                            _i32(rows, pages * page_size), _i32(rows), _i32(tokens))
+    b = rows
+    return StepBatch(_i32(b, tokens), _i32(b, tokens), _i32(b, pages), _i32(b, tokens), _i32(b, tokens), _i32(b),
+                     _abstract_sampling(b), _i32(b, pages * page_size), _i32(b), _i32(b, tokens))
 
 
 class Programs:
@@ -129,11 +199,14 @@ class Programs:
         shapes = list(buckets.shapes(self.page_size))
         lowered = {}
         for shape in shapes:  # tracing is Python (serial); XLA compiles release the GIL: threads below
-            batch = abstract_batch(*shape[1:], self.page_size)
-            batch_sharding = jax.tree.map(lambda names, a: layout.sharding(names, a.shape), BATCH_AXES, batch,
+            family = shape[0]
+            batch = abstract_batch(*shape, self.page_size)
+            axes = PREFILL_AXES if family == "prefill" else BATCH_AXES
+            batch_sharding = jax.tree.map(lambda names, a: layout.sharding(names, a.shape), axes, batch,
                                           is_leaf=lambda x: isinstance(x, tuple))
-            fn = functools.partial(step, config=config, attention=attention,
-                                   shards=self._shards(layout, shape[1], pool.num_pages))
+            fn = functools.partial(prefill_step if family == "prefill" else decode_step, config=config,
+                                   attention=attention,
+                                   shards=self._shards(layout, 1 if family == "prefill" else shape[1], pool.num_pages))
             if layout.mesh.size == 1:  # one device: no partitioning pass (it only slows the compile)
                 jitted = jax.jit(fn, donate_argnums=(1,))
             else:
@@ -159,7 +232,7 @@ class Programs:
         return len(self.compiled)
 
     def prefill(self, tokens: int, pages: int):
-        return self.compiled[("prefill", 1, tokens, pages)]
+        return self.compiled[("prefill", self.buckets.rows(tokens), tokens, pages)]
 
     def decode(self, batch: int, pages: int):
         return self.compiled[("decode", batch, 1, pages)]

@@ -8,9 +8,10 @@ is dropped from the step and fails alone, while nothing has touched the device. 
 dispatch on, the KV pool is donated, so a fault there leaves the pool unknown: `run` lets it
 propagate and the engine treats it as fatal.
 
-Prefill: one call per prompt chunk (batch of one, by token-count bucket). Decode: one call per
-batch bucket; with data replicas, rows [r·b/R, (r+1)·b/R) of a call are replica r's requests
-(their pages live in its shard of the pool). A decode call that cannot be built drops all its
+Prefill: the step's prompt chunks packed into as few ragged calls as the largest buckets allow
+(tokens, rows, context pages), usually one: the weights are read once for all of them. Decode: one
+call per batch bucket; with data replicas, rows [r·b/R, (r+1)·b/R) of a call are replica r's
+requests (their pages live in its shard of the pool). A call that cannot be built drops all its
 requests (no single row can be blamed), still before anything runs.
 """
 
@@ -25,7 +26,7 @@ import numpy as np
 
 from meshserve.runtime.block_manager import NULL_PAGE, BlockManager
 from meshserve.runtime.kv_cache import KVPool
-from meshserve.runtime.programs import Buckets, Programs, StepBatch
+from meshserve.runtime.programs import Buckets, PrefillBatch, Programs, StepBatch
 from meshserve.runtime.sampling import SamplingBatch, SamplingParams
 from meshserve.runtime.scheduler import PrefillChunk, Sequence, StepPlan
 
@@ -35,10 +36,11 @@ SamplingOf = Callable[[Sequence], tuple[SamplingParams, int, bool, tuple[int, ..
 
 @dataclasses.dataclass(frozen=True)
 class Call:
-    shape: tuple[str, int, int, int]  # (family, batch, tokens, pages): which compiled program
-    batch: StepBatch  # host arrays
+    shape: tuple[str, int, int, int]  # (family, rows, tokens, pages): which compiled program
+    batch: StepBatch | PrefillBatch  # host arrays
     rows: tuple[tuple[int, Sequence], ...]  # (row, request) whose sampled token is wanted
-    scored: tuple[tuple[int, Sequence, int, int], ...] = ()  # (row, request, first position, count) scored
+    # (where its scores start in Scored — (index 0, index 1) —, request, first position, count)
+    scored: tuple[tuple[tuple[int, int], Sequence, int, int], ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,11 +69,15 @@ class ModelRunner:
         """Every call of the step, and the requests dropped from it (with why)."""
         calls: list[Call] = []
         dropped: dict[Sequence, Exception] = {}
+        prefill_rows = []
         for chunk in plan.prefills:
             try:
-                calls.append(self._prefill(chunk, sampling_of))
+                prefill_rows.append(self._row(chunk.seq, chunk.start, chunk.end, chunk.samples, sampling_of))
             except Exception as e:  # this request's fault: it leaves the step, the rest goes on
                 dropped[chunk.seq] = e
+        for placed, t, q in self._prefill_groups(prefill_rows):
+            self._isolated(placed, lambda g, t=t, q=q: self._prefill_call(g, t, q), lambda row: row.seq,
+                           calls, dropped)
         rows = []
         for seq in plan.decodes:
             try:
@@ -79,12 +85,36 @@ class ModelRunner:
             except Exception as e:
                 dropped[seq] = e
         for b, placed in self._decode_groups(rows):
-            try:
-                p = Buckets.pick(self.buckets.context_pages, max(len(row.seq.pages) for _, row in placed))
-                calls.append(self._call("decode", placed, b, 1, p))
-            except Exception as e:  # not one row's fault that can be told: the call's requests leave
-                dropped.update((row.seq, e) for _, row in placed)
+            p = Buckets.pick(self.buckets.context_pages, max(len(row.seq.pages) for _, row in placed))
+            self._isolated(placed, lambda g, b=b, p=p: self._call("decode", g, b, 1, p), lambda item: item[1].seq,
+                           calls, dropped)
         return calls, dropped
+
+    @staticmethod
+    def _isolated(items: list, make: Callable[[list], Call], seq_of, calls: list[Call],
+                  dropped: dict[Sequence, Exception]) -> None:
+        """Append make(items) to `calls`; when it cannot be built, find the requests that cannot be
+        built alone (each on its own, host work only), drop them and build the rest. A fault no
+        single request explains drops every request of the call."""
+        try:
+            calls.append(make(items))
+            return
+        except Exception as e:
+            error = e
+        rest = []
+        for item in items:
+            try:
+                make([item])
+                rest.append(item)
+            except Exception as e:
+                dropped[seq_of(item)] = e
+        if len(rest) == len(items):  # no single request explains it
+            dropped.update((seq_of(item), error) for item in items)
+        elif rest:
+            try:
+                calls.append(make(rest))
+            except Exception as e:
+                dropped.update((seq_of(item), e) for item in rest)
 
     def _row(self, seq: Sequence, start: int, end: int, samples: bool, sampling_of: SamplingOf) -> _Row:
         params, seed, scores, held = sampling_of(seq)
@@ -99,11 +129,75 @@ class ModelRunner:
         return _Row(seq, np.asarray(seq.tokens[start:end], np.int32), np.arange(start, end, dtype=np.int32),
                     sampling, history, targets)
 
-    def _prefill(self, chunk: PrefillChunk, sampling_of: SamplingOf) -> Call:
-        row = self._row(chunk.seq, chunk.start, chunk.end, chunk.samples, sampling_of)
-        t = Buckets.pick(self.buckets.prefill_tokens, len(row.tokens))
-        p = Buckets.pick(self.buckets.context_pages, max(len(chunk.seq.pages), math.ceil(t / self.page_size)))
-        return self._call("prefill", [(0, row)], 1, t, p)
+    def _context(self, row: _Row) -> int:
+        """Pages a prefill row reads: its pages up to its chunk's end."""
+        return math.ceil((int(row.positions[-1]) + 1) / self.page_size)
+
+    def _prefill_groups(self, rows: list[_Row]) -> list[tuple[list[_Row], int, int]]:
+        """Rows packed, in order, into calls within the largest buckets: ([row], T, Q) per call,
+        T the smallest token bucket whose rows(T) holds them, Q the pages bucket of their contexts."""
+        b = self.buckets
+        t_max, q_max = b.prefill_tokens[-1], b.context_pages[-1]
+        groups: list[list[_Row]] = []
+        for row in rows:
+            g = groups[-1] if groups else None
+            if (g is None or sum(len(r.tokens) for r in g) + len(row.tokens) > t_max
+                    or len(g) + 1 > b.rows(t_max) or sum(map(self._context, g)) + self._context(row) > q_max):
+                groups.append([row])
+            else:
+                g.append(row)
+        out = []
+        for g in groups:
+            n = sum(len(r.tokens) for r in g)
+            t = next(t for t in b.prefill_tokens if t >= n and b.rows(t) >= len(g))
+            q = Buckets.pick(b.context_pages, max(sum(map(self._context, g)), math.ceil(t / self.page_size)))
+            out.append((g, t, q))
+        return out
+
+    def _prefill_call(self, placed: list[_Row], t: int, q: int) -> Call:
+        """Host arrays of one ragged prefill call; padding tokens write to the null page."""
+        ps, r_count = self.page_size, self.buckets.rows(t)
+        tokens = np.zeros(t, np.int32)
+        positions = np.zeros(t, np.int32)
+        write_pages = np.full(t, NULL_PAGE, np.int32)
+        write_slots = np.zeros(t, np.int32)
+        token_row = np.full(t, -1, np.int32)
+        targets = np.full(t, -1, np.int32)
+        ctx_pages = np.full(q, NULL_PAGE, np.int32)
+        ctx_row = np.full(q, -1, np.int32)
+        ctx_index = np.zeros(q, np.int32)
+        last = np.zeros(r_count, np.int32)
+        prompt_len = np.zeros(r_count, np.int32)
+        history = np.full((r_count, q * ps), -1, np.int32)
+        sampling: list = [None] * r_count
+        rows, scored = [], []
+        at = c = 0
+        for r, row in enumerate(placed):
+            n, seq = len(row.tokens), row.seq
+            pages = np.asarray(seq.pages, np.int32)
+            tokens[at:at + n] = row.tokens
+            positions[at:at + n] = row.positions
+            write_pages[at:at + n] = pages[row.positions // ps]
+            write_slots[at:at + n] = row.positions % ps
+            token_row[at:at + n] = r
+            k = self._context(row)
+            ctx_pages[c:c + k] = pages[:k]
+            ctx_row[c:c + k] = r
+            ctx_index[c:c + k] = np.arange(k)
+            last[r] = at + n - 1
+            prompt_len[r] = seq.prompt_len
+            sampling[r] = row.sampling
+            if row.history is not None:
+                history[r, :len(row.history)] = row.history
+            if row.sampling is not None:
+                rows.append((r, seq))
+            if row.targets is not None:
+                targets[at:at + n] = row.targets
+                scored.append(((0, at), seq, int(row.positions[0]), int((row.targets >= 0).sum())))
+            at, c = at + n, c + k
+        batch = PrefillBatch(tokens, positions, write_pages, write_slots, token_row, ctx_pages, ctx_row, ctx_index,
+                             last, SamplingBatch.build(sampling, r_count), history, prompt_len, targets)
+        return Call(("prefill", r_count, t, q), batch, tuple(rows), tuple(scored))
 
     def _decode_row(self, seq: Sequence, sampling_of: SamplingOf) -> _Row:
         return self._row(seq, seq.num_computed, seq.num_computed + 1, True, sampling_of)
@@ -155,7 +249,7 @@ class ModelRunner:
         batch = StepBatch(tokens, positions, tables, write_pages, write_slots, last,
                           SamplingBatch.build(sampling, b), history, prompt_len, targets)
         rows = tuple((r, row.seq) for r, row in placed if row.sampling is not None)
-        scored = tuple((r, row.seq, int(row.positions[0]), int((row.targets >= 0).sum()))
+        scored = tuple(((r, 0), row.seq, int(row.positions[0]), int((row.targets >= 0).sum()))
                        for r, row in placed if row.targets is not None)
         return Call((family, b, t, p), batch, rows, scored)
 

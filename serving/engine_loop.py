@@ -418,6 +418,7 @@ class EngineLoop:
             m.pages_used.set(stats["pages_used"])
             m.pages_total.set(stats["pages_total"])
             m.pages_cached.set(stats["pages_cached"])
+            m.programs.set(len(engine.programs))
             counts = [(m.prefix_queried.labels("all"), stats["prefix_queried_tokens"]),
                       (m.prefix_hits.labels("device"), stats["prefix_hit_tokens"])]
             if engine.host_tier is not None:

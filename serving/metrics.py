@@ -50,6 +50,8 @@ class Metrics:
                                   registry=r)
         self.compilations = Counter("meshserve_compilations", "XLA compilations (all at warm-up when healthy)",
                                     registry=r)
+        self.programs = Gauge("meshserve_programs", "Programs compiled at start-up (prefill and decode buckets)",
+                              registry=r)
         for outcome in ("stop", "length", "abort", "error", "rejected", "invalid", "unavailable", "unauthenticated"):
             self.requests.labels(outcome)  # every series exists from the start
         self.prefix_queried.labels("all")
@@ -68,7 +70,7 @@ class Metrics:
               "meshserve_generation_tokens_total", "meshserve_compilations_total",
               "meshserve_prefix_cache_queried_tokens_total", "meshserve_prefix_cache_hit_tokens_total",
               "meshserve_kv_pages_cached", "meshserve_kv_tier_pages", "meshserve_kv_pages_moved_total",
-              "meshserve_kv_bytes_moved_total")
+              "meshserve_kv_bytes_moved_total", "meshserve_programs")
 
     def serve(self, host: str, port: int) -> int:
         """Start the /metrics HTTP endpoint; returns the bound port."""

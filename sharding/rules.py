@@ -39,6 +39,7 @@ DEFAULT_RULES: Rules = {
     "layers": None,
     "batch": "data",
     "tokens": None,
+    "rows": None,  # the requests of a ragged prefill call: never split (any replica's may share it)
     "pages": "data",
     "page_slots": None,
     "context": None,

@@ -37,7 +37,7 @@ def _kernel(tables_ref, start_ref, len_ref, q_ref, k_ref, v_ref, *refs, block_q:
     row_t = i * block_q + lax.broadcasted_iota(jnp.int32, (block_q * G, 1), 0) // G
     row_pos = start + row_t  # [R, 1]
     end = start + jnp.minimum((i + 1) * block_q, n)  # one past the last position any valid row sees
-    last = pl.cdiv(end, tile)
+    last = jnp.where(i * block_q < n, pl.cdiv(end, tile), 0)  # a block of padding rows reads nothing
     first = 0
     if sliding_window is not None:
         first = jnp.maximum(start + i * block_q - sliding_window + 1, 0) // tile

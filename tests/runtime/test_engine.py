@@ -337,11 +337,34 @@ def test_a_step_that_fails_before_running_caches_nothing(tiny_ckpt, monkeypatch)
     assert engine.blocks.num_free == engine.blocks.num_usable
 
 
-def test_a_decode_call_that_cannot_be_built_fails_its_requests_not_the_engine(tiny_ckpt, monkeypatch):
+def test_a_decode_call_that_cannot_be_built_fails_the_request_at_fault_not_the_engine(tiny_ckpt, monkeypatch):
     engine = Engine(tiny_ckpt, TIGHT)
     _fail_sampling_rows_of(monkeypatch, seed=4242)
     a = engine.add_request([7], SamplingParams(max_tokens=4, seed=4242))  # one token: straight to decode
     b = engine.add_request([8], SamplingParams(max_tokens=4, ignore_eos=True))  # in the same decode call
+    finished = {}
+    while engine.has_unfinished:
+        finished.update((o.request_id, o) for o in engine.step() if o.finished)
+    assert finished[a].finish_reason == "error" and "injected fault" in finished[a].error
+    assert finished[b].finish_reason == "length"  # the call was rebuilt without the request at fault
+    monkeypatch.undo()
+    assert engine.blocks.num_free == engine.blocks.num_usable
+
+
+def test_a_call_no_single_request_explains_fails_its_requests_not_the_engine(tiny_ckpt, monkeypatch):
+    from meshserve.runtime.sampling import SamplingBatch
+
+    engine = Engine(tiny_ckpt, TIGHT)
+    real = SamplingBatch.build.__func__
+
+    def build(cls, rows, size):  # only the two requests together cannot be built
+        if sum(r is not None for r in rows) > 1:
+            raise RuntimeError("injected fault of the pair")
+        return real(cls, rows, size)
+
+    monkeypatch.setattr(SamplingBatch, "build", classmethod(build))
+    a = engine.add_request([7], SamplingParams(max_tokens=4, ignore_eos=True))
+    b = engine.add_request([8], SamplingParams(max_tokens=4, ignore_eos=True))
     finished = {}
     while engine.has_unfinished:
         finished.update((o.request_id, o) for o in engine.step() if o.finished)
