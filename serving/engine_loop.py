@@ -252,6 +252,7 @@ class EngineLoop:
                 self._state = State.STOPPED
             self.ready.set()
             return
+        self._update_metrics(self.engine)  # gauges right from the first scrape
         with self._lock:
             self._state = State.SERVING
         self.ready.set()
