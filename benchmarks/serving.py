@@ -63,7 +63,8 @@ async def one_request(stub, request: pb.GenerateRequest, metadata, timeout: floa
     end = time.perf_counter()
     return {"prompt_tokens": len(request.token_ids), "output_tokens": tokens, "error": error,
             "ttft_s": times[0] - sent if times else None,
-            "itl_s": [b - a for a, b in zip(times, times[1:])], "e2e_s": end - sent, "start_s": sent}
+            "itl_s": [b - a for a, b in zip(times, times[1:])], "e2e_s": end - sent, "start_s": sent,
+            "token_times_s": times}
 
 
 async def one_http_request(session, url: str, body: dict, headers: dict, timeout: float) -> dict:
@@ -92,7 +93,8 @@ async def one_http_request(session, url: str, body: dict, headers: dict, timeout
     end = time.perf_counter()
     return {"prompt_tokens": len(body["prompt"]), "output_tokens": tokens, "error": error,
             "ttft_s": times[0] - sent if times else None,
-            "itl_s": [b - a for a, b in zip(times, times[1:]) if b > a], "e2e_s": end - sent, "start_s": sent}
+            "itl_s": [b - a for a, b in zip(times, times[1:]) if b > a], "e2e_s": end - sent, "start_s": sent,
+            "token_times_s": sorted(set(times))}
 
 
 async def run(args) -> dict:
@@ -130,6 +132,17 @@ async def run(args) -> dict:
             def send(req):
                 return one_request(stub, req, metadata, args.timeout)
         t0 = time.perf_counter()
+        long_task = None
+        if args.long_prompt:  # one long prompt arriving while the load runs: how long do streams stall?
+            long_ids = [rng.randrange(args.vocab_lo, args.vocab_hi) for _ in range(args.long_prompt)]
+            long_req = pb.GenerateRequest(token_ids=long_ids, sampling=pb.SamplingOptions(
+                max_tokens=1, ignore_eos=True, temperature=args.temperature))
+
+            async def long_one():
+                await asyncio.sleep(args.long_after)
+                return await send(long_req)
+
+            long_task = asyncio.ensure_future(long_one())
         if args.rate:  # open loop: Poisson arrivals, whatever the server's pace
             tasks = []
             for req in requests:
@@ -146,6 +159,7 @@ async def run(args) -> dict:
 
             await asyncio.gather(*[worker() for _ in range(args.concurrency)])
         elapsed = time.perf_counter() - t0
+        long_record = await long_task if long_task is not None else None
     ok = [r for r in records if r["error"] is None]
     out_tokens = sum(r["output_tokens"] for r in ok)
     summary = {
@@ -159,7 +173,22 @@ async def run(args) -> dict:
         "e2e_s": percentiles([r["e2e_s"] for r in ok]),
         "errors": sorted({r["error"] for r in records if r["error"]}),
     }
-    return {"summary": summary, "records": records}
+    if long_record is not None:
+        summary["long_prompt"] = long_effect(long_record, ok, summary["itl_s"]["p50"])
+    return {"summary": summary, "records": records, "long_record": long_record}
+
+
+def long_effect(long: dict, records: list[dict], itl_p50: float) -> dict:
+    """The long prompt's TTFT, and the largest gap between two tokens of any stream while it was
+    being computed (from its arrival to its first token), against the median gap of the run."""
+    if long["error"] is not None or long["ttft_s"] is None:
+        return {"error": long["error"] or "no token"}
+    start, first = long["start_s"], long["start_s"] + long["ttft_s"]
+    gaps = [b - a for r in records for a, b in zip(r["token_times_s"], r["token_times_s"][1:])
+            if b > start and a < first]
+    largest = max(gaps, default=float("nan"))
+    return {"prompt_tokens": long["prompt_tokens"], "ttft_s": long["ttft_s"], "largest_gap_s": largest,
+            "itl_p50_s": itl_p50, "largest_gap_over_p50": largest / itl_p50}
 
 
 def plot(result: dict, path: str) -> None:
@@ -210,6 +239,9 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="JSON results")
     p.add_argument("--plot", default=None, help="PNG of the latency distributions")
+    p.add_argument("--long-prompt", type=int, default=0, metavar="N",
+                   help="also send one N-token prompt during the run; report the streams' largest gap meanwhile")
+    p.add_argument("--long-after", type=float, default=5.0, metavar="S", help="when to send it (seconds)")
     args = p.parse_args(argv)
     result = asyncio.run(run(args))
     if args.out:
@@ -226,6 +258,15 @@ def main(argv=None) -> int:
         q = s[key]
         print(f"{name:>8} {q['p50'] * 1e3:>10.1f} {q['p90'] * 1e3:>10.1f} {q['p99'] * 1e3:>10.1f}")
     print(f"throughput: {s['request_throughput']:.2f} req/s, {s['output_token_throughput']:.1f} output tok/s")
+    print(f"ITL p99 / p50: {s['itl_s']['p99'] / s['itl_s']['p50']:.2f}")
+    if "long_prompt" in s:
+        lp = s["long_prompt"]
+        if "error" in lp:
+            print(f"long prompt failed: {lp['error']}")
+        else:
+            print(f"long prompt of {lp['prompt_tokens']} tokens: TTFT {lp['ttft_s'] * 1e3:.0f} ms; the streams' "
+                  f"largest gap meanwhile {lp['largest_gap_s'] * 1e3:.0f} ms = {lp['largest_gap_over_p50']:.2f}x "
+                  f"their median gap")
     return 0 if not s["failed"] else 1
 
 

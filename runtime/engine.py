@@ -76,6 +76,7 @@ class EngineConfig:
     max_queue_size: int = 256
     queue_timeout_s: float | None = None
     priority_levels: int = 3
+    prefill_tokens_while_decoding: int | None = None  # see SchedulerConfig; None: no limit
     prefill_buckets: tuple[int, ...] | None = None  # tokens per prefill call; None: 64, 256, … up to max_prefill_chunk
     decode_buckets: tuple[int, ...] | None = None  # None: 1, 4, 16, … up to max_num_seqs
     context_buckets: tuple[int, ...] | None = None  # in pages; None: one, of max_seq_len (attention reads real pages only)
@@ -143,7 +144,8 @@ class EngineConfig:
 
     def scheduler_config(self) -> SchedulerConfig:
         return SchedulerConfig(self.max_num_seqs, self.max_num_batched_tokens, self.max_prefill_chunk,
-                               self.max_queue_size, self.queue_timeout_s, self.priority_levels)
+                               self.max_queue_size, self.queue_timeout_s, self.priority_levels,
+                               prefill_tokens_while_decoding=self.prefill_tokens_while_decoding)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -262,7 +264,8 @@ class Engine:
                                    lower_tier=self.host_tier)
         if config.decode_buckets and any(b % R for b in config.decode_buckets):
             raise ConfigError(f"decode_buckets must be multiples of the data replicas ({R})")
-        default = Buckets.default(config.max_prefill_chunk, config.max_num_seqs, self.max_pages, R)
+        default = Buckets.default(config.max_prefill_chunk, config.max_num_seqs, self.max_pages, R,
+                                  config.prefill_tokens_while_decoding)
         self.buckets = Buckets(prefill_tokens=config.prefill_buckets or default.prefill_tokens,
                                decode_batch=config.decode_buckets or default.decode_batch,
                                context_pages=config.context_buckets or default.context_pages,
@@ -274,7 +277,9 @@ class Engine:
             raise ConfigError(f"attention: pallas needs kv heads split like q heads; {c.num_kv_heads} kv "
                               f"heads do not split over {layout.describe()} (use attention: reference)")
         self.programs = Programs(c, checkpoint.params, self.pool, self.buckets, config.compile_threads,
-                                 attention=self.attention, layout=layout)
+                                 attention=self.attention, layout=layout,
+                                 cache_dir=os.path.expanduser(config.compilation_cache_dir)
+                                 if config.compilation_cache_dir else None)
         self.runner = ModelRunner(self.programs, self.buckets, self.blocks, ps)
         self.compile_seconds = time.perf_counter() - t0
         self._requests: dict[str, _Request] = {}

@@ -219,10 +219,12 @@ def _ragged_local(q, k_pages, v_pages, ctx_pages, ctx_row, ctx_index, token_row,
     return out
 
 
-# The jnp attention ("reference"): an online softmax over tiles of TILE_KEYS keys, looping only
-# over the tiles that hold a real key (a dynamic trip count), so its cost follows the real context
-# lengths, not the width of the page tables: no context buckets are needed for it.
+# The jnp attention ("reference"): an online softmax over tiles of keys, looping only over the
+# tiles that hold a real key (a dynamic trip count), so its cost follows the real context lengths,
+# not the width of the page tables: no context buckets are needed for it. A decode tile is
+# gathered for every row, so it is smaller: a row reads at most a tile it does not need.
 TILE_KEYS = 256
+DECODE_TILE_KEYS = 64
 
 
 def _fold(carry, scores, visible, values, spec: str):
@@ -254,7 +256,7 @@ def _decode_tiled(q, k_pages, v_pages, tables, owned, start, sliding_window, kv_
     """q [B, 1, H, E]: row b's one query at position start[b] over its pages (tables [B, P])."""
     B, _, H, E = q.shape
     ps = k_pages.shape[1]
-    tp = max(1, min(TILE_KEYS // ps, tables.shape[1]))  # pages per tile
+    tp = max(1, min(DECODE_TILE_KEYS // ps, tables.shape[1]))  # pages per tile
     tile = tp * ps
     tables = _pad_to(tables, tp, 1, 0)
     if owned is not None:
@@ -291,7 +293,9 @@ def _decode_tiled(q, k_pages, v_pages, tables, owned, start, sliding_window, kv_
 def _ragged_tiled(q, k_pages, v_pages, ctx_pages, ctx_row, ctx_index, token_row, positions, pages_used,
                   sliding_window, kv_first):
     """q [T, H, E]: every token over the call's flattened context (ctx_*, the first `pages_used`
-    pages real), masked to its own row and to positions <= its own."""
+    pages real), masked to its own row and to positions <= its own. Per kv head, the G query heads
+    sharing it and the T tokens form the rows of one plain matmul ([K, G·T, E] · [K, E, tile]):
+    XLA:CPU runs that ~1.5× faster than the equivalent einsum over [T, K, G, E]."""
     T, H, E = q.shape
     ps = k_pages.shape[1]
     tp = max(1, min(TILE_KEYS // ps, ctx_pages.shape[0]))
@@ -300,28 +304,30 @@ def _ragged_tiled(q, k_pages, v_pages, ctx_pages, ctx_row, ctx_index, token_row,
     ctx_row = _pad_to(ctx_row, tp, 0, -1)
     ctx_index = _pad_to(ctx_index, tp, 0, 0)
     K = 1 if kv_first is not None else k_pages.shape[2]
-    qg = q.reshape(T, K, H // K, E)
-    scale = E ** -0.5
+    G = H // K
+    qk = (q.reshape(T, K, G, E).transpose(1, 2, 0, 3).reshape(K, G * T, E) * (E ** -0.5)).astype(q.dtype)
+    row_of = jnp.tile(token_row, G)  # of each of the G·T rows
+    pos_of = jnp.tile(positions, G)
 
     def body(j, carry):
         pages = lax.dynamic_slice_in_dim(ctx_pages, j * tp, tp)
-        keys = k_pages[pages].reshape(tile, *k_pages.shape[2:])
+        keys = k_pages[pages].reshape(tile, *k_pages.shape[2:])  # [tile, K, E]
         values = v_pages[pages].reshape(tile, *v_pages.shape[2:])
         if kv_first is not None:
             keys = lax.dynamic_slice_in_dim(keys, kv_first, 1, axis=1)
             values = lax.dynamic_slice_in_dim(values, kv_first, 1, axis=1)
-        scores = jnp.einsum("tkge,ske->tkgs", qg, keys, preferred_element_type=jnp.float32) * scale
+        scores = jnp.matmul(qk, keys.transpose(1, 2, 0), preferred_element_type=jnp.float32)  # [K, G·T, tile]
         key_row = jnp.repeat(lax.dynamic_slice_in_dim(ctx_row, j * tp, tp), ps)
         index = lax.dynamic_slice_in_dim(ctx_index, j * tp, tp)
         key_pos = (index[:, None] * ps + jnp.arange(ps, dtype=jnp.int32)).reshape(-1)
-        visible = (key_row[None] == token_row[:, None]) & (key_pos[None] <= positions[:, None])  # [T, tile]
+        visible = (key_row[None] == row_of[:, None]) & (key_pos[None] <= pos_of[:, None])  # [G·T, tile]
         if sliding_window is not None:
-            visible &= key_pos[None] > positions[:, None] - sliding_window
-        return _fold(carry, scores, visible[:, None, None], values, "tkgs,ske->tkge")
+            visible &= key_pos[None] > pos_of[:, None] - sliding_window
+        return _fold(carry, scores, visible[None], values.transpose(1, 0, 2), "kns,kse->kne")
 
-    m, l, acc = lax.fori_loop(0, (pages_used + tp - 1) // tp, body, _empty((T, K, H // K), E))
+    m, l, acc = lax.fori_loop(0, (pages_used + tp - 1) // tp, body, _empty((K, G * T), E))
     out = acc / jnp.maximum(l, 1e-30)[..., None]  # padding tokens: zeros or garbage, never read
-    return out.reshape(T, H, E).astype(q.dtype)
+    return out.reshape(K, G, T, E).transpose(2, 0, 1, 3).reshape(T, H, E).astype(q.dtype)
 
 
 def _ragged_pallas(q, k_pages, v_pages, ctx_pages, ctx_row, token_row, positions, rows: int, sliding_window):

@@ -6,7 +6,7 @@ pool donated, so serving never traces or compiles:
   decode (batch B): one token for each of B requests.
 
     prefill_step(params, pool, PrefillBatch) -> (pool, Sampled, Scored)
-    decode_step(params, pool, StepBatch)     -> (pool, Sampled, Scored)
+    decode_step(params, pool, DecodeBatch)   -> (pool, Sampled, Scored)
 
 Sampled holds each row's next token (from its last position's logits); Scored the prompt scores of
 every position, computed only when a row of the call asks for them (`targets`), else zeros.
@@ -30,88 +30,97 @@ from typing import Iterable
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Int
+from jaxtyping import Array, Float, Int
 
 from meshserve.models.config import ModelConfig
 from meshserve.models.llama import Params, forward_hidden, head, param_axes
 from meshserve.runtime.kv_cache import POOL_AXES, AttentionShards, KVPool, PagedKVCache, RaggedKVCache
-from meshserve.runtime.sampling import BIAS_SLOTS, Sampled, SamplingBatch, Scored, no_scores, sample, score
+from meshserve.runtime.sampling import Sampled, SamplingBatch, Scored, no_scores, sample, score
 from meshserve.sharding.rules import Layout
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class StepBatch:
-    tokens: Int[Array, "b t"]
-    positions: Int[Array, "b t"]
+class DecodeBatch:
+    """A decode call: one token for each of B rows, packed into four arrays (each is a transfer).
+
+    ints[:, :DECODE_INTS] = (token, position, write page, write slot, prompt length), then the
+    rows' sampling ints (SamplingBatch.pack); floats: their sampling floats; page_tables: each row's
+    pages; history: its tokens so far, -1 padded, for penalties (l = p * page_size)."""
+
+    ints: Int[Array, "b i"]
+    floats: Float[Array, "b f"]
     page_tables: Int[Array, "b p"]
-    write_pages: Int[Array, "b t"]
-    write_slots: Int[Array, "b t"]
-    last: Int[Array, "b"]  # index in t of each row's last real token: its logits are sampled
-    sampling: SamplingBatch
-    history: Int[Array, "b l"]  # tokens so far, -1 padded (for penalties); l = p * page_size
-    prompt_len: Int[Array, "b"]
-    targets: Int[Array, "b t"]  # prompt scoring: the token after each position, -1 where not asked
+    history: Int[Array, "b l"]
+
+
+DECODE_INTS = 5
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class PrefillBatch:
     """A ragged prefill call: T tokens of R rows (each row one request's prompt chunk, contiguous),
-    their contexts as Q pages (see kv_cache.RaggedKVCache)."""
+    their contexts as Q pages (see kv_cache.RaggedKVCache), packed into five arrays.
 
-    tokens: Int[Array, "t"]
-    positions: Int[Array, "t"]
-    write_pages: Int[Array, "t"]
-    write_slots: Int[Array, "t"]
-    token_row: Int[Array, "t"]  # -1: padding
-    ctx_pages: Int[Array, "q"]
-    ctx_row: Int[Array, "q"]
-    ctx_index: Int[Array, "q"]
-    last: Int[Array, "r"]  # index in t of each row's last token: its logits are sampled
-    sampling: SamplingBatch
-    history: Int[Array, "r l"]  # as StepBatch; l = q * page_size
-    prompt_len: Int[Array, "r"]
-    targets: Int[Array, "t"]  # prompt scoring: the token after each position, -1 where not asked
+    tokens[PREFILL_TOKEN_FIELDS.index(name)]: per token — the token, its position, the page and
+    slot its K/V is written to, its row (-1: padding) and its scoring target (-1: none);
+    ctx: per page of the call's context — the page, its row (-1: padding), its index in the row;
+    rows[:, :PREFILL_ROW_INTS] = (index in T of the row's last token, prompt length), then the
+    sampling ints; floats: the sampling floats; history as DecodeBatch (l = q * page_size)."""
+
+    tokens: Int[Array, "6 t"]
+    ctx: Int[Array, "3 q"]
+    rows: Int[Array, "r i"]
+    floats: Float[Array, "r f"]
+    history: Int[Array, "r l"]
 
 
-def _sample_and_score(params, x, last_x, batch, targets, config):
+PREFILL_TOKEN_FIELDS = ("tokens", "positions", "write_pages", "write_slots", "token_row", "targets")
+PREFILL_ROW_INTS = 2
+
+
+def _sample_and_score(params, x, last_x, sampling, history, prompt_len, targets, config):
     logits = head(params, last_x[:, None], config=config)  # only the sampled ones'
-    sampled = sample(logits[:, 0], batch.sampling, batch.history, batch.prompt_len)
+    sampled = sample(logits[:, 0], sampling, history, prompt_len)
+    if targets is None:  # decode: never scores
+        return sampled, no_scores(x.shape[0], 1)
     # every position's logits only when a row asked for prompt scores: the vocabulary head is costly
     scored = jax.lax.cond(jnp.any(targets >= 0), lambda h: score(head(params, h, config=config), targets),
                           lambda h: no_scores(*targets.shape), x)
     return sampled, scored
 
 
-def decode_step(params: Params, pool: KVPool, batch: StepBatch, *, config: ModelConfig,
+def decode_step(params: Params, pool: KVPool, batch: DecodeBatch, *, config: ModelConfig,
                 attention: str = "reference", shards: AttentionShards | None = None) -> tuple[KVPool, Sampled, Scored]:
-    cache = PagedKVCache(pool, batch.page_tables, batch.write_pages, batch.write_slots, batch.last + 1,
-                         attention, shards)
-    x, cache = forward_hidden(params, batch.tokens, batch.positions, cache, config=config)
-    B = batch.tokens.shape[0]
-    sampled, scored = _sample_and_score(params, x, x[jnp.arange(B), batch.last], batch, batch.targets, config)
+    tokens, positions, write_pages, write_slots, prompt_len = (batch.ints[:, i] for i in range(DECODE_INTS))
+    cache = PagedKVCache(pool, batch.page_tables, write_pages[:, None], write_slots[:, None],
+                         jnp.ones_like(tokens), attention, shards)
+    x, cache = forward_hidden(params, tokens[:, None], positions[:, None], cache, config=config)
+    sampling = SamplingBatch.unpack(batch.ints[:, DECODE_INTS:], batch.floats)
+    sampled, scored = _sample_and_score(params, x, x[:, 0], sampling, batch.history, prompt_len, None, config)
     return cache.pool, sampled, scored
 
 
 def prefill_step(params: Params, pool: KVPool, batch: PrefillBatch, *, config: ModelConfig,
                  attention: str = "reference", shards: AttentionShards | None = None
                  ) -> tuple[KVPool, Sampled, Scored]:
-    cache = RaggedKVCache(pool, batch.write_pages[None], batch.write_slots[None], batch.token_row,
-                          batch.ctx_pages, batch.ctx_row, batch.ctx_index, batch.last.shape[0], attention, shards)
-    x, cache = forward_hidden(params, batch.tokens[None], batch.positions[None], cache, config=config)
-    sampled, scored = _sample_and_score(params, x, x[0, batch.last], batch, batch.targets[None], config)
+    tokens, positions, write_pages, write_slots, token_row, targets = (batch.tokens[i] for i in range(6))
+    ctx_pages, ctx_row, ctx_index = batch.ctx[0], batch.ctx[1], batch.ctx[2]
+    last, prompt_len = batch.rows[:, 0], batch.rows[:, 1]
+    cache = RaggedKVCache(pool, write_pages[None], write_slots[None], token_row, ctx_pages, ctx_row, ctx_index,
+                          last.shape[0], attention, shards)
+    x, cache = forward_hidden(params, tokens[None], positions[None], cache, config=config)
+    sampling = SamplingBatch.unpack(batch.rows[:, PREFILL_ROW_INTS:], batch.floats)
+    sampled, scored = _sample_and_score(params, x, x[0, last], sampling, batch.history, prompt_len,
+                                        targets[None], config)
     return cache.pool, sampled, scored
 
 
 # Logical axes of every batch field, for the sharding rules.
-BATCH_AXES = StepBatch(("batch", "tokens"), ("batch", "tokens"), ("batch", "context"), ("batch", "tokens"),
-                       ("batch", "tokens"), ("batch",),
-                       SamplingBatch(*[("batch",)] * 10, ("batch", "top"), ("batch", "top")),
-                       ("batch", "context"), ("batch",), ("batch", "tokens"))
-PREFILL_AXES = PrefillBatch(*[("tokens",)] * 5, *[("context",)] * 3, ("rows",),
-                            SamplingBatch(*[("rows",)] * 10, ("rows", "top"), ("rows", "top")),
-                            ("rows", "context"), ("rows",), ("tokens",))
+BATCH_AXES = DecodeBatch(("batch", "fields"), ("batch", "fields"), ("batch", "context"), ("batch", "context"))
+PREFILL_AXES = PrefillBatch(("fields", "tokens"), ("fields", "context"), ("rows", "fields"), ("rows", "fields"),
+                            ("rows", "context"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,9 +156,14 @@ class Buckets:
                 yield ("decode", b, 1, p)
 
     @staticmethod
-    def default(max_prefill_chunk: int, max_num_seqs: int, max_pages: int, replicas: int) -> "Buckets":
-        """Few, coarse buckets (see the module's docstring): ×4 in tokens and in batch, one context."""
-        return Buckets(prefill_tokens=geometric(min(64, max_prefill_chunk), max_prefill_chunk, 4),
+    def default(max_prefill_chunk: int, max_num_seqs: int, max_pages: int, replicas: int,
+                prefill_while_decoding: int | None = None) -> "Buckets":
+        """Few, coarse buckets (see the module's docstring): ×4 in tokens and in batch, one context;
+        and the prompt tokens a step takes while requests decode, when that is smaller."""
+        tokens = geometric(min(64, max_prefill_chunk), max_prefill_chunk, 4)
+        if prefill_while_decoding is not None and prefill_while_decoding < tokens[0]:
+            tokens = (prefill_while_decoding, *tokens)
+        return Buckets(prefill_tokens=tokens,
                        decode_batch=tuple(replicas * b for b in geometric(1, math.ceil(max_num_seqs / replicas), 4)),
                        context_pages=(max_pages,), max_rows=max_num_seqs)
 
@@ -163,24 +177,15 @@ def geometric(lo: int, hi: int, factor: int) -> tuple[int, ...]:
     return tuple(sizes + [hi])
 
 
-def _i32(*shape):
-    return jax.ShapeDtypeStruct(shape, jnp.int32)
-
-
-def _abstract_sampling(rows: int) -> SamplingBatch:
-    f32 = jax.ShapeDtypeStruct((rows,), jnp.float32)
-    return SamplingBatch(f32, _i32(rows), f32, f32, f32, f32, f32, _i32(rows), _i32(rows),
-                         jax.ShapeDtypeStruct((rows,), jnp.bool_), _i32(rows, BIAS_SLOTS),
-                         jax.ShapeDtypeStruct((rows, BIAS_SLOTS), jnp.float32))
-
-
-def abstract_batch(family: str, rows: int, tokens: int, pages: int, page_size: int) -> StepBatch | PrefillBatch:
+def abstract_batch(family: str, rows: int, tokens: int, pages: int, page_size: int) -> DecodeBatch | PrefillBatch:
+    i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
+    f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
     if family == "prefill":
-        return PrefillBatch(*[_i32(tokens)] * 5, *[_i32(pages)] * 3, _i32(rows), _abstract_sampling(rows),
-                            _i32(rows, pages * page_size), _i32(rows), _i32(tokens))
-    b = rows
-    return StepBatch(_i32(b, tokens), _i32(b, tokens), _i32(b, pages), _i32(b, tokens), _i32(b, tokens), _i32(b),
-                     _abstract_sampling(b), _i32(b, pages * page_size), _i32(b), _i32(b, tokens))
+        return PrefillBatch(i32(len(PREFILL_TOKEN_FIELDS), tokens), i32(3, pages),
+                            i32(rows, PREFILL_ROW_INTS + SamplingBatch.INTS), f32(rows, SamplingBatch.FLOATS),
+                            i32(rows, pages * page_size))
+    return DecodeBatch(i32(rows, DECODE_INTS + SamplingBatch.INTS), f32(rows, SamplingBatch.FLOATS),
+                       i32(rows, pages), i32(rows, pages * page_size))
 
 
 class Programs:
@@ -188,11 +193,21 @@ class Programs:
     shardings from the layout's rules (one device: a 1×1 mesh)."""
 
     def __init__(self, config: ModelConfig, params: Params, pool: KVPool, buckets: Buckets,
-                 threads: int | None = None, attention: str = "reference", layout: Layout | None = None):
+                 threads: int | None = None, attention: str = "reference", layout: Layout | None = None,
+                 cache_dir: str | None = None):
         self.config = config
         self.buckets = buckets
         self.page_size = pool.page_size
         self.layout = layout = layout or Layout.single()
+        self.loaded = False  # read back whole from cache_dir: neither traced nor compiled
+        saved = None
+        if cache_dir is not None and layout.mesh.size == 1 and jax.process_count() == 1:
+            saved = SavedPrograms(cache_dir, config, params, pool, buckets, attention)
+            self.compiled = saved.load(list(layout.mesh.devices.flat))
+            if self.compiled is not None:
+                self.loaded = True
+                self.batch_shardings = {}
+                return
         param_shardings = jax.tree.map(lambda names, a: layout.sharding(names, a.shape), param_axes(config),
                                        params, is_leaf=lambda x: isinstance(x, tuple))
         self.pool_sharding = jax.tree.map(lambda a: layout.sharding(POOL_AXES, a.shape), pool)
@@ -219,6 +234,8 @@ class Programs:
             compiled = dict(zip(lowered, pool_exec.map(lambda low: low.compile(), lowered.values())))
         self.compiled = compiled
         self.batch_shardings = {s: c.input_shardings[0][2] for s, c in compiled.items()}
+        if saved is not None:
+            saved.save(compiled)
 
     @staticmethod
     def _shards(layout: Layout, batch: int, num_pages: int) -> AttentionShards | None:
@@ -236,6 +253,75 @@ class Programs:
 
     def decode(self, batch: int, pages: int):
         return self.compiled[("decode", batch, 1, pages)]
+
+
+class SavedPrograms:
+    """A set of compiled programs kept whole in a file of the compilation cache folder, so a later
+    start on the same model, config and code loads them without tracing anything (JAX's own cache
+    still needs every program traced to find it: ~1.5 s each for a 30-layer model).
+
+    The file is named by a hash of everything the programs depend on: jax, jaxlib, the device
+    kind, the model config, the params' and pool's shapes and dtypes, the buckets, the attention
+    and the source of meshserve's model and runtime code. Written whole or not at all (a temporary
+    file, then a rename); one that cannot be read is ignored and the programs compiled again.
+    One device in one process only. The folder must be as trusted as the code: loading a program
+    runs it."""
+
+    def __init__(self, folder: str, config: ModelConfig, params: Params, pool: KVPool, buckets: Buckets,
+                 attention: str):
+        import hashlib
+        from pathlib import Path
+
+        import jaxlib
+
+        h = hashlib.sha256()
+        device = jax.devices()[0]
+        for part in (jax.__version__, jaxlib.__version__, device.platform, device.device_kind, repr(config),
+                     str(jax.tree.map(lambda a: (a.shape, str(a.dtype)), (params, pool))), repr(buckets), attention):
+            h.update(str(part).encode() + b"\0")
+        package = Path(__file__).resolve().parents[1]
+        for folder_name in ("models", "runtime", "sharding"):
+            for source in sorted((package / folder_name).rglob("*.py")):
+                h.update(source.relative_to(package).as_posix().encode() + b"\0" + source.read_bytes())
+        self.path = Path(folder) / f"meshserve-programs-{h.hexdigest()[:32]}.pkl"
+
+    def load(self, devices: list) -> dict | None:
+        """The programs, on `devices`; None if none were saved or they cannot be read. (Loading
+        runs what the file holds: the folder must be as trusted as the code.)"""
+        import pickle
+
+        from jax.experimental.serialize_executable import deserialize_and_load
+
+        try:
+            with open(self.path, "rb") as f:
+                saved = pickle.load(f)
+            return {shape: deserialize_and_load(*parts, backend=devices[0].client, execution_devices=devices)
+                    for shape, parts in saved.items()}
+        except FileNotFoundError:
+            return None
+        except Exception as e:  # a damaged or foreign file: compile instead
+            import logging
+
+            logging.getLogger("meshserve.programs").warning("saved programs %s unreadable (%s): compiling",
+                                                            self.path, e)
+            return None
+
+    def save(self, compiled: dict) -> None:
+        import pickle
+        import tempfile
+
+        from jax.experimental.serialize_executable import serialize
+
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            data = pickle.dumps({shape: serialize(c) for shape, c in compiled.items()})
+            with tempfile.NamedTemporaryFile(dir=self.path.parent, delete=False) as f:
+                f.write(data)
+            os.replace(f.name, self.path)
+        except Exception as e:  # a cache that cannot be written: only later starts are slower
+            import logging
+
+            logging.getLogger("meshserve.programs").warning("programs not saved to %s: %s", self.path, e)
 
 
 def _abstract(tree):

@@ -26,9 +26,10 @@ import numpy as np
 
 from meshserve.runtime.block_manager import NULL_PAGE, BlockManager
 from meshserve.runtime.kv_cache import KVPool
-from meshserve.runtime.programs import Buckets, PrefillBatch, Programs, StepBatch
+from meshserve.runtime.programs import (DECODE_INTS, PREFILL_ROW_INTS, PREFILL_TOKEN_FIELDS, Buckets,
+                                        DecodeBatch, PrefillBatch, Programs)
 from meshserve.runtime.sampling import SamplingBatch, SamplingParams
-from meshserve.runtime.scheduler import PrefillChunk, Sequence, StepPlan
+from meshserve.runtime.scheduler import Sequence, StepPlan
 
 # (params, seed, whether its prompt is to be scored, token ids it cannot sample now) of a request
 SamplingOf = Callable[[Sequence], tuple[SamplingParams, int, bool, tuple[int, ...]]]
@@ -37,7 +38,7 @@ SamplingOf = Callable[[Sequence], tuple[SamplingParams, int, bool, tuple[int, ..
 @dataclasses.dataclass(frozen=True)
 class Call:
     shape: tuple[str, int, int, int]  # (family, rows, tokens, pages): which compiled program
-    batch: StepBatch | PrefillBatch  # host arrays
+    batch: DecodeBatch | PrefillBatch  # host arrays
     rows: tuple[tuple[int, Sequence], ...]  # (row, request) whose sampled token is wanted
     # (where its scores start in Scored — (index 0, index 1) —, request, first position, count)
     scored: tuple[tuple[tuple[int, int], Sequence, int, int], ...] = ()
@@ -62,6 +63,7 @@ class ModelRunner:
         self.blocks = blocks
         self.page_size = page_size
         self.replicas = blocks.replicas
+        self._no_history: dict[tuple, np.ndarray] = {}
 
     # ---- host ----------------------------------------------------------------------------------
 
@@ -157,47 +159,45 @@ class ModelRunner:
     def _prefill_call(self, placed: list[_Row], t: int, q: int) -> Call:
         """Host arrays of one ragged prefill call; padding tokens write to the null page."""
         ps, r_count = self.page_size, self.buckets.rows(t)
-        tokens = np.zeros(t, np.int32)
-        positions = np.zeros(t, np.int32)
-        write_pages = np.full(t, NULL_PAGE, np.int32)
-        write_slots = np.zeros(t, np.int32)
-        token_row = np.full(t, -1, np.int32)
-        targets = np.full(t, -1, np.int32)
-        ctx_pages = np.full(q, NULL_PAGE, np.int32)
-        ctx_row = np.full(q, -1, np.int32)
-        ctx_index = np.zeros(q, np.int32)
-        last = np.zeros(r_count, np.int32)
-        prompt_len = np.zeros(r_count, np.int32)
-        history = np.full((r_count, q * ps), -1, np.int32)
+        tokens = np.zeros((len(PREFILL_TOKEN_FIELDS), t), np.int32)
+        tokens[2], tokens[4], tokens[5] = NULL_PAGE, -1, -1  # write pages, token rows, targets
+        ctx = np.zeros((3, q), np.int32)
+        ctx[0], ctx[1] = NULL_PAGE, -1  # pages, rows
+        row_ints = np.zeros((r_count, PREFILL_ROW_INTS + SamplingBatch.INTS), np.int32)
+        floats = np.empty((r_count, SamplingBatch.FLOATS), np.float32)
+        history = None
         sampling: list = [None] * r_count
         rows, scored = [], []
         at = c = 0
         for r, row in enumerate(placed):
             n, seq = len(row.tokens), row.seq
             pages = np.asarray(seq.pages, np.int32)
-            tokens[at:at + n] = row.tokens
-            positions[at:at + n] = row.positions
-            write_pages[at:at + n] = pages[row.positions // ps]
-            write_slots[at:at + n] = row.positions % ps
-            token_row[at:at + n] = r
+            span = slice(at, at + n)
+            tokens[0, span] = row.tokens
+            tokens[1, span] = row.positions
+            tokens[2, span] = pages[row.positions // ps]
+            tokens[3, span] = row.positions % ps
+            tokens[4, span] = r
             k = self._context(row)
-            ctx_pages[c:c + k] = pages[:k]
-            ctx_row[c:c + k] = r
-            ctx_index[c:c + k] = np.arange(k)
-            last[r] = at + n - 1
-            prompt_len[r] = seq.prompt_len
+            ctx[0, c:c + k] = pages[:k]
+            ctx[1, c:c + k] = r
+            ctx[2, c:c + k] = np.arange(k)
+            row_ints[r, :PREFILL_ROW_INTS] = (at + n - 1, seq.prompt_len)
             sampling[r] = row.sampling
             if row.history is not None:
+                if history is None:
+                    history = np.full((r_count, q * ps), -1, np.int32)
                 history[r, :len(row.history)] = row.history
             if row.sampling is not None:
                 rows.append((r, seq))
             if row.targets is not None:
-                targets[at:at + n] = row.targets
+                tokens[5, span] = row.targets
                 scored.append(((0, at), seq, int(row.positions[0]), int((row.targets >= 0).sum())))
             at, c = at + n, c + k
-        batch = PrefillBatch(tokens, positions, write_pages, write_slots, token_row, ctx_pages, ctx_row, ctx_index,
-                             last, SamplingBatch.build(sampling, r_count), history, prompt_len, targets)
-        return Call(("prefill", r_count, t, q), batch, tuple(rows), tuple(scored))
+        SamplingBatch.pack(sampling, r_count, row_ints[:, PREFILL_ROW_INTS:], floats)
+        shape = ("prefill", r_count, t, q)
+        batch = PrefillBatch(tokens, ctx, row_ints, floats, self._history(shape, history))
+        return Call(shape, batch, tuple(rows), tuple(scored))
 
     def _decode_row(self, seq: Sequence, sampling_of: SamplingOf) -> _Row:
         return self._row(seq, seq.num_computed, seq.num_computed + 1, True, sampling_of)
@@ -220,38 +220,39 @@ class ModelRunner:
         return placed
 
     def _call(self, family: str, placed: list[tuple[int, _Row]], b: int, t: int, p: int) -> Call:
-        """Host arrays of one call; padding rows and tokens write to the null page, read nothing."""
+        """Host arrays of one decode call; padding rows write to the null page, read nothing."""
         ps = self.page_size
-        tokens = np.zeros((b, t), np.int32)
-        positions = np.zeros((b, t), np.int32)
-        write_pages = np.full((b, t), NULL_PAGE, np.int32)
-        write_slots = np.zeros((b, t), np.int32)
+        ints = np.empty((b, DECODE_INTS + SamplingBatch.INTS), np.int32)
+        floats = np.empty((b, SamplingBatch.FLOATS), np.float32)
+        sampling = [None] * b
+        ints[:, :DECODE_INTS] = (0, 0, NULL_PAGE, 0, 0)
         tables = np.full((b, p), NULL_PAGE, np.int32)
-        last = np.zeros(b, np.int32)
-        prompt_len = np.zeros(b, np.int32)
-        history = np.full((b, p * ps), -1, np.int32)
-        targets = np.full((b, t), -1, np.int32)
-        sampling: list[tuple[SamplingParams, int, int, tuple[int, ...]] | None] = [None] * b
+        history = None
         for r, row in placed:
-            n, seq = len(row.tokens), row.seq
-            tokens[r, :n] = row.tokens
-            positions[r, :n] = row.positions
-            write_pages[r, :n] = np.asarray(seq.pages, np.int32)[row.positions // ps]
-            write_slots[r, :n] = row.positions % ps
+            seq, position = row.seq, int(row.positions[0])
+            ints[r, :DECODE_INTS] = (row.tokens[0], position, seq.pages[position // ps], position % ps, seq.prompt_len)
             tables[r, :len(seq.pages)] = seq.pages
-            last[r] = n - 1
-            prompt_len[r] = seq.prompt_len
             sampling[r] = row.sampling
             if row.history is not None:
+                if history is None:
+                    history = np.full((b, p * ps), -1, np.int32)
                 history[r, :len(row.history)] = row.history
-            if row.targets is not None:
-                targets[r, :n] = row.targets
-        batch = StepBatch(tokens, positions, tables, write_pages, write_slots, last,
-                          SamplingBatch.build(sampling, b), history, prompt_len, targets)
+        SamplingBatch.pack(sampling, b, ints[:, DECODE_INTS:], floats)
+        batch = DecodeBatch(ints, floats, tables, self._history(("decode", b, t, p), history))
         rows = tuple((r, row.seq) for r, row in placed if row.sampling is not None)
-        scored = tuple(((r, 0), row.seq, int(row.positions[0]), int((row.targets >= 0).sum()))
-                       for r, row in placed if row.targets is not None)
-        return Call((family, b, t, p), batch, rows, scored)
+        return Call((family, b, t, p), batch, rows)
+
+    def _history(self, shape, history: np.ndarray | None):
+        """`history`, or when no row of the call is penalized an all -1 array made once per shape
+        (never written: the call sends nothing new for it)."""
+        if history is not None:
+            return history
+        if shape not in self._no_history:
+            rows, width = shape[1], shape[3] * self.page_size
+            empty = np.full((rows, width), -1, np.int32)
+            empty.flags.writeable = False
+            self._no_history[shape] = empty
+        return self._no_history[shape]
 
     # ---- device --------------------------------------------------------------------------------
 

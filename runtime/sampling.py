@@ -116,26 +116,48 @@ class SamplingBatch:
     bias_ids: Array  # i32[B, BIAS_SLOTS]: tokens whose logits move (-1: unused slot) …
     bias_values: Array  # f32[B, BIAS_SLOTS]: … by this much (-inf: cannot be sampled)
 
+    # Packed form, what crosses to the device: per row, ints i32[INTS] = (top_k, seed, step,
+    # want_logprobs, bias ids…) and floats f32[FLOATS] = (temperature, top_p, min_p, repetition,
+    # presence and frequency penalties, bias values…); two arrays per call instead of twelve.
+    INTS = 4 + BIAS_SLOTS
+    FLOATS = 6 + BIAS_SLOTS
+    _INT_PAD = np.array([0, 0, 0, 0] + [-1] * BIAS_SLOTS, np.int32)  # a padding row: greedy, nothing else
+    _FLOAT_PAD = np.array([0, 1, 0, 1, 0, 0] + [0] * BIAS_SLOTS, np.float32)
+
     @classmethod
-    def build(cls, rows: list[tuple[SamplingParams, int, int, tuple[int, ...]] | None], size: int) -> "SamplingBatch":
-        """From (params, seed, step, held back) per request — held back: token ids that cannot be
-        sampled this step (min_tokens); padding rows (None, or past the list) are greedy."""
-        f = lambda: np.zeros(size, np.float32)
-        i = lambda: np.zeros(size, np.int32)
-        t, tk, tp, mp, rp, pp, fp, sd, st, lp = f(), i(), f() + 1, f(), f() + 1, f(), f(), i(), i(), np.zeros(size, bool)
-        bias_ids = np.full((size, BIAS_SLOTS), -1, np.int32)
-        bias_values = np.zeros((size, BIAS_SLOTS), np.float32)
+    def pack(cls, rows: list[tuple[SamplingParams, int, int, tuple[int, ...]] | None], size: int,
+             ints: np.ndarray | None = None, floats: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Host arrays from (params, seed, step, held back) per request — held back: token ids that
+        cannot be sampled this step (min_tokens); padding rows (None, or past the list) are greedy.
+        `ints` / `floats`: [size, ≥ INTS / FLOATS] arrays to write into, from column 0 (else new)."""
+        if ints is None:
+            ints = np.empty((size, cls.INTS), np.int32)
+        if floats is None:
+            floats = np.empty((size, cls.FLOATS), np.float32)
+        ints[:, :cls.INTS] = cls._INT_PAD
+        floats[:, :cls.FLOATS] = cls._FLOAT_PAD
         for r, row in enumerate(rows):
             if row is None:
                 continue
             p, seed, step, held = row
-            t[r], tk[r], tp[r], mp[r] = p.temperature, p.top_k, p.top_p, p.min_p
-            rp[r], pp[r], fp[r] = p.repetition_penalty, p.presence_penalty, p.frequency_penalty
-            sd[r], st[r], lp[r] = seed, step, p.logprobs is not None
+            ints[r, :4] = (p.top_k, seed, step, p.logprobs is not None)
+            floats[r, :6] = (p.temperature, p.top_p, p.min_p, p.repetition_penalty, p.presence_penalty,
+                             p.frequency_penalty)
             entries = list(p.logit_bias) + [(tid, -np.inf) for tid in held]
             for k, (tid, bias) in enumerate(entries):
-                bias_ids[r, k], bias_values[r, k] = tid, bias
-        return cls(t, tk, tp, mp, rp, pp, fp, sd, st, lp, bias_ids, bias_values)
+                ints[r, 4 + k], floats[r, 6 + k] = tid, bias
+        return ints, floats
+
+    @classmethod
+    def unpack(cls, ints, floats) -> "SamplingBatch":
+        """The batch from its packed columns (on the device: slices, no copies)."""
+        return cls(floats[:, 0], ints[:, 0], floats[:, 1], floats[:, 2], floats[:, 3], floats[:, 4], floats[:, 5],
+                   ints[:, 1], ints[:, 2], ints[:, 3] != 0, ints[:, 4:cls.INTS], floats[:, 6:cls.FLOATS])
+
+    @classmethod
+    def build(cls, rows: list[tuple[SamplingParams, int, int, tuple[int, ...]] | None], size: int) -> "SamplingBatch":
+        """`pack` then `unpack`, as host arrays."""
+        return cls.unpack(*cls.pack(rows, size))
 
 
 @jax.tree_util.register_dataclass

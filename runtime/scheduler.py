@@ -101,6 +101,10 @@ class SchedulerConfig:
     queue_timeout_s: float | None = None
     priority_levels: int = 3
     onboard_page_cost: int = 2  # step-budget tokens a page copied in from a lower tier counts for
+    # While some request is decoding, a step computes at most this many prompt tokens (None: no
+    # limit but the step budget): a long prompt then arrives in small chunks and the streams keep
+    # their pace between tokens, at the cost of that prompt's time to first token.
+    prefill_tokens_while_decoding: int | None = None
 
     def __post_init__(self):
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_prefill_chunk", "max_queue_size",
@@ -111,6 +115,9 @@ class SchedulerConfig:
             raise ValueError("max_num_batched_tokens must be >= max_num_seqs (each decode takes one)")
         if self.queue_timeout_s is not None and self.queue_timeout_s <= 0:
             raise ValueError(f"queue_timeout_s must be positive or null, got {self.queue_timeout_s}")
+        if self.prefill_tokens_while_decoding is not None and self.prefill_tokens_while_decoding < 1:
+            raise ValueError(f"prefill_tokens_while_decoding must be >= 1 or null, "
+                             f"got {self.prefill_tokens_while_decoding}")
 
 
 class Scheduler:
@@ -164,6 +171,10 @@ class Scheduler:
         decodes: list[Sequence] = []
         prefills: list[PrefillChunk] = []
         budget = self.config.max_num_batched_tokens
+        prompt_budget = budget  # prompt tokens this step
+        limit = self.config.prefill_tokens_while_decoding
+        if limit is not None and any(s.uncomputed == 1 for s in self.running if s.status is Status.RUNNING):
+            prompt_budget = limit
 
         # Running requests, most entitled first, so preemption takes from the tail.
         self.running.sort(key=lambda s: s.order)
@@ -171,7 +182,7 @@ class Scheduler:
             if seq.status is not Status.RUNNING:  # preempted earlier in this loop
                 continue
             n = 1 if seq.uncomputed == 1 else min(seq.uncomputed, budget - len(self._decodes_left(seq)),
-                                                  self.config.max_prefill_chunk)
+                                                  prompt_budget, self.config.max_prefill_chunk)
             if n <= 0:
                 continue
             if not self._make_room(seq, seq.num_computed + n, preempted, now):
@@ -180,6 +191,7 @@ class Scheduler:
                 decodes.append(seq)
             else:
                 prefills.append(PrefillChunk(seq, seq.num_computed, seq.num_computed + n))
+                prompt_budget -= n
             budget -= n
 
         # Admit waiting requests while there is budget, a free slot, and pages (no preemption for
@@ -192,7 +204,9 @@ class Scheduler:
                 budget -= self._reuse_prefix(seq, budget)
                 if budget <= 0:
                     break
-            n = 1 if seq.uncomputed == 1 else min(seq.uncomputed, budget, self.config.max_prefill_chunk)
+            n = 1 if seq.uncomputed == 1 else min(seq.uncomputed, budget, prompt_budget, self.config.max_prefill_chunk)
+            if n <= 0:
+                break  # no prompt tokens left this step
             if not self.blocks.grow(seq.pages, seq.num_computed + n):
                 if seq.num_cached:  # give the prefix back; it is looked up again next time
                     given_back = set(seq.pages)
@@ -210,6 +224,7 @@ class Scheduler:
                 decodes.append(seq)
             else:
                 prefills.append(PrefillChunk(seq, seq.num_computed, seq.num_computed + n))
+                prompt_budget -= n
             budget -= n
         onboard, self._onboard = tuple(self._onboard), []
         return StepPlan(tuple(prefills), tuple(decodes), tuple(preempted), tuple(expired), onboard)

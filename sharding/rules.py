@@ -39,6 +39,7 @@ DEFAULT_RULES: Rules = {
     "layers": None,
     "batch": "data",
     "tokens": None,
+    "fields": None,  # the packed columns of a call's inputs
     "rows": None,  # the requests of a ragged prefill call: never split (any replica's may share it)
     "pages": "data",
     "page_slots": None,

@@ -69,6 +69,39 @@ def test_no_compiles_after_start_up(tiny_ckpt):
     assert compiles == []
 
 
+def test_programs_saved_whole_load_without_tracing_and_stay_correct(tiny_ckpt, tmp_path, monkeypatch, caplog):
+    import dataclasses
+
+    from meshserve.runtime import programs
+
+    config = dataclasses.replace(TIGHT, compilation_cache_dir=str(tmp_path / "xla"))
+    prompts = ["hello there", [5, 6, 7] * 7]
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    first = Engine(tiny_ckpt, config)
+    assert not first.programs.loaded
+    expected = [c.token_ids for c in first.generate(prompts, params)]
+    saved = list((tmp_path / "xla").glob("meshserve-programs-*.pkl"))
+    assert len(saved) == 1
+
+    def no_tracing(*args, **kwargs):
+        raise AssertionError("a saved program was traced again")
+
+    with monkeypatch.context() as m:
+        m.setattr(programs, "abstract_batch", no_tracing)
+        again = Engine(tiny_ckpt, config)
+    assert again.programs.loaded and len(again.programs) == len(first.programs)
+    for program in again.programs.compiled.values():  # still donating the pool
+        assert program.memory_analysis().alias_size_in_bytes >= again.pool.nbytes
+    assert [c.token_ids for c in again.generate(prompts, params)] == expected
+    # other buckets: other programs, another file; a damaged file: compiled again, with a warning
+    other = Engine(tiny_ckpt, dataclasses.replace(config, decode_buckets=(1,)))
+    assert not other.programs.loaded and len(list((tmp_path / "xla").glob("meshserve-programs-*.pkl"))) == 2
+    saved[0].write_bytes(saved[0].read_bytes()[:1000])
+    damaged = Engine(tiny_ckpt, config)
+    assert not damaged.programs.loaded and "unreadable" in caplog.text
+    assert [c.token_ids for c in damaged.generate(prompts, params)] == expected
+
+
 def test_kv_pool_is_donated_not_copied(engine):
     pool_bytes = engine.pool.nbytes
     for program in engine.programs.compiled.values():
@@ -304,14 +337,14 @@ def _fail_sampling_rows_of(monkeypatch, seed: int):
     """Building the sampling rows of any call holding a request with `seed` raises."""
     from meshserve.runtime.sampling import SamplingBatch
 
-    real = SamplingBatch.build.__func__
+    real = SamplingBatch.pack.__func__
 
-    def build(cls, rows, size):
+    def pack(cls, rows, size, *args):
         if any(r is not None and r[0].seed == seed for r in rows):
             raise RuntimeError("injected fault while building a step")
-        return real(cls, rows, size)
+        return real(cls, rows, size, *args)
 
-    monkeypatch.setattr(SamplingBatch, "build", classmethod(build))
+    monkeypatch.setattr(SamplingBatch, "pack", classmethod(pack))
 
 
 def test_a_step_that_fails_before_running_caches_nothing(tiny_ckpt, monkeypatch):
@@ -355,14 +388,14 @@ def test_a_call_no_single_request_explains_fails_its_requests_not_the_engine(tin
     from meshserve.runtime.sampling import SamplingBatch
 
     engine = Engine(tiny_ckpt, TIGHT)
-    real = SamplingBatch.build.__func__
+    real = SamplingBatch.pack.__func__
 
-    def build(cls, rows, size):  # only the two requests together cannot be built
+    def pack(cls, rows, size, *args):  # only the two requests together cannot be built
         if sum(r is not None for r in rows) > 1:
             raise RuntimeError("injected fault of the pair")
-        return real(cls, rows, size)
+        return real(cls, rows, size, *args)
 
-    monkeypatch.setattr(SamplingBatch, "build", classmethod(build))
+    monkeypatch.setattr(SamplingBatch, "pack", classmethod(pack))
     a = engine.add_request([7], SamplingParams(max_tokens=4, ignore_eos=True))
     b = engine.add_request([8], SamplingParams(max_tokens=4, ignore_eos=True))
     finished = {}

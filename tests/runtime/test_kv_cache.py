@@ -28,7 +28,7 @@ def _dense(q, k_pages, v_pages, pages, q_pos, window):
 @pytest.mark.parametrize("window", [None, 3])
 @pytest.mark.parametrize("tile_keys", [4, 8, 256])  # one page, two pages, all pages per tile
 def test_decode_equals_dense_attention(pages, window, tile_keys, monkeypatch):
-    monkeypatch.setattr(kv_cache, "TILE_KEYS", tile_keys)
+    monkeypatch.setattr(kv_cache, "DECODE_TILE_KEYS", tile_keys)
     k_pages, v_pages = pages
     rows = [[5, 6, 7], list(range(10, 17)), [30]]
     start = np.array([9, 27, 2], np.int32)

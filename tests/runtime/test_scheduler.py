@@ -49,6 +49,25 @@ def test_decodes_keep_their_token_when_a_prompt_arrives():
     assert [(c.seq.request_id, c.end - c.start) for c in plan.prefills] == [("b", 5)]
 
 
+def test_prompt_tokens_are_limited_while_requests_decode():
+    sched = make(max_num_batched_tokens=64, max_prefill_chunk=32, max_num_seqs=4, prefill_tokens_while_decoding=5)
+    a, b, c = seq("a", 3), seq("b", 30, arrival=1.0), seq("c", 9, arrival=2.0)
+    sched.add(a)
+    plan = sched.schedule(0)
+    assert [(x.end - x.start) for x in plan.prefills] == [3]  # nothing decodes yet: no limit
+    run(sched, plan)
+    sched.add(b)
+    sched.add(c)
+    spans = []
+    while b.num_computed < 30:
+        plan = sched.schedule(0)
+        assert a in plan.decodes and sum(x.end - x.start for x in plan.prefills) <= 5
+        spans.append([(x.seq.request_id, x.end - x.start) for x in plan.prefills])
+        run(sched, plan)
+    assert spans[:2] == [[("b", 5)], [("b", 5)]] and len(spans) == 6  # 30 tokens, 5 a step
+    assert c.status is Status.WAITING  # a newcomer waits behind them: no budget left this step
+
+
 def test_priority_then_arrival():
     sched = make(max_num_seqs=1)
     for s in (seq("late-low", 2, priority=2, arrival=0), seq("high", 2, priority=0, arrival=5),

@@ -155,7 +155,8 @@ def test_compilation_cache_folder_is_used(smollm_ckpt, tmp_path):
     result = meshserve("generate", "--model", smollm_ckpt.path, "--config", tmp_path / "serving.yaml",
                        "--quiet", "--max-tokens", "2", "hi")
     assert result.returncode == 0, result.stderr
-    assert any(p.name.startswith("jit_step") for p in (tmp_path / "xla").iterdir())
+    names = [p.name for p in (tmp_path / "xla").iterdir()]
+    assert any(n.startswith("jit_prefill_step") for n in names) and any(n.startswith("jit_decode_step") for n in names)
 
 
 def test_bad_serving_config(smollm_ckpt, tmp_path):
