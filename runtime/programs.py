@@ -150,7 +150,8 @@ class Buckets:
         """(family, rows or batch, tokens, pages) of every program to compile."""
         for p in self.context_pages:
             for t in self.prefill_tokens:
-                if t <= p * page_size:  # fewer pages could not hold t tokens: a smaller t bucket serves
+                # fewer pages than t tokens fill: the next pages bucket serves (the largest serves all)
+                if t <= p * page_size or p == self.context_pages[-1]:
                     yield ("prefill", self.rows(t), t, p)
             for b in self.decode_batch:
                 yield ("decode", b, 1, p)

@@ -77,7 +77,12 @@ class ModelRunner:
                 prefill_rows.append(self._row(chunk.seq, chunk.start, chunk.end, chunk.samples, sampling_of))
             except Exception as e:  # this request's fault: it leaves the step, the rest goes on
                 dropped[chunk.seq] = e
-        for placed, t, q in self._prefill_groups(prefill_rows):
+        try:
+            groups = self._prefill_groups(prefill_rows)
+        except Exception as e:  # nothing has run: the prompts fail, the engine goes on
+            groups = []
+            dropped.update((row.seq, e) for row in prefill_rows)
+        for placed, t, q in groups:
             self._isolated(placed, lambda g, t=t, q=q: self._prefill_call(g, t, q), lambda row: row.seq,
                            calls, dropped)
         rows = []
@@ -152,7 +157,8 @@ class ModelRunner:
         for g in groups:
             n = sum(len(r.tokens) for r in g)
             t = next(t for t in b.prefill_tokens if t >= n and b.rows(t) >= len(g))
-            q = Buckets.pick(b.context_pages, max(sum(map(self._context, g)), math.ceil(t / self.page_size)))
+            pages = max(sum(map(self._context, g)), math.ceil(t / self.page_size))
+            q = next((q for q in b.context_pages if q >= pages), b.context_pages[-1])  # see Buckets.shapes
             out.append((g, t, q))
         return out
 

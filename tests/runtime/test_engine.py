@@ -102,6 +102,20 @@ def test_programs_saved_whole_load_without_tracing_and_stay_correct(tiny_ckpt, t
     assert [c.token_ids for c in damaged.generate(prompts, params)] == expected
 
 
+def test_prefill_calls_larger_than_the_context_in_tokens_still_run(tiny_ckpt):
+    """A 64-token prefill bucket over pages that hold 60 tokens (max_seq_len 60): several short
+    prompts fill one call; it runs on the largest pages bucket and every output is right."""
+    import dataclasses
+
+    engine = Engine(tiny_ckpt, dataclasses.replace(TIGHT, max_num_seqs=8, max_num_batched_tokens=64,
+                                                   max_prefill_chunk=64, prefill_buckets=(16, 64)))
+    assert ("prefill", engine.buckets.rows(64), 64, 15) in engine.programs.compiled
+    rng = np.random.default_rng(5)
+    prompts = [rng.integers(0, 260, 9).tolist() for _ in range(6)]
+    outs = engine.generate(prompts, SamplingParams(max_tokens=4, ignore_eos=True))
+    assert [list(o.token_ids) for o in outs] == [greedy_reference(tiny_ckpt, p, 4) for p in prompts]
+
+
 def test_kv_pool_is_donated_not_copied(engine):
     pool_bytes = engine.pool.nbytes
     for program in engine.programs.compiled.values():
