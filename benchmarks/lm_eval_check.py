@@ -26,6 +26,7 @@ import urllib.request
 from pathlib import Path
 
 import source_tree  # noqa: F401  (meshserve from this checkout when not installed)
+from local_server import start_server
 
 ROOT = Path(__file__).resolve().parents[1]
 TASK = "meshserve_mc"
@@ -35,31 +36,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def start_server(model: str, port: int, http_port: int, folder: Path) -> subprocess.Popen:
-    import yaml
-
-    config = yaml.safe_load((ROOT / "configs/serving/default.yaml").read_text())
-    config["engine"].update(max_seq_len=256, max_num_seqs=8, max_num_batched_tokens=128, max_prefill_chunk=128,
-                            prefill_buckets=[32, 128], decode_buckets=[8], context_buckets=[16])
-    config["server"].update(port=port, http_port=http_port, metrics_port=None, model=model)
-    path = folder / "serving.yaml"
-    path.write_text(yaml.safe_dump(config))
-    server = subprocess.Popen([sys.executable, "-m", "meshserve.serving.cli", "serve", "--config", str(path),
-                               "--quiet"], cwd=ROOT)
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        try:
-            if urllib.request.urlopen(f"http://127.0.0.1:{http_port}/health", timeout=2).status == 200:
-                return server
-        except OSError:
-            pass
-        if server.poll() is not None:
-            raise SystemExit(f"the server exited with {server.returncode}")
-        time.sleep(1)
-    server.kill()
-    raise SystemExit("the server was not ready within 10 minutes")
 
 
 def run_lm_eval(http_port: int, model_name: str) -> dict:
@@ -110,7 +86,9 @@ def main(argv=None) -> int:
     tokenizer = load_checkpoint(model, progress=False).tokenizer
     port, http_port = free_port(), free_port()
     with tempfile.TemporaryDirectory() as tmp:
-        server = start_server(model, port, http_port, Path(tmp))
+        server = start_server(model, port, http_port, Path(tmp), dict(
+            max_seq_len=256, max_num_seqs=8, max_num_batched_tokens=128, max_prefill_chunk=128,
+            prefill_buckets=[32, 128], decode_buckets=[8], context_buckets=[16]))
         try:
             name = json.load(urllib.request.urlopen(f"http://127.0.0.1:{http_port}/v1/models"))["data"][0]["id"]
             t0 = time.perf_counter()

@@ -27,7 +27,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.request
 from pathlib import Path
 
@@ -48,30 +47,6 @@ def aiperf() -> Path:
         subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
         subprocess.run([str(VENV / "bin" / "pip"), "install", "-q", AIPERF], check=True)
     return exe
-
-
-def serve(model: str, port: int, http_port: int, folder: Path, concurrency: int) -> subprocess.Popen:
-    import yaml
-
-    config = yaml.safe_load((ROOT / "configs/serving/default.yaml").read_text())
-    config["engine"].update(max_num_seqs=concurrency, decode_buckets=[concurrency])
-    config["server"].update(port=port, http_port=http_port, metrics_port=None, model=model)
-    path = folder / "serving.yaml"
-    path.write_text(yaml.safe_dump(config))
-    server = subprocess.Popen([sys.executable, "-m", "meshserve.serving.cli", "serve", "--config", str(path),
-                               "--quiet"], cwd=ROOT)
-    deadline = time.monotonic() + 900
-    while time.monotonic() < deadline:
-        try:
-            if urllib.request.urlopen(f"http://127.0.0.1:{http_port}/health", timeout=2).status == 200:
-                return server
-        except OSError:
-            pass
-        if server.poll() is not None:
-            raise SystemExit(f"the server exited with {server.returncode}")
-        time.sleep(1)
-    server.kill()
-    raise SystemExit("the server was not ready within 15 minutes")
 
 
 def run_aiperf(args, http_port: int, model_name: str, tokenizer: str, out: Path) -> dict:
@@ -119,6 +94,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import source_tree  # noqa: F401  (meshserve from this checkout when not installed)
+    from local_server import start_server
 
     from meshserve.models.default import default_checkpoint
 
@@ -126,7 +102,8 @@ def main(argv=None) -> int:
     aiperf()  # installed before the server starts: its start-up is not timed
     port, http_port = free_port(), free_port()
     with tempfile.TemporaryDirectory() as tmp:
-        server = serve(model, port, http_port, Path(tmp), args.concurrency)
+        server = start_server(model, port, http_port, Path(tmp),
+                              dict(max_num_seqs=args.concurrency, decode_buckets=[args.concurrency]), timeout_s=900)
         try:
             name = json.load(urllib.request.urlopen(f"http://127.0.0.1:{http_port}/v1/models"))["data"][0]["id"]
             grpc_target, http_target = ["--server", f"127.0.0.1:{port}"], ["--http", f"http://127.0.0.1:{http_port}"]
