@@ -190,21 +190,33 @@ class RaggedKVCache:
         return out[None], dataclasses.replace(self, pool=pool)
 
 
+def _local_pages(pages, n_local: int, shards: AttentionShards | None):
+    """Page ids as this data shard's (its range of the pool made local; others point at its null
+    page), and which of them it owns (None when pages are not split)."""
+    if shards is None or shards.pages is None:
+        return pages, None
+    local = pages - lax.axis_index(shards.pages) * n_local
+    owned = (local >= 0) & (local < n_local)
+    return jnp.where(owned, local, 0), owned
+
+
+def _shared_kv_head(q_heads: int, kv_heads: int, shards: AttentionShards | None):
+    """With kv heads replicated and q heads split, the one kv head this shard's q heads share
+    (else None)."""
+    if shards is None or shards.q_heads is None or shards.kv_heads is not None:
+        return None
+    group = q_heads * shards.mesh.shape[shards.q_heads] // kv_heads
+    return lax.axis_index(shards.q_heads) * q_heads // group
+
+
 def _ragged_local(q, k_pages, v_pages, ctx_pages, ctx_row, ctx_index, token_row, positions, *, rows: int,
                   attention: str, sliding_window: int | None, shards: AttentionShards | None):
     """Ragged prefill attention of one shard (or of everything, on one device): q [T, H, E]."""
     pages_used = jnp.sum(ctx_row >= 0)  # a call's pages come first, padding after
-    owned = None
-    if shards is not None and shards.pages is not None:  # this data shard's pages, ids made local
-        n_local = k_pages.shape[0]
-        local = ctx_pages - lax.axis_index(shards.pages) * n_local
-        owned = (local >= 0) & (local < n_local)
-        ctx_pages = jnp.where(owned, local, 0)
+    ctx_pages, owned = _local_pages(ctx_pages, k_pages.shape[0], shards)
+    if owned is not None:
         ctx_row = jnp.where(owned, ctx_row, -1)  # another shard's pages: no row of this shard's
-    kv_first = None
-    if shards is not None and shards.q_heads is not None and shards.kv_heads is None:
-        group = q.shape[1] * shards.mesh.shape[shards.q_heads] // k_pages.shape[2]
-        kv_first = lax.axis_index(shards.q_heads) * q.shape[1] // group
+    kv_first = _shared_kv_head(q.shape[1], k_pages.shape[2], shards)
     if attention == "pallas":
         if kv_first is not None:
             raise ConfigError("attention: pallas needs kv heads split like q heads; use reference")
@@ -359,17 +371,8 @@ _MASKED = -1e30  # finite, as in models.llama.attention
 def _attend_local(q, k_pages, v_pages, tables, start, query_lens, *, attention: str,
                   sliding_window: int | None, shards: AttentionShards | None):
     """Attention of one shard (or of everything, on one device)."""
-    owned = None
-    if shards is not None and shards.pages is not None:  # this data shard's pages, ids made local
-        n_local = k_pages.shape[0]
-        local = tables - lax.axis_index(shards.pages) * n_local
-        owned = (local >= 0) & (local < n_local)
-        tables = jnp.where(owned, local, 0)
-    kv_first = None
-    if shards is not None and shards.q_heads is not None and shards.kv_heads is None:
-        # kv heads replicated, q heads split: this shard's q heads share one kv head
-        group = q.shape[2] * shards.mesh.shape[shards.q_heads] // k_pages.shape[2]
-        kv_first = lax.axis_index(shards.q_heads) * q.shape[2] // group
+    tables, owned = _local_pages(tables, k_pages.shape[0], shards)
+    kv_first = _shared_kv_head(q.shape[2], k_pages.shape[2], shards)
     if attention == "pallas":
         if kv_first is not None:
             raise ConfigError("attention: pallas needs kv heads split like q heads; use reference")
