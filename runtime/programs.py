@@ -22,6 +22,7 @@ max_seq_len and one program serves every length. `context_buckets` can still be 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import functools
 import math
@@ -231,7 +232,8 @@ class Programs:
                                  out_shardings=(self.pool_sharding, layout.replicated(), layout.replicated()))
             lowered[shape] = jitted.lower(_abstract(params), _abstract(pool), batch)
         workers = threads or max(1, os.cpu_count() or 1)
-        with concurrent.futures.ThreadPoolExecutor(workers) as pool_exec:
+        with concurrent.futures.ThreadPoolExecutor(workers) as pool_exec, \
+                _without_jax_cache() if saved is not None else contextlib.nullcontext():
             compiled = dict(zip(lowered, pool_exec.map(lambda low: low.compile(), lowered.values())))
         self.compiled = compiled
         self.batch_shardings = {s: c.input_shardings[0][2] for s, c in compiled.items()}
@@ -323,6 +325,24 @@ class SavedPrograms:
             import logging
 
             logging.getLogger("meshserve.programs").warning("programs not saved to %s: %s", self.path, e)
+
+
+@contextlib.contextmanager
+def _without_jax_cache():
+    """Compile afresh, past JAX's persistent cache, the programs of a set that will be saved whole:
+    an executable XLA:CPU read back from that cache can be serialized again, and loaded, but then
+    misses its functions when it runs ("Function … not found"). The cache's switch is read once per
+    process, hence the resets."""
+    from jax.experimental.compilation_cache import compilation_cache
+
+    enabled = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    compilation_cache.reset_cache()
+    try:
+        yield
+    finally:
+        jax.config.update("jax_enable_compilation_cache", enabled)
+        compilation_cache.reset_cache()
 
 
 def _abstract(tree):

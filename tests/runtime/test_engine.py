@@ -96,6 +96,11 @@ def test_programs_saved_whole_load_without_tracing_and_stay_correct(tiny_ckpt, t
     # other buckets: other programs, another file; a damaged file: compiled again, with a warning
     other = Engine(tiny_ckpt, dataclasses.replace(config, decode_buckets=(1,)))
     assert not other.programs.loaded and len(list((tmp_path / "xla").glob("meshserve-programs-*.pkl"))) == 2
+    # its prefill programs are the first set's, and in JAX's cache: they were compiled afresh, since an
+    # executable XLA:CPU read back from that cache, saved again, loads but misses functions when it runs
+    other_again = Engine(tiny_ckpt, dataclasses.replace(config, decode_buckets=(1,)))
+    assert other_again.programs.loaded
+    assert [c.token_ids for c in other_again.generate(prompts, params)] == expected
     saved[0].write_bytes(saved[0].read_bytes()[:1000])
     damaged = Engine(tiny_ckpt, config)
     assert not damaged.programs.loaded and "unreadable" in caplog.text
