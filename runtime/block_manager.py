@@ -95,7 +95,7 @@ class BlockManager:
         del self._page_of[self.replica_of(page)][page_hash]
         self.evictions += 1
         if self.events is not None:
-            self.events.add("removed", "device", page_hash)
+            self.events.add("removed", "device", page_hash, replica=self.replica_of(page))
         if self.keep_evicted:
             self._evicted.append((page, page_hash))
 
@@ -158,15 +158,19 @@ class BlockManager:
                 del self._lru[self.replica_of(page)][page]  # back in use
             self._refs[page] += 1
 
-    def register(self, page: int, page_hash: bytes) -> None:
-        """`page` is full and holds the prefix `page_hash` names: make it findable. A prefix already
-        cached on another page keeps that page."""
-        index = self._page_of[self.replica_of(page)]
+    def register(self, page: int, page_hash: bytes, parent: bytes | None = None,
+                 tokens: Sequence[int] | None = None) -> None:
+        """`page` is full and holds the prefix `page_hash` names (after the page `parent` names, None
+        for a first page; `tokens` its token ids, for the events): make it findable. A prefix
+        already cached on another page keeps that page."""
+        replica = self.replica_of(page)
+        index = self._page_of[replica]
         if page_hash not in index and page not in self._hash_of:
             index[page_hash] = page
             self._hash_of[page] = page_hash
             if self.events is not None:
-                self.events.add("stored", "device", page_hash)
+                self.events.add("stored", "device", page_hash, parent,
+                                None if tokens is None else tuple(tokens), replica)
 
     def release(self, table: list[int]) -> None:
         """Drop one reference to each page of `table` and empty it."""

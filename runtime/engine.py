@@ -44,7 +44,7 @@ from meshserve.runtime.block_manager import BlockManager
 from meshserve.runtime.clock import Seeds, clock_for
 from meshserve.runtime.identity import model_fingerprint
 from meshserve.runtime.kv_cache import ATTENTION, POOL_AXES, page_bytes, pages_for_budget, pool_shape, sharded_zeros_pool
-from meshserve.runtime.kv_tiers import HostTier, KVEvents, LowerTiers, PageMover, StoreTier
+from meshserve.runtime.kv_tiers import HostTier, KVEvent, KVEvents, LowerTiers, PageMover, StoreTier
 from meshserve.runtime.programs import Buckets, Programs, enable_compilation_cache
 from meshserve.runtime.request import RequestLimits, check_request
 from meshserve.runtime.runner import ModelRunner
@@ -557,8 +557,8 @@ class Engine:
                                          "".join(texts[i]), out.finish_reason, tuple(logprobs[i]))
         return [done[i] for i in range(len(prompts))]
 
-    def drain_kv_events(self) -> list[tuple[int, str, str, bytes]]:
-        """Cached-page events since the last call: (seq, "stored" | "removed", tier, page hash)."""
+    def drain_kv_events(self) -> list[KVEvent]:
+        """Cached-page events since the last call (stored or removed, per tier)."""
         return self.kv_events.drain() if self.kv_events is not None else []
 
     def evict_prefix_cache(self) -> int:

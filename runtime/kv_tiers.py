@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections import OrderedDict
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -37,9 +38,21 @@ def _scatter(pool: KVPool, pages, data):
     return KVPool(k, v)
 
 
+class KVEvent(NamedTuple):
+    seq: int  # 1, 2, …: a gap means the consumer fell behind and lost events
+    kind: str  # "stored" | "removed"
+    tier: str  # "device" | "host" | "store"
+    page_hash: bytes
+    # on a page the device stored: the hash of the page before it (None: the first page), its token
+    # ids and its data replica, which a router needs to follow the prefix (lower tiers only copy
+    # pages the device had, so they carry the hash alone)
+    parent: bytes | None = None
+    tokens: tuple[int, ...] | None = None
+    replica: int = 0
+
+
 class KVEvents:
-    """What happened to cached pages, per tier, for a KV-aware router to follow:
-    (sequence number, "stored" | "removed", "device" | "host" | "store", page hash). Bounded: a
+    """What happened to cached pages, per tier, for a KV-aware router to follow. Bounded: a
     consumer that falls behind loses the oldest events (and sees the gap in sequence numbers)."""
 
     def __init__(self, maxlen: int = 65536):
@@ -48,11 +61,12 @@ class KVEvents:
         self._events: deque = deque(maxlen=maxlen)
         self._seq = 0
 
-    def add(self, kind: str, tier: str, page_hash: bytes) -> None:
+    def add(self, kind: str, tier: str, page_hash: bytes, parent: bytes | None = None,
+            tokens: tuple[int, ...] | None = None, replica: int = 0) -> None:
         self._seq += 1
-        self._events.append((self._seq, kind, tier, page_hash))
+        self._events.append(KVEvent(self._seq, kind, tier, page_hash, parent, tokens, replica))
 
-    def drain(self) -> list[tuple[int, str, str, bytes]]:
+    def drain(self) -> list[KVEvent]:
         events = list(self._events)
         self._events.clear()
         return events

@@ -291,7 +291,8 @@ class Scheduler:
             parent = seq.page_hashes[-1] if seq.page_hashes else self.salt
             seq.page_hashes.append(chain_hash(parent, seq.tokens[i * ps:(i + 1) * ps]))
         for i in range(seq.num_registered, len(seq.page_hashes)):
-            self.blocks.register(seq.pages[i], seq.page_hashes[i])
+            self.blocks.register(seq.pages[i], seq.page_hashes[i], seq.page_hashes[i - 1] if i else None,
+                                 seq.tokens[i * ps:(i + 1) * ps])
         seq.num_registered = len(seq.page_hashes)
 
     def _decodes_left(self, seq: Sequence) -> list[Sequence]:

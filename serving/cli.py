@@ -76,6 +76,24 @@ def _parser() -> argparse.ArgumentParser:
     srv.add_argument("--tls-key", metavar="PEM")
     srv.add_argument("--quiet", action="store_true", help="no progress bars")
 
+    wrk = sub.add_parser("worker", help="serve as an NVIDIA Dynamo backend worker (behind dynamo.frontend)")
+    wrk.add_argument("--config", default=str(DEFAULT_SERVING_CONFIG), help="serving config: its 'engine' section")
+    wrk.add_argument("--model", metavar="CKPT_DIR", help="checkpoint folder (default: the default model)")
+    wrk.add_argument("--mesh", metavar="MESH_YAML")
+    wrk.add_argument("--model-name", help="the name the frontend serves it under (default: the checkpoint's)")
+    wrk.add_argument("--namespace", default="dynamo", help="Dynamo namespace (default: dynamo)")
+    wrk.add_argument("--component", default="backend", help="Dynamo component (default: backend)")
+    wrk.add_argument("--metrics-port", type=int, help="meshserve's Prometheus metrics (default: off)")
+    wrk.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    flt = sub.add_parser("fleet", help="Dynamo's frontend and N workers on this machine (loopback)")
+    flt.add_argument("--workers", type=int, default=2)
+    flt.add_argument("--router", default="kv", choices=("kv", "round-robin", "random"))
+    flt.add_argument("--port", type=int, default=8000, help="the frontend's HTTP port")
+    flt.add_argument("--config", default=str(DEFAULT_SERVING_CONFIG))
+    flt.add_argument("--model", metavar="CKPT_DIR")
+    flt.add_argument("--model-name")
+
     fetch = sub.add_parser("fetch-default", help="fetch and convert the default model; print its folder")
     fetch.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     return p
@@ -310,6 +328,45 @@ def _serve(args) -> None:
     run_server(Server(config, build_engine(config, engine_config, progress=not args.quiet)))
 
 
+def _worker(args) -> None:
+    import logging
+
+    from meshserve.runtime.engine import EngineConfig
+    from meshserve.serving.config import ServerConfig
+    from meshserve.serving.server import build_engine
+    from meshserve.serving.worker import Worker, run_worker
+
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    config = ServerConfig.from_yaml(args.config).override(model=args.model, mesh=args.mesh)
+    if config.mesh:
+        from meshserve.sharding.mesh import MeshConfig
+
+        if MeshConfig.from_yaml(config.mesh).distributed is not None:
+            raise MeshserveError("worker runs on one host for now: use a mesh file without 'distributed'")
+    worker = Worker(config, EngineConfig.from_yaml(args.config),
+                    build_engine(config, EngineConfig.from_yaml(args.config), progress=not args.quiet),
+                    model_name=args.model_name, namespace=args.namespace, component=args.component,
+                    metrics_port=args.metrics_port)
+    code = run_worker(worker)
+    if code:
+        print("meshserve: error: the engine failed; exiting so that a supervisor restarts the worker",
+              file=sys.stderr, flush=True)
+        logging.shutdown()
+        os._exit(code)
+
+
+def _fleet(args) -> None:
+    from meshserve.serving.fleet import run_fleet
+
+    if args.workers < 1:
+        raise MeshserveError(f"--workers must be at least 1, got {args.workers}")
+    worker_args = ["--config", args.config]
+    for flag, value in (("--model", args.model), ("--model-name", args.model_name)):
+        if value:
+            worker_args += [flag, value]
+    run_fleet(args.workers, args.router, args.port, worker_args)
+
+
 def run_server(server) -> None:
     """Serve until SIGTERM (then return) or an engine failure (then exit the process non-zero)."""
     import asyncio
@@ -335,7 +392,7 @@ def _fetch_default(args) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    handler = {"convert": _convert, "generate": _generate, "serve": _serve,
+    handler = {"convert": _convert, "generate": _generate, "serve": _serve, "worker": _worker, "fleet": _fleet,
                "fetch-default": _fetch_default}[args.command]
     try:
         handler(args)

@@ -79,12 +79,14 @@ def _put_all(items: list[tuple[asyncio.Queue, object]]) -> None:
 class EngineLoop:
     def __init__(self, build: Callable[[], Engine], metrics: Metrics, *, step_timeout_s: float | None = None,
                  on_ready: Callable[[Engine], None] = lambda engine: None,
-                 on_failure: Callable[[str], None] = lambda reason: None):
+                 on_failure: Callable[[str], None] = lambda reason: None,
+                 on_step: Callable[[Engine], None] | None = None):
         self._build = build
         self._metrics = metrics
         self._step_timeout_s = step_timeout_s
         self._on_ready = on_ready
         self._on_failure = on_failure
+        self._on_step = on_step  # on the engine thread after each step (a Dynamo worker's KV events)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()  # guards state, streams, and admissions against a failure
         self._state = State.STARTING
@@ -285,6 +287,11 @@ class EngineLoop:
                     self._step_started = None
                 self._deliver(outputs)
                 idle = engine.idle
+                if self._on_step is not None:
+                    try:
+                        self._on_step(engine)
+                    except Exception:  # an observer's fault is logged, never the engine's
+                        log.error("the step observer failed:\n%s", traceback.format_exc())
             else:
                 idle = True
             self._update_metrics(engine)

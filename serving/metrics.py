@@ -52,6 +52,9 @@ class Metrics:
                                     registry=r)
         self.programs = Gauge("meshserve_programs", "Programs compiled at start-up (prefill and decode buckets)",
                               registry=r)
+        self.kv_event_failures = Counter("meshserve_kv_event_failures", "KV events or load metrics a Dynamo "
+                                         "worker could not publish (its router then routes on load alone)",
+                                         registry=r)
         for outcome in ("stop", "length", "abort", "error", "rejected", "invalid", "unavailable", "unauthenticated"):
             self.requests.labels(outcome)  # every series exists from the start
         self.prefix_queried.labels("all")
@@ -67,7 +70,7 @@ class Metrics:
               "meshserve_inter_token_latency_seconds", "meshserve_e2e_request_latency_seconds",
               "meshserve_queue_time_seconds", "meshserve_requests_running", "meshserve_requests_waiting",
               "meshserve_kv_pages_used", "meshserve_kv_pages_total", "meshserve_prompt_tokens_total",
-              "meshserve_generation_tokens_total", "meshserve_compilations_total",
+              "meshserve_generation_tokens_total", "meshserve_compilations_total", "meshserve_kv_event_failures_total",
               "meshserve_prefix_cache_queried_tokens_total", "meshserve_prefix_cache_hit_tokens_total",
               "meshserve_kv_pages_cached", "meshserve_kv_tier_pages", "meshserve_kv_pages_moved_total",
               "meshserve_kv_bytes_moved_total", "meshserve_programs")

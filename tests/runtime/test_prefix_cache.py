@@ -178,7 +178,7 @@ def test_store_tier_outputs_and_restart(tiny_ckpt, expected, tmp_path):
     assert engine.stats()["pages_store"] >= 9
     assert run_one(engine, prompts[1], params) == (want[1], 36)  # a store hit
     assert engine.stats()["store_hit_pages"] == 9
-    events = {(kind, tier) for _, kind, tier, _ in engine.drain_kv_events()}
+    events = {(e.kind, e.tier) for e in engine.drain_kv_events()}
     assert {("stored", "device"), ("removed", "device"), ("stored", "store")} <= events
     del engine
     restarted = store_engine(tiny_ckpt, tmp_path / "kv")  # a new server on the same store
@@ -330,3 +330,15 @@ def test_a_cached_page_reused_as_a_copy_target_is_offloaded_first(tiny_ckpt):
     evicted = others_hashes - set(engine.blocks.cached_hashes())
     assert evicted and evicted <= {h for h, _ in engine.host_tier.host.items()}
     engine.blocks.release(hog)
+
+
+def test_stored_events_name_each_page_by_its_parent_and_tokens(tiny_ckpt):
+    """What a KV-aware router needs to follow a prefix: per page, the page before it and its tokens."""
+    engine = Engine(tiny_ckpt, EngineConfig(page_size=4, max_seq_len=64, max_num_seqs=2, enable_prefix_caching=True,
+                                            kv_cache_bytes=2**20))
+    prompt = list(range(10, 23))  # 13 tokens: 3 full pages
+    engine.generate([prompt], SamplingParams(max_tokens=1, ignore_eos=True))
+    stored = [e for e in engine.drain_kv_events() if e.kind == "stored"]
+    assert [e.tokens for e in stored[:3]] == [tuple(prompt[0:4]), tuple(prompt[4:8]), tuple(prompt[8:12])]
+    assert [e.parent for e in stored[:3]] == [None, stored[0].page_hash, stored[1].page_hash]
+    assert all(e.tier == "device" and e.replica == 0 for e in stored)

@@ -1,0 +1,105 @@
+"""A Dynamo fleet on one machine, for trying it out: Dynamo's frontend (OpenAI HTTP API and its
+KV-aware router) and N `meshserve worker` processes, with file discovery, the TCP request plane
+and ZMQ events on loopback — no etcd, no NATS. `meshserve fleet --workers 2` (or `make fleet`).
+
+Production runs the same processes with etcd + NATS (or Kubernetes) discovery, one worker per GPU or
+per mesh, several frontends: docs/fleet.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+from meshserve.models.errors import MeshserveError
+
+
+def loopback_env(discovery: Path) -> dict[str, str]:
+    """Dynamo's settings for processes of one machine: file discovery under `discovery`, every
+    server bound to 127.0.0.1 (by default Dynamo binds a non-loopback address)."""
+    return {"DYN_DISCOVERY_BACKEND": "file", "DYN_FILE_KV": str(discovery), "DYN_REQUEST_PLANE": "tcp",
+            "DYN_EVENT_PLANE": "zmq", "DYN_TCP_RPC_HOST": "127.0.0.1", "DYN_TCP_RESPONSE_STREAM_HOST": "127.0.0.1",
+            "DYN_EVENT_PLANE_HOST": "127.0.0.1"}
+
+
+class LocalFleet:
+    """The processes of a one-machine fleet, their logs in `folder`."""
+
+    def __init__(self, folder: Path, http_port: int, router: str = "kv", migration_limit: int = 3,
+                 env: dict[str, str] | None = None):
+        self.folder = folder
+        self.http_port = http_port
+        self.env = {**os.environ, **loopback_env(folder / "discovery"), **(env or {})}
+        self.frontend = self._start("frontend", [sys.executable, "-m", "dynamo.frontend", "--http-host", "127.0.0.1",
+                                                 "--http-port", str(http_port), "--router-mode", router,
+                                                 "--migration-limit", str(migration_limit)])
+        self.workers: dict[str, subprocess.Popen] = {}
+
+    def _start(self, name: str, argv: list[str]) -> subprocess.Popen:
+        with open(self.folder / f"{name}.log", "w") as log:
+            return subprocess.Popen(argv, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+
+    def start_worker(self, name: str, args: list[str], timeout: float = 600) -> subprocess.Popen:
+        """Start `meshserve worker ARGS` and wait until it has registered (or raise)."""
+        proc = self.workers[name] = self._start(name, [sys.executable, "-m", "meshserve.serving.cli", "worker",
+                                                       "--quiet", *args])
+        log = self.folder / f"{name}.log"
+        deadline = time.monotonic() + timeout
+        while "meshserve worker" not in log.read_text():
+            if proc.poll() is not None:
+                raise MeshserveError(f"worker {name} exited with code {proc.returncode}: see {log}")
+            if time.monotonic() > deadline:
+                raise MeshserveError(f"worker {name} did not register within {timeout:.0f} s: see {log}")
+            time.sleep(0.2)
+        return proc
+
+    def models(self) -> list[str]:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/v1/models", timeout=5) as r:
+            return [m["id"] for m in json.load(r)["data"]]
+
+    def stop(self, timeout: float = 30) -> None:
+        """SIGTERM every process (workers drain), SIGKILL what is left after `timeout`."""
+        procs = [*self.workers.values(), self.frontend]
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for proc in procs:
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def run_fleet(workers: int, router: str, port: int, worker_args: list[str]) -> None:
+    """Start the fleet, say where it answers, run until SIGINT or SIGTERM."""
+    folder = Path(tempfile.mkdtemp(prefix="meshserve-fleet-"))
+    fleet = LocalFleet(folder, port, router)
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+    try:
+        for i in range(workers):
+            fleet.start_worker(f"worker{i}", worker_args)
+        print(f"meshserve fleet: {workers} worker(s) behind Dynamo's frontend ({router} routing) at "
+              f"http://127.0.0.1:{port}/v1 serving {', '.join(fleet.models())}; logs in {folder}; Ctrl-C stops it",
+              flush=True)
+        while not stop:
+            for name, proc in fleet.workers.items():
+                if proc.poll() is not None:
+                    print(f"meshserve fleet: {name} exited with code {proc.returncode}", file=sys.stderr, flush=True)
+                    stop.append(1)
+            if fleet.frontend.poll() is not None:
+                raise MeshserveError(f"the frontend exited with code {fleet.frontend.returncode}: see {folder}")
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        fleet.stop()

@@ -1,0 +1,328 @@
+"""meshserve as an NVIDIA Dynamo backend: `meshserve worker`.
+
+Dynamo's own frontend (OpenAI HTTP, tokenization, chat templates, stop strings), its KV-aware
+router, discovery and request migration sit in front; this process is one engine behind them,
+token-in / token-out:
+
+    dynamo.frontend ──request plane (tcp)──▶ Worker.generate ──▶ EngineLoop ──▶ Engine
+          ▲   ▲                                    │                               │
+          │   └──── KV events (stored / removed) ◀─┴── KVPublisher ◀── engine.drain_kv_events()
+          └──────── discovery (file, etcd or Kubernetes): the model card and this instance
+
+The worker registers the model (its tokenizer, chat template and context length, written as a
+Hugging Face style folder: Dynamo's model card reads that) with `kv_cache_block_size` = the
+engine's page size, so the router's blocks are meshserve's pages. Every page the device fills is
+published with its token ids and meshserve's chained hash (the router hashes the tokens itself;
+the chained hash names the page when it is removed); a page stays published while any tier (device,
+host, store) holds it.
+
+Discovery and transport come from Dynamo's environment variables (DYN_DISCOVERY_BACKEND,
+DYN_REQUEST_PLANE, DYN_EVENT_PLANE, DYN_FILE_KV, DYN_TCP_RPC_HOST, …); see docs/fleet.md.
+
+Lifecycle: the engine is built (load + compile) before the worker registers, so the frontend never
+routes to a worker that cannot serve. SIGTERM: leave discovery at once, let in-flight requests
+finish (`server.drain_timeout_s`), abort the rest, persist the prefix cache, exit 0. An engine
+failure: leave discovery, end every stream, exit EXIT_ENGINE_FAILED.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable
+
+from meshserve.models.errors import MeshserveError
+from meshserve.runtime.engine import Engine, EngineConfig, QueueFullError
+from meshserve.runtime.kv_tiers import KVEvent
+from meshserve.runtime.sampling import SamplingParams
+from meshserve.serving.config import ServerConfig
+from meshserve.serving.engine_loop import EngineLoop, EngineUnavailable, State, Stream
+from meshserve.serving.metrics import Metrics
+from meshserve.serving.preprocess import EngineRequest
+
+log = logging.getLogger("meshserve.worker")
+
+EXIT_ENGINE_FAILED = 3
+FINISH_REASONS = {"stop": "stop", "length": "length", "abort": "cancelled"}
+
+
+def model_card(engine: Engine, parent: Path) -> Path:
+    """The files Dynamo's model card is made of — config.json (Hugging Face keys), tokenizer.json,
+    tokenizer_config.json (with the chat template) — in a folder of `parent` named by their
+    content. Dynamo's frontend accepts the workers of one model only if their cards agree, path
+    included, so every worker of a model on a host shares the one folder (written once, whole)."""
+    import hashlib
+
+    staging = Path(tempfile.mkdtemp(prefix=".meshserve-card-", dir=parent))
+    try:
+        _write_card(engine, staging)
+        digest = hashlib.sha256()
+        for f in sorted(staging.iterdir()):
+            digest.update(f.name.encode() + b"\0" + f.read_bytes())
+        folder = parent / f"meshserve-model-card-{digest.hexdigest()[:16]}"
+        if not folder.exists():
+            with contextlib.suppress(OSError):  # another worker got there first: the same files
+                staging.rename(folder)
+        return folder
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _write_card(engine: Engine, folder: Path) -> None:
+    c, tok = engine.model_config, engine.tokenizer
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": c.vocab_size,
+              "hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,
+              "num_hidden_layers": c.num_layers, "num_attention_heads": c.num_heads,
+              "num_key_value_heads": c.num_kv_heads, "head_dim": c.head_dim,
+              "max_position_embeddings": engine.max_seq_len, "bos_token_id": tok.bos_id,
+              "eos_token_id": sorted(engine.eos_ids)}
+    (folder / "config.json").write_text(json.dumps(config, indent=1))
+    tok.save(folder)
+
+
+def sampling_params(request: dict[str, Any], prompt_len: int, max_seq_len: int) -> SamplingParams:
+    """Dynamo's token-in request (sampling_options, stop_conditions, output_options) as the engine's
+    SamplingParams. Stop strings stay with the frontend, which detokenizes; EOS ids come from the
+    frontend's list (empty when the client asked to ignore EOS)."""
+    so = request.get("sampling_options") or {}
+    sc = request.get("stop_conditions") or {}
+    oo = request.get("output_options") or {}
+    given = lambda d, key, default: default if d.get(key) is None else d[key]
+    max_tokens = sc.get("max_tokens") or max(1, max_seq_len - prompt_len)
+    eos = request.get("eos_token_ids")
+    stop_ids = tuple(sc.get("stop_token_ids_hidden") or ()) + tuple(sc.get("stop_token_ids") or ())
+    return SamplingParams(
+        max_tokens=int(max_tokens), temperature=float(given(so, "temperature", 1.0)),
+        top_k=max(0, int(given(so, "top_k", 0))), top_p=float(given(so, "top_p", 1.0)),
+        min_p=float(given(so, "min_p", 0.0)), repetition_penalty=float(given(so, "repetition_penalty", 1.0)),
+        presence_penalty=float(given(so, "presence_penalty", 0.0)),
+        frequency_penalty=float(given(so, "frequency_penalty", 0.0)), seed=so.get("seed"),
+        stop_token_ids=stop_ids, ignore_eos=bool(sc.get("ignore_eos")) or eos == [],
+        logprobs=oo.get("logprobs"), min_tokens=int(given(sc, "min_tokens", 0)))
+
+
+def signed64(page_hash: bytes) -> int:
+    """A page's hash as the signed 64-bit id Dynamo's events carry."""
+    return int.from_bytes(page_hash[:8], "little", signed=True)
+
+
+class KVPublisher:
+    """Follows the engine's cached-page events and tells Dynamo's router what this worker holds, per
+    data replica (dp_rank): a page is published when the first tier stores it and removed when the
+    last tier drops it. Lower tiers hold only pages the device had; a page whose tokens were never
+    seen (read from a store written by an earlier process) cannot be named to the router and is
+    not published."""
+
+    def __init__(self, publishers: list, page_size: int):
+        self._publishers = publishers  # one per replica (dp_rank)
+        self._page_size = page_size
+        self._tiers: dict[bytes, set[str]] = {}
+        self._published: dict[bytes, int] = {}  # hash → replica
+        self.stored = self.removed = 0
+
+    def publish(self, events: list[KVEvent]) -> None:
+        for e in events:
+            tiers = self._tiers.setdefault(e.page_hash, set())
+            if e.kind == "stored":
+                tiers.add(e.tier)
+                if e.page_hash not in self._published and e.tokens is not None:
+                    parent = None if e.parent is None or e.parent not in self._published else signed64(e.parent)
+                    self._publishers[e.replica].publish_stored(
+                        token_ids=list(e.tokens), num_block_tokens=[self._page_size],
+                        block_hashes=[signed64(e.page_hash)], parent_hash=parent)
+                    self._published[e.page_hash] = e.replica
+                    self.stored += 1
+            else:
+                tiers.discard(e.tier)
+                if not tiers:
+                    del self._tiers[e.page_hash]
+                    replica = self._published.pop(e.page_hash, None)
+                    if replica is not None:
+                        self._publishers[replica].publish_removed(block_hashes=[signed64(e.page_hash)])
+                        self.removed += 1
+
+
+class Worker:
+    """One engine registered with Dynamo as `namespace.component.endpoint`, serving `model_name`."""
+
+    def __init__(self, config: ServerConfig, engine_config: EngineConfig, build: Callable[[], Engine], *,
+                 model_name: str | None = None, namespace: str = "dynamo", component: str = "backend",
+                 endpoint: str = "generate", metrics_port: int | None = None):
+        self.config = config
+        self.engine_config = engine_config
+        self.model_name = model_name
+        self.address = f"{namespace}.{component}.{endpoint}"
+        self.metrics = Metrics()
+        self.metrics_port = metrics_port  # meshserve's own Prometheus metrics; None: off (Dynamo's are on DYN_SYSTEM_PORT)
+        self.loop = EngineLoop(build, self.metrics, step_timeout_s=config.step_timeout_s,
+                               on_failure=self._on_failure, on_step=self._on_step)
+        self.exit_code = 0
+        self.kv: KVPublisher | None = None
+        self._aio: asyncio.AbstractEventLoop | None = None
+        self._runtime = None
+        self._endpoint = None
+        self._load = None
+        self._leaving = False
+
+    # ---- engine thread ---------------------------------------------------------------------------
+
+    def _on_step(self, engine: Engine) -> None:
+        events = engine.drain_kv_events()
+        stats = engine.scheduler.describe()
+        self._aio.call_soon_threadsafe(self._after_step, events, stats)
+
+    def _on_failure(self, reason: str) -> None:
+        log.critical("the engine failed (%s): leaving discovery and exiting", reason)
+        self._aio.call_soon_threadsafe(lambda: asyncio.ensure_future(self.leave(EXIT_ENGINE_FAILED, 0.0)))
+
+    # ---- event loop -------------------------------------------------------------------------------
+
+    def _after_step(self, events: list[KVEvent], stats: dict) -> None:
+        try:
+            if self.kv is not None and events:
+                self.kv.publish(events)
+            if self._load is not None:
+                self._load.publish(None, active_decode_blocks=stats["pages_used"], kv_used_blocks=stats["pages_used"])
+        except Exception as e:  # the router falls back to load-only routing: say so loudly
+            log.error("KV events or load metrics could not be published: %s: %s", type(e).__name__, e)
+            self.metrics.kv_event_failures.inc()
+
+    async def run(self) -> int:
+        from dynamo.llm import (KvEventPublisher, ModelInput, ModelRuntimeConfig, ModelType, WorkerMetricsPublisher,
+                                WorkerType, register_model)
+        from dynamo.runtime import DistributedRuntime
+
+        self._aio = loop = asyncio.get_running_loop()
+        self.loop.start()
+        await loop.run_in_executor(None, self.loop.ready.wait)
+        if self.loop.error is not None:
+            raise self.loop.error
+        engine = self.loop.engine
+        self.model_name = self.model_name or self.config.served_model_name or engine.model_config.name
+        self._runtime = DistributedRuntime(loop, os.environ.get("DYN_DISCOVERY_BACKEND", "etcd"),
+                                           os.environ.get("DYN_REQUEST_PLANE", "tcp"),
+                                           event_plane=os.environ.get("DYN_EVENT_PLANE"))
+        self._endpoint = endpoint = self._runtime.endpoint(self.address)
+        page_size, replicas = engine.blocks.page_size, engine.blocks.replicas
+        if engine.kv_events is not None:
+            self.kv = KVPublisher([KvEventPublisher(endpoint, kv_block_size=page_size, dp_rank=r,
+                                                    enable_local_indexer=True) for r in range(replicas)], page_size)
+        if metrics_port := self.metrics_port:
+            self.metrics.serve(self.config.host, metrics_port)
+        self._load = WorkerMetricsPublisher()
+        await self._load.create_endpoint(endpoint)
+        runtime_config = ModelRuntimeConfig()
+        runtime_config.context_length = engine.max_seq_len
+        runtime_config.total_kv_blocks = engine.blocks.num_usable
+        runtime_config.max_num_seqs = engine.config.max_num_seqs
+        runtime_config.max_num_batched_tokens = engine.config.max_num_batched_tokens
+        runtime_config.enable_local_indexer = self.kv is not None
+        runtime_config.kv_event_publishing_enabled = self.kv is not None
+        card = model_card(engine, Path(tempfile.gettempdir()))
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, lambda: asyncio.ensure_future(self.leave(0, self.config.drain_timeout_s)))
+        model_type = ModelType.Completions  # chat too when the checkpoint has a chat template
+        if engine.tokenizer.config.chat_template:
+            model_type = ModelType.Chat | ModelType.Completions
+        await register_model(ModelInput.Tokens, model_type, endpoint, str(card), self.model_name,
+                             worker_type=WorkerType.Aggregated, kv_cache_block_size=page_size,
+                             runtime_config=runtime_config)
+        log.warning("meshserve worker %s serving %s (page size %d, %d pages, context %d)", self.address,
+                    self.model_name, page_size, engine.blocks.num_usable, engine.max_seq_len)
+        probe = {"token_ids": [engine.tokenizer.bos_id or 0], "stop_conditions": {"max_tokens": 1},
+                 "sampling_options": {"temperature": 0.0}}
+        await endpoint.serve_endpoint(self.generate, graceful_shutdown=True,
+                                      metrics_labels=[("model", self.model_name)], health_check_payload=probe)
+        return self.exit_code
+
+    async def leave(self, code: int, drain_timeout_s: float) -> None:
+        """Leave discovery at once, finish or abort what is in flight, stop the engine, shut down."""
+        if self._leaving:
+            return
+        self._leaving = True
+        self.exit_code = self.exit_code or code
+        with contextlib.suppress(Exception):
+            await self._endpoint.unregister_endpoint_instance()
+        deadline = time.monotonic() + drain_timeout_s
+        while self.loop.in_flight and time.monotonic() < deadline and self.loop.state is State.SERVING:
+            await asyncio.sleep(0.05)
+        self.loop.abort_all()
+        await asyncio.sleep(0.1)  # the aborts reach their streams
+        if self.loop.state is not State.FAILED:  # a failed engine thread may be stuck: never wait on it
+            await asyncio.get_running_loop().run_in_executor(None, self.loop.stop, 30.0)
+        self._runtime.shutdown()
+
+    async def generate(self, request: dict[str, Any], context) -> AsyncIterator[dict[str, Any]]:
+        """One request, token-in / token-out: a chunk of new token ids per engine step, the last with
+        the finish reason and usage. Counted once in meshserve_requests_total by outcome."""
+        outcome = ["abort"]  # until known otherwise: the caller went away
+        try:
+            async for chunk in self._generate(request, context, outcome):
+                yield chunk
+        finally:
+            self.metrics.requests.labels(outcome[0]).inc()
+
+    async def _generate(self, request: dict[str, Any], context, outcome: list) -> AsyncIterator[dict[str, Any]]:
+        engine = self.loop.engine
+        token_ids = [int(t) for t in request.get("token_ids") or ()]
+        outcome[0] = "unavailable"
+        if self._leaving:
+            raise EngineUnavailable("the worker is shutting down")
+        outcome[0] = "invalid"
+        params = sampling_params(request, len(token_ids), engine.max_seq_len)
+        rid = str(context.id() or uuid.uuid4())
+        now = time.monotonic()
+        stream = Stream(asyncio.get_running_loop(), asyncio.Queue(), now)
+        try:
+            await self.loop.admit(EngineRequest(token_ids, params, 0, rid, now), stream)
+        except QueueFullError as e:
+            outcome[0] = "rejected"
+            raise EngineUnavailable(str(e)) from None
+        outcome[0] = "abort"
+        stopped = asyncio.ensure_future(context.async_killed_or_stopped())
+        stopped.add_done_callback(lambda f: None if f.cancelled() else self.loop.abort(rid, stream))
+        completion = 0
+        try:
+            async with contextlib.aclosing(self.loop.outputs(rid, stream)) as outputs:
+                async for out in outputs:
+                    completion += len(out.token_ids)
+                    chunk: dict[str, Any] = {"token_ids": list(out.token_ids), "index": 0}
+                    if params.logprobs is not None and out.logprobs:
+                        scored = out.logprobs[:len(out.token_ids)]
+                        chunk["log_probs"] = [lp.logprob for lp in scored]
+                        chunk["top_logprobs"] = [[{"rank": i + 1, "token_id": t, "token": None, "logprob": v}
+                                                  for i, (t, v) in enumerate(lp.top)] for lp in scored]
+                    if out.finished:
+                        outcome[0] = out.finish_reason
+                        chunk["finish_reason"] = FINISH_REASONS.get(out.finish_reason, "stop")
+                        chunk["completion_usage"] = {
+                            "prompt_tokens": len(token_ids), "completion_tokens": completion,
+                            "total_tokens": len(token_ids) + completion,
+                            "prompt_tokens_details": {"cached_tokens": out.cached_tokens}}
+                    yield chunk
+        finally:
+            stopped.cancel()
+
+
+def run_worker(worker: Worker) -> int:
+    """Run a worker until SIGTERM (0) or an engine failure (EXIT_ENGINE_FAILED)."""
+    try:
+        import uvloop
+    except ImportError as e:
+        raise MeshserveError("meshserve worker needs NVIDIA Dynamo: pip install ai-dynamo-runtime==1.6.1 "
+                             "&& pip install --no-deps ai-dynamo==1.6.1 (make test does)") from e
+    try:
+        import dynamo.llm  # noqa: F401
+    except ImportError as e:
+        raise MeshserveError(f"meshserve worker needs NVIDIA Dynamo ({e}): pip install ai-dynamo-runtime==1.6.1 "
+                             "&& pip install --no-deps ai-dynamo==1.6.1") from None
+    return uvloop.run(worker.run())

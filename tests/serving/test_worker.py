@@ -1,0 +1,262 @@
+"""meshserve workers behind NVIDIA Dynamo's own frontend and KV router, as real processes on loopback
+(file discovery, TCP request plane, ZMQ events: no etcd, no NATS), asked by the real `openai` client.
+
+One fleet for the module, in this order: two workers answer; requests sharing a prefix land on the
+worker holding it; 100 cancelled streams leave every page free; a worker SIGKILLed mid-stream loses
+nothing (the frontend migrates the request, greedy output unchanged); a third worker joins and takes
+requests; a SIGTERMed worker finishes what it has, takes nothing new and exits 0.
+"""
+
+import asyncio
+import random
+import signal
+import time
+import urllib.request
+from pathlib import Path
+
+import openai
+import pytest
+import yaml
+
+from meshserve.serving.fleet import LocalFleet
+
+ROOT = Path(__file__).resolve().parents[2]
+MODEL = "tiny"
+PREFIX = "tenant seven shares this long system context with every user of it. " * 2
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(check, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            value = check()
+            if value:
+                return value
+        except Exception:
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+class Fleet(LocalFleet):
+    """The module's fleet: the tiny model, a small pool, every worker with its metrics port."""
+
+    def __init__(self, tmp: Path, model_dir: Path):
+        super().__init__(tmp, free_port(), "kv", migration_limit=3, env={"DYN_LOG": "warn"})
+        config = yaml.safe_load((ROOT / "configs/serving/default.yaml").read_text())
+        config["engine"].update(max_seq_len=512, max_num_seqs=8, max_num_batched_tokens=256, max_prefill_chunk=256,
+                                prefill_tokens_while_decoding=None, kv_cache_bytes=2**20, host_kv_bytes=0,
+                                compilation_cache_dir=str(tmp / "xla"))
+        config["server"].update(drain_timeout_s=60)
+        (tmp / "serving.yaml").write_text(yaml.safe_dump(config))
+        self.tmp, self.model_dir = tmp, model_dir
+        self.metrics_ports: dict[str, int] = {}
+        self.client = openai.OpenAI(base_url=f"http://127.0.0.1:{self.http_port}/v1", api_key="none",
+                                    max_retries=0, timeout=120)
+
+    def add_worker(self, name: str) -> None:
+        self.metrics_ports[name] = port = free_port()
+        self.start_worker(name, ["--model", str(self.model_dir), "--config", str(self.tmp / "serving.yaml"),
+                                 "--model-name", MODEL, "--metrics-port", str(port)], timeout=240)
+
+    def metric(self, worker: str, name: str) -> float:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_ports[worker]}/metrics", timeout=5).read().decode()
+        return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name))
+
+    def prompt_tokens(self) -> dict[str, float]:
+        return {w: self.metric(w, "meshserve_prompt_tokens_total") for w, p in self.workers.items()
+                if p.poll() is None}
+
+    def spread(self, n: int = 8) -> None:
+        """n concurrent requests: the router spreads them over the workers by load."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(n) as pool:
+            list(pool.map(lambda i: complete(self, f"spread {i} {random.random()}", 24), range(n)))
+
+
+@pytest.fixture(scope="module")
+def fleet(tiny_ckpt_dir, tmp_path_factory):
+    fleet = Fleet(tmp_path_factory.mktemp("fleet"), tiny_ckpt_dir)
+    try:
+        fleet.add_worker("a")
+        fleet.add_worker("b")
+        wait_for(lambda: [m.id for m in fleet.client.models.list().data] == [MODEL], 60, "the model to be listed")
+        fleet.spread()
+        assert all(n > 0 for n in fleet.prompt_tokens().values()), "the frontend must route to both workers"
+        yield fleet
+    finally:
+        fleet.stop()
+
+
+def complete(fleet, prompt: str, n: int, **kw):
+    return fleet.client.completions.create(model=MODEL, prompt=prompt, max_tokens=n, temperature=0,
+                                           extra_body={"ignore_eos": True}, **kw)
+
+
+def test_completions_and_chat_through_the_frontend(fleet):
+    out = complete(fleet, "hello there", 12)
+    assert out.choices[0].finish_reason == "length" and out.usage.completion_tokens == 12
+    assert complete(fleet, "hello there", 12).choices[0].text == out.choices[0].text  # greedy: the same
+    chat = fleet.client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                                max_tokens=5, temperature=0, logprobs=True, top_logprobs=2)
+    assert chat.choices[0].message.role == "assistant" and chat.usage.completion_tokens <= 5
+    assert all(len(t.top_logprobs) == 2 and t.top_logprobs[0].logprob >= t.top_logprobs[1].logprob
+               for t in chat.choices[0].logprobs.content)
+    streamed = complete(fleet, "hello there", 12, stream=True, stream_options={"include_usage": True})
+    chunks = list(streamed)
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == out.choices[0].text
+    assert chunks[-1].usage.completion_tokens == 12
+
+
+def test_requests_sharing_a_prefix_land_on_the_worker_that_holds_it(fleet):
+    before = fleet.prompt_tokens()
+    first = complete(fleet, PREFIX + "question 0?", 2)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    after_first = fleet.prompt_tokens()
+    holder = max(after_first, key=lambda w: after_first[w] - before[w])
+    cached = []
+    for i in range(1, 7):
+        out = complete(fleet, PREFIX + f"question {i}?", 2)
+        cached.append(out.usage.prompt_tokens_details.cached_tokens)
+    after = fleet.prompt_tokens()
+    grown = {w: after[w] - after_first[w] for w in after}
+    assert grown[holder] == 6 * first.usage.prompt_tokens, grown  # every one of them went to the holder
+    assert all(c >= (first.usage.prompt_tokens // 16 - 1) * 16 for c in cached), cached  # and hit its cache
+
+
+def test_cancelled_streams_free_every_page(fleet):
+    async def one(client, rng):
+        stream = await client.completions.create(model=MODEL, prompt=f"stream {rng.random()}", max_tokens=64,
+                                                 temperature=0, stream=True, extra_body={"ignore_eos": True})
+        stop_after = rng.randrange(0, 8)
+        async for i, _ in aenumerate(stream):
+            if i >= stop_after:
+                break
+        await stream.close()
+
+    async def main():
+        rng = random.Random(0)
+        async with openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{fleet.http_port}/v1", api_key="none",
+                                      max_retries=0, timeout=120) as client:
+            await asyncio.gather(*(one(client, rng) for _ in range(100)))
+
+    asyncio.run(main())
+    for worker in fleet.workers:
+        wait_for(lambda: fleet.metric(worker, "meshserve_requests_running") == 0
+                 and fleet.metric(worker, "meshserve_kv_pages_used") == 0, 60, f"worker {worker} to free its pages")
+    assert sum(fleet.metric(w, 'meshserve_requests_total{outcome="abort"}') for w in fleet.workers) > 50
+
+
+async def aenumerate(stream):
+    i = 0
+    async for item in stream:
+        yield i, item
+        i += 1
+
+
+def holder_of(fleet, prompt: str, n: int) -> tuple[str, str]:
+    """Ask once (greedy); returns the worker that answered, which now holds the prompt's pages (the
+    router sends the same prompt back to it), and the answer."""
+    before = fleet.prompt_tokens()
+    text = complete(fleet, prompt, n).choices[0].text
+    after = fleet.prompt_tokens()
+    return max(after, key=lambda w: after[w] - before.get(w, 0)), text
+
+
+def test_a_killed_worker_loses_no_request(fleet):
+    prompt = PREFIX + "migrate me please"
+    holder, want = holder_of(fleet, prompt, 200)
+    stream = complete(fleet, prompt, 200, stream=True, stream_options={"include_usage": True})
+    text = []
+    for chunk in stream:
+        if chunk.choices:
+            text.append(chunk.choices[0].text)
+        if len(text) == 10 and fleet.workers[holder].poll() is None:
+            fleet.workers[holder].send_signal(signal.SIGKILL)
+        usage = chunk.usage
+    assert fleet.workers[holder].wait(timeout=10) == -signal.SIGKILL
+    assert "disconnected" in (fleet.tmp / "frontend.log").read_text()  # the frontend did migrate it
+    assert "".join(text) == want  # greedy: the other worker continued exactly
+    assert usage.completion_tokens == 200
+
+
+def test_a_worker_joins_and_another_leaves_on_sigterm(fleet):
+    fleet.add_worker("c")
+    wait_for(lambda: fleet.spread() or fleet.prompt_tokens().get("c", 0) > 0, 60, "the new worker to take requests")
+    prompt = PREFIX + "leave gently"
+    leaving, want = holder_of(fleet, prompt, 200)
+    stream = complete(fleet, prompt, 200, stream=True)
+    text = []
+    for chunk in stream:
+        text.append(chunk.choices[0].text if chunk.choices else "")
+        if len(text) == 5:
+            fleet.workers[leaving].send_signal(signal.SIGTERM)
+    assert "".join(text) == want  # finished on the worker that was leaving
+    assert fleet.workers[leaving].wait(timeout=60) == 0
+    before = fleet.prompt_tokens()  # the workers left
+    outs = [complete(fleet, f"after {i}", 3) for i in range(4)]
+    after = fleet.prompt_tokens()
+    assert leaving not in after and sum(after.values()) - sum(before.values()) == sum(o.usage.prompt_tokens for o in outs)
+
+
+# ---- the worker's own logic, no processes ----------------------------------------------------------
+
+
+def test_dynamo_request_to_sampling_params():
+    from meshserve.serving.worker import sampling_params
+
+    request = {"token_ids": [5, 6, 7], "eos_token_ids": [2],
+               "stop_conditions": {"max_tokens": 9, "stop": None, "stop_token_ids": [11],
+                                   "stop_token_ids_hidden": [2], "min_tokens": 3, "ignore_eos": None},
+               "sampling_options": {"temperature": 0.5, "top_p": 0.9, "top_k": 40, "min_p": None, "seed": 7,
+                                    "presence_penalty": 0.25, "frequency_penalty": None, "repetition_penalty": 1.1},
+               "output_options": {"logprobs": 2}}
+    p = sampling_params(request, prompt_len=3, max_seq_len=100)
+    assert (p.max_tokens, p.temperature, p.top_p, p.top_k, p.min_p, p.seed) == (9, 0.5, 0.9, 40, 0.0, 7)
+    assert (p.presence_penalty, p.frequency_penalty, p.repetition_penalty) == (0.25, 0.0, 1.1)
+    assert (p.stop_token_ids, p.ignore_eos, p.min_tokens, p.logprobs) == ((2, 11), False, 3, 2)
+    # nothing given: OpenAI's defaults, up to the context; ignore_eos arrives as an empty EOS list
+    p = sampling_params({"token_ids": [1] * 30, "eos_token_ids": []}, prompt_len=30, max_seq_len=100)
+    assert (p.max_tokens, p.temperature, p.top_k, p.ignore_eos, p.logprobs) == (70, 1.0, 0, True, None)
+
+
+class Recorder:
+    def __init__(self):
+        self.calls = []
+
+    def publish_stored(self, **kw):
+        self.calls.append(("stored", kw))
+
+    def publish_removed(self, **kw):
+        self.calls.append(("removed", kw))
+
+
+def test_a_page_is_published_while_any_tier_holds_it():
+    from meshserve.runtime.kv_tiers import KVEvent
+    from meshserve.serving.worker import KVPublisher, signed64
+
+    r0, r1 = Recorder(), Recorder()
+    kv = KVPublisher([r0, r1], page_size=2)
+    a, b, c = bytes(range(16)), bytes(range(1, 17)), bytes([255] * 16)
+    kv.publish([KVEvent(1, "stored", "device", a, None, (1, 2), 1),
+                KVEvent(2, "stored", "device", b, a, (3, 4), 1),
+                KVEvent(3, "stored", "host", a),  # a copy in a lower tier: nothing new to say
+                KVEvent(4, "stored", "store", c),  # tokens unknown (an earlier process's store): not named
+                KVEvent(5, "removed", "device", a, replica=1)])  # the host still holds it
+    assert r0.calls == []  # replica 0 holds nothing
+    assert r1.calls == [("stored", {"token_ids": [1, 2], "num_block_tokens": [2], "block_hashes": [signed64(a)],
+                                    "parent_hash": None}),
+                        ("stored", {"token_ids": [3, 4], "num_block_tokens": [2], "block_hashes": [signed64(b)],
+                                    "parent_hash": signed64(a)})]
+    kv.publish([KVEvent(6, "removed", "host", a), KVEvent(7, "removed", "store", c)])
+    assert r1.calls[2:] == [("removed", {"block_hashes": [signed64(a)]})] and (kv.stored, kv.removed) == (2, 1)
+    assert signed64(bytes([255] * 8)) == -1 and signed64(bytes([1] + [0] * 7)) == 1
