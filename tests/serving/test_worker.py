@@ -4,7 +4,8 @@
 One fleet for the module, in this order: two workers answer; requests sharing a prefix land on the
 worker holding it; 100 cancelled streams leave every page free; a worker SIGKILLed mid-stream loses
 nothing (the frontend migrates the request, greedy output unchanged); a third worker joins and takes
-requests; a SIGTERMed worker finishes what it has, takes nothing new and exits 0.
+requests; a SIGTERMed worker finishes what it has, takes nothing new and exits 0; a worker of another
+model registers beside them and gets that model's requests alone.
 """
 
 import asyncio
@@ -62,10 +63,10 @@ class Fleet(LocalFleet):
         self.client = openai.OpenAI(base_url=f"http://127.0.0.1:{self.http_port}/v1", api_key="none",
                                     max_retries=0, timeout=120)
 
-    def add_worker(self, name: str) -> None:
+    def add_worker(self, name: str, model: str = MODEL, *more: str) -> None:
         self.metrics_ports[name] = port = free_port()
         self.start_worker(name, ["--model", str(self.model_dir), "--config", str(self.tmp / "serving.yaml"),
-                                 "--model-name", MODEL, "--metrics-port", str(port)], timeout=240)
+                                 "--model-name", model, "--metrics-port", str(port), *more], timeout=240)
 
     def metric(self, worker: str, name: str) -> float:
         text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_ports[worker]}/metrics", timeout=5).read().decode()
@@ -206,6 +207,18 @@ def test_a_worker_joins_and_another_leaves_on_sigterm(fleet):
     outs = [complete(fleet, f"after {i}", 3) for i in range(4)]
     after = fleet.prompt_tokens()
     assert leaving not in after and sum(after.values()) - sum(before.values()) == sum(o.usage.prompt_tokens for o in outs)
+
+
+def test_workers_of_another_model_serve_it_beside(fleet):
+    fleet.add_worker("other", "tiny-b", "--component", "other")  # one model per endpoint
+    wait_for(lambda: sorted(m.id for m in fleet.client.models.list().data) == [MODEL, "tiny-b"], 60,
+             "both models to be listed")
+    before = fleet.prompt_tokens()
+    out = fleet.client.completions.create(model="tiny-b", prompt="to the other model", max_tokens=3, temperature=0)
+    after = fleet.prompt_tokens()
+    assert out.model == "tiny-b" and {w for w in after if after[w] > before.get(w, 0)} == {"other"}
+    with pytest.raises(openai.NotFoundError):
+        fleet.client.completions.create(model="tiny-c", prompt="nobody serves this", max_tokens=3)
 
 
 # ---- the worker's own logic, no processes ----------------------------------------------------------
