@@ -315,8 +315,6 @@ def _serve(args) -> None:
         from meshserve.sharding.mesh import MeshConfig
 
         mesh = MeshConfig.from_yaml(config.mesh)
-        if mesh.distributed is not None:
-            raise MeshserveError("serve runs on one host for now: use a mesh file without 'distributed'")
         replicas = dict(mesh.axes).get("data", 1)  # -1: known once the devices are
     if engine_config.kv_cache_bytes is not None and replicas > 0:  # a pool too small fails before listening
         from meshserve.models.checkpoint import read_meta
@@ -325,7 +323,11 @@ def _serve(args) -> None:
 
         _, model, dtype = read_meta(config.model or default_checkpoint(progress=not args.quiet))
         kv_pages(model, dtype, engine_config, replicas, engine_config.kv_cache_bytes)
-    run_server(Server(config, build_engine(config, engine_config, progress=not args.quiet)))
+    build = build_engine(config, engine_config, progress=not args.quiet)
+    mirror = _multihost(config, build)  # a mesh over several processes: process 0 serves, the others follow
+    if mirror is False:
+        return
+    run_server(Server(config, build, mirror=mirror))
 
 
 def _worker(args) -> None:
@@ -338,21 +340,42 @@ def _worker(args) -> None:
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     config = ServerConfig.from_yaml(args.config).override(model=args.model, mesh=args.mesh)
-    if config.mesh:
-        from meshserve.sharding.mesh import MeshConfig
-
-        if MeshConfig.from_yaml(config.mesh).distributed is not None:
-            raise MeshserveError("worker runs on one host for now: use a mesh file without 'distributed'")
-    worker = Worker(config, EngineConfig.from_yaml(args.config),
-                    build_engine(config, EngineConfig.from_yaml(args.config), progress=not args.quiet),
-                    model_name=args.model_name, namespace=args.namespace, component=args.component,
-                    metrics_port=args.metrics_port)
+    build = build_engine(config, EngineConfig.from_yaml(args.config), progress=not args.quiet)
+    mirror = _multihost(config, build)
+    if mirror is False:
+        return  # a following process: its part is done
+    worker = Worker(config, EngineConfig.from_yaml(args.config), build, model_name=args.model_name,
+                    namespace=args.namespace, component=args.component, metrics_port=args.metrics_port,
+                    mirror=mirror)
     code = run_worker(worker)
     if code:
         print("meshserve: error: the engine failed; exiting so that a supervisor restarts the worker",
               file=sys.stderr, flush=True)
         logging.shutdown()
         os._exit(code)
+
+
+def _multihost(config, build):
+    """For a mesh over several processes (a `distributed` mesh file): jax.distributed is started;
+    process 0 gets the StepMirror its engine loop publishes to, and the others follow it here
+    (then False). None for one process."""
+    if not config.mesh:
+        return None
+    from meshserve.sharding.mesh import MeshConfig
+
+    mesh = MeshConfig.from_yaml(config.mesh)
+    if mesh.distributed is None:
+        return None
+    import jax
+
+    from meshserve.serving.mirror import StepMirror, follow
+
+    mesh.setup()
+    mirror = StepMirror()
+    if jax.process_index() == 0:
+        return mirror
+    follow(build(), mirror)
+    return False
 
 
 def _fleet(args) -> None:

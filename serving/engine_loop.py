@@ -80,13 +80,15 @@ class EngineLoop:
     def __init__(self, build: Callable[[], Engine], metrics: Metrics, *, step_timeout_s: float | None = None,
                  on_ready: Callable[[Engine], None] = lambda engine: None,
                  on_failure: Callable[[str], None] = lambda reason: None,
-                 on_step: Callable[[Engine], None] | None = None):
+                 on_step: Callable[[Engine], None] | None = None, mirror=None):
         self._build = build
         self._metrics = metrics
         self._step_timeout_s = step_timeout_s
         self._on_ready = on_ready
         self._on_failure = on_failure
         self._on_step = on_step  # on the engine thread after each step (a Dynamo worker's KV events)
+        self._mirror = mirror  # a StepMirror (serving/mirror.py) when the engine spans several processes
+        self._applied: list[tuple] = []  # this turn's commands, for the mirror
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()  # guards state, streams, and admissions against a failure
         self._state = State.STARTING
@@ -276,7 +278,11 @@ class EngineLoop:
                 self._command(engine, kind, arg, future)
             if self._state is not State.SERVING:
                 return
-            if engine.has_unfinished:
+            stepping = engine.has_unfinished
+            if self._mirror is not None and (self._applied or stepping):
+                self._mirror.publish(self._applied, stepping)  # the other processes take this turn too
+                self._applied = []
+            if stepping:
                 self._step_started = time.monotonic()
                 try:
                     outputs = engine.step()
@@ -302,7 +308,9 @@ class EngineLoop:
         commands = []
         if block:
             due = engine.next_expiry()
-            timeout = None if due is None else max(0.0, due - engine.clock.now()) + 1e-3
+            # time.monotonic() is the engine's clock in this process (and process 0's, which this
+            # loop runs on, when a mesh spans several: reading engine.clock there is a collective)
+            timeout = None if due is None else max(0.0, due - time.monotonic()) + 1e-3
             try:
                 commands.append(self._inbox.get(timeout=timeout))
             except queue.Empty:
@@ -334,20 +342,30 @@ class EngineLoop:
                 future.set_exception(self.unavailable())
                 return
             self._metrics.prompt_tokens.inc(len(request.token_ids))
+            if self._mirror is not None:
+                from meshserve.serving.mirror import add_command
+
+                self._record(add_command(request))
             future.set_result(rid)
         elif kind == "abort":
             rid, stream = arg
             if stream is not None and self._streams.get(rid) is not stream:
                 return  # finished already, or the id now names another caller's request
             if engine.abort(rid):
+                self._record(("abort", rid))
                 self._deliver([RequestOutput(rid, (), "", finished=True, finish_reason="abort")])
         elif kind == "abort_all":
             self._abort_all(engine)
+
+    def _record(self, command: tuple) -> None:
+        if self._mirror is not None:
+            self._applied.append(command)
 
     def _abort_all(self, engine: Engine) -> None:
         outputs = []
         for rid in list(self._streams):
             engine.abort(rid)
+            self._record(("abort", rid))
             outputs.append(RequestOutput(rid, (), "", finished=True, finish_reason="abort"))
         self._deliver(outputs)
 
@@ -366,6 +384,9 @@ class EngineLoop:
         for kind, _, future in after:
             if kind == "add" and future.set_running_or_notify_cancel():
                 future.set_exception(self.unavailable())
+        if self._mirror is not None:
+            self._mirror.publish([*self._applied, ("stop",)], False)
+            self._applied = []
         if engine.host_tier is not None and engine.host_tier.store is not None:
             try:  # so a restart on the same store finds them
                 n = engine.persist_prefix_cache()

@@ -42,14 +42,18 @@ class LocalFleet:
                                                  "--migration-limit", str(migration_limit)])
         self.workers: dict[str, subprocess.Popen] = {}
 
-    def _start(self, name: str, argv: list[str]) -> subprocess.Popen:
+    def _start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
         with open(self.folder / f"{name}.log", "w") as log:
-            return subprocess.Popen(argv, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+            return subprocess.Popen(argv, env={**self.env, **(env or {})}, stdout=log, stderr=subprocess.STDOUT)
 
-    def start_worker(self, name: str, args: list[str], timeout: float = 600) -> subprocess.Popen:
-        """Start `meshserve worker ARGS` and wait until it has registered (or raise)."""
+    def start_worker(self, name: str, args: list[str], timeout: float = 600, env: dict[str, str] | None = None,
+                     wait: bool = True) -> subprocess.Popen:
+        """Start `meshserve worker ARGS` and wait until it has registered (or raise); `wait=False`
+        for a process that never registers (process > 0 of a worker spanning several)."""
         proc = self.workers[name] = self._start(name, [sys.executable, "-m", "meshserve.serving.cli", "worker",
-                                                       "--quiet", *args])
+                                                       "--quiet", *args], env)
+        if not wait:
+            return proc
         log = self.folder / f"{name}.log"
         deadline = time.monotonic() + timeout
         while "meshserve worker" not in log.read_text():

@@ -260,11 +260,11 @@ class Server:
     prefix cache, exit 0; on an engine failure: NOT_SERVING at once, every stream ended with
     UNAVAILABLE, `exit_code` EXIT_ENGINE_FAILED (the process exits for a supervisor to restart it)."""
 
-    def __init__(self, config: ServerConfig, build: Callable[[], Engine]):
+    def __init__(self, config: ServerConfig, build: Callable[[], Engine], mirror=None):
         self.config = config
         self.metrics = Metrics()
         self.loop = EngineLoop(build, self.metrics, step_timeout_s=config.step_timeout_s,
-                               on_ready=self._on_ready, on_failure=self._on_failure)
+                               on_ready=self._on_ready, on_failure=self._on_failure, mirror=mirror)
         self.health = health.aio.HealthServicer()
         self.draining = False
         self._admitting = 0  # requests being preprocessed or handed to the engine

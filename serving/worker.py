@@ -156,7 +156,7 @@ class Worker:
 
     def __init__(self, config: ServerConfig, engine_config: EngineConfig, build: Callable[[], Engine], *,
                  model_name: str | None = None, namespace: str = "dynamo", component: str = "backend",
-                 endpoint: str = "generate", metrics_port: int | None = None):
+                 endpoint: str = "generate", metrics_port: int | None = None, mirror=None):
         self.config = config
         self.engine_config = engine_config
         self.model_name = model_name
@@ -164,7 +164,7 @@ class Worker:
         self.metrics = Metrics()
         self.metrics_port = metrics_port  # meshserve's own Prometheus metrics; None: off (Dynamo's are on DYN_SYSTEM_PORT)
         self.loop = EngineLoop(build, self.metrics, step_timeout_s=config.step_timeout_s,
-                               on_failure=self._on_failure, on_step=self._on_step)
+                               on_failure=self._on_failure, on_step=self._on_step, mirror=mirror)
         self.exit_code = 0
         self.kv: KVPublisher | None = None
         self._aio: asyncio.AbstractEventLoop | None = None

@@ -60,3 +60,55 @@ def test_serve_answers_paris_then_stops_on_sigterm(smollm_ckpt, tmp_path):
         if server.poll() is None:
             server.kill()
             server.wait()
+
+
+def test_serve_over_two_processes(tiny_ckpt, tiny_ckpt_dir, tmp_path):
+    """A mesh file over 2 processes × 4 CPU devices: process 0 listens, process 1 replays its turns;
+    greedy tokens equal the dense no-cache forward pass; SIGTERM to process 0 stops both."""
+    import json
+    import os
+    import urllib.request
+
+    from tests.runtime.conftest import greedy_reference
+
+    mesh = tmp_path / "mesh.yaml"
+    mesh.write_text(yaml.safe_dump({"platform": "cpu", "cpu_devices": 4, "axes": {"data": 1, "tensor": 8},
+                                    "distributed": {"coordinator_address": f"127.0.0.1:{free_port()}",
+                                                    "num_processes": 2, "process_id": "env:MESHSERVE_PROCESS_ID",
+                                                    "initialization_timeout_s": 120}}))
+    config = yaml.safe_load((ROOT / "configs/serving/default.yaml").read_text())
+    config["engine"].update(max_seq_len=128, max_num_seqs=2, kv_cache_bytes=2**20, host_kv_bytes=0,
+                            compilation_cache_dir=None)
+    http_port = free_port()
+    config["server"].update(port=free_port(), metrics_port=None, http_port=http_port, model=str(tiny_ckpt_dir),
+                            mesh=str(mesh))
+    (tmp_path / "serving.yaml").write_text(yaml.safe_dump(config))
+    procs = [subprocess.Popen([sys.executable, "-m", "meshserve.serving.cli", "serve", "--config",
+                               str(tmp_path / "serving.yaml"), "--quiet"], cwd=ROOT, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "MESHSERVE_PROCESS_ID": str(i), "JAX_PLATFORMS": "cpu"})
+             for i in (1, 0)]
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                if urllib.request.urlopen(f"http://127.0.0.1:{http_port}/health", timeout=2).status == 200:
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "the servers did not start"
+            time.sleep(0.5)
+        for prompt in ([5, 6, 7, 8], [40, 41] * 9):
+            body = json.dumps({"model": tiny_ckpt_dir.name, "prompt": prompt, "max_tokens": 12, "temperature": 0,
+                               "ignore_eos": True}).encode()
+            request = urllib.request.Request(f"http://127.0.0.1:{http_port}/v1/completions", body,
+                                             {"content-type": "application/json"})
+            answer = json.load(urllib.request.urlopen(request, timeout=120))
+            assert answer["choices"][0]["text"] == tiny_ckpt.tokenizer.decode(greedy_reference(tiny_ckpt, prompt, 12))
+        procs[1].send_signal(signal.SIGTERM)
+        assert procs[1].wait(timeout=60) == 0 and procs[0].wait(timeout=60) == 0
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()

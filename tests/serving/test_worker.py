@@ -63,10 +63,11 @@ class Fleet(LocalFleet):
         self.client = openai.OpenAI(base_url=f"http://127.0.0.1:{self.http_port}/v1", api_key="none",
                                     max_retries=0, timeout=120)
 
-    def add_worker(self, name: str, model: str = MODEL, *more: str) -> None:
+    def add_worker(self, name: str, model: str = MODEL, *more: str, env=None, wait=True) -> None:
         self.metrics_ports[name] = port = free_port()
         self.start_worker(name, ["--model", str(self.model_dir), "--config", str(self.tmp / "serving.yaml"),
-                                 "--model-name", model, "--metrics-port", str(port), *more], timeout=240)
+                                 "--model-name", model, "--metrics-port", str(port), *more], timeout=240,
+                          env=env, wait=wait)
 
     def metric(self, worker: str, name: str) -> float:
         text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_ports[worker]}/metrics", timeout=5).read().decode()
@@ -219,6 +220,30 @@ def test_workers_of_another_model_serve_it_beside(fleet):
     assert out.model == "tiny-b" and {w for w in after if after[w] > before.get(w, 0)} == {"other"}
     with pytest.raises(openai.NotFoundError):
         fleet.client.completions.create(model="tiny-c", prompt="nobody serves this", max_tokens=3)
+
+
+def test_a_worker_of_two_processes_gives_a_single_process_workers_tokens(fleet):
+    """One engine over 2 processes × 4 CPU devices (jax.distributed on loopback, tensor=8): process 0
+    registers and takes requests, process 1 replays its turns."""
+    mesh = fleet.tmp / "mesh.yaml"
+    mesh.write_text(yaml.safe_dump({"platform": "cpu", "cpu_devices": 4, "axes": {"data": 1, "tensor": 8},
+                                    "distributed": {"coordinator_address": f"127.0.0.1:{free_port()}",
+                                                    "num_processes": 2, "process_id": "env:MESHSERVE_PROCESS_ID",
+                                                    "initialization_timeout_s": 120}}))
+    more = ("--component", "mh", "--mesh", str(mesh))
+    fleet.add_worker("mh1", "tiny-mh", *more, env={"MESHSERVE_PROCESS_ID": "1", "JAX_PLATFORMS": "cpu"}, wait=False)
+    fleet.add_worker("mh0", "tiny-mh", *more, env={"MESHSERVE_PROCESS_ID": "0", "JAX_PLATFORMS": "cpu"})
+    wait_for(lambda: "tiny-mh" in [m.id for m in fleet.client.models.list().data], 60, "the model to be listed")
+    for prompt in ("hello there", "the mesh spans two processes"):
+        want = complete(fleet, prompt, 24).choices[0].text
+        streamed = complete(fleet, prompt, 24, stream=True)
+        text = "".join(c.choices[0].text for c in streamed if c.choices)
+        assert fleet.client.completions.create(model="tiny-mh", prompt=prompt, max_tokens=24, temperature=0,
+                                               extra_body={"ignore_eos": True}).choices[0].text == want == text
+    for name in ("mh0", "mh1"):  # SIGTERM to process 0 stops both
+        assert fleet.workers[name].poll() is None
+    fleet.workers["mh0"].send_signal(signal.SIGTERM)
+    assert fleet.workers["mh0"].wait(timeout=60) == 0 and fleet.workers["mh1"].wait(timeout=60) == 0
 
 
 # ---- the worker's own logic, no processes ----------------------------------------------------------
