@@ -208,9 +208,13 @@ class Worker:
             raise self.loop.error
         engine = self.loop.engine
         self.model_name = self.model_name or self.config.served_model_name or engine.model_config.name
-        self._runtime = DistributedRuntime(loop, os.environ.get("DYN_DISCOVERY_BACKEND", "etcd"),
-                                           os.environ.get("DYN_REQUEST_PLANE", "tcp"),
-                                           event_plane=os.environ.get("DYN_EVENT_PLANE"))
+        try:
+            self._runtime = DistributedRuntime(loop, os.environ.get("DYN_DISCOVERY_BACKEND", "etcd"),
+                                               os.environ.get("DYN_REQUEST_PLANE", "tcp"),
+                                               event_plane=os.environ.get("DYN_EVENT_PLANE"))
+        except Exception as e:  # discovery unreachable, a bad DYN_* setting: one line, not a traceback
+            self.loop.stop(30.0)
+            raise MeshserveError(f"cannot join Dynamo: {e}") from None
         self._endpoint = endpoint = self._runtime.endpoint(self.address)
         page_size, replicas = engine.blocks.page_size, engine.blocks.replicas
         if engine.kv_events is not None:

@@ -26,12 +26,17 @@ MODEL = "tiny"
 PREFIX = "tenant seven shares this long system context with every user of it. " * 2
 
 
-def free_port() -> int:
+def free_port(below: int | None = None) -> int:
+    """A free loopback port; `below`: one under that bound (outside Linux's ephemeral range)."""
     import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    while True:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", 0 if below is None else random.randrange(20000, below)))
+            except OSError:
+                continue
+            return s.getsockname()[1]
 
 
 def wait_for(check, timeout: float, what: str):
@@ -60,11 +65,14 @@ class Fleet(LocalFleet):
         (tmp / "serving.yaml").write_text(yaml.safe_dump(config))
         self.tmp, self.model_dir = tmp, model_dir
         self.metrics_ports: dict[str, int] = {}
+        self.system_ports: dict[str, int] = {}
         self.client = openai.OpenAI(base_url=f"http://127.0.0.1:{self.http_port}/v1", api_key="none",
                                     max_retries=0, timeout=120)
 
     def add_worker(self, name: str, model: str = MODEL, *more: str, env=None, wait=True) -> None:
         self.metrics_ports[name] = port = free_port()
+        self.system_ports[name] = system = free_port(below=2**15)  # Dynamo's own /health of the worker
+        env = {"DYN_SYSTEM_PORT": str(system), "DYN_HEALTH_CHECK_ENABLED": "true", **(env or {})}
         self.start_worker(name, ["--model", str(self.model_dir), "--config", str(self.tmp / "serving.yaml"),
                                  "--model-name", model, "--metrics-port", str(port), *more], timeout=240,
                           env=env, wait=wait)
@@ -117,6 +125,22 @@ def test_completions_and_chat_through_the_frontend(fleet):
     chunks = list(streamed)
     assert "".join(c.choices[0].text for c in chunks if c.choices) == out.choices[0].text
     assert chunks[-1].usage.completion_tokens == 12
+
+
+def test_dynamo_health_checks_the_workers(fleet):
+    """Dynamo's system server says ready once a worker answered; idle, Dynamo sends its canary (the
+    worker's health_check_payload: one greedy token) and the worker answers it too."""
+    def health(worker):
+        with urllib.request.urlopen(f"http://127.0.0.1:{fleet.system_ports[worker]}/health", timeout=5) as r:
+            return r.status, r.read().decode()
+
+    for worker in ("a", "b"):
+        status, body = health(worker)
+        assert status == 200 and "ready" in body, body
+    before = {w: fleet.metric(w, 'meshserve_requests_total{outcome="length"}') for w in ("a", "b")}
+    wait_for(lambda: all(fleet.metric(w, 'meshserve_requests_total{outcome="length"}') > before[w] for w in before),
+             40, "Dynamo's canary requests")
+    assert all(health(w)[0] == 200 for w in ("a", "b"))
 
 
 def test_requests_sharing_a_prefix_land_on_the_worker_that_holds_it(fleet):
@@ -247,6 +271,19 @@ def test_a_worker_of_two_processes_gives_a_single_process_workers_tokens(fleet):
 
 
 # ---- the worker's own logic, no processes ----------------------------------------------------------
+
+
+def test_a_bad_dynamo_setting_is_one_error_line(tiny_ckpt_dir, tmp_path):
+    import subprocess
+    import sys
+
+    env = {**__import__("os").environ, "DYN_DISCOVERY_BACKEND": "file", "DYN_FILE_KV": str(tmp_path),
+           "DYN_SYSTEM_PORT": "99999", "JAX_PLATFORMS": "cpu"}
+    result = subprocess.run([sys.executable, "-m", "meshserve.serving.cli", "worker", "--model", str(tiny_ckpt_dir),
+                             "--quiet"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert lines[-1].startswith("meshserve: error: cannot join Dynamo:") and "SYSTEM_PORT" in lines[-1], result.stderr
 
 
 def test_dynamo_request_to_sampling_params():
