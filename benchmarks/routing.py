@@ -12,7 +12,7 @@ Printed per mode: TTFT p50/p90, output tokens/s, the share of prompt tokens serv
 cache (the requests' usage), and the prefix-cache hit tokens each worker counted; last, the kv /
 round-robin ratios.
 
-    .venv/bin/python benchmarks/routing.py [--requests 48] [--rate 1.0] [--workers 2]
+    .venv/bin/python benchmarks/routing.py [--requests 48] [--rate 1.0 | --concurrency 8] [--workers 2]
 """
 
 from __future__ import annotations
@@ -77,7 +77,8 @@ def run_mode(mode: str, args, prompts: list[tuple[float, str]], engine: dict) ->
     config["engine"].update(engine)
     (folder / "serving.yaml").write_text(yaml.safe_dump(config))
     port = free_port()
-    fleet = LocalFleet(folder, port, mode, migration_limit=0)
+    router_env = {"DYN_ROUTER_KV_OVERLAP_SCORE_CREDIT": str(args.overlap_credit)} if args.overlap_credit else {}
+    fleet = LocalFleet(folder, port, mode, migration_limit=0, env=router_env)
     try:
         ports = {}
         for i in range(args.workers):
@@ -91,8 +92,18 @@ def run_mode(mode: str, args, prompts: list[tuple[float, str]], engine: dict) ->
             async with openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0,
                                           timeout=600) as client:
                 t0 = time.monotonic()
-                await asyncio.gather(*(one(client, "m", prompt, args.output_len, t0 + at, results)
-                                       for at, prompt in prompts))
+                if args.concurrency:  # closed loop: N clients, each sends its next request when one ends
+                    queue = list(prompts)
+
+                    async def user():
+                        while queue:
+                            _, prompt = queue.pop(0)
+                            await one(client, "m", prompt, args.output_len, 0.0, results)
+
+                    await asyncio.gather(*(user() for _ in range(args.concurrency)))
+                else:
+                    await asyncio.gather(*(one(client, "m", prompt, args.output_len, t0 + at, results)
+                                           for at, prompt in prompts))
                 return results, time.monotonic() - t0
 
         hits_before = {w: metric(p, 'meshserve_prefix_cache_hit_tokens_total{tier="device"}') for w, p in ports.items()}
@@ -117,6 +128,10 @@ def main() -> None:
     ap.add_argument("--output-len", type=int, default=16)
     ap.add_argument("--requests", type=int, default=48)
     ap.add_argument("--rate", type=float, default=1.0, help="Poisson arrivals, requests/s")
+    ap.add_argument("--overlap-credit", type=float, help="the KV router's credit for cached prefix pages "
+                    "(Dynamo's default 1.0): above 1 the prefix outweighs the load more")
+    ap.add_argument("--concurrency", type=int, default=0,
+                    help="instead of Poisson arrivals: N clients in a closed loop (saturates; measures capacity)")
     ap.add_argument("--kv-demand", type=float, default=0.7, help="contexts' pages / all workers' pages")
     args = ap.parse_args()
 
@@ -141,7 +156,8 @@ def main() -> None:
     figures = {mode: run_mode(mode, args, prompts, engine) for mode in ("round-robin", "kv")}
     print(f"{args.workers} workers, {pages_per_worker} pages each ({args.kv_demand:.0%} KV demand); {args.tenants} "
           f"tenants × {args.users} users, {args.context_words}-word contexts, {args.question_words}-word questions, "
-          f"{args.output_len} output tokens, {args.requests} requests at {args.rate}/s")
+          f"{args.output_len} output tokens, {args.requests} requests "
+          + (f"from {args.concurrency} closed-loop clients" if args.concurrency else f"at {args.rate}/s"))
     print(f"{'router':>12}{'TTFT p50 s':>12}{'TTFT p90 s':>12}{'tok/s':>8}{'cached':>8}   prefix-cache hit tokens "
           "per worker (every admission, recomputations after preemption included)")
     for mode, f in figures.items():
