@@ -23,7 +23,6 @@ import random
 import statistics
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import source_tree  # noqa: F401  (meshserve from this checkout when not installed)
@@ -37,23 +36,10 @@ def text_of(rng: random.Random, words: int) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(words))
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def metric(port: int, name: str) -> float:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name))
-
-
 async def one(client, model: str, prompt: str, out_tokens: int, start: float, results: list) -> None:
     await asyncio.sleep(max(0.0, start - time.monotonic()))
     sent = time.monotonic()
-    first, n = None, 0
+    first = None
     stream = await client.completions.create(model=model, prompt=prompt, max_tokens=out_tokens, temperature=0,
                                              stream=True, stream_options={"include_usage": True},
                                              extra_body={"ignore_eos": True})
@@ -70,7 +56,7 @@ def run_mode(mode: str, args, prompts: list[tuple[float, str]], engine: dict) ->
     import openai
     import yaml
 
-    from meshserve.serving.fleet import LocalFleet
+    from meshserve.serving.fleet import LocalFleet, free_port
 
     folder = Path(tempfile.mkdtemp(prefix=f"meshserve-routing-{mode}-"))
     config = yaml.safe_load((ROOT / "configs/serving/default.yaml").read_text())
@@ -80,11 +66,9 @@ def run_mode(mode: str, args, prompts: list[tuple[float, str]], engine: dict) ->
     router_env = {"DYN_ROUTER_KV_OVERLAP_SCORE_CREDIT": str(args.overlap_credit)} if args.overlap_credit else {}
     fleet = LocalFleet(folder, port, mode, migration_limit=0, env=router_env)
     try:
-        ports = {}
         for i in range(args.workers):
-            ports[f"w{i}"] = p = free_port()
-            fleet.start_worker(f"w{i}", ["--config", str(folder / "serving.yaml"), "--model-name", "m",
-                                         "--metrics-port", str(p)])
+            fleet.start_worker(f"w{i}", ["--config", str(folder / "serving.yaml"), "--model-name", "m"],
+                               metrics=True)
         time.sleep(3)  # the frontend sees every worker
 
         async def main():
@@ -106,10 +90,10 @@ def run_mode(mode: str, args, prompts: list[tuple[float, str]], engine: dict) ->
                                            for at, prompt in prompts))
                 return results, time.monotonic() - t0
 
-        hits_before = {w: metric(p, 'meshserve_prefix_cache_hit_tokens_total{tier="device"}') for w, p in ports.items()}
+        series = 'meshserve_prefix_cache_hit_tokens_total{tier="device"}'
+        hits_before = {w: fleet.metric(w, series) for w in fleet.workers}
         results, wall = asyncio.run(main())
-        hits = {w: metric(p, 'meshserve_prefix_cache_hit_tokens_total{tier="device"}') - hits_before[w]
-                for w, p in ports.items()}
+        hits = {w: fleet.metric(w, series) - hits_before[w] for w in fleet.workers}
     finally:
         fleet.stop()
     ttft = sorted(r[0] for r in results)

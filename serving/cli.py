@@ -344,15 +344,9 @@ def _worker(args) -> None:
     mirror = _multihost(config, build)
     if mirror is False:
         return  # a following process: its part is done
-    worker = Worker(config, EngineConfig.from_yaml(args.config), build, model_name=args.model_name,
-                    namespace=args.namespace, component=args.component, metrics_port=args.metrics_port,
-                    mirror=mirror)
-    code = run_worker(worker)
-    if code:
-        print("meshserve: error: the engine failed; exiting so that a supervisor restarts the worker",
-              file=sys.stderr, flush=True)
-        logging.shutdown()
-        os._exit(code)
+    worker = Worker(config, build, model_name=args.model_name, namespace=args.namespace,
+                    component=args.component, metrics_port=args.metrics_port, mirror=mirror)
+    _exit_if_failed(run_worker(worker), "worker")
 
 
 def _multihost(config, build):
@@ -393,15 +387,19 @@ def _fleet(args) -> None:
 def run_server(server) -> None:
     """Serve until SIGTERM (then return) or an engine failure (then exit the process non-zero)."""
     import asyncio
-    import logging
 
     from meshserve.serving.server import serve_forever
 
-    code = asyncio.run(serve_forever(server))
+    _exit_if_failed(asyncio.run(serve_forever(server)), "server")
+
+
+def _exit_if_failed(code: int, what: str) -> None:
+    """The engine failed (its cause is in the log above): exit for a supervisor to restart the
+    process, without waiting on an engine thread that may be stuck on the device."""
     if code:
-        # The engine failed (its cause is in the log above): exit for a supervisor to restart the
-        # server, without waiting on an engine thread that may be stuck on the device.
-        print("meshserve: error: the engine failed; exiting so that a supervisor restarts the server",
+        import logging
+
+        print(f"meshserve: error: the engine failed; exiting so that a supervisor restarts the {what}",
               file=sys.stderr, flush=True)
         logging.shutdown()
         os._exit(code)

@@ -21,6 +21,21 @@ from pathlib import Path
 from meshserve.models.errors import MeshserveError
 
 
+def free_port(below: int | None = None) -> int:
+    """A free loopback port; `below`: one under that bound (outside Linux's ephemeral range, for
+    settings that take 16-bit signed ports, like DYN_SYSTEM_PORT)."""
+    import random
+    import socket
+
+    while True:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", 0 if below is None else random.randrange(20000, below)))
+            except OSError:
+                continue
+            return s.getsockname()[1]
+
+
 def loopback_env(discovery: Path) -> dict[str, str]:
     """Dynamo's settings for processes of one machine: file discovery under `discovery`, every
     server bound to 127.0.0.1 (by default Dynamo binds a non-loopback address)."""
@@ -41,15 +56,20 @@ class LocalFleet:
                                                  "--http-port", str(http_port), "--router-mode", router,
                                                  "--migration-limit", str(migration_limit)])
         self.workers: dict[str, subprocess.Popen] = {}
+        self.metrics_ports: dict[str, int] = {}  # of the workers started with metrics=True
 
     def _start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
         with open(self.folder / f"{name}.log", "w") as log:
             return subprocess.Popen(argv, env={**self.env, **(env or {})}, stdout=log, stderr=subprocess.STDOUT)
 
     def start_worker(self, name: str, args: list[str], timeout: float = 600, env: dict[str, str] | None = None,
-                     wait: bool = True) -> subprocess.Popen:
+                     wait: bool = True, metrics: bool = False) -> subprocess.Popen:
         """Start `meshserve worker ARGS` and wait until it has registered (or raise); `wait=False`
-        for a process that never registers (process > 0 of a worker spanning several)."""
+        for a process that never registers (process > 0 of a worker spanning several); `metrics`:
+        with meshserve's metrics on a free port (read by `metric`)."""
+        if metrics:
+            self.metrics_ports[name] = port = free_port()
+            args = [*args, "--metrics-port", str(port)]
         proc = self.workers[name] = self._start(name, [sys.executable, "-m", "meshserve.serving.cli", "worker",
                                                        "--quiet", *args], env)
         if not wait:
@@ -63,6 +83,13 @@ class LocalFleet:
                 raise MeshserveError(f"worker {name} did not register within {timeout:.0f} s: see {log}")
             time.sleep(0.2)
         return proc
+
+    def metric(self, worker: str, series: str) -> float:
+        """The sum of a worker's Prometheus samples whose line starts with `series`."""
+        url = f"http://127.0.0.1:{self.metrics_ports[worker]}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as r:
+            text = r.read().decode()
+        return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(series))
 
     def models(self) -> list[str]:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/v1/models", timeout=5) as r:

@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any, AsyncIterator, Callable
 
 from meshserve.models.errors import MeshserveError
-from meshserve.runtime.engine import Engine, EngineConfig, QueueFullError
+from meshserve.runtime.engine import Engine, QueueFullError
 from meshserve.runtime.kv_tiers import KVEvent
 from meshserve.runtime.sampling import SamplingParams
 from meshserve.serving.config import ServerConfig
@@ -154,11 +154,10 @@ class KVPublisher:
 class Worker:
     """One engine registered with Dynamo as `namespace.component.endpoint`, serving `model_name`."""
 
-    def __init__(self, config: ServerConfig, engine_config: EngineConfig, build: Callable[[], Engine], *,
+    def __init__(self, config: ServerConfig, build: Callable[[], Engine], *,
                  model_name: str | None = None, namespace: str = "dynamo", component: str = "backend",
                  endpoint: str = "generate", metrics_port: int | None = None, mirror=None):
         self.config = config
-        self.engine_config = engine_config
         self.model_name = model_name
         self.address = f"{namespace}.{component}.{endpoint}"
         self.metrics = Metrics()
@@ -172,13 +171,16 @@ class Worker:
         self._endpoint = None
         self._load = None
         self._leaving = False
+        self._used = -1  # pages in use last published (engine thread)
 
     # ---- engine thread ---------------------------------------------------------------------------
 
     def _on_step(self, engine: Engine) -> None:
-        events = engine.drain_kv_events()
-        stats = engine.scheduler.describe()
-        self._aio.call_soon_threadsafe(self._after_step, events, stats)
+        """After every step: hand the event loop what changed (cached pages, pages in use), if anything."""
+        events, used = engine.drain_kv_events(), engine.blocks.num_used
+        if events or used != self._used:
+            self._used = used
+            self._aio.call_soon_threadsafe(self._after_step, events, used)
 
     def _on_failure(self, reason: str) -> None:
         log.critical("the engine failed (%s): leaving discovery and exiting", reason)
@@ -186,12 +188,12 @@ class Worker:
 
     # ---- event loop -------------------------------------------------------------------------------
 
-    def _after_step(self, events: list[KVEvent], stats: dict) -> None:
+    def _after_step(self, events: list[KVEvent], used: int) -> None:
         try:
             if self.kv is not None and events:
                 self.kv.publish(events)
             if self._load is not None:
-                self._load.publish(None, active_decode_blocks=stats["pages_used"], kv_used_blocks=stats["pages_used"])
+                self._load.publish(None, active_decode_blocks=used, kv_used_blocks=used)
         except Exception as e:  # the router falls back to load-only routing: say so loudly
             log.error("KV events or load metrics could not be published: %s: %s", type(e).__name__, e)
             self.metrics.kv_event_failures.inc()
@@ -319,14 +321,10 @@ class Worker:
 
 def run_worker(worker: Worker) -> int:
     """Run a worker until SIGTERM (0) or an engine failure (EXIT_ENGINE_FAILED)."""
-    try:
+    try:  # uvloop comes with Dynamo's runtime
+        import dynamo.llm  # noqa: F401
         import uvloop
     except ImportError as e:
-        raise MeshserveError("meshserve worker needs NVIDIA Dynamo: pip install ai-dynamo-runtime==1.6.1 "
-                             "&& pip install --no-deps ai-dynamo==1.6.1 (make test does)") from e
-    try:
-        import dynamo.llm  # noqa: F401
-    except ImportError as e:
-        raise MeshserveError(f"meshserve worker needs NVIDIA Dynamo ({e}): pip install ai-dynamo-runtime==1.6.1 "
-                             "&& pip install --no-deps ai-dynamo==1.6.1") from None
+        raise MeshserveError(f"meshserve worker needs NVIDIA Dynamo ({e}): pip install -e '.[dynamo]' "
+                             "&& pip install --no-deps ai-dynamo==1.6.1 (make does)") from None
     return uvloop.run(worker.run())

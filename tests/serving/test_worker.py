@@ -19,24 +19,11 @@ import openai
 import pytest
 import yaml
 
-from meshserve.serving.fleet import LocalFleet
+from meshserve.serving.fleet import LocalFleet, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = "tiny"
 PREFIX = "tenant seven shares this long system context with every user of it. " * 2
-
-
-def free_port(below: int | None = None) -> int:
-    """A free loopback port; `below`: one under that bound (outside Linux's ephemeral range)."""
-    import socket
-
-    while True:
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", 0 if below is None else random.randrange(20000, below)))
-            except OSError:
-                continue
-            return s.getsockname()[1]
 
 
 def wait_for(check, timeout: float, what: str):
@@ -64,22 +51,15 @@ class Fleet(LocalFleet):
         config["server"].update(drain_timeout_s=60)
         (tmp / "serving.yaml").write_text(yaml.safe_dump(config))
         self.tmp, self.model_dir = tmp, model_dir
-        self.metrics_ports: dict[str, int] = {}
         self.system_ports: dict[str, int] = {}
         self.client = openai.OpenAI(base_url=f"http://127.0.0.1:{self.http_port}/v1", api_key="none",
                                     max_retries=0, timeout=120)
 
     def add_worker(self, name: str, model: str = MODEL, *more: str, env=None, wait=True) -> None:
-        self.metrics_ports[name] = port = free_port()
         self.system_ports[name] = system = free_port(below=2**15)  # Dynamo's own /health of the worker
         env = {"DYN_SYSTEM_PORT": str(system), "DYN_HEALTH_CHECK_ENABLED": "true", **(env or {})}
         self.start_worker(name, ["--model", str(self.model_dir), "--config", str(self.tmp / "serving.yaml"),
-                                 "--model-name", model, "--metrics-port", str(port), *more], timeout=240,
-                          env=env, wait=wait)
-
-    def metric(self, worker: str, name: str) -> float:
-        text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_ports[worker]}/metrics", timeout=5).read().decode()
-        return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name))
+                                 "--model-name", model, *more], timeout=240, env=env, wait=wait, metrics=True)
 
     def prompt_tokens(self) -> dict[str, float]:
         return {w: self.metric(w, "meshserve_prompt_tokens_total") for w, p in self.workers.items()
