@@ -4,9 +4,13 @@ engine around the programs (scheduling, building the call, dispatch, reading the
 detokenizing, stop checks). The default model's tokenizer detokenizes.
 
 Each figure is the median of --repeats timings of --steps steady decode steps (every request
-decoding, none finishing). Printed last: steps/s per batch and the time split of one step.
+decoding, none finishing). Printed last: steps/s per batch; the host's own time per step (all
+but the time spent waiting for the device's results) and the pace the host alone would allow. With
+async scheduling the host builds step N+1 while the device runs step N, so steps/s is set by the
+slower of the two; on a 2-core CPU the device's programs are not free, and grow with the context
+(the jnp attention of 64 rows over a few hundred tokens).
 
-    .venv/bin/python benchmarks/host_overhead.py [--steps 200] [--repeats 3]
+    .venv/bin/python benchmarks/host_overhead.py [--steps 200] [--repeats 3] [--compare]
 """
 
 from __future__ import annotations
@@ -40,7 +44,9 @@ def tiny_checkpoint():
                       params=init_params(config, seed=0, dtype=jnp.float32))
 
 
-def steps_per_second(ckpt, batch: int, steps: int, repeats: int) -> tuple[float, dict[str, float]]:
+def steps_per_second(ckpt, batch: int, steps: int, repeats: int, overlap: bool) -> tuple[float, dict[str, float]]:
+    import jax
+
     from meshserve.runtime.engine import Engine, EngineConfig
     from meshserve.runtime.sampling import SamplingParams
 
@@ -48,7 +54,7 @@ def steps_per_second(ckpt, batch: int, steps: int, repeats: int) -> tuple[float,
     config = EngineConfig(max_seq_len=1024, max_num_seqs=batch, max_num_batched_tokens=max(256, batch),
                           max_prefill_chunk=256, prefill_buckets=(256,), decode_buckets=(batch,),
                           context_buckets=(64,), kv_cache_bytes=32 * 2**20,
-                          enable_prefix_caching=False)
+                          enable_prefix_caching=False, async_scheduling=overlap)
     engine = Engine(ckpt, config)
     rng = np.random.default_rng(0)
     params = SamplingParams(max_tokens=total, ignore_eos=True)
@@ -58,50 +64,54 @@ def steps_per_second(ckpt, batch: int, steps: int, repeats: int) -> tuple[float,
         engine.step()  # prompts in: from here on every step is a decode of the whole batch
     for _ in range(5):
         engine.step()
-    rates = []
-    split = {"build": 0.0, "run": 0.0, "results": 0.0}
-    runner, run_on_device = engine.runner, engine._run_on_device
-    build = runner.build
+    rates, waits = [], []
+    device_get = jax.device_get  # the engine reads results back only through it: time spent there is
+    waited = [0.0]               # waiting for the device; everything else is the host's own work
 
-    def timed(name, fn):
-        def wrapper(*a, **k):
-            t = time.perf_counter()
-            try:
-                return fn(*a, **k)
-            finally:
-                split[name] += time.perf_counter() - t
-        return wrapper
-
-    runner.build = timed("build", build)
-    engine._run_on_device = timed("run", run_on_device)
-    for _ in range(repeats):
+    def timed_get(tree):
         t = time.perf_counter()
-        for _ in range(steps):
-            outs = engine.step()
-            assert len(outs) == batch and not any(o.finished for o in outs)
-        rates.append(steps / (time.perf_counter() - t))
-    step_s = repeats * steps / sum(steps / r for r in rates)
-    per_step = {k: v / (repeats * steps) * 1e6 for k, v in split.items()}
-    per_step["rest"] = 1e6 / step_s - per_step["build"] - per_step["run"]
-    del per_step["results"]
-    return statistics.median(rates), per_step
+        try:
+            return device_get(tree)
+        finally:
+            waited[0] += time.perf_counter() - t
+
+    jax.device_get = timed_get
+    try:
+        for _ in range(repeats):
+            waited[0] = 0.0
+            t = time.perf_counter()
+            for _ in range(steps):
+                outs = engine.step()
+                assert len(outs) == batch and not any(o.finished for o in outs)
+            rates.append(steps / (time.perf_counter() - t))
+            waits.append(waited[0] / steps)
+    finally:
+        jax.device_get = device_get
+    rate, wait = statistics.median(rates), statistics.median(waits)
+    return rate, {"host": 1e6 / rate - wait * 1e6, "wait": wait * 1e6}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--compare", action="store_true", help="also step in lock-step (async scheduling off)")
     args = ap.parse_args()
     import jax
 
     ckpt = tiny_checkpoint()
-    rows = [(b, *steps_per_second(ckpt, b, args.steps, args.repeats)) for b in BATCHES]
+    modes = (True, False) if args.compare else (True,)
+    rows = [(b, overlap, *steps_per_second(ckpt, b, args.steps, args.repeats, overlap))
+            for b in BATCHES for overlap in modes]
     print(f"machine: {os.cpu_count()} CPU cores; jax {jax.__version__} ({jax.default_backend()}); "
           f"tiny model: 2 layers, d=64, vocabulary 512")
-    print(f"{'batch':>6}{'steps/s':>10}{'tokens/s':>11}   µs per step: build / device call and read-back / rest")
-    for b, rate, split in rows:
-        print(f"{b:6d}{rate:10.0f}{rate * b:11.0f}   {split['build']:.0f} / {split['run']:.0f} / {split['rest']:.0f}")
-    print("decode steps/s: " + ", ".join(f"batch {b} {rate:.0f}" for b, rate, _ in rows))
+    print(f"{'batch':>6}{'scheduling':>12}{'steps/s':>10}{'tokens/s':>11}{'host µs/step':>14}{'waiting µs/step':>17}"
+          f"{'host pace, steps/s':>20}")
+    for b, overlap, rate, split in rows:
+        print(f"{b:6d}{'async' if overlap else 'lock-step':>12}{rate:10.0f}{rate * b:11.0f}{split['host']:14.0f}"
+              f"{split['wait']:17.0f}{1e6 / split['host']:20.0f}")
+    print("decode steps/s (async scheduling): " + ", ".join(
+        f"batch {b} {rate:.0f} (host pace {1e6 / split['host']:.0f})" for b, overlap, rate, split in rows if overlap))
 
 
 if __name__ == "__main__":

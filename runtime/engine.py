@@ -6,9 +6,20 @@
         for out in engine.step(): ...                  # RequestOutput: new tokens and text
     engine.generate(prompts, params)                   # the same, blocking, for offline use
 
-One `step` = one scheduler plan, run by the model runner: a prefill call per prompt chunk, then the
-decode calls for every request that is generating. The engine is single-threaded; a server drives
-it from its own thread (serving/engine_loop.py).
+One `step` = one scheduler plan, run by the model runner: the step's prompt chunks in ragged
+prefill calls, then the decode calls for every request that is generating. The engine is
+single-threaded; a server drives it from its own thread (serving/engine_loop.py).
+
+Async scheduling (`EngineConfig.async_scheduling`, on by default): a step is planned, built and
+dispatched while the device still runs the one before; only then does the host read that one's
+tokens back and act on them (stop conditions, text), so the device does not wait for the host
+between steps. A request's token from step N is PENDING on the host when step N+1 is built: the
+decode reads it on the device (runner.py's slots). `step` returns step N's outputs from the call
+that dispatched step N+1. A request that ends at step N has had a row in step N+1 computed for
+nothing, whose result is dropped; an abort between two calls still frees its pages at once (later
+steps are ordered after the ones in flight on the device). A step that would need a PENDING token
+on the host (a prompt chunk over it after a preemption, a penalized row's history) reads the last
+step back first.
 
 Failure contract:
   - a request that passes `validate_request` never waits for pages that cannot exist, nor for a
@@ -47,9 +58,9 @@ from meshserve.runtime.kv_cache import ATTENTION, POOL_AXES, page_bytes, pages_f
 from meshserve.runtime.kv_tiers import HostTier, KVEvent, KVEvents, LowerTiers, PageMover, StoreTier
 from meshserve.runtime.programs import Buckets, Programs, enable_compilation_cache
 from meshserve.runtime.request import RequestLimits, check_request
-from meshserve.runtime.runner import ModelRunner
+from meshserve.runtime.runner import PENDING, ModelRunner
 from meshserve.runtime.sampling import SamplingParams
-from meshserve.runtime.scheduler import QueueFull, Scheduler, SchedulerConfig, Sequence
+from meshserve.runtime.scheduler import QueueFull, Scheduler, SchedulerConfig, Sequence, Status
 from meshserve.runtime.text import TextStream
 from meshserve.sharding.rules import Layout
 
@@ -88,6 +99,9 @@ class EngineConfig:
     kv_store: str | None = None  # tensorstore tier for pages leaving host memory: a folder or kvstore URL
     kv_store_write_through: bool = False  # also write every offloaded page to the store at once
     limits: RequestLimits = RequestLimits()  # what one request may carry (stop strings, stop ids)
+    # build and dispatch step N+1 before reading step N back (its tokens feed N+1 on the device);
+    # `step` then returns step N's outputs. False: each step is read back before the next is built.
+    async_scheduling: bool = True
 
     def __post_init__(self):
         if self.page_size < 1 or self.page_size & (self.page_size - 1):
@@ -286,6 +300,7 @@ class Engine:
         self._ids = itertools.count()
         self.eos_ids = frozenset(c.eos_token_ids) | frozenset(self.tokenizer.eos_ids)
         self.idle = True  # the last step had nothing to run: a driver may sleep until a new command
+        self._pending: list | None = None  # the last step's calls, dispatched, not yet read back
 
     def _kv_budget(self) -> int:
         if self.config.kv_cache_bytes is not None:
@@ -393,7 +408,8 @@ class Engine:
     # ---- one step ------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """Plan, build on the host, run on the device, commit the plan, read the results. Faults of
+        """Plan, build on the host, dispatch to the device, read the last step's results (or this
+        one's, without async scheduling), commit the plan. Faults of
         one request end that request; any other fault from here on is fatal (EngineFault): the plan
         has taken pages and maybe dispatched programs, so nothing about the state can be trusted."""
         self._check_alive()
@@ -405,38 +421,42 @@ class Engine:
             raise EngineFault(f"the engine failed: {self.failed}") from e
 
     def _step(self) -> list[RequestOutput]:
+        pending, self._pending = self._pending, None
         self._release_forks()
         plan = self.scheduler.schedule(self.clock.now())
         outputs = [self._finish(self._requests.pop(s.request_id), "rejected",
                                  error=f"queue timeout: waited more than "
                                        f"{s.queue_timeout_s or self.config.queue_timeout_s} s")
                     for s in plan.expired]
+        if pending is not None and self._needs_tokens(plan, pending):
+            outputs += self._resolve(pending)  # read the last step back first (it may end requests
+            pending = None  # of this plan: they are left out of its calls)
         calls, dropped = self.runner.build(plan, self._sampling_of)
         for seq, e in dropped.items():
             log.error("request %s failed while its step was built: %s: %s", seq.request_id, type(e).__name__, e)
             outputs.append(self._finish(self._requests.pop(seq.request_id), "error",
                                         error=f"{type(e).__name__}: {e}"))
-        self.idle = plan.empty and not outputs
         if plan.empty and not plan.onboard:
+            if pending is not None:
+                outputs += self._resolve(pending)
+            self.idle = plan.empty and not outputs
             return outputs
-        results = self._run_on_device(plan, calls)
-        self.scheduler.commit(plan)
-        for call, sampled, scored in results:
-            for at, seq, start, count in call.scored:
-                self._keep_scores(self._requests.get(seq.request_id), scored, at, start, count)
-            for row, seq in call.rows:
-                req = self._requests.get(seq.request_id)
-                if req is None:
-                    continue
-                try:
-                    outputs.append(self._accept(req, sampled, row))
-                except Exception as e:  # a fault in one request's results ends that request only
-                    self._requests.pop(seq.request_id, None)
-                    outputs.append(self._finish(req, "error", error=f"{type(e).__name__}: {e}"))
+        self.idle = False
+        launched = self._run_on_device(plan, calls)
+        if pending is not None:  # the device runs this step while the host reads the last one
+            outputs += self._resolve(pending)
+        self.scheduler.commit(plan)  # after the last step's tokens are known: full pages are hashed
+        if self.config.async_scheduling:  # (a step only requests that ended since ran is dropped)
+            live = any(seq.status is not Status.FINISHED for call, marks, _, _ in launched
+                       for seq in [*(seq for _, seq, _ in marks), *(seq for _, seq, _, _ in call.scored)])
+            self._pending = launched if live else None
+        else:
+            outputs += self._resolve(launched)
         return outputs
 
     def _run_on_device(self, plan, calls) -> list:
-        """Copies between tiers, then every program call, then the results on the host."""
+        """Copies between tiers, then every program call, dispatched, not waited for; each sampling
+        row's next token is PENDING on the host until `_resolve` reads it back."""
         if self._mover is not None:  # copies out and in go ahead of this step's programs (in that
             evicted = self.blocks.take_evicted()  # order: an evicted page may be a copy's target)
             if evicted:
@@ -446,8 +466,47 @@ class Engine:
         self.pool, launched = self.runner.run(self.checkpoint.params, self.pool, calls)
         if self._mover is not None:
             self._mover.finish_offload()
-        return [(call, jax.device_get(sampled), jax.device_get(scored) if call.scored else None)
-                for call, sampled, scored in launched]
+        steps = []
+        for call, sampled, scored in launched:
+            marks = []
+            for row, seq in call.rows:
+                marks.append((row, seq, len(seq.tokens)))
+                seq.tokens.append(PENDING)
+            steps.append((call, marks, sampled, scored))
+        return steps
+
+    def _needs_tokens(self, plan, pending) -> bool:
+        """Whether building `plan` needs tokens the last step has not given back yet: a prompt
+        chunk over one (a request preempted since) or a penalized row's history. A decode's own
+        input token does not: its row reads it on the device."""
+        waiting = {seq for _, marks, _, _ in pending for _, seq, _ in marks}
+        if any(chunk.seq in waiting for chunk in plan.prefills):
+            return True
+        for seq in plan.decodes:
+            req = self._requests.get(seq.request_id)
+            if seq in waiting and req is not None and req.params.penalized:
+                return True
+        return False
+
+    def _resolve(self, steps: list) -> list[RequestOutput]:
+        """Read a dispatched step's results back (waiting for the device) and act on them: tokens,
+        prompt scores, stop conditions."""
+        outputs = []
+        results = jax.device_get([(sampled, scored if call.scored else None) for call, _, sampled, scored in steps])
+        for (call, marks, _, _), (sampled, scored) in zip(steps, results):
+            for at, seq, start, count in call.scored:
+                req = self._requests.get(seq.request_id)
+                self._keep_scores(req if req is not None and req.seq is seq else None, scored, at, start, count)
+            for row, seq, index in marks:
+                req = self._requests.get(seq.request_id)
+                if req is None or req.seq is not seq:
+                    continue  # aborted, or ended by an error, while its step ran
+                try:
+                    outputs.append(self._accept(req, sampled, row, index))
+                except Exception as e:  # a fault in one request's results ends that request only
+                    self._requests.pop(seq.request_id, None)
+                    outputs.append(self._finish(req, "error", error=f"{type(e).__name__}: {e}"))
+        return outputs
 
     def _sampling_of(self, seq: Sequence) -> tuple[SamplingParams, int, bool, tuple[int, ...]]:
         req = self._requests[seq.request_id]
@@ -479,11 +538,13 @@ class Engine:
 
     # ---- results -------------------------------------------------------------------------------
 
-    def _accept(self, req: _Request, sampled, row: int) -> RequestOutput:
+    def _accept(self, req: _Request, sampled, row: int, index: int) -> RequestOutput:
+        """Row `row` of `sampled` is the token at `index` of req's tokens (PENDING until now; a
+        token after it, if any, is the next step's, still running)."""
         seq, params = req.seq, req.params
         token = int(sampled.tokens[row])
-        seq.tokens.append(token)
-        generated = len(seq.tokens) - seq.prompt_len
+        seq.tokens[index] = token
+        generated = index + 1 - seq.prompt_len
         scores = self._prompt_logprobs(req, generated)
         logprobs = ()
         if params.logprobs is not None:
@@ -499,7 +560,7 @@ class Engine:
         if req.text.stopped_by is not None:
             return self._finish(self._requests.pop(seq.request_id), "stop", last=(token,), text=text,
                                 logprobs=logprobs, prompt_logprobs=scores)
-        if generated >= params.max_tokens or len(seq.tokens) >= self.max_seq_len:
+        if generated >= params.max_tokens or index + 1 >= self.max_seq_len:
             return self._finish(self._requests.pop(seq.request_id), "length", last=(token,), text=text,
                                 logprobs=logprobs, prompt_logprobs=scores)
         return RequestOutput(seq.request_id, (token,), text, logprobs=logprobs,
@@ -512,6 +573,8 @@ class Engine:
                 prompt_logprobs=()) -> RequestOutput:
         seq = req.seq
         self.scheduler.remove(seq)  # pages back to the pool in this same step
+        while seq.tokens and seq.tokens[-1] == PENDING:  # the next step's token: never given
+            seq.tokens.pop()
         if drop_last:  # EOS / stop token: ends the output, is not part of it
             seq.tokens.pop()
         tail = req.text.finish() if reason not in ("rejected", "error") else ""

@@ -5,12 +5,18 @@ pool donated, so serving never traces or compiles:
           T (a bucket of the call's total), their contexts into one list of pages;
   decode (batch B): one token for each of B requests.
 
-    prefill_step(params, pool, PrefillBatch) -> (pool, Sampled, Scored)
-    decode_step(params, pool, DecodeBatch)   -> (pool, Sampled, Scored)
+    prefill_step(params, pool, last, PrefillBatch) -> (pool, last, Sampled, Scored)
+    decode_step(params, pool, last, DecodeBatch)   -> (pool, last, Sampled, Scored)
 
 Sampled holds each row's next token (from its last position's logits); Scored the prompt scores of
 every position, computed only when a row of the call asks for them (`targets`), else zeros.
 Padding rows and tokens write to the null page and are never read back.
+
+`last` (i32[slots], donated like the pool) is each running request's latest sampled token, kept on
+the device at the request's slot: every call writes its rows' sampled tokens there, and a decode
+row whose token is given as -1 reads its input from there. So the host can build and dispatch
+step N+1 before it has read step N's tokens back (see the engine's async scheduling). The last
+slot is padding's.
 
 Buckets (see `Buckets.default`): tokens per prefill call and requests per decode call, ×4 apart —
 on a device whose matmuls are compute-bound (CPU) a padded token costs as much as a real one, and
@@ -45,8 +51,8 @@ from meshserve.sharding.rules import Layout
 class DecodeBatch:
     """A decode call: one token for each of B rows, packed into four arrays (each is a transfer).
 
-    ints[:, :DECODE_INTS] = (token, position, write page, write slot, prompt length), then the
-    rows' sampling ints (SamplingBatch.pack); floats: their sampling floats; page_tables: each row's
+    ints[:, :DECODE_INTS] = (token, position, write page, write slot, prompt length, slot), then the
+    rows' sampling ints; a token of -1 is read from `last` at the row's slot (SamplingBatch.pack); floats: their sampling floats; page_tables: each row's
     pages; history: its tokens so far, -1 padded, for penalties (l = p * page_size)."""
 
     ints: Int[Array, "b i"]
@@ -55,7 +61,7 @@ class DecodeBatch:
     history: Int[Array, "b l"]
 
 
-DECODE_INTS = 5
+DECODE_INTS = 6
 
 
 @jax.tree_util.register_dataclass
@@ -67,8 +73,8 @@ class PrefillBatch:
     tokens[PREFILL_TOKEN_FIELDS.index(name)]: per token — the token, its position, the page and
     slot its K/V is written to, its row (-1: padding) and its scoring target (-1: none);
     ctx: per page of the call's context — the page, its row (-1: padding), its index in the row;
-    rows[:, :PREFILL_ROW_INTS] = (index in T of the row's last token, prompt length), then the
-    sampling ints; floats: the sampling floats; history as DecodeBatch (l = q * page_size)."""
+    rows[:, :PREFILL_ROW_INTS] = (index in T of the row's last token, prompt length, slot), then
+    the sampling ints; floats: the sampling floats; history as DecodeBatch (l = q * page_size)."""
 
     tokens: Int[Array, "6 t"]
     ctx: Int[Array, "3 q"]
@@ -78,7 +84,7 @@ class PrefillBatch:
 
 
 PREFILL_TOKEN_FIELDS = ("tokens", "positions", "write_pages", "write_slots", "token_row", "targets")
-PREFILL_ROW_INTS = 2
+PREFILL_ROW_INTS = 3
 
 
 def _sample_and_score(params, x, last_x, sampling, history, prompt_len, targets, config):
@@ -92,30 +98,32 @@ def _sample_and_score(params, x, last_x, sampling, history, prompt_len, targets,
     return sampled, scored
 
 
-def decode_step(params: Params, pool: KVPool, batch: DecodeBatch, *, config: ModelConfig,
-                attention: str = "reference", shards: AttentionShards | None = None) -> tuple[KVPool, Sampled, Scored]:
-    tokens, positions, write_pages, write_slots, prompt_len = (batch.ints[:, i] for i in range(DECODE_INTS))
+def decode_step(params: Params, pool: KVPool, last: Int[Array, "s"], batch: DecodeBatch, *, config: ModelConfig,
+                attention: str = "reference", shards: AttentionShards | None = None
+                ) -> tuple[KVPool, Int[Array, "s"], Sampled, Scored]:
+    tokens, positions, write_pages, write_slots, prompt_len, slots = (batch.ints[:, i] for i in range(DECODE_INTS))
+    tokens = jnp.where(tokens < 0, last[slots], tokens)  # -1: the token the last call sampled for it
     cache = PagedKVCache(pool, batch.page_tables, write_pages[:, None], write_slots[:, None],
                          jnp.ones_like(tokens), attention, shards)
     x, cache = forward_hidden(params, tokens[:, None], positions[:, None], cache, config=config)
     sampling = SamplingBatch.unpack(batch.ints[:, DECODE_INTS:], batch.floats)
     sampled, scored = _sample_and_score(params, x, x[:, 0], sampling, batch.history, prompt_len, None, config)
-    return cache.pool, sampled, scored
+    return cache.pool, last.at[slots].set(sampled.tokens), sampled, scored
 
 
-def prefill_step(params: Params, pool: KVPool, batch: PrefillBatch, *, config: ModelConfig,
+def prefill_step(params: Params, pool: KVPool, last: Int[Array, "s"], batch: PrefillBatch, *, config: ModelConfig,
                  attention: str = "reference", shards: AttentionShards | None = None
-                 ) -> tuple[KVPool, Sampled, Scored]:
+                 ) -> tuple[KVPool, Int[Array, "s"], Sampled, Scored]:
     tokens, positions, write_pages, write_slots, token_row, targets = (batch.tokens[i] for i in range(6))
     ctx_pages, ctx_row, ctx_index = batch.ctx[0], batch.ctx[1], batch.ctx[2]
-    last, prompt_len = batch.rows[:, 0], batch.rows[:, 1]
+    final, prompt_len, slots = batch.rows[:, 0], batch.rows[:, 1], batch.rows[:, 2]
     cache = RaggedKVCache(pool, write_pages[None], write_slots[None], token_row, ctx_pages, ctx_row, ctx_index,
-                          last.shape[0], attention, shards)
+                          final.shape[0], attention, shards)
     x, cache = forward_hidden(params, tokens[None], positions[None], cache, config=config)
     sampling = SamplingBatch.unpack(batch.rows[:, PREFILL_ROW_INTS:], batch.floats)
-    sampled, scored = _sample_and_score(params, x, x[0, last], sampling, batch.history, prompt_len,
+    sampled, scored = _sample_and_score(params, x, x[0, final], sampling, batch.history, prompt_len,
                                         targets[None], config)
-    return cache.pool, sampled, scored
+    return cache.pool, last.at[slots].set(sampled.tokens), sampled, scored
 
 
 # Logical axes of every batch field, for the sharding rules.
@@ -141,6 +149,12 @@ class Buckets:
             if size >= n:
                 return size
         raise ValueError(f"{n} exceeds the largest bucket {sizes[-1]}")
+
+    @property
+    def slots(self) -> int:
+        """Length of the `last` token array: a slot per running request (at most max_rows), and
+        padding's, the last."""
+        return self.max_rows + 1
 
     def rows(self, tokens: int) -> int:
         """Rows of a prefill call of `tokens`: one per 8 tokens (a padding row costs its share of
@@ -225,18 +239,20 @@ class Programs:
                                    attention=attention,
                                    shards=self._shards(layout, 1 if family == "prefill" else shape[1], pool.num_pages))
             if layout.mesh.size == 1:  # one device: no partitioning pass (it only slows the compile)
-                jitted = jax.jit(fn, donate_argnums=(1,))
+                jitted = jax.jit(fn, donate_argnums=(1, 2))
             else:
-                jitted = jax.jit(fn, donate_argnums=(1,),
-                                 in_shardings=(param_shardings, self.pool_sharding, batch_sharding),
-                                 out_shardings=(self.pool_sharding, layout.replicated(), layout.replicated()))
-            lowered[shape] = jitted.lower(_abstract(params), _abstract(pool), batch)
+                rep = layout.replicated()
+                jitted = jax.jit(fn, donate_argnums=(1, 2),
+                                 in_shardings=(param_shardings, self.pool_sharding, rep, batch_sharding),
+                                 out_shardings=(self.pool_sharding, rep, rep, rep))
+            lowered[shape] = jitted.lower(_abstract(params), _abstract(pool),
+                                          jax.ShapeDtypeStruct((buckets.slots,), jnp.int32), batch)
         workers = threads or max(1, os.cpu_count() or 1)
         with concurrent.futures.ThreadPoolExecutor(workers) as pool_exec, \
                 _without_jax_cache() if saved is not None else contextlib.nullcontext():
             compiled = dict(zip(lowered, pool_exec.map(lambda low: low.compile(), lowered.values())))
         self.compiled = compiled
-        self.batch_shardings = {s: c.input_shardings[0][2] for s, c in compiled.items()}
+        self.batch_shardings = {s: c.input_shardings[0][3] for s, c in compiled.items()}
         if saved is not None:
             saved.save(compiled)
 

@@ -13,6 +13,11 @@ Prefill: the step's prompt chunks packed into as few ragged calls as the largest
 call per batch bucket; with data replicas, rows [r·b/R, (r+1)·b/R) of a call are replica r's
 requests (their pages live in its shard of the pool). A call that cannot be built drops all its
 requests (no single row can be blamed), still before anything runs.
+
+Slots: each running request owns a slot of the programs' `last` token array while it runs; its
+sampled tokens are written there on the device, and a decode row whose input token the host does
+not know yet (-1, PENDING: the engine dispatched this step before reading the last one back) reads
+it from there.
 """
 
 from __future__ import annotations
@@ -29,7 +34,9 @@ from meshserve.runtime.kv_cache import KVPool
 from meshserve.runtime.programs import (DECODE_INTS, PREFILL_ROW_INTS, PREFILL_TOKEN_FIELDS, Buckets,
                                         DecodeBatch, PrefillBatch, Programs)
 from meshserve.runtime.sampling import SamplingBatch, SamplingParams
-from meshserve.runtime.scheduler import Sequence, StepPlan
+from meshserve.runtime.scheduler import Sequence, Status, StepPlan
+
+PENDING = -1  # a sampled token still on the device: its row reads it from its slot of `last`
 
 # (params, seed, whether its prompt is to be scored, token ids it cannot sample now) of a request
 SamplingOf = Callable[[Sequence], tuple[SamplingParams, int, bool, tuple[int, ...]]]
@@ -64,6 +71,33 @@ class ModelRunner:
         self.page_size = page_size
         self.replicas = blocks.replicas
         self._no_history: dict[tuple, np.ndarray | jax.Array] = {}
+        self.padding_slot = buckets.slots - 1
+        self._slots: dict[Sequence, int] = {}
+        self._free_slots = list(range(self.padding_slot - 1, -1, -1))
+        self.last = self._device_array(np.zeros(buckets.slots, np.int32), replicated=True)
+
+    def _device_array(self, host: np.ndarray, sharding=None, replicated: bool = False):
+        """`host` on the programs' devices: replicated over the mesh, or with `sharding`, or on the
+        one device (every process of a multi-process mesh passes the same host array)."""
+        layout = self.programs.layout
+        if replicated and layout.mesh.size > 1:
+            sharding = layout.replicated()
+        if jax.process_count() > 1:
+            return jax.make_array_from_callback(host.shape, sharding, lambda i: host[i])
+        return jax.device_put(host, sharding if sharding is not None else layout.mesh.devices.flat[0])
+
+    def slot(self, seq: Sequence) -> int:
+        """`seq`'s slot of `last` (it keeps it while it runs)."""
+        slot = self._slots.get(seq)
+        if slot is None:
+            slot = self._slots[seq] = self._free_slots.pop()
+        return slot
+
+    def _release_slots(self) -> None:
+        """Slots of requests no longer running (finished, aborted, preempted) are free again: the
+        calls that wrote them were dispatched before any call of this step, so nothing reads them."""
+        for seq in [s for s in self._slots if s.status is not Status.RUNNING]:
+            self._free_slots.append(self._slots.pop(seq))
 
     # ---- host ----------------------------------------------------------------------------------
 
@@ -71,8 +105,11 @@ class ModelRunner:
         """Every call of the step, and the requests dropped from it (with why)."""
         calls: list[Call] = []
         dropped: dict[Sequence, Exception] = {}
+        self._release_slots()
         prefill_rows = []
         for chunk in plan.prefills:
+            if chunk.seq.status is not Status.RUNNING:
+                continue  # ended when the last step was read back, after this plan was made
             try:
                 prefill_rows.append(self._row(chunk.seq, chunk.start, chunk.end, chunk.samples, sampling_of))
             except Exception as e:  # this request's fault: it leaves the step, the rest goes on
@@ -87,6 +124,8 @@ class ModelRunner:
                            calls, dropped)
         rows = []
         for seq in plan.decodes:
+            if seq.status is not Status.RUNNING:
+                continue
             try:
                 rows.append(self._decode_row(seq, sampling_of))
             except Exception as e:
@@ -170,6 +209,7 @@ class ModelRunner:
         ctx = np.zeros((3, q), np.int32)
         ctx[0], ctx[1] = NULL_PAGE, -1  # pages, rows
         row_ints = np.zeros((r_count, PREFILL_ROW_INTS + SamplingBatch.INTS), np.int32)
+        row_ints[:, 2] = self.padding_slot
         floats = np.empty((r_count, SamplingBatch.FLOATS), np.float32)
         history = None
         sampling: list = [None] * r_count
@@ -188,7 +228,8 @@ class ModelRunner:
             ctx[0, c:c + k] = pages[:k]
             ctx[1, c:c + k] = r
             ctx[2, c:c + k] = np.arange(k)
-            row_ints[r, :PREFILL_ROW_INTS] = (at + n - 1, seq.prompt_len)
+            row_ints[r, :PREFILL_ROW_INTS] = (at + n - 1, seq.prompt_len,
+                                              self.padding_slot if row.sampling is None else self.slot(seq))
             sampling[r] = row.sampling
             if row.history is not None:
                 if history is None:
@@ -231,12 +272,13 @@ class ModelRunner:
         ints = np.empty((b, DECODE_INTS + SamplingBatch.INTS), np.int32)
         floats = np.empty((b, SamplingBatch.FLOATS), np.float32)
         sampling = [None] * b
-        ints[:, :DECODE_INTS] = (0, 0, NULL_PAGE, 0, 0)
+        ints[:, :DECODE_INTS] = (0, 0, NULL_PAGE, 0, 0, self.padding_slot)
         tables = np.full((b, p), NULL_PAGE, np.int32)
         history = None
         for r, row in placed:
             seq, position = row.seq, int(row.positions[0])
-            ints[r, :DECODE_INTS] = (row.tokens[0], position, seq.pages[position // ps], position % ps, seq.prompt_len)
+            ints[r, :DECODE_INTS] = (row.tokens[0], position, seq.pages[position // ps], position % ps, seq.prompt_len,
+                                     self.slot(seq))  # a PENDING token is read from the slot
             tables[r, :len(seq.pages)] = seq.pages
             sampling[r] = row.sampling
             if row.history is not None:
@@ -260,8 +302,7 @@ class ModelRunner:
             empty.flags.writeable = False
             if jax.process_count() == 1:
                 sharding = self.programs.batch_shardings.get(shape)
-                empty = jax.device_put(empty, sharding.history if sharding is not None
-                                       else self.programs.layout.mesh.devices.flat[0])
+                empty = self._device_array(empty, sharding.history if sharding is not None else None)
             self._no_history[shape] = empty
         return self._no_history[shape]
 
@@ -269,8 +310,8 @@ class ModelRunner:
 
     def run(self, params, pool: KVPool, calls: list[Call]) -> tuple[KVPool, list]:
         """Dispatch every call back to back (no host sync between them); returns the new pool and
-        each call's (call, Sampled, Scored) on the device. The pool is donated: an exception here
-        leaves it unknown."""
+        each call's (call, Sampled, Scored) on the device. The pool and `last` are donated: an
+        exception here leaves them unknown."""
         launched = []
         for call in calls:
             batch = call.batch
@@ -279,6 +320,6 @@ class ModelRunner:
                     lambda host, sharding: jax.make_array_from_callback(host.shape, sharding,
                                                                         lambda i: host[i]),
                     batch, self.programs.batch_shardings[call.shape])
-            pool, sampled, scored = self.programs.compiled[call.shape](params, pool, batch)
+            pool, self.last, sampled, scored = self.programs.compiled[call.shape](params, pool, self.last, batch)
             launched.append((call, sampled, scored))
         return pool, launched

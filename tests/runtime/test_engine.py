@@ -608,3 +608,93 @@ def test_prompt_scores_survive_chunking_and_preemption(engine, tiny_ckpt):
         assert [s.token_id for s in got[1:]] == prompt[1:]
         np.testing.assert_allclose([s.logprob for s in got[1:]], [ref[p, prompt[p + 1]] for p in range(len(prompt) - 1)],
                                    atol=1e-5)
+
+
+def _mixed_workload(seed: int):
+    """Prompts and params that take every path of a step: chunked prompts, preemption (TIGHT's
+    pool), greedy and seeded sampling, penalties, stop strings and ids, logprobs, min_tokens."""
+    rng = np.random.default_rng(seed)
+    prompts, params = [], []
+    for i in range(14):
+        prompts.append(rng.integers(0, 260, int(rng.integers(1, 34))).tolist())
+        kind = i % 7
+        p = dict(max_tokens=int(rng.integers(1, 20)), ignore_eos=bool(i % 2), seed=i,
+                 temperature=0.0 if kind < 3 else 0.9)
+        if kind == 1:
+            p.update(repetition_penalty=1.3, frequency_penalty=0.5)
+        if kind == 2:
+            p.update(stop_token_ids=tuple(range(i, 300, 4)), logprobs=3)  # likely to end early
+        if kind == 4:
+            p.update(stop=("e", "th"), min_tokens=2)
+        if kind == 5:
+            p.update(top_k=5, top_p=0.8)
+        params.append(SamplingParams(**p))
+    return prompts, params
+
+
+def test_async_scheduling_gives_what_stepping_in_lock_step_gives(tiny_ckpt):
+    """Step N+1 built and dispatched before step N is read back: the same tokens, texts, finish
+    reasons and logprobs as reading every step back first, over chunking, preemption, penalties
+    (which read the last step back before building) and every way a request ends."""
+    import dataclasses
+
+    prompts, params = _mixed_workload(3)
+    runs = {}
+    for mode in (True, False):
+        engine = Engine(tiny_ckpt, dataclasses.replace(TIGHT, async_scheduling=mode))
+        out = engine.generate(prompts, params)
+        runs[mode] = [(c.token_ids, c.text, c.finish_reason, [(lp.token_id, round(lp.logprob, 4)) for lp in c.logprobs])
+                      for c in out]
+        assert engine.blocks.num_free == engine.blocks.num_usable and not engine._pending
+    assert runs[True] == runs[False]
+    assert {r[2] for r in runs[True]} == {"stop", "length"}
+
+
+def test_async_scheduling_dispatches_the_next_step_before_reading_the_last(tiny_ckpt):
+    """In steady decoding every step's programs are dispatched before the previous step's
+    results are read; each step returns the previous step's tokens, one per request, and a
+    request that ended is never returned again, though its next row was already computed."""
+    engine = Engine(tiny_ckpt, TIGHT)
+    events = []
+    run, resolve = engine.runner.run, engine._resolve
+
+    def spy_run(*args):
+        events.append("dispatch")
+        return run(*args)
+
+    def spy_resolve(steps):
+        events.append("read")
+        return resolve(steps)
+
+    engine.runner.run, engine._resolve = spy_run, spy_resolve
+    a = engine.add_request([5, 6, 7], SamplingParams(max_tokens=6, ignore_eos=True))
+    b = engine.add_request([9, 8], SamplingParams(max_tokens=3, ignore_eos=True))
+    got = {a: [], b: []}
+    finished = []
+    while engine.has_unfinished:
+        for out in engine.step():
+            assert out.request_id not in finished
+            got[out.request_id].extend(out.token_ids)
+            if out.finished:
+                finished.append(out.request_id)
+    assert got[a] == greedy_reference(tiny_ckpt, [5, 6, 7], 6) and got[b] == greedy_reference(tiny_ckpt, [9, 8], 3)
+    assert events[:3] == ["dispatch", "dispatch", "read"]  # step 2 went out before step 1 came back
+    assert events.count("dispatch") == 7  # 6 steps for a's tokens, and one computed for nothing
+    assert engine.blocks.num_free == engine.blocks.num_usable
+
+
+def test_an_abort_while_the_next_step_runs_frees_pages_at_once(tiny_ckpt):
+    engine = Engine(tiny_ckpt, TIGHT)
+    rid = engine.add_request([1, 2, 3, 4, 5], SamplingParams(max_tokens=40, ignore_eos=True))
+    other = engine.add_request([7, 7], SamplingParams(max_tokens=8, ignore_eos=True))
+    for _ in range(4):
+        engine.step()
+    assert engine._pending  # a step is in flight
+    assert engine.abort(rid)
+    held = sum(len(s.pages) for s in engine.scheduler.running)
+    assert engine.blocks.num_free == engine.blocks.num_usable - held  # the aborted one's are free now
+    outs = []
+    while engine.has_unfinished:
+        outs.extend(engine.step())
+    assert all(o.request_id == other for o in outs)
+    assert engine.blocks.num_free == engine.blocks.num_usable
