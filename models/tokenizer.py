@@ -17,6 +17,11 @@ import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
 
+try:
+    from tokenizers.decoders import DecodeStream as _DecodeStream  # tokenizers >= 0.21
+except ImportError:  # pragma: no cover - older tokenizers: the Python windows do the same
+    _DecodeStream = None
+
 from meshserve.models.errors import CheckpointError, ConfigError
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -118,7 +123,9 @@ class IncrementalDecoder:
     Decoding token by token breaks multi-byte characters (a byte-level BPE token can hold half of
     one) and word-initial spaces (SentencePiece). So each step decodes a short window
     [prefix_offset, end) and emits only what extends the text already sent; while the window's
-    text ends in U+FFFD (an incomplete byte sequence) nothing is emitted.
+    text ends in U+FFFD (an incomplete byte sequence) nothing is emitted. The tokenizers library's
+    own DecodeStream does the same in one native call per token (where it has it); the windows
+    are still kept, for `flush`.
     """
 
     def __init__(self, tokenizer: Tokenizer):
@@ -126,16 +133,24 @@ class IncrementalDecoder:
         self._ids: list[int] = []
         self._prefix_offset = 0  # window start: decoded text from here is context only
         self._read_offset = 0  # tokens before this have been emitted
+        native = _DecodeStream is not None and isinstance(getattr(tokenizer, "backend", None), HFTokenizer)
+        self._stream = _DecodeStream(skip_special_tokens=True) if native else None
 
     def push(self, token_id: int) -> str:
         self._ids.append(token_id)
-        decode = self._tok.decode
-        prefix = decode(self._ids[self._prefix_offset:self._read_offset])
-        full = decode(self._ids[self._prefix_offset:])
-        if len(full) <= len(prefix) or full.endswith("\ufffd"):
-            return ""
+        if self._stream is not None:
+            text = self._stream.step(self._tok.backend, token_id)
+            if not text:
+                return ""
+        else:
+            decode = self._tok.decode
+            prefix = decode(self._ids[self._prefix_offset:self._read_offset])
+            full = decode(self._ids[self._prefix_offset:])
+            if len(full) <= len(prefix) or full.endswith("\ufffd"):
+                return ""
+            text = full[len(prefix):]
         self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
-        return full[len(prefix):]
+        return text
 
     def flush(self) -> str:
         """Whatever is still held back at the end of the stream (a lone broken byte included)."""

@@ -494,6 +494,7 @@ class Engine:
         outputs = []
         results = jax.device_get([(sampled, scored if call.scored else None) for call, _, sampled, scored in steps])
         for (call, marks, _, _), (sampled, scored) in zip(steps, results):
+            tokens = sampled.tokens.tolist()  # Python ints at once, not one numpy scalar per row
             for at, seq, start, count in call.scored:
                 req = self._requests.get(seq.request_id)
                 self._keep_scores(req if req is not None and req.seq is seq else None, scored, at, start, count)
@@ -502,7 +503,7 @@ class Engine:
                 if req is None or req.seq is not seq:
                     continue  # aborted, or ended by an error, while its step ran
                 try:
-                    outputs.append(self._accept(req, sampled, row, index))
+                    outputs.append(self._accept(req, sampled, tokens[row], row, index))
                 except Exception as e:  # a fault in one request's results ends that request only
                     self._requests.pop(seq.request_id, None)
                     outputs.append(self._finish(req, "error", error=f"{type(e).__name__}: {e}"))
@@ -538,11 +539,10 @@ class Engine:
 
     # ---- results -------------------------------------------------------------------------------
 
-    def _accept(self, req: _Request, sampled, row: int, index: int) -> RequestOutput:
-        """Row `row` of `sampled` is the token at `index` of req's tokens (PENDING until now; a
-        token after it, if any, is the next step's, still running)."""
+    def _accept(self, req: _Request, sampled, token: int, row: int, index: int) -> RequestOutput:
+        """`token`, row `row` of `sampled`, is the one at `index` of req's tokens (PENDING until
+        now; a token after it, if any, is the next step's, still running)."""
         seq, params = req.seq, req.params
-        token = int(sampled.tokens[row])
         seq.tokens[index] = token
         generated = index + 1 - seq.prompt_len
         scores = self._prompt_logprobs(req, generated)

@@ -56,8 +56,8 @@ class _Row:
     """One request's part of a call: what it reads, writes and samples."""
 
     seq: Sequence
-    tokens: np.ndarray  # i32[n] fed this call
-    positions: np.ndarray  # i32[n]
+    tokens: np.ndarray | tuple[int]  # i32[n] fed this call (a decode's: a tuple of one)
+    positions: np.ndarray | tuple[int]  # i32[n]
     sampling: tuple[SamplingParams, int, int, tuple[int, ...]] | None  # (params, seed, step, held back)
     history: Seq[int] | None  # tokens up to the last position fed (penalized rows only)
     targets: np.ndarray | None  # i32[n]: the prompt token after each position fed (-1: none), when scored
@@ -247,7 +247,12 @@ class ModelRunner:
         return Call(shape, batch, tuple(rows), tuple(scored))
 
     def _decode_row(self, seq: Sequence, sampling_of: SamplingOf) -> _Row:
-        return self._row(seq, seq.num_computed, seq.num_computed + 1, True, sampling_of)
+        """`_row` of one token, in plain tuples (a decode never scores its prompt: its position is
+        at least the prompt's last)."""
+        params, seed, _, held = sampling_of(seq)
+        end = seq.num_computed + 1
+        return _Row(seq, (seq.tokens[end - 1],), (end - 1,), (params, seed, len(seq.tokens) - seq.prompt_len, held),
+                    seq.tokens[:end] if params.penalized else None, None)
 
     def _decode_groups(self, rows: list[_Row]) -> list[tuple[int, list[tuple[int, _Row]]]]:
         """`rows` placed into decode calls: (batch bucket, [(row index, row)]) per call. Rows

@@ -136,16 +136,18 @@ class SamplingBatch:
             floats = np.empty((size, cls.FLOATS), np.float32)
         ints[:, :cls.INTS] = cls._INT_PAD
         floats[:, :cls.FLOATS] = cls._FLOAT_PAD
-        for r, row in enumerate(rows):
-            if row is None:
-                continue
-            p, seed, step, held = row
-            ints[r, :4] = (p.top_k, seed, step, p.logprobs is not None)
-            floats[r, :6] = (p.temperature, p.top_p, p.min_p, p.repetition_penalty, p.presence_penalty,
-                             p.frequency_penalty)
-            entries = list(p.logit_bias) + [(tid, -np.inf) for tid in held]
-            for k, (tid, bias) in enumerate(entries):
-                ints[r, 4 + k], floats[r, 6 + k] = tid, bias
+        live = [(r, row) for r, row in enumerate(rows) if row is not None]
+        if not live:
+            return ints, floats
+        at = [r for r, _ in live]  # one assignment per array, not one per row
+        ints[at, :4] = [(p.top_k, seed, step, p.logprobs is not None) for _, (p, seed, step, _) in live]
+        floats[at, :6] = [(p.temperature, p.top_p, p.min_p, p.repetition_penalty, p.presence_penalty,
+                           p.frequency_penalty) for _, (p, _, _, _) in live]
+        for r, (p, _, _, held) in live:
+            if p.logit_bias or held:
+                entries = list(p.logit_bias) + [(tid, -np.inf) for tid in held]
+                ints[r, 4:4 + len(entries)] = [tid for tid, _ in entries]
+                floats[r, 6:6 + len(entries)] = [bias for _, bias in entries]
         return ints, floats
 
     @classmethod

@@ -97,3 +97,20 @@ def test_incremental_decoder_flushes_a_broken_tail(smollm_ckpt):
     out = "".join(dec.push(i) for i in ids[:-1])
     assert "\ufffd" not in out and out.startswith("ok")
     assert dec.flush().endswith("\ufffd")  # the stream ended mid-character: shown, not lost
+
+
+def test_incremental_decoder_native_stream_and_python_windows_agree(smollm_ckpt, monkeypatch):
+    """The same deltas, token by token, from tokenizers' DecodeStream and from the Python windows."""
+    from meshserve.models import tokenizer as module
+
+    tok = smollm_ckpt.tokenizer
+    ids = tok.encode(" ".join(TEXTS) + f" a{_split_character(tok)}b  tail") + tok.encode(_split_character(tok))[:1]
+
+    def deltas():
+        dec = IncrementalDecoder(tok)
+        return [dec.push(i) for i in ids] + [dec.flush()]
+
+    native = deltas()
+    monkeypatch.setattr(module, "_DecodeStream", None)
+    assert deltas() == native
+    assert "".join(native) == tok.decode(ids)

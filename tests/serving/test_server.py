@@ -245,10 +245,10 @@ def test_internal_error_fails_that_request_only(served, offline):
     engine = served.engine
     real = engine._accept
 
-    def faulty(req, sampled, row, index):
+    def faulty(req, *args):
         if req.seq.request_id == "boom":
             raise RuntimeError("injected fault")
-        return real(req, sampled, row, index)
+        return real(req, *args)
 
     engine._accept = faulty
     try:
