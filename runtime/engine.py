@@ -55,7 +55,8 @@ from meshserve.runtime.block_manager import BlockManager
 from meshserve.runtime.clock import Seeds, clock_for
 from meshserve.runtime.identity import model_fingerprint
 from meshserve.runtime.kv_cache import ATTENTION, POOL_AXES, page_bytes, pages_for_budget, pool_shape, sharded_zeros_pool
-from meshserve.runtime.kv_tiers import HostTier, KVEvent, KVEvents, LowerTiers, PageMover, StoreTier
+from meshserve.runtime.kv_tiers import TRANSFER_PAGES, HostTier, KVEvent, KVEvents, LowerTiers, PageMover, StoreTier
+from meshserve.runtime.kv_transfer import KVPages, TransferError
 from meshserve.runtime.programs import Buckets, Programs, enable_compilation_cache
 from meshserve.runtime.request import RequestLimits, check_request
 from meshserve.runtime.runner import PENDING, ModelRunner
@@ -102,6 +103,9 @@ class EngineConfig:
     # build and dispatch step N+1 before reading step N back (its tokens feed N+1 on the device);
     # `step` then returns step N's outputs. False: each step is read back before the next is built.
     async_scheduling: bool = True
+    # compile the programs that export and import a prompt's KV pages (disaggregated prefill and
+    # decode: runtime/kv_transfer.py)
+    kv_transfer: bool = False
 
     def __post_init__(self):
         if self.page_size < 1 or self.page_size & (self.page_size - 1):
@@ -274,6 +278,9 @@ class Engine:
             host = HostTier(config.host_kv_bytes, self.page_bytes, events=self.kv_events)
             self.host_tier = self._mover.tier = LowerTiers(host, store, config.kv_store_write_through)
             self.blocks.keep_evicted = True
+        self._copies = self._mover  # page copy programs for export and import, when asked for
+        if self._copies is None and config.kv_transfer:
+            self._copies = PageMover(self.pool, None)
         self.scheduler = Scheduler(config.scheduler_config(), self.blocks, salt=self.fingerprint,
                                    lower_tier=self.host_tier)
         if config.decode_buckets and any(b % R for b in config.decode_buckets):
@@ -619,6 +626,64 @@ class Engine:
                     done[i] = Completion(out.request_id, prompt_ids[i], tuple(tokens[i]),
                                          "".join(texts[i]), out.finish_reason, tuple(logprobs[i]))
         return [done[i] for i in range(len(prompts))]
+
+    # ---- disaggregated prefill and decode (runtime/kv_transfer.py) ------------------------------
+
+    def held_prefix(self, ids: Seq[int]) -> int:
+        """How many of the prompt's first reusable pages this engine holds on its device."""
+        return len(self.blocks.lookup(self.scheduler.prefix_hashes(list(ids))))
+
+    def _copier(self) -> PageMover:
+        if self._copies is None:
+            raise ConfigError("moving KV pages needs kv_transfer: true in the engine config")
+        return self._copies
+
+    def export_prompt(self, ids: Seq[int], skip: int = 0) -> KVPages:
+        """The prompt's reusable pages from page `skip` on, as far as this engine holds them, copied
+        out of the pool now (call it when the request's prompt is computed: its pages are cached
+        until evicted)."""
+        self._check_alive()
+        copier, hashes = self._copier(), self.scheduler.prefix_hashes(list(ids))
+        pages = self.blocks.lookup(hashes)[skip:]
+        arrays = tuple(copier.gather(self.pool, pages[i:i + TRANSFER_PAGES])
+                       for i in range(0, len(pages), TRANSFER_PAGES))
+        return KVPages(tuple(hashes[skip:skip + len(pages)]), skip, arrays, self.fingerprint.hex())
+
+    def import_prompt(self, ids: Seq[int], pages: KVPages) -> int:
+        """Write another engine's pages of this prompt into this pool and make them findable in the
+        prefix cache (unreferenced: a request admitted next takes them; eviction may take them
+        first, and the request then computes them). Pages already held are skipped. Returns how many
+        were written. TransferError when the pages are another model's or another prompt's."""
+        self._check_alive()
+        copier, ids = self._copier(), list(ids)
+        if pages.fingerprint != self.fingerprint.hex():
+            raise TransferError(f"KV pages of another model (fingerprint {pages.fingerprint[:16]}, this "
+                                f"engine {self.fingerprint.hex()[:16]})")
+        hashes = self.scheduler.prefix_hashes(ids)
+        end = pages.first + len(pages.hashes)
+        if tuple(hashes[pages.first:end]) != pages.hashes:
+            raise TransferError("the KV pages are not this prompt's")
+        held = self.blocks.lookup(hashes)
+        if len(held) < pages.first:
+            raise TransferError(f"the KV pages start at page {pages.first}, but this engine holds only "
+                                f"the prompt's first {len(held)}")
+        if len(held) >= end:
+            return 0
+        ps, table = self.config.page_size, list(held)
+        self.blocks.share(held)  # not evicted to make room for the pages that follow them
+        try:
+            if not self.blocks.grow(table, end * ps):
+                raise TransferError(f"no room for {end - len(held)} KV pages")
+            for b, data in enumerate(pages.arrays):  # row r of array b is the prompt's page first + b·TP + r
+                first = pages.first + b * TRANSFER_PAGES
+                targets = [table[i] if len(held) <= i < end else self.blocks.null_page(0)
+                           for i in range(first, min(first + TRANSFER_PAGES, end))]
+                self.pool = copier.scatter(self.pool, targets, data)
+            for i in range(len(held), end):
+                self.blocks.register(table[i], hashes[i], hashes[i - 1] if i else None, ids[i * ps:(i + 1) * ps])
+        finally:
+            self.blocks.release(table)  # held pages back to as they were; new ones cached, unreferenced
+        return end - len(held)
 
     def drain_kv_events(self) -> list[KVEvent]:
         """Cached-page events since the last call (stored or removed, per tier)."""

@@ -138,6 +138,16 @@ class PageMover:
         idx[:len(pages)] = pages
         return idx
 
+    def gather(self, pool: KVPool, pages: list[int]) -> jax.Array:
+        """Up to TRANSFER_PAGES pages as one device array [TRANSFER_PAGES, 2·layers, …] (a copy:
+        later programs may overwrite the pages)."""
+        return self._gather(pool, self._index(pages))
+
+    def scatter(self, pool: KVPool, pages: list[int], data: jax.Array) -> KVPool:
+        """Write `data` ([TRANSFER_PAGES, …], on the pool's device) into `pages` (padded with the
+        null page, which takes the rows not wanted); returns the new pool."""
+        return self._scatter(pool, self._index(pages), data)
+
     def offload(self, pool: KVPool, evicted: list[tuple[int, bytes]]) -> None:
         """Start copying evicted pages out (before anything overwrites them: this is dispatched
         ahead of the step that reuses the pages). `finish_offload` files them."""

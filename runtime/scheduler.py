@@ -242,15 +242,23 @@ class Scheduler:
                 seq.num_computed += 1
                 self._register_full_pages(seq)
 
+    def prefix_hashes(self, tokens) -> list[bytes]:
+        """Names of the pages of `tokens` a request may take from the cache: every full page but
+        one that holds the last token (at least one token is always computed: its logits give the
+        next token). Each chains its predecessor's, from the model's salt."""
+        ps = self.blocks.page_size
+        hashes, parent = [], self.salt
+        for i in range((len(tokens) - 1) // ps):
+            parent = chain_hash(parent, tokens[i * ps:(i + 1) * ps])
+            hashes.append(parent)
+        return hashes
+
     def _reuse_prefix(self, seq: Sequence, budget: int) -> int:
         """Take seq's cached prefix; returns the step budget its copies from the lower tier use (each
         page costs `onboard_page_cost` tokens: loading is cheaper than computing, not free)."""
         ps = self.blocks.page_size
-        full = (len(seq.tokens) - 1) // ps  # pages that may come from the cache
-        hashes, parent = [], self.salt
-        for i in range(full):
-            parent = chain_hash(parent, seq.tokens[i * ps:(i + 1) * ps])
-            hashes.append(parent)
+        hashes = self.prefix_hashes(seq.tokens)
+        full = len(hashes)
         pages = self.blocks.lookup(hashes)
         self.prefix_queries += full * ps
         if pages:

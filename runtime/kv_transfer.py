@@ -1,0 +1,126 @@
+"""Moving a prompt's KV pages from one engine to another (disaggregated prefill and decode).
+
+The two sides agree on what a page holds by its name, not its number: a prompt's full pages are
+named by the prefix cache's chained hashes, salted with the model's fingerprint. The prefill side
+exports the pages it holds of a prompt; the decode side imports those it lacks into its own pool
+and registers them in its prefix cache, where the request finds them when it is admitted. The
+decode side computes only the prompt's last partial page and its last token, which samples the
+first output token with the request's own seed and step: tokens are those of one engine doing both.
+
+    skip = decode.held_prefix(ids)               # pages of the prompt it already holds: not moved
+    pages = prefill.export_prompt(ids, skip)     # KVPages: names + device arrays [n, 2L, ps, K, E]
+    decode.import_prompt(ids, pages)             # allocate, write, register
+    decode.add_request(ids, params)              # a prefix hit: computes only the tail
+
+In one process the arrays move with `jax.device_put` (`KVPages.to`); across processes with
+jax.experimental.transfer (`TransferEndpoint`): the prefill side offers the arrays under an id, the
+decode side pulls them, under our own deadline — the library's pull blocks for ever when the peer
+died or never offered the id, so it runs on a helper thread that the caller stops waiting for.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import os
+import threading
+from typing import Any
+
+import jax
+import numpy as np
+
+from meshserve.models.errors import MeshserveError
+
+
+class TransferError(MeshserveError):
+    """KV pages could not be moved (a dead or stuck peer, an unknown id, pages of another model)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class KVPages:
+    """A prompt's pages `first`… (by index in the prompt), as device arrays of up to TRANSFER_PAGES
+    pages each ([m, 2·layers, page_size, kv_heads, head_dim]; the last may be padded)."""
+
+    hashes: tuple[bytes, ...]  # one per page, chained from the prompt's first page
+    first: int  # index of the first page in the prompt
+    arrays: tuple[jax.Array, ...]
+    fingerprint: str  # the model's, hex (runtime/identity.py)
+
+    def describe(self) -> dict[str, Any]:
+        """What the other side needs to pull these (JSON-able)."""
+        return {"hashes": [h.hex() for h in self.hashes], "first": self.first, "fingerprint": self.fingerprint,
+                "shapes": [list(a.shape) for a in self.arrays], "dtype": str(self.arrays[0].dtype) if self.arrays else ""}
+
+    def to(self, device) -> "KVPages":
+        """The same pages on `device` (or a sharding): in one process, a device-to-device copy."""
+        return dataclasses.replace(self, arrays=tuple(jax.device_put(a, device) for a in self.arrays))
+
+
+@dataclasses.dataclass(frozen=True)
+class Offer:
+    """Where and under which id a prefill side holds pages for a pull (JSON-able via `as_dict`)."""
+
+    address: str
+    uuid: int
+    pages: dict[str, Any]  # KVPages.describe()
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"address": self.address, "uuid": self.uuid, "pages": self.pages}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Offer":
+        return cls(str(data["address"]), int(data["uuid"]), dict(data["pages"]))
+
+
+class TransferEndpoint:
+    """One process's jax.experimental.transfer server: it offers pages and pulls others' offers,
+    keeping one connection per peer (a new connection costs ~0.5 s)."""
+
+    def __init__(self, device=None, host: str = "127.0.0.1"):
+        try:
+            from jax.experimental import transfer
+        except ImportError as e:  # pragma: no cover - a jax without it
+            raise TransferError(f"this jax has no jax.experimental.transfer: {e}") from None
+        self.device = device or jax.local_devices()[0]
+        self._server = transfer.start_transfer_server(self.device.client, f"{host}:0", [f"{host}:0"])
+        self.address = self._server.address()
+        self._connections: dict[str, Any] = {}
+        self._ids = itertools.count((os.getpid() & 0xFFFF) << 32)  # unique per process
+        self._lock = threading.Lock()
+
+    def offer(self, pages: KVPages) -> Offer:
+        """Hold `pages` until one pull fetches them."""
+        uuid = next(self._ids)
+        self._server.await_pull(uuid, list(pages.arrays))
+        return Offer(self.address, uuid, pages.describe())
+
+    def pull(self, offer: Offer, timeout_s: float) -> KVPages:
+        """The offered pages, on this endpoint's device; TransferError when they have not arrived
+        within `timeout_s` (the peer died, is stuck, or never offered that id)."""
+        meta = offer.pages
+        sharding = jax.sharding.SingleDeviceSharding(self.device)
+        specs = [jax.ShapeDtypeStruct(tuple(s), np.dtype(meta["dtype"]), sharding=sharding) for s in meta["shapes"]]
+        result: dict[str, Any] = {}
+
+        def run():
+            try:
+                result["arrays"] = jax.block_until_ready(self._connection(offer.address).pull(offer.uuid, specs))
+            except Exception as e:  # a refused connection, a transfer that failed
+                result["error"] = e
+
+        worker = threading.Thread(target=run, name=f"kv-pull-{offer.uuid}", daemon=True)
+        worker.start()
+        worker.join(timeout_s)
+        if worker.is_alive():  # the library cannot cancel it: the thread is left behind, blocked
+            raise TransferError(f"KV pull {offer.uuid} from {offer.address} did not finish within {timeout_s} s")
+        if "error" in result:
+            raise TransferError(f"KV pull {offer.uuid} from {offer.address} failed: {result['error']}")
+        return KVPages(tuple(bytes.fromhex(h) for h in meta["hashes"]), int(meta["first"]),
+                       tuple(result["arrays"]), str(meta["fingerprint"]))
+
+    def _connection(self, address: str):
+        with self._lock:
+            connection = self._connections.get(address)
+            if connection is None:
+                connection = self._connections[address] = self._server.connect(address)
+            return connection

@@ -1,0 +1,136 @@
+"""A prompt's KV pages computed by one engine and decoded from by another: in one process, and
+across processes through jax.experimental.transfer, against the dense no-cache reference."""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from meshserve.models.errors import ConfigError
+from meshserve.runtime.engine import Engine
+from meshserve.runtime.kv_transfer import Offer, TransferEndpoint, TransferError
+from meshserve.runtime.sampling import SamplingParams
+from tests.runtime.conftest import greedy_reference
+from tests.runtime.kv_transfer_peer import CONFIG
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def prompts():
+    rng = np.random.default_rng(7)
+    shared = rng.integers(0, 260, 12).tolist()
+    return {"short": [5, 6, 7],  # within one page: nothing to move
+            "long": rng.integers(0, 260, 45).tolist(),  # three prefill chunks on the prefill side
+            "page edge": rng.integers(0, 260, 17).tolist(),  # 4 full pages; the last holds the last token
+            "cached prefix": shared + rng.integers(0, 260, 20).tolist(),
+            "_warm": shared + [1, 2]}  # run on the decode side first: it holds the shared pages
+
+
+def test_pages_moved_in_one_process_give_the_tokens_of_one_engine(tiny_ckpt):
+    prefill, decode = Engine(tiny_ckpt, CONFIG), Engine(tiny_ckpt, CONFIG)
+    cases = prompts()
+    decode.generate([cases.pop("_warm")], SamplingParams(max_tokens=1))
+    params = SamplingParams(max_tokens=8, ignore_eos=True)
+    for name, ids in cases.items():
+        reusable = (len(ids) - 1) // CONFIG.page_size
+        prefill.generate([ids], SamplingParams(max_tokens=1))
+        skip = decode.held_prefix(ids)
+        assert (skip == 3) == (name == "cached prefix"), name
+        pages = prefill.export_prompt(ids, skip).to(jax.devices()[0])
+        assert len(pages.hashes) == reusable - skip
+        assert decode.import_prompt(ids, pages) == reusable - skip
+        out = decode.generate([ids], params, on_output=lambda o, seen=[]: seen.append(o))[0]
+        assert list(out.token_ids) == greedy_reference(tiny_ckpt, ids, 8), name
+    assert decode.blocks.num_free == decode.blocks.num_usable
+
+
+def test_the_decode_side_computes_only_the_tail(tiny_ckpt):
+    prefill, decode = Engine(tiny_ckpt, CONFIG), Engine(tiny_ckpt, CONFIG)
+    ids = prompts()["long"]
+    prefill.generate([ids], SamplingParams(max_tokens=1))
+    decode.import_prompt(ids, prefill.export_prompt(ids))
+    computed = []
+    schedule = decode.scheduler.schedule
+
+    def spy(now):
+        plan = schedule(now)
+        computed.append(sum(c.end - c.start for c in plan.prefills) + len(plan.decodes))
+        return plan
+
+    decode.scheduler.schedule = spy
+    outs = []
+    decode.generate([ids], SamplingParams(max_tokens=2, ignore_eos=True), on_output=outs.append)
+    assert computed[0] == len(ids) - 44 == 1  # 11 pages of 4 moved; the last token computed here
+    assert outs[-1].cached_tokens == 44
+
+
+def test_pages_of_another_model_or_prompt_are_refused(tiny_ckpt):
+    prefill, decode = Engine(tiny_ckpt, CONFIG), Engine(tiny_ckpt, CONFIG)
+    ids = prompts()["long"]
+    prefill.generate([ids], SamplingParams(max_tokens=1))
+    pages = prefill.export_prompt(ids)
+    with pytest.raises(TransferError, match="not this prompt's"):
+        decode.import_prompt(ids[:-5] + [1, 2, 3, 4, 5], pages)
+    with pytest.raises(TransferError, match="another model"):
+        decode.import_prompt(ids, dataclasses.replace(pages, fingerprint="0" * 16))
+    with pytest.raises(TransferError, match="start at page 2"):
+        decode.import_prompt(ids, prefill.export_prompt(ids, skip=2))
+    assert decode.blocks.num_free == decode.blocks.num_usable  # nothing was taken
+    with pytest.raises(ConfigError, match="kv_transfer"):
+        Engine(tiny_ckpt, dataclasses.replace(CONFIG, kv_transfer=False)).export_prompt(ids)
+
+
+@pytest.fixture
+def peer(tiny_ckpt_dir):
+    proc = subprocess.Popen([sys.executable, "-m", "tests.runtime.kv_transfer_peer", str(tiny_ckpt_dir)],
+                            cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "XLA_FLAGS": ""})
+    try:
+        assert "ready" in json.loads(proc.stdout.readline())
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+
+
+def _ask(proc, ids, skip=0) -> Offer:
+    proc.stdin.write(json.dumps({"ids": ids, "skip": skip}) + "\n")
+    proc.stdin.flush()
+    return Offer.from_dict(json.loads(proc.stdout.readline()))
+
+
+def test_pages_pulled_from_another_process(tiny_ckpt, peer):
+    """jax.experimental.transfer between two processes: the pulled pages give the reference's
+    tokens; a pull of an id that was never offered, and one from a peer that was killed, are
+    errors within their deadline, never a hang."""
+    decode, endpoint = Engine(tiny_ckpt, CONFIG), TransferEndpoint()
+    cases = prompts()
+    decode.generate([cases.pop("_warm")], SamplingParams(max_tokens=1))
+    for name in ("long", "cached prefix"):
+        ids = cases[name]
+        offer = _ask(peer, ids, decode.held_prefix(ids))
+        pages = endpoint.pull(offer, timeout_s=60)
+        assert decode.import_prompt(ids, pages) == len(pages.hashes) > 0
+        out = decode.generate([ids], SamplingParams(max_tokens=8, ignore_eos=True))[0]
+        assert list(out.token_ids) == greedy_reference(tiny_ckpt, ids, 8), name
+    # an id the peer never offered
+    ids = cases["page edge"]
+    offer = _ask(peer, ids)
+    t = time.monotonic()
+    with pytest.raises(TransferError, match="did not finish within 2"):
+        endpoint.pull(dataclasses.replace(offer, uuid=offer.uuid + 99), timeout_s=2)
+    assert time.monotonic() - t < 10
+    # the peer killed before the pull
+    peer.kill()
+    peer.wait(timeout=30)
+    t = time.monotonic()
+    with pytest.raises(TransferError):
+        endpoint.pull(offer, timeout_s=2)
+    assert time.monotonic() - t < 10
+    assert decode.failed is None and decode.blocks.num_free == decode.blocks.num_usable
