@@ -126,6 +126,9 @@ class PageMover:
         self._gather = jax.jit(_gather).lower(abstract, idx).compile()
         self._scatter = jax.jit(_scatter, donate_argnums=(0,), out_shardings=jax.tree.map(
             lambda a: a.sharding, pool)).lower(abstract, idx, jax.ShapeDtypeStruct(self._shape, self._dtype)).compile()
+        # where `scatter` wants its data: pages made elsewhere (another engine's devices, another
+        # tensor split) are laid out like this pool's first
+        self._data_sharding = self._scatter.input_shardings[0][2]
         self._pending: list[tuple[list[bytes], jax.Array]] = []
         self.pages_out = self.pages_in = 0
 
@@ -146,7 +149,7 @@ class PageMover:
     def scatter(self, pool: KVPool, pages: list[int], data: jax.Array) -> KVPool:
         """Write `data` ([TRANSFER_PAGES, …], on the pool's device) into `pages` (padded with the
         null page, which takes the rows not wanted); returns the new pool."""
-        return self._scatter(pool, self._index(pages), data)
+        return self._scatter(pool, self._index(pages), jax.device_put(data, self._data_sharding))
 
     def offload(self, pool: KVPool, evicted: list[tuple[int, bytes]]) -> None:
         """Start copying evicted pages out (before anything overwrites them: this is dispatched

@@ -76,7 +76,8 @@ class Distributed:
 class MeshConfig:
     axes: tuple[tuple[str, int], ...]  # (mesh axis, size) in mesh order; one size may be -1
     platform: str | None = None  # the backend jax must report; None: whatever it has
-    num_devices: int | None = None  # use the first N devices (all when None)
+    num_devices: int | None = None  # use N devices (all when None) …
+    first_device: int = 0  # … from this one on: two meshes of one host's devices, e.g. prefill and decode
     cpu_devices: int | None = None  # simulated CPU devices to ask XLA for (tests, laptops)
     rules: tuple[tuple[str, str | None], ...] = ()
     require_split: tuple[str, ...] = ()
@@ -101,6 +102,8 @@ class MeshConfig:
             raise ConfigError("axes: at most one axis may have size -1")
         if self.platform is not None and self.platform not in PLATFORMS:
             raise ConfigError(f"platform must be one of {', '.join(PLATFORMS)}, got {self.platform!r}")
+        if not isinstance(self.first_device, int) or self.first_device < 0:
+            raise ConfigError(f"first_device must be a non-negative integer, got {self.first_device!r}")
         for field in ("num_devices", "cpu_devices"):
             v = getattr(self, field)
             if v is not None and (not isinstance(v, int) or v < 1):
@@ -134,7 +137,8 @@ class MeshConfig:
     def from_dict(cls, data: Any, name: str = "") -> "MeshConfig":
         if not isinstance(data, Mapping):
             raise ConfigError("expected a mapping with an 'axes' section")
-        known = {"axes", "platform", "num_devices", "cpu_devices", "rules", "require_split", "distributed"}
+        known = {"axes", "platform", "num_devices", "first_device", "cpu_devices", "rules", "require_split",
+                 "distributed"}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ConfigError(f"unknown field(s) {', '.join(unknown)}")
@@ -162,7 +166,8 @@ class MeshConfig:
             dist = Distributed(**{**dist, "local_device_ids": tuple(ids) if ids is not None else None,
                                   "coordinator_address": dist.get("coordinator_address")})
         return cls(axes=tuple((str(k), v) for k, v in axes.items()), platform=data.get("platform"),
-                   num_devices=data.get("num_devices"), cpu_devices=data.get("cpu_devices"),
+                   num_devices=data.get("num_devices"), first_device=data.get("first_device", 0),
+                   cpu_devices=data.get("cpu_devices"),
                    rules=tuple(rules.items()), require_split=tuple(require), distributed=dist, name=name)
 
     # ---- devices -------------------------------------------------------------------------------
@@ -209,12 +214,14 @@ class MeshConfig:
             raise ConfigError(f"platform: the mesh file asks for {self.platform} but jax runs on "
                               f"{jax.default_backend()}")
         devices = jax.devices()
-        if self.num_devices is not None:
-            if self.num_devices > len(devices):
-                raise ConfigError(f"num_devices: {self.num_devices} asked, {len(devices)} present")
-            devices = devices[:self.num_devices]
+        first, count = self.first_device, self.num_devices if self.num_devices is not None else len(devices)
+        if first + count > len(devices):
+            raise ConfigError(f"devices {first}…{first + count - 1} asked (first_device {first}, num_devices "
+                              f"{count}), {len(devices)} present")
+        if self.num_devices is not None or first:
+            devices = devices[first:first + count]
         sizes = self.sizes(len(devices))
-        if self.num_devices is None and len(devices) == jax.device_count():
+        if self.num_devices is None and not first and len(devices) == jax.device_count():
             from jax.experimental import mesh_utils  # topology-aware order (NVLink, hosts)
 
             grid = mesh_utils.create_device_mesh(tuple(sizes.values()), devices,

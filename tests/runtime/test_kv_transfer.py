@@ -134,3 +134,32 @@ def test_pages_pulled_from_another_process(tiny_ckpt, peer):
         endpoint.pull(offer, timeout_s=2)
     assert time.monotonic() - t < 10
     assert decode.failed is None and decode.blocks.num_free == decode.blocks.num_usable
+
+
+def test_pages_move_between_two_meshes_of_one_process_with_other_splits(tiny_ckpt):
+    """Prefill on devices 0-3 (tensor 4), decode on 4-7 (data 2 × tensor 2), from the two mesh files
+    in configs/meshes: the pages are relaid into the decode side's split on the way in, and the
+    tokens are the dense reference's."""
+    from meshserve.sharding.mesh import MeshConfig
+    from tests.sharding.test_sharded_engine import SMALL, WIDE, random_ckpt
+
+    ckpt = random_ckpt(tiny_ckpt, WIDE)
+    engines = []
+    for role in ("prefill", "decode"):
+        lay = MeshConfig.from_yaml(os.path.join(ROOT, "configs", "meshes", f"cpu-8-{role}.yaml")).build()
+        placed = dataclasses.replace(ckpt, params=lay.place(ckpt.params, ckpt.config))
+        engines.append(Engine(placed, dataclasses.replace(SMALL, kv_transfer=True), layout=lay))
+    prefill, decode = engines
+    assert {d.id for d in prefill.layout.mesh.devices.flat} == {0, 1, 2, 3}
+    assert {d.id for d in decode.layout.mesh.devices.flat} == {4, 5, 6, 7}
+    rng = np.random.default_rng(11)
+    for n in (40, 19, 33):
+        ids = rng.integers(0, 256, n).tolist()
+        prefill.generate([ids], SamplingParams(max_tokens=1))
+        pages = prefill.export_prompt(ids, decode.held_prefix(ids))
+        assert decode.import_prompt(ids, pages) == (n - 1) // SMALL.page_size
+        outs = []
+        decode.generate([ids], SamplingParams(max_tokens=6, ignore_eos=True), on_output=outs.append)
+        assert [t for o in outs for t in o.token_ids] == greedy_reference(ckpt, ids, 6)
+        assert outs[-1].cached_tokens == (n - 1) // SMALL.page_size * SMALL.page_size
+    assert decode.blocks.num_free == decode.blocks.num_usable

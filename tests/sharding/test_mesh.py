@@ -25,14 +25,17 @@ def write(tmp_path, text: str) -> Path:
 
 def test_shipped_mesh_files_load():
     names = sorted(p.stem for p in MESHES.glob("*.yaml"))
-    assert names == ["cpu-1", "cpu-8", "h100x1", "h100x8", "h100x8-2hosts"]
+    assert names == ["cpu-1", "cpu-8", "cpu-8-decode", "cpu-8-prefill", "h100x1", "h100x8", "h100x8-2hosts"]
     loaded = {n: MeshConfig.from_yaml(MESHES / f"{n}.yaml") for n in names}
     assert dict(loaded["h100x8-2hosts"].axes) == {"data": 2, "tensor": 8}
     assert loaded["h100x8-2hosts"].distributed.num_processes == 2
     assert loaded["h100x8"].require_split == ("q_heads",)
-    for n in ("cpu-1", "cpu-8"):  # these two build here
+    for n in ("cpu-1", "cpu-8"):  # these build here
         layout = loaded[n].build()
         assert layout.mesh.size == (1 if n == "cpu-1" else 8)
+    halves = [loaded[f"cpu-8-{role}"].build().mesh for role in ("prefill", "decode")]  # one device set, split
+    assert [sorted(d.id for d in m.devices.flat) for m in halves] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert dict(halves[1].shape) == {"data": 2, "tensor": 2}
 
 
 def test_fill_axis_and_rules(tmp_path):
@@ -78,6 +81,10 @@ BAD = {
         "q_heads: 9 cannot be split over mesh axis 'tensor' of size 2"),
     "a wrong platform": ("platform: gpu\naxes: {data: 1, tensor: 8}\n", "asks for gpu but jax runs on cpu"),
     "not a mapping": ("- data\n", "expected a mapping"),
+    "devices past the last": ("axes: {data: 1, tensor: 4}\nnum_devices: 4\nfirst_device: 6\n",
+                              "devices 6…9 asked"),
+    "a negative first device": ("axes: {data: 1, tensor: 1}\nfirst_device: -1\n",
+                                "first_device must be a non-negative integer"),
 }
 
 
