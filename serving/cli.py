@@ -84,6 +84,11 @@ def _parser() -> argparse.ArgumentParser:
     wrk.add_argument("--namespace", default="dynamo", help="Dynamo namespace (default: dynamo)")
     wrk.add_argument("--component", default="backend", help="Dynamo component (default: backend)")
     wrk.add_argument("--metrics-port", type=int, help="meshserve's Prometheus metrics (default: off)")
+    wrk.add_argument("--role", default="both", choices=("both", "prefill", "decode"),
+                     help="disaggregated serving: compute prompts (prefill) or continue them (decode); "
+                          "both: aggregated (default)")
+    wrk.add_argument("--transfer-host", default="127.0.0.1",
+                     help="address this worker's KV page transfers are served on (prefill and decode roles)")
     wrk.add_argument("--quiet", action="store_true", help="no progress bars")
 
     flt = sub.add_parser("fleet", help="Dynamo's frontend and N workers on this machine (loopback)")
@@ -340,12 +345,16 @@ def _worker(args) -> None:
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     config = ServerConfig.from_yaml(args.config).override(model=args.model, mesh=args.mesh)
-    build = build_engine(config, EngineConfig.from_yaml(args.config), progress=not args.quiet)
+    engine_config = EngineConfig.from_yaml(args.config)
+    if args.role != "both":  # the page export and import programs
+        engine_config = dataclasses.replace(engine_config, kv_transfer=True)
+    build = build_engine(config, engine_config, progress=not args.quiet)
     mirror = _multihost(config, build)
     if mirror is False:
         return  # a following process: its part is done
     worker = Worker(config, build, model_name=args.model_name, namespace=args.namespace,
-                    component=args.component, metrics_port=args.metrics_port, mirror=mirror)
+                    component=args.component, metrics_port=args.metrics_port, mirror=mirror, role=args.role,
+                    transfer_host=args.transfer_host)
     _exit_if_failed(run_worker(worker), "worker")
 
 

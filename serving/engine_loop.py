@@ -28,7 +28,7 @@ import queue
 import threading
 import time
 import traceback
-from typing import AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable
 
 from meshserve.models.errors import MeshserveError
 from meshserve.runtime.engine import Engine, EngineFault, RequestOutput
@@ -139,6 +139,17 @@ class EngineLoop:
         except asyncio.CancelledError:
             self.abort(request.request_id, stream)
             raise
+
+    async def call(self, fn: Callable[[Engine], Any]) -> Any:
+        """fn(engine) on the engine thread, between two steps (the engine is not thread-safe); its
+        result or exception. Not mirrored to other processes of a multi-host mesh."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._lock:
+            if self._state is not State.SERVING:
+                future.set_exception(self.unavailable())
+            else:
+                self._inbox.put(("call", fn, future))
+        return await asyncio.wrap_future(future)
 
     async def admit_all(self, admissions: list[tuple[EngineRequest, Stream]]) -> None:
         """Several requests handed over at once (taken in this order, in one engine step), all or
@@ -356,6 +367,12 @@ class EngineLoop:
                 self._deliver([RequestOutput(rid, (), "", finished=True, finish_reason="abort")])
         elif kind == "abort_all":
             self._abort_all(engine)
+        elif kind == "call":
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(arg(engine))
+                except Exception as e:  # the caller's to handle; the engine goes on
+                    future.set_exception(e)
 
     def _record(self, command: tuple) -> None:
         if self._mirror is not None:
@@ -382,7 +399,7 @@ class EngineLoop:
                 except queue.Empty:
                     break
         for kind, _, future in after:
-            if kind == "add" and future.set_running_or_notify_cancel():
+            if kind in ("add", "call") and future.set_running_or_notify_cancel():
                 future.set_exception(self.unavailable())
         if self._mirror is not None:
             self._mirror.publish([*self._applied, ("stop",)], False)

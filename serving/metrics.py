@@ -55,6 +55,16 @@ class Metrics:
         self.kv_event_failures = Counter("meshserve_kv_event_failures", "KV events or load metrics a Dynamo "
                                          "worker could not publish (its router then routes on load alone)",
                                          registry=r)
+        self.kv_transfers = Counter("meshserve_kv_transfers", "Prompts whose KV pages a disaggregated worker moved, "
+                                    "by role and outcome (failed: the decode side computed the prompt itself)",
+                                    ["role", "outcome"], registry=r)
+        self.kv_transfer_pages = Counter("meshserve_kv_transfer_pages", "KV pages offered (prefill) or pulled "
+                                         "(decode) by a disaggregated worker", ["role"], registry=r)
+        for role, outcome in (("prefill", "offered"), ("prefill", "failed"), ("decode", "pulled"),
+                              ("decode", "failed")):
+            self.kv_transfers.labels(role, outcome)
+        for role in ("prefill", "decode"):
+            self.kv_transfer_pages.labels(role)
         for outcome in ("stop", "length", "abort", "error", "rejected", "invalid", "unavailable", "unauthenticated"):
             self.requests.labels(outcome)  # every series exists from the start
         self.prefix_queried.labels("all")
@@ -73,7 +83,8 @@ class Metrics:
               "meshserve_generation_tokens_total", "meshserve_compilations_total", "meshserve_kv_event_failures_total",
               "meshserve_prefix_cache_queried_tokens_total", "meshserve_prefix_cache_hit_tokens_total",
               "meshserve_kv_pages_cached", "meshserve_kv_tier_pages", "meshserve_kv_pages_moved_total",
-              "meshserve_kv_bytes_moved_total", "meshserve_programs")
+              "meshserve_kv_bytes_moved_total", "meshserve_programs", "meshserve_kv_transfers_total",
+              "meshserve_kv_transfer_pages_total")
 
     def serve(self, host: str, port: int) -> int:
         """Start the /metrics HTTP endpoint; returns the bound port."""

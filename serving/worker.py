@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -52,6 +53,7 @@ from meshserve.serving.preprocess import EngineRequest
 log = logging.getLogger("meshserve.worker")
 
 EXIT_ENGINE_FAILED = 3
+ROLES = ("both", "prefill", "decode")  # aggregated; or one half of Dynamo's disaggregated serving
 FINISH_REASONS = {"stop": "stop", "length": "length", "abort": "cancelled"}
 
 
@@ -156,7 +158,16 @@ class Worker:
 
     def __init__(self, config: ServerConfig, build: Callable[[], Engine], *,
                  model_name: str | None = None, namespace: str = "dynamo", component: str = "backend",
-                 endpoint: str = "generate", metrics_port: int | None = None, mirror=None):
+                 endpoint: str = "generate", metrics_port: int | None = None, mirror=None,
+                 role: str = "both", transfer_host: str = "127.0.0.1", pull_timeout_s: float = 30.0):
+        if role not in ROLES:
+            raise MeshserveError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
+        if role != "both" and mirror is not None:
+            raise MeshserveError("a prefill or decode worker runs in one process (no multi-host mesh yet)")
+        self.role = role
+        self.transfer_host = transfer_host
+        self.pull_timeout_s = pull_timeout_s
+        self._transfer = None  # TransferEndpoint of a prefill or decode worker
         self.config = config
         self.model_name = model_name
         self.address = f"{namespace}.{component}.{endpoint}"
@@ -239,11 +250,19 @@ class Worker:
         model_type = ModelType.Completions  # chat too when the checkpoint has a chat template
         if engine.tokenizer.config.chat_template:
             model_type = ModelType.Chat | ModelType.Completions
+        worker_type = {"both": WorkerType.Aggregated, "prefill": WorkerType.Prefill, "decode": WorkerType.Decode}[self.role]
+        if self.role == "prefill":
+            model_type = ModelType.Prefill  # no OpenAI surface of its own: the frontend's prefill router calls it
+        if self.role != "both":
+            from meshserve.runtime.kv_transfer import TransferEndpoint
+
+            self._transfer = TransferEndpoint(engine.layout.mesh.devices.flat[0], self.transfer_host)
+        needs = {"prefill": [[WorkerType.Decode]], "decode": [[WorkerType.Prefill]]}.get(self.role)  # its peers
         await register_model(ModelInput.Tokens, model_type, endpoint, str(card), self.model_name,
-                             worker_type=WorkerType.Aggregated, kv_cache_block_size=page_size,
-                             runtime_config=runtime_config)
-        log.warning("meshserve worker %s serving %s (page size %d, %d pages, context %d)", self.address,
-                    self.model_name, page_size, engine.blocks.num_usable, engine.max_seq_len)
+                             worker_type=worker_type, kv_cache_block_size=page_size,
+                             runtime_config=runtime_config, needs=needs)
+        log.warning("meshserve worker %s serving %s (role %s, page size %d, %d pages, context %d)", self.address,
+                    self.model_name, self.role, page_size, engine.blocks.num_usable, engine.max_seq_len)
         probe = {"token_ids": [engine.tokenizer.bos_id or 0], "stop_conditions": {"max_tokens": 1},
                  "sampling_options": {"temperature": 0.0}}
         await endpoint.serve_endpoint(self.generate, graceful_shutdown=True,
@@ -285,6 +304,10 @@ class Worker:
             raise EngineUnavailable("the worker is shutting down")
         outcome[0] = "invalid"
         params = sampling_params(request, len(token_ids), engine.max_seq_len)
+        if self.role == "prefill":  # the prompt's pages and one token: the decode worker does the rest
+            params = dataclasses.replace(params, max_tokens=1)
+        elif self.role == "decode":
+            await self._take_pages(token_ids, request)
         rid = str(context.id() or uuid.uuid4())
         now = time.monotonic()
         stream = Stream(asyncio.get_running_loop(), asyncio.Queue(), now)
@@ -314,9 +337,52 @@ class Worker:
                             "prompt_tokens": len(token_ids), "completion_tokens": completion,
                             "total_tokens": len(token_ids) + completion,
                             "prompt_tokens_details": {"cached_tokens": out.cached_tokens}}
+                        if self.role == "prefill":
+                            chunk["disaggregated_params"] = await self._offer_pages(token_ids)
                     yield chunk
         finally:
             stopped.cancel()
+
+
+    # ---- disaggregated prefill and decode (docs/disaggregation.md) -------------------------------
+
+    async def _offer_pages(self, token_ids: list[int]) -> dict[str, Any]:
+        """The prompt's pages, copied out and offered for one pull; what the decode worker needs to
+        pull them (Dynamo hands it over as the request's prefill_result). Empty when they cannot be
+        offered: the decode worker then computes the prompt itself."""
+        try:
+            pages = await self.loop.call(lambda engine: engine.export_prompt(token_ids))
+            offer = self._transfer.offer(pages.to(self._transfer.device))  # one addressable buffer per array
+        except Exception as e:
+            log.warning("KV pages of a prompt could not be offered: %s: %s", type(e).__name__, e)
+            self.metrics.kv_transfers.labels("prefill", "failed").inc()
+            return {}
+        self.metrics.kv_transfers.labels("prefill", "offered").inc()
+        self.metrics.kv_transfer_pages.labels("prefill").inc(len(pages.hashes))
+        return {"meshserve": offer.as_dict()}
+
+    async def _take_pages(self, token_ids: list[int], request: dict[str, Any]) -> None:
+        """Pull the prompt's pages a prefill worker offered and put them in this engine's prefix
+        cache, so the request computes only its tail. Any failure (a dead or stuck peer, another
+        model) leaves the prompt to be computed here, counted."""
+        from meshserve.runtime.kv_transfer import Offer
+
+        prefill = request.get("prefill_result") or {}
+        offered = (prefill.get("disaggregated_params") or {}).get("meshserve")
+        if not offered:
+            return
+        try:
+            offer = Offer.from_dict(offered)
+            pages = await asyncio.get_running_loop().run_in_executor(None, self._transfer.pull, offer,
+                                                                     self.pull_timeout_s)
+            await self.loop.call(lambda engine: engine.import_prompt(token_ids, pages))
+        except Exception as e:
+            log.warning("KV pages could not be taken from the prefill worker (computing the prompt here): "
+                        "%s: %s", type(e).__name__, e)
+            self.metrics.kv_transfers.labels("decode", "failed").inc()
+            return
+        self.metrics.kv_transfers.labels("decode", "pulled").inc()
+        self.metrics.kv_transfer_pages.labels("decode").inc(len(pages.hashes))
 
 
 def run_worker(worker: Worker) -> int:
