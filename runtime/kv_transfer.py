@@ -15,12 +15,15 @@ first output token with the request's own seed and step: tokens are those of one
 In one process the arrays move with `jax.device_put` (`KVPages.to`); across processes with
 jax.experimental.transfer (`TransferEndpoint`): the prefill side offers the arrays under an id, the
 decode side pulls them, under our own deadline — the library's pull blocks for ever when the peer
-died or never offered the id, so it runs on a helper thread that the caller stops waiting for.
+died or never offered the id, so it runs on a helper thread that the caller stops waiting for. An
+offer lapses after its own timeout (the pages are let go; a pull after that blocks, and fails by
+the deadline).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import itertools
 import os
 import threading
@@ -87,12 +90,25 @@ class TransferEndpoint:
         self._connections: dict[str, Any] = {}
         self._ids = itertools.count((os.getpid() & 0xFFFF) << 32)  # unique per process
         self._lock = threading.Lock()
+        self._given_up: list[threading.Thread] = []
 
-    def offer(self, pages: KVPages) -> Offer:
-        """Hold `pages` until one pull fetches them."""
+    def offer(self, pages: KVPages, timeout_s: float | None = None) -> Offer:
+        """Hold `pages` until one pull fetches them, or `timeout_s` has passed (then the server lets
+        them go: a decode side that never came, a cancelled request). None: until pulled."""
         uuid = next(self._ids)
-        self._server.await_pull(uuid, list(pages.arrays))
+        if timeout_s is None:
+            self._server.await_pull(uuid, list(pages.arrays))
+        else:
+            until = datetime.datetime.now() + datetime.timedelta(seconds=timeout_s)
+            self._server.await_pull(uuid, list(pages.arrays), timeout=until)
         return Offer(self.address, uuid, pages.describe())
+
+    @property
+    def stuck(self) -> int:
+        """Pulls given up on whose threads are still blocked in the library. While one is, the
+        library aborts the process at interpreter exit: an owner that ends with `os._exit`
+        after its own clean-up avoids that."""
+        return sum(t.is_alive() for t in self._given_up)
 
     def pull(self, offer: Offer, timeout_s: float) -> KVPages:
         """The offered pages, on this endpoint's device; TransferError when they have not arrived
@@ -112,6 +128,7 @@ class TransferEndpoint:
         worker.start()
         worker.join(timeout_s)
         if worker.is_alive():  # the library cannot cancel it: the thread is left behind, blocked
+            self._given_up = [t for t in self._given_up if t.is_alive()] + [worker]
             raise TransferError(f"KV pull {offer.uuid} from {offer.address} did not finish within {timeout_s} s")
         if "error" in result:
             raise TransferError(f"KV pull {offer.uuid} from {offer.address} failed: {result['error']}")

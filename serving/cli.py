@@ -89,6 +89,10 @@ def _parser() -> argparse.ArgumentParser:
                           "both: aggregated (default)")
     wrk.add_argument("--transfer-host", default="127.0.0.1",
                      help="address this worker's KV page transfers are served on (prefill and decode roles)")
+    wrk.add_argument("--kv-pull-timeout-s", type=float, default=30.0,
+                     help="decode role: how long to wait for a prompt's pages before computing it here")
+    wrk.add_argument("--kv-offer-timeout-s", type=float, default=120.0,
+                     help="prefill role: how long a prompt's pages wait to be pulled before they are let go")
     wrk.add_argument("--quiet", action="store_true", help="no progress bars")
 
     flt = sub.add_parser("fleet", help="Dynamo's frontend and N workers on this machine (loopback)")
@@ -354,7 +358,8 @@ def _worker(args) -> None:
         return  # a following process: its part is done
     worker = Worker(config, build, model_name=args.model_name, namespace=args.namespace,
                     component=args.component, metrics_port=args.metrics_port, mirror=mirror, role=args.role,
-                    transfer_host=args.transfer_host)
+                    transfer_host=args.transfer_host, pull_timeout_s=args.kv_pull_timeout_s,
+                    offer_timeout_s=args.kv_offer_timeout_s)
     _exit_if_failed(run_worker(worker), "worker")
 
 

@@ -35,6 +35,7 @@ import logging
 import os
 import shutil
 import signal
+import sys
 import tempfile
 import time
 import uuid
@@ -159,14 +160,16 @@ class Worker:
     def __init__(self, config: ServerConfig, build: Callable[[], Engine], *,
                  model_name: str | None = None, namespace: str = "dynamo", component: str = "backend",
                  endpoint: str = "generate", metrics_port: int | None = None, mirror=None,
-                 role: str = "both", transfer_host: str = "127.0.0.1", pull_timeout_s: float = 30.0):
+                 role: str = "both", transfer_host: str = "127.0.0.1", pull_timeout_s: float = 30.0,
+                 offer_timeout_s: float = 120.0):
         if role not in ROLES:
             raise MeshserveError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
         if role != "both" and mirror is not None:
             raise MeshserveError("a prefill or decode worker runs in one process (no multi-host mesh yet)")
         self.role = role
         self.transfer_host = transfer_host
-        self.pull_timeout_s = pull_timeout_s
+        self.pull_timeout_s = pull_timeout_s  # a decode worker's wait for one prompt's pages
+        self.offer_timeout_s = offer_timeout_s  # a prefill worker holds unpulled pages this long
         self._transfer = None  # TransferEndpoint of a prefill or decode worker
         self.config = config
         self.model_name = model_name
@@ -352,7 +355,8 @@ class Worker:
         offered: the decode worker then computes the prompt itself."""
         try:
             pages = await self.loop.call(lambda engine: engine.export_prompt(token_ids))
-            offer = self._transfer.offer(pages.to(self._transfer.device))  # one addressable buffer per array
+            # one addressable buffer per array (a multi-device engine's copies gathered to one device)
+            offer = self._transfer.offer(pages.to(self._transfer.device), self.offer_timeout_s)
         except Exception as e:
             log.warning("KV pages of a prompt could not be offered: %s: %s", type(e).__name__, e)
             self.metrics.kv_transfers.labels("prefill", "failed").inc()
@@ -393,4 +397,13 @@ def run_worker(worker: Worker) -> int:
     except ImportError as e:
         raise MeshserveError(f"meshserve worker needs NVIDIA Dynamo ({e}): pip install -e '.[dynamo]' "
                              "&& pip install --no-deps ai-dynamo==1.6.1 (make does)") from None
-    return uvloop.run(worker.run())
+    code = uvloop.run(worker.run())
+    if worker._transfer is not None and worker._transfer.stuck:
+        # a pull given up on is still blocked in jax's transfer library, which would abort the
+        # process at exit: everything is cleaned up, so leave with the real exit code now
+        log.warning("%d KV pull(s) still blocked at exit", worker._transfer.stuck)
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code

@@ -30,9 +30,10 @@ def fleet(tiny_ckpt_dir, tmp_path_factory):
     fleet = LocalFleet(tmp, free_port(), "kv", env={"DYN_LOG": "warn"})
     fleet.config = EngineConfig.from_dict(config["engine"])
     try:
-        for role in ("prefill", "decode"):
+        for role, component in (("prefill", "prefill"), ("decode", "backend")):
             fleet.start_worker(role, ["--model", str(tiny_ckpt_dir), "--config", str(tmp / "serving.yaml"),
-                                      "--model-name", MODEL, "--role", role], timeout=240, metrics=True)
+                                      "--model-name", MODEL, "--role", role, "--component", component,
+                                      "--kv-pull-timeout-s", "3"], timeout=240, metrics=True)
         fleet.client = openai.OpenAI(base_url=f"http://127.0.0.1:{fleet.http_port}/v1", api_key="none",
                                      max_retries=0, timeout=120)
         deadline = time.monotonic() + 60
@@ -62,3 +63,91 @@ def test_prompts_prefilled_on_one_worker_decode_on_the_other(fleet, tiny_ckpt):
     # the decode worker found those pages in its prefix cache: it computed only the prompts' tails
     assert fleet.metric("decode", 'meshserve_prefix_cache_hit_tokens_total{tier="device"}') == pages * 16
     assert fleet.metric("decode", "meshserve_prompt_tokens_total") == 3 + 40 + 130
+
+
+def test_clients_leaving_at_any_point_leave_every_page_free(fleet):
+    """100 streams, each cancelled after a random 0-0.6 s: during the remote prefill, during the pull
+    or while decoding. Both workers end with no request running and no page in use."""
+    import asyncio
+    import random
+
+    async def one(client, rng):
+        async def run():
+            stream = await client.completions.create(
+                model=MODEL, prompt=[rng.randrange(1, 250) for _ in range(rng.randrange(20, 140))], max_tokens=64,
+                temperature=0, stream=True, extra_body={"ignore_eos": True})
+            async for _ in stream:
+                pass
+
+        try:
+            await asyncio.wait_for(run(), rng.uniform(0, 0.6))
+        except (asyncio.TimeoutError, openai.APIError):
+            pass
+
+    async def main():
+        rng = random.Random(1)
+        async with openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{fleet.http_port}/v1", api_key="none",
+                                      max_retries=0, timeout=120) as client:
+            await asyncio.gather(*(one(client, rng) for _ in range(100)))
+
+    asyncio.run(main())
+    for worker in ("prefill", "decode"):
+        deadline = time.monotonic() + 60
+        while not (fleet.metric(worker, "meshserve_requests_running") == 0
+                   and fleet.metric(worker, "meshserve_kv_pages_used") == 0):
+            assert time.monotonic() < deadline, f"worker {worker} did not free its pages"
+            time.sleep(0.2)
+    aborted = {w: fleet.metric(w, 'meshserve_requests_total{outcome="abort"}') for w in ("prefill", "decode")}
+    assert aborted["decode"] > 5, aborted  # (a prefill takes one step: clients rarely leave during it)
+    # and the pair still serves
+    out = fleet.client.completions.create(model=MODEL, prompt=[7] * 33, max_tokens=4, temperature=0,
+                                          extra_body={"ignore_eos": True})
+    assert out.usage.completion_tokens == 4
+
+def test_a_pull_that_cannot_finish_falls_back_to_computing_the_prompt(fleet, tiny_ckpt):
+    """The decode worker asked directly (Dynamo's own client) with an offer from a peer that is not
+    there: it gives up after its deadline (3 s here), computes the prompt itself, counts the failure,
+    answers correctly; and on SIGTERM it still exits 0, though the given-up pull stays blocked in
+    jax's transfer library (which would abort the process at exit)."""
+    import asyncio
+    import os
+    import signal
+
+    ids = list(range(5, 45))
+    want = Engine(tiny_ckpt, fleet.config).generate([ids], SamplingParams(max_tokens=6, ignore_eos=True))[0]
+    offer = {"address": f"127.0.0.1:{free_port()}", "uuid": 7,
+             "pages": {"hashes": ["00" * 16] * 2, "first": 0, "fingerprint": "f", "shapes": [[8, 4, 16, 2, 8]],
+                       "dtype": "float32"}}
+    request = {"token_ids": ids, "stop_conditions": {"max_tokens": 6, "ignore_eos": True},
+               "sampling_options": {"temperature": 0.0}, "eos_token_ids": [],
+               "prefill_result": {"disaggregated_params": {"meshserve": offer}}}
+
+    async def ask():
+        from dynamo.runtime import DistributedRuntime
+
+        runtime = DistributedRuntime(asyncio.get_running_loop(), "file", "tcp", event_plane="zmq")
+        try:
+            client = await (runtime.endpoint("dynamo.backend.generate")).client()
+            await asyncio.wait_for(client.wait_for_instances(), 30)
+            tokens = []
+            async for chunk in await client.generate(request):
+                tokens.extend(chunk.data()["token_ids"])
+            return tokens
+        finally:
+            runtime.shutdown()
+
+    saved = dict(os.environ)
+    os.environ.update({k: v for k, v in fleet.env.items() if k.startswith("DYN_")})
+    try:
+        started = time.monotonic()
+        tokens = asyncio.run(ask())
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    assert tokens == list(want.token_ids)
+    assert 3 <= time.monotonic() - started < 60
+    assert fleet.metric("decode", 'meshserve_kv_transfers_total{outcome="failed",role="decode"}') == 1
+    decode = fleet.workers["decode"]
+    decode.send_signal(signal.SIGTERM)
+    assert decode.wait(timeout=60) == 0
+    assert "still blocked at exit" in (fleet.folder / "decode.log").read_text()
