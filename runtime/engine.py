@@ -29,9 +29,10 @@ Failure contract:
     with finish reason "error"; the others in the step go on;
   - any other fault in a step — above all once a program was dispatched (the KV pool is donated, so
     its contents are unknown) — is fatal: `step` raises EngineFault, and every later call raises it
-    again. The plan of a failed
-    step never commits, so no page it was to fill is ever found in the prefix cache, and nothing
-    is persisted to the store after it. Whoever drives the engine reports it and exits.
+    again. A step whose dispatch fails never commits, so no page it was to fill is ever found
+    in the prefix cache; a fault the device reports only when a step is read back (async
+    scheduling: after that step committed) fails the engine before any later step runs or anything
+    is persisted to the store. Whoever drives the engine reports it and exits.
 """
 
 from __future__ import annotations
@@ -453,10 +454,8 @@ class Engine:
         if pending is not None:  # the device runs this step while the host reads the last one
             outputs += self._resolve(pending)
         self.scheduler.commit(plan)  # after the last step's tokens are known: full pages are hashed
-        if self.config.async_scheduling:  # (a step only requests that ended since ran is dropped)
-            live = any(seq.status is not Status.FINISHED for call, marks, _, _ in launched
-                       for seq in [*(seq for _, seq, _ in marks), *(seq for _, seq, _, _ in call.scored)])
-            self._pending = launched if live else None
+        if self.config.async_scheduling:
+            self._pending = launched if self._awaited(launched) else None
         else:
             outputs += self._resolve(launched)
         return outputs
@@ -481,6 +480,14 @@ class Engine:
                 seq.tokens.append(PENDING)
             steps.append((call, marks, sampled, scored))
         return steps
+
+    @staticmethod
+    def _awaited(steps: list) -> bool:
+        """Whether a dispatched step has a result anyone still waits for (a step that ran only for
+        requests that ended meanwhile is dropped unread)."""
+        return any(seq.status is not Status.FINISHED
+                   for call, marks, _, _ in steps
+                   for seq in (*(seq for _, seq, _ in marks), *(seq for _, seq, _, _ in call.scored)))
 
     def _needs_tokens(self, plan, pending) -> bool:
         """Whether building `plan` needs tokens the last step has not given back yet: a prompt

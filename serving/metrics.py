@@ -60,11 +60,17 @@ class Metrics:
                                     ["role", "outcome"], registry=r)
         self.kv_transfer_pages = Counter("meshserve_kv_transfer_pages", "KV pages offered (prefill) or pulled "
                                          "(decode) by a disaggregated worker", ["role"], registry=r)
+        self.kv_transfer_bytes = Counter("meshserve_kv_transfer_bytes", "Bytes of KV pages offered (prefill) or "
+                                         "pulled (decode) by a disaggregated worker", ["role"], registry=r)
+        self.kv_pull_seconds = Histogram("meshserve_kv_pull_seconds", "Time a decode worker took to pull one "
+                                         "prompt's KV pages", buckets=(0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1, 3, 10, 30),
+                                         registry=r)
         for role, outcome in (("prefill", "offered"), ("prefill", "failed"), ("decode", "pulled"),
                               ("decode", "failed")):
             self.kv_transfers.labels(role, outcome)
         for role in ("prefill", "decode"):
             self.kv_transfer_pages.labels(role)
+            self.kv_transfer_bytes.labels(role)
         for outcome in ("stop", "length", "abort", "error", "rejected", "invalid", "unavailable", "unauthenticated"):
             self.requests.labels(outcome)  # every series exists from the start
         self.prefix_queried.labels("all")
@@ -84,7 +90,7 @@ class Metrics:
               "meshserve_prefix_cache_queried_tokens_total", "meshserve_prefix_cache_hit_tokens_total",
               "meshserve_kv_pages_cached", "meshserve_kv_tier_pages", "meshserve_kv_pages_moved_total",
               "meshserve_kv_bytes_moved_total", "meshserve_programs", "meshserve_kv_transfers_total",
-              "meshserve_kv_transfer_pages_total")
+              "meshserve_kv_transfer_pages_total", "meshserve_kv_transfer_bytes_total", "meshserve_kv_pull_seconds")
 
     def serve(self, host: str, port: int) -> int:
         """Start the /metrics HTTP endpoint; returns the bound port."""

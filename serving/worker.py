@@ -363,6 +363,7 @@ class Worker:
             return {}
         self.metrics.kv_transfers.labels("prefill", "offered").inc()
         self.metrics.kv_transfer_pages.labels("prefill").inc(len(pages.hashes))
+        self.metrics.kv_transfer_bytes.labels("prefill").inc(sum(a.nbytes for a in pages.arrays))
         return {"meshserve": offer.as_dict()}
 
     async def _take_pages(self, token_ids: list[int], request: dict[str, Any]) -> None:
@@ -377,8 +378,10 @@ class Worker:
             return
         try:
             offer = Offer.from_dict(offered)
+            started = time.perf_counter()
             pages = await asyncio.get_running_loop().run_in_executor(None, self._transfer.pull, offer,
                                                                      self.pull_timeout_s)
+            self.metrics.kv_pull_seconds.observe(time.perf_counter() - started)
             await self.loop.call(lambda engine: engine.import_prompt(token_ids, pages))
         except Exception as e:
             log.warning("KV pages could not be taken from the prefill worker (computing the prompt here): "
@@ -387,6 +390,7 @@ class Worker:
             return
         self.metrics.kv_transfers.labels("decode", "pulled").inc()
         self.metrics.kv_transfer_pages.labels("decode").inc(len(pages.hashes))
+        self.metrics.kv_transfer_bytes.labels("decode").inc(sum(a.nbytes for a in pages.arrays))
 
 
 def run_worker(worker: Worker) -> int:
