@@ -33,6 +33,7 @@ import jax
 import numpy as np
 
 from meshserve.models.errors import MeshserveError
+from meshserve.runtime.kv_tiers import TRANSFER_PAGES
 
 
 class TransferError(MeshserveError):
@@ -61,18 +62,19 @@ class KVPages:
 
 @dataclasses.dataclass(frozen=True)
 class Offer:
-    """Where and under which id a prefill side holds pages for a pull (JSON-able via `as_dict`)."""
+    """Where a prefill side holds pages for a pull, each array under its own id, so a puller can
+    leave out the arrays of pages it holds (JSON-able via `as_dict`)."""
 
     address: str
-    uuid: int
+    uuids: tuple[int, ...]  # one per array of `pages`
     pages: dict[str, Any]  # KVPages.describe()
 
     def as_dict(self) -> dict[str, Any]:
-        return {"address": self.address, "uuid": self.uuid, "pages": self.pages}
+        return {"address": self.address, "uuids": list(self.uuids), "pages": self.pages}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Offer":
-        return cls(str(data["address"]), int(data["uuid"]), dict(data["pages"]))
+        return cls(str(data["address"]), tuple(int(u) for u in data["uuids"]), dict(data["pages"]))
 
 
 class TransferEndpoint:
@@ -93,15 +95,18 @@ class TransferEndpoint:
         self._given_up: list[threading.Thread] = []
 
     def offer(self, pages: KVPages, timeout_s: float | None = None) -> Offer:
-        """Hold `pages` until one pull fetches them, or `timeout_s` has passed (then the server lets
-        them go: a decode side that never came, a cancelled request). None: until pulled."""
-        uuid = next(self._ids)
-        if timeout_s is None:
-            self._server.await_pull(uuid, list(pages.arrays))
-        else:
-            until = datetime.datetime.now() + datetime.timedelta(seconds=timeout_s)
-            self._server.await_pull(uuid, list(pages.arrays), timeout=until)
-        return Offer(self.address, uuid, pages.describe())
+        """Hold `pages` until a pull fetches them, each array once, or `timeout_s` has passed (then
+        the server lets them go: a decode side that never came or did not need them, a cancelled
+        request). None: until pulled."""
+        until = None if timeout_s is None else datetime.datetime.now() + datetime.timedelta(seconds=timeout_s)
+        uuids = []
+        for array in pages.arrays:
+            uuids.append(next(self._ids))
+            if until is None:
+                self._server.await_pull(uuids[-1], [array])
+            else:
+                self._server.await_pull(uuids[-1], [array], timeout=until)
+        return Offer(self.address, tuple(uuids), pages.describe())
 
     @property
     def stuck(self) -> int:
@@ -110,30 +115,37 @@ class TransferEndpoint:
         after its own clean-up avoids that."""
         return sum(t.is_alive() for t in self._given_up)
 
-    def pull(self, offer: Offer, timeout_s: float) -> KVPages:
-        """The offered pages, on this endpoint's device; TransferError when they have not arrived
-        within `timeout_s` (the peer died, is stuck, or never offered that id)."""
+    def pull(self, offer: Offer, timeout_s: float, skip: int = 0) -> KVPages:
+        """The offered pages from the prompt's page `skip` on (the arrays holding only earlier pages
+        are left: the puller holds those), on this endpoint's device; TransferError when they have
+        not all arrived within `timeout_s` (the peer died, is stuck, or never offered an id)."""
         meta = offer.pages
+        first, hashes = int(meta["first"]), tuple(bytes.fromhex(h) for h in meta["hashes"])
+        start = next((i for i in range(len(offer.uuids)) if first + (i + 1) * TRANSFER_PAGES > skip),
+                     len(offer.uuids))
         sharding = jax.sharding.SingleDeviceSharding(self.device)
-        specs = [jax.ShapeDtypeStruct(tuple(s), np.dtype(meta["dtype"]), sharding=sharding) for s in meta["shapes"]]
+        wanted = [(uuid, jax.ShapeDtypeStruct(tuple(shape), np.dtype(meta["dtype"]), sharding=sharding))
+                  for uuid, shape in list(zip(offer.uuids, meta["shapes"]))[start:]]
         result: dict[str, Any] = {}
 
         def run():
             try:
-                result["arrays"] = jax.block_until_ready(self._connection(offer.address).pull(offer.uuid, specs))
+                connection = self._connection(offer.address)
+                result["arrays"] = [jax.block_until_ready(connection.pull(uuid, [spec]))[0] for uuid, spec in wanted]
             except Exception as e:  # a refused connection, a transfer that failed
                 result["error"] = e
 
-        worker = threading.Thread(target=run, name=f"kv-pull-{offer.uuid}", daemon=True)
+        name = f"KV pull {offer.uuids[start] if wanted else '-'} from {offer.address}"
+        worker = threading.Thread(target=run, name=name, daemon=True)
         worker.start()
         worker.join(timeout_s)
         if worker.is_alive():  # the library cannot cancel it: the thread is left behind, blocked
             self._given_up = [t for t in self._given_up if t.is_alive()] + [worker]
-            raise TransferError(f"KV pull {offer.uuid} from {offer.address} did not finish within {timeout_s} s")
+            raise TransferError(f"{name} did not finish within {timeout_s} s")
         if "error" in result:
-            raise TransferError(f"KV pull {offer.uuid} from {offer.address} failed: {result['error']}")
-        return KVPages(tuple(bytes.fromhex(h) for h in meta["hashes"]), int(meta["first"]),
-                       tuple(result["arrays"]), str(meta["fingerprint"]))
+            raise TransferError(f"{name} failed: {result['error']}")
+        return KVPages(hashes[start * TRANSFER_PAGES:], first + start * TRANSFER_PAGES, tuple(result["arrays"]),
+                       str(meta["fingerprint"]))
 
     def _connection(self, address: str):
         with self._lock:

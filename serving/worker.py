@@ -378,9 +378,10 @@ class Worker:
             return
         try:
             offer = Offer.from_dict(offered)
+            held = await self.loop.call(lambda engine: engine.held_prefix(token_ids))  # not pulled again
             started = time.perf_counter()
             pages = await asyncio.get_running_loop().run_in_executor(None, self._transfer.pull, offer,
-                                                                     self.pull_timeout_s)
+                                                                     self.pull_timeout_s, held)
             self.metrics.kv_pull_seconds.observe(time.perf_counter() - started)
             await self.loop.call(lambda engine: engine.import_prompt(token_ids, pages))
         except Exception as e:

@@ -124,7 +124,7 @@ def test_pages_pulled_from_another_process(tiny_ckpt, peer):
     offer = _ask(peer, ids)
     t = time.monotonic()
     with pytest.raises(TransferError, match="did not finish within 2"):
-        endpoint.pull(dataclasses.replace(offer, uuid=offer.uuid + 99), timeout_s=2)
+        endpoint.pull(dataclasses.replace(offer, uuids=(offer.uuids[0] + 99,)), timeout_s=2)
     assert time.monotonic() - t < 10
     # the peer killed before the pull
     peer.kill()

@@ -65,6 +65,24 @@ def test_prompts_prefilled_on_one_worker_decode_on_the_other(fleet, tiny_ckpt):
     assert fleet.metric("decode", "meshserve_prompt_tokens_total") == 3 + 40 + 130
 
 
+def test_the_prefix_the_decode_worker_holds_is_not_pulled(fleet, tiny_ckpt):
+    """A 150-token prompt (9 pages to move), then a 300-token one beginning with it (18 pages, in
+    arrays of 8): the decode worker holds the first 9 pages, so it pulls only the arrays of pages
+    8… (10 pages), and the text is still one engine's."""
+    rng = np.random.default_rng(5)
+    first = rng.integers(1, 250, 150).tolist()
+    longer = first + rng.integers(1, 250, 150).tolist()
+    series = {"decode": "meshserve_kv_transfer_pages_total", "prefill": "meshserve_kv_transfer_pages_total"}
+    engine = Engine(tiny_ckpt, fleet.config)
+    for ids in (first, longer):
+        before = {w: fleet.metric(w, s) for w, s in series.items()}
+        out = fleet.client.completions.create(model=MODEL, prompt=ids, max_tokens=6, temperature=0,
+                                              extra_body={"ignore_eos": True})
+        want = engine.generate([ids], SamplingParams(max_tokens=6, ignore_eos=True))[0]
+        assert out.choices[0].text == want.text
+        moved = {w: fleet.metric(w, s) - before[w] for w, s in series.items()}
+    assert moved == {"prefill": 18, "decode": 10}
+
 def test_clients_leaving_at_any_point_leave_every_page_free(fleet):
     """100 streams, each cancelled after a random 0-0.6 s: during the remote prefill, during the pull
     or while decoding. Both workers end with no request running and no page in use."""
@@ -115,7 +133,7 @@ def test_a_pull_that_cannot_finish_falls_back_to_computing_the_prompt(fleet, tin
 
     ids = list(range(5, 45))
     want = Engine(tiny_ckpt, fleet.config).generate([ids], SamplingParams(max_tokens=6, ignore_eos=True))[0]
-    offer = {"address": f"127.0.0.1:{free_port()}", "uuid": 7,
+    offer = {"address": f"127.0.0.1:{free_port()}", "uuids": [7],
              "pages": {"hashes": ["00" * 16] * 2, "first": 0, "fingerprint": "f", "shapes": [[8, 4, 16, 2, 8]],
                        "dtype": "float32"}}
     request = {"token_ids": ids, "stop_conditions": {"max_tokens": 6, "ignore_eos": True},
