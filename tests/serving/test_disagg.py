@@ -122,13 +122,65 @@ def test_clients_leaving_at_any_point_leave_every_page_free(fleet):
                                           extra_body={"ignore_eos": True})
     assert out.usage.completion_tokens == 4
 
-def test_a_pull_that_cannot_finish_falls_back_to_computing_the_prompt(fleet, tiny_ckpt):
-    """The decode worker asked directly (Dynamo's own client) with an offer from a peer that is not
-    there: it gives up after its deadline (3 s here), computes the prompt itself, counts the failure,
-    answers correctly; and on SIGTERM it still exits 0, though the given-up pull stays blocked in
-    jax's transfer library (which would abort the process at exit)."""
+def direct(fleet, endpoint: str, request: dict) -> list[dict]:
+    """A worker asked directly through Dynamo's own client (no frontend): its chunks."""
     import asyncio
     import os
+
+    async def ask():
+        from dynamo.runtime import DistributedRuntime
+
+        runtime = DistributedRuntime(asyncio.get_running_loop(), "file", "tcp", event_plane="zmq")
+        try:
+            client = await runtime.endpoint(endpoint).client()
+            await asyncio.wait_for(client.wait_for_instances(), 30)
+            return [chunk.data() async for chunk in await client.generate(request)]
+        finally:
+            runtime.shutdown()
+
+    saved = dict(os.environ)
+    os.environ.update({k: v for k, v in fleet.env.items() if k.startswith("DYN_")})
+    try:
+        return asyncio.run(ask())
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def decode_request(ids: list[int], n: int, offer: dict) -> dict:
+    return {"token_ids": ids, "stop_conditions": {"max_tokens": n, "ignore_eos": True},
+            "sampling_options": {"temperature": 0.0}, "eos_token_ids": [],
+            "prefill_result": {"disaggregated_params": {"meshserve": offer}}}
+
+
+def test_a_prefill_worker_killed_before_the_pull_costs_a_recomputation_not_the_answer(fleet, tiny_ckpt):
+    """The prefill worker offers a prompt's pages and is SIGKILLed; the decode worker, handed that
+    offer, fails the pull within its deadline and computes the prompt itself: the answer is one
+    engine's, the failure counted."""
+    import signal
+
+    ids = list(range(3, 60))
+    chunks = direct(fleet, "dynamo.prefill.generate",
+                    {"token_ids": ids, "stop_conditions": {"max_tokens": 1}, "sampling_options": {"temperature": 0.0}})
+    offer = chunks[-1]["disaggregated_params"]["meshserve"]
+    assert len(offer["pages"]["hashes"]) == (len(ids) - 1) // 16
+    fleet.workers["prefill"].send_signal(signal.SIGKILL)
+    fleet.workers["prefill"].wait(timeout=30)
+    failed = 'meshserve_kv_transfers_total{outcome="failed",role="decode"}'
+    before = fleet.metric("decode", failed)
+    started = time.monotonic()
+    tokens = [t for c in direct(fleet, "dynamo.backend.generate", decode_request(ids, 6, offer)) for t in c["token_ids"]]
+    want = Engine(tiny_ckpt, fleet.config).generate([ids], SamplingParams(max_tokens=6, ignore_eos=True))[0]
+    assert tokens == list(want.token_ids)
+    assert time.monotonic() - started < 60
+    assert fleet.metric("decode", failed) == before + 1
+
+
+def test_a_pull_that_cannot_finish_falls_back_to_computing_the_prompt(fleet, tiny_ckpt):
+    """The decode worker asked directly with an offer from a peer that was never there: it gives up
+    after its deadline (3 s here), computes the prompt itself, counts the failure, answers
+    correctly; and on SIGTERM it still exits 0, though the given-up pulls stay blocked in jax's
+    transfer library (which would abort the process at exit)."""
     import signal
 
     ids = list(range(5, 45))
@@ -136,35 +188,13 @@ def test_a_pull_that_cannot_finish_falls_back_to_computing_the_prompt(fleet, tin
     offer = {"address": f"127.0.0.1:{free_port()}", "uuids": [7],
              "pages": {"hashes": ["00" * 16] * 2, "first": 0, "fingerprint": "f", "shapes": [[8, 4, 16, 2, 8]],
                        "dtype": "float32"}}
-    request = {"token_ids": ids, "stop_conditions": {"max_tokens": 6, "ignore_eos": True},
-               "sampling_options": {"temperature": 0.0}, "eos_token_ids": [],
-               "prefill_result": {"disaggregated_params": {"meshserve": offer}}}
-
-    async def ask():
-        from dynamo.runtime import DistributedRuntime
-
-        runtime = DistributedRuntime(asyncio.get_running_loop(), "file", "tcp", event_plane="zmq")
-        try:
-            client = await (runtime.endpoint("dynamo.backend.generate")).client()
-            await asyncio.wait_for(client.wait_for_instances(), 30)
-            tokens = []
-            async for chunk in await client.generate(request):
-                tokens.extend(chunk.data()["token_ids"])
-            return tokens
-        finally:
-            runtime.shutdown()
-
-    saved = dict(os.environ)
-    os.environ.update({k: v for k, v in fleet.env.items() if k.startswith("DYN_")})
-    try:
-        started = time.monotonic()
-        tokens = asyncio.run(ask())
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
+    failed = 'meshserve_kv_transfers_total{outcome="failed",role="decode"}'
+    before = fleet.metric("decode", failed)
+    started = time.monotonic()
+    tokens = [t for c in direct(fleet, "dynamo.backend.generate", decode_request(ids, 6, offer)) for t in c["token_ids"]]
     assert tokens == list(want.token_ids)
     assert 3 <= time.monotonic() - started < 60
-    assert fleet.metric("decode", 'meshserve_kv_transfers_total{outcome="failed",role="decode"}') == 1
+    assert fleet.metric("decode", failed) == before + 1
     decode = fleet.workers["decode"]
     decode.send_signal(signal.SIGTERM)
     assert decode.wait(timeout=60) == 0
