@@ -18,6 +18,14 @@ decode side pulls them, under our own deadline — the library's pull blocks for
 died or never offered the id, so it runs on a helper thread that the caller stops waiting for. An
 offer lapses after its own timeout (the pages are let go; a pull after that blocks, and fails by
 the deadline).
+
+Where that library is missing or its server cannot start, the pages go through a tensorstore
+kvstore both sides open (`StoreEndpoint`: a shared folder, `gs://`, `s3://`…): the prefill side
+writes each page under its name, the decode side reads the names it lacks. Slower than a
+device-to-device pull, but it needs no server, works wherever both sides reach the store, and
+outlives the prefill side: pages written before it died are still read. The values are the store
+tier's (runtime/kv_tiers.py: checksummed, one per page, same keys), so an engine whose `kv_store`
+is that store finds them as prefix-cache pages too.
 """
 
 from __future__ import annotations
@@ -33,7 +41,7 @@ import jax
 import numpy as np
 
 from meshserve.models.errors import MeshserveError
-from meshserve.runtime.kv_tiers import TRANSFER_PAGES
+from meshserve.runtime.kv_tiers import TRANSFER_PAGES, StoreTier
 
 
 class TransferError(MeshserveError):
@@ -87,7 +95,10 @@ class TransferEndpoint:
         except ImportError as e:  # pragma: no cover - a jax without it
             raise TransferError(f"this jax has no jax.experimental.transfer: {e}") from None
         self.device = device or jax.local_devices()[0]
-        self._server = transfer.start_transfer_server(self.device.client, f"{host}:0", [f"{host}:0"])
+        try:
+            self._server = transfer.start_transfer_server(self.device.client, f"{host}:0", [f"{host}:0"])
+        except Exception as e:  # an address this host does not have, a port it cannot bind
+            raise TransferError(f"the KV transfer server cannot start on {host}: {e}") from None
         self.address = self._server.address()
         self._connections: dict[str, Any] = {}
         self._ids = itertools.count((os.getpid() & 0xFFFF) << 32)  # unique per process
@@ -153,3 +164,54 @@ class TransferEndpoint:
             if connection is None:
                 connection = self._connections[address] = self._server.connect(address)
             return connection
+
+
+class StoreEndpoint:
+    """Pages handed over through a tensorstore kvstore both sides open (`spec`: a folder or a kvstore
+    URL), for where jax.experimental.transfer is missing or cannot start. `offer` writes a prompt's
+    pages under their names and returns once the writes are done; `pull` reads the ones a puller
+    lacks. A page missing from the store, or failing its checksum, ends the pull there: the pages
+    before it are returned, the rest is computed by the puller. Written pages stay in the store
+    (it is a prefix-cache tier too); nothing here deletes them."""
+
+    def __init__(self, spec: str, page_shape: tuple[int, ...], dtype):
+        try:
+            self._store = StoreTier(os.path.expanduser(spec), page_shape, dtype)
+        except Exception as e:
+            raise TransferError(f"the KV store {spec!r} cannot be opened: {e}") from None
+        self._lock = threading.Lock()  # offers and pulls run on executor threads
+        self.spec = spec
+
+    def offer(self, pages: KVPages) -> dict[str, Any]:
+        """Write `pages` (device or host arrays) to the store; what a puller needs (JSON-able)."""
+        with self._lock:
+            for b, array in enumerate(pages.arrays):
+                host = np.asarray(array)
+                for i, page_hash in enumerate(pages.hashes[b * TRANSFER_PAGES:(b + 1) * TRANSFER_PAGES]):
+                    self._store.put(page_hash, host[i])
+            self._store.flush()
+            if not self._store.enabled:
+                raise TransferError(f"a write to the KV store {self.spec!r} failed (see the log)")
+        return {"transport": "store", "pages": pages.describe()}
+
+    def pull(self, offer: dict[str, Any], skip: int = 0) -> KVPages:
+        """The offered pages from the prompt's page `skip` on, as host arrays of TRANSFER_PAGES
+        pages, as far as the store holds them in order; TransferError when it holds none."""
+        meta = offer["pages"]
+        first, hashes = int(meta["first"]), tuple(bytes.fromhex(h) for h in meta["hashes"])
+        start = max(0, skip - first)
+        read = []
+        with self._lock:
+            for page_hash in hashes[start:]:
+                data = self._store.get(page_hash)
+                if data is None:
+                    break
+                read.append(data)
+        if not read and start < len(hashes):
+            raise TransferError(f"page {hashes[start].hex()[:16]} is not in the KV store {self.spec!r}")
+        arrays = []
+        for i in range(0, len(read), TRANSFER_PAGES):
+            batch = np.zeros((TRANSFER_PAGES, *read[0].shape), read[0].dtype)
+            batch[:len(read[i:i + TRANSFER_PAGES])] = read[i:i + TRANSFER_PAGES]
+            arrays.append(batch)
+        return KVPages(hashes[start:start + len(read)], first + start, tuple(arrays), str(meta["fingerprint"]))

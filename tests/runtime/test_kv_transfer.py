@@ -163,3 +163,76 @@ def test_pages_move_between_two_meshes_of_one_process_with_other_splits(tiny_ckp
         assert [t for o in outs for t in o.token_ids] == greedy_reference(ckpt, ids, 6)
         assert outs[-1].cached_tokens == (n - 1) // SMALL.page_size * SMALL.page_size
     assert decode.blocks.num_free == decode.blocks.num_usable
+
+
+def test_pages_handed_over_through_a_shared_store(tiny_ckpt, tmp_path):
+    """The fallback transport: the prefill side writes a prompt's pages to a kvstore folder under
+    their names, the decode side (another StoreEndpoint on the same folder) reads those it lacks;
+    tokens are the dense reference's. A page missing from the store ends the read there."""
+    from meshserve.runtime.kv_transfer import StoreEndpoint
+
+    prefill, decode = Engine(tiny_ckpt, CONFIG), Engine(tiny_ckpt, CONFIG)
+    shape = (2 * len(prefill.pool.k), *prefill.pool.k[0].shape[1:])
+    writer = StoreEndpoint(str(tmp_path / "kv"), shape, np.float32)
+    reader = StoreEndpoint(str(tmp_path / "kv"), shape, np.float32)  # opened before anything was written
+    cases = prompts()
+    decode.generate([cases.pop("_warm")], SamplingParams(max_tokens=1))
+    for name in ("long", "cached prefix", "page edge"):
+        ids = cases[name]
+        prefill.generate([ids], SamplingParams(max_tokens=1))
+        offer = json.loads(json.dumps(writer.offer(prefill.export_prompt(ids))))  # as it crosses the wire
+        assert offer["transport"] == "store" and len(offer["pages"]["hashes"]) == (len(ids) - 1) // 4
+        held = decode.held_prefix(ids)
+        pages = reader.pull(offer, held)
+        assert pages.first == held and len(pages.hashes) == (len(ids) - 1) // 4 - held
+        assert decode.import_prompt(ids, pages) == len(pages.hashes)
+        out = decode.generate([ids], SamplingParams(max_tokens=8, ignore_eos=True))[0]
+        assert list(out.token_ids) == greedy_reference(tiny_ckpt, ids, 8), name
+    assert len(list((tmp_path / "kv" / "kv").iterdir())) == 11 + 7 + 4  # a value per page, named by its hash
+    # a page missing from the store: the pages before it are read, the rest is left to compute
+    ids = cases["long"]
+    offer = writer.offer(prefill.export_prompt(ids))
+    (tmp_path / "kv" / "kv" / offer["pages"]["hashes"][5]).unlink()
+    fresh = StoreEndpoint(str(tmp_path / "kv"), shape, np.float32)
+    assert len(fresh.pull(offer).hashes) == 5
+    with pytest.raises(TransferError, match="not in the KV store"):
+        fresh.pull(offer, skip=5)
+
+
+def test_a_producer_killed_mid_pull_is_an_error_within_the_deadline():
+    """jax.experimental.transfer's pull never returns when the producer dies during it: our
+    deadline turns that into a TransferError. A producer offers 384 MiB (seconds to pull here) and
+    is SIGKILLed 0.2 s into the pull."""
+    import threading
+
+    code = ("import json, sys, time, jax, jax.numpy as jnp\n"
+            "from meshserve.runtime.kv_transfer import KVPages, TransferEndpoint\n"
+            "e = TransferEndpoint()\n"
+            "a = jnp.ones((48, 2 * 1024 * 1024), jnp.float32).block_until_ready()\n"
+            "print(json.dumps(e.offer(KVPages((b'x' * 16,), 0, (a,), 'f')).as_dict()), flush=True)\n"
+            "time.sleep(600)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "XLA_FLAGS": ""})
+    try:
+        offer = Offer.from_dict(json.loads(proc.stdout.readline()))
+        endpoint, result = TransferEndpoint(), {}
+
+        def pull():
+            try:
+                result["pages"] = endpoint.pull(offer, timeout_s=15)
+            except TransferError as e:
+                result["error"] = e
+
+        puller = threading.Thread(target=pull)
+        started = time.monotonic()
+        puller.start()
+        time.sleep(0.2)
+        proc.kill()
+        puller.join(60)
+        assert not puller.is_alive()
+        assert "pages" not in result, "the pull finished before the kill: offer a larger array"
+        assert isinstance(result["error"], TransferError)
+        assert time.monotonic() - started < 30
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
