@@ -93,10 +93,21 @@ def _parser() -> argparse.ArgumentParser:
                      help="decode role: how long to wait for a prompt's pages before computing it here")
     wrk.add_argument("--kv-offer-timeout-s", type=float, default=120.0,
                      help="prefill role: how long a prompt's pages wait to be pulled before they are let go")
+    wrk.add_argument("--kv-transport", default="auto", choices=("auto", "transfer", "store"),
+                     help="how KV pages move between prefill and decode workers: jax.experimental.transfer, "
+                          "a kvstore both open, or auto (transfer, else the store when one is set)")
+    wrk.add_argument("--kv-transfer-store", metavar="FOLDER|URL",
+                     help="the kvstore of the store transport (default: the engine config's kv_store)")
     wrk.add_argument("--quiet", action="store_true", help="no progress bars")
 
     flt = sub.add_parser("fleet", help="Dynamo's frontend and N workers on this machine (loopback)")
-    flt.add_argument("--workers", type=int, default=2)
+    flt.add_argument("--workers", type=int, default=2, help="workers (decode workers with --prefill-workers)")
+    flt.add_argument("--prefill-workers", type=int, default=0,
+                     help="disaggregated serving: this many prefill workers beside the decode workers")
+    flt.add_argument("--conditional-disagg", nargs="?", const="{}", metavar="JSON",
+                     help="Dynamo's conditional disaggregation: mostly cached prompts are prefilled on the decode "
+                          "worker; JSON: the frontend's policy settings, e.g. "
+                          "'{\"policy\": \"isl_bounding\", \"eff_isl_threshold\": 512}'")
     flt.add_argument("--router", default="kv", choices=("kv", "round-robin", "random"))
     flt.add_argument("--port", type=int, default=8000, help="the frontend's HTTP port")
     flt.add_argument("--config", default=str(DEFAULT_SERVING_CONFIG))
@@ -344,6 +355,7 @@ def _worker(args) -> None:
 
     from meshserve.runtime.engine import EngineConfig
     from meshserve.serving.config import ServerConfig
+    from meshserve.serving.handoff import HandoffConfig
     from meshserve.serving.server import build_engine
     from meshserve.serving.worker import Worker, run_worker
 
@@ -356,10 +368,11 @@ def _worker(args) -> None:
     mirror = _multihost(config, build)
     if mirror is False:
         return  # a following process: its part is done
+    handoff = HandoffConfig(args.kv_transport, args.transfer_host, args.kv_transfer_store, args.kv_pull_timeout_s,
+                            args.kv_offer_timeout_s)
     worker = Worker(config, build, model_name=args.model_name, namespace=args.namespace,
                     component=args.component, metrics_port=args.metrics_port, mirror=mirror, role=args.role,
-                    transfer_host=args.transfer_host, pull_timeout_s=args.kv_pull_timeout_s,
-                    offer_timeout_s=args.kv_offer_timeout_s)
+                    handoff=handoff)
     _exit_if_failed(run_worker(worker), "worker")
 
 
@@ -391,11 +404,24 @@ def _fleet(args) -> None:
 
     if args.workers < 1:
         raise MeshserveError(f"--workers must be at least 1, got {args.workers}")
+    if args.prefill_workers < 0:
+        raise MeshserveError(f"--prefill-workers must be >= 0, got {args.prefill_workers}")
+    frontend_args = []
+    if args.conditional_disagg is not None:
+        if not args.prefill_workers or args.router != "kv":
+            raise MeshserveError("--conditional-disagg needs --prefill-workers and --router kv")
+        try:
+            policy = json.loads(args.conditional_disagg)
+        except json.JSONDecodeError as e:
+            raise MeshserveError(f"--conditional-disagg: not JSON: {e}") from None
+        frontend_args = ["--router-conditional-disagg"]
+        if policy:
+            frontend_args += ["--router-conditional-disagg-config", json.dumps(policy)]
     worker_args = ["--config", args.config]
     for flag, value in (("--model", args.model), ("--model-name", args.model_name)):
         if value:
             worker_args += [flag, value]
-    run_fleet(args.workers, args.router, args.port, worker_args)
+    run_fleet(args.workers, args.router, args.port, worker_args, args.prefill_workers, frontend_args)
 
 
 def run_server(server) -> None:

@@ -45,18 +45,26 @@ def loopback_env(discovery: Path) -> dict[str, str]:
 
 
 class LocalFleet:
-    """The processes of a one-machine fleet, their logs in `folder`."""
+    """The processes of a one-machine fleet, their logs in `folder`. `frontend_args`: more flags for
+    Dynamo's frontend (e.g. its conditional disaggregation)."""
 
     def __init__(self, folder: Path, http_port: int, router: str = "kv", migration_limit: int = 3,
-                 env: dict[str, str] | None = None):
+                 env: dict[str, str] | None = None, frontend_args: list[str] = ()):
         self.folder = folder
         self.http_port = http_port
         self.env = {**os.environ, **loopback_env(folder / "discovery"), **(env or {})}
-        self.frontend = self._start("frontend", [sys.executable, "-m", "dynamo.frontend", "--http-host", "127.0.0.1",
-                                                 "--http-port", str(http_port), "--router-mode", router,
-                                                 "--migration-limit", str(migration_limit)])
+        self.frontends: dict[str, subprocess.Popen] = {}
+        self.frontend = self.start_frontend("frontend", http_port, ["--router-mode", router, "--migration-limit",
+                                                                    str(migration_limit), *frontend_args])
         self.workers: dict[str, subprocess.Popen] = {}
+        self.logs: dict[str, Path] = {}  # each worker's output
         self.metrics_ports: dict[str, int] = {}  # of the workers started with metrics=True
+
+    def start_frontend(self, name: str, http_port: int, args: list[str]) -> subprocess.Popen:
+        """Another of Dynamo's frontends over the same workers (production runs several)."""
+        self.frontends[name] = proc = self._start(name, [sys.executable, "-m", "dynamo.frontend", "--http-host",
+                                                         "127.0.0.1", "--http-port", str(http_port), *args])
+        return proc
 
     def _start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
         with open(self.folder / f"{name}.log", "w") as log:
@@ -72,9 +80,9 @@ class LocalFleet:
             args = [*args, "--metrics-port", str(port)]
         proc = self.workers[name] = self._start(name, [sys.executable, "-m", "meshserve.serving.cli", "worker",
                                                        "--quiet", *args], env)
+        log = self.logs[name] = self.folder / f"{name}.log"
         if not wait:
             return proc
-        log = self.folder / f"{name}.log"
         deadline = time.monotonic() + timeout
         while "meshserve worker" not in log.read_text():
             if proc.poll() is not None:
@@ -91,13 +99,14 @@ class LocalFleet:
             text = r.read().decode()
         return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(series))
 
-    def models(self) -> list[str]:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/v1/models", timeout=5) as r:
+    def models(self, http_port: int | None = None) -> list[str]:
+        """The models a frontend (the first, by default) lists."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{http_port or self.http_port}/v1/models", timeout=5) as r:
             return [m["id"] for m in json.load(r)["data"]]
 
     def stop(self, timeout: float = 30) -> None:
         """SIGTERM every process (workers drain), SIGKILL what is left after `timeout`."""
-        procs = [*self.workers.values(), self.frontend]
+        procs = [*self.workers.values(), *self.frontends.values()]
         for proc in procs:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
@@ -110,16 +119,21 @@ class LocalFleet:
                 proc.wait()
 
 
-def run_fleet(workers: int, router: str, port: int, worker_args: list[str]) -> None:
-    """Start the fleet, say where it answers, run until SIGINT or SIGTERM."""
+def run_fleet(workers: int, router: str, port: int, worker_args: list[str], prefill_workers: int = 0,
+              frontend_args: list[str] = ()) -> None:
+    """Start the fleet, say where it answers, run until SIGINT or SIGTERM. With `prefill_workers`,
+    disaggregated: that many `--role prefill` workers and `workers` decode workers."""
     folder = Path(tempfile.mkdtemp(prefix="meshserve-fleet-"))
-    fleet = LocalFleet(folder, port, router)
+    fleet = LocalFleet(folder, port, router, frontend_args=frontend_args)
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
     try:
+        for i in range(prefill_workers):
+            fleet.start_worker(f"prefill{i}", [*worker_args, "--role", "prefill", "--component", "prefill"])
         for i in range(workers):
-            fleet.start_worker(f"worker{i}", worker_args)
-        print(f"meshserve fleet: {workers} worker(s) behind Dynamo's frontend ({router} routing) at "
+            fleet.start_worker(f"worker{i}", [*worker_args, "--role", "decode"] if prefill_workers else worker_args)
+        kind = f"{prefill_workers} prefill + {workers} decode worker(s)" if prefill_workers else f"{workers} worker(s)"
+        print(f"meshserve fleet: {kind} behind Dynamo's frontend ({router} routing) at "
               f"http://127.0.0.1:{port}/v1 serving {', '.join(fleet.models())}; logs in {folder}; Ctrl-C stops it",
               flush=True)
         while not stop:

@@ -56,8 +56,9 @@ class Metrics:
                                          "worker could not publish (its router then routes on load alone)",
                                          registry=r)
         self.kv_transfers = Counter("meshserve_kv_transfers", "Prompts whose KV pages a disaggregated worker moved, "
-                                    "by role and outcome (failed: the decode side computed the prompt itself)",
-                                    ["role", "outcome"], registry=r)
+                                    "by role, outcome (failed: the decode side computed the prompt itself) and "
+                                    "transport (transfer: jax.experimental.transfer; store: a shared kvstore)",
+                                    ["role", "outcome", "transport"], registry=r)
         self.kv_transfer_pages = Counter("meshserve_kv_transfer_pages", "KV pages offered (prefill) or pulled "
                                          "(decode) by a disaggregated worker", ["role"], registry=r)
         self.kv_transfer_bytes = Counter("meshserve_kv_transfer_bytes", "Bytes of KV pages offered (prefill) or "
@@ -67,7 +68,8 @@ class Metrics:
                                          registry=r)
         for role, outcome in (("prefill", "offered"), ("prefill", "failed"), ("decode", "pulled"),
                               ("decode", "failed")):
-            self.kv_transfers.labels(role, outcome)
+            for transport in ("transfer", "store"):
+                self.kv_transfers.labels(role, outcome, transport)
         for role in ("prefill", "decode"):
             self.kv_transfer_pages.labels(role)
             self.kv_transfer_bytes.labels(role)

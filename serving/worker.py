@@ -48,6 +48,7 @@ from meshserve.runtime.kv_tiers import KVEvent
 from meshserve.runtime.sampling import SamplingParams
 from meshserve.serving.config import ServerConfig
 from meshserve.serving.engine_loop import EngineLoop, EngineUnavailable, State, Stream
+from meshserve.serving.handoff import Handoff, HandoffConfig
 from meshserve.serving.metrics import Metrics
 from meshserve.serving.preprocess import EngineRequest
 
@@ -160,17 +161,14 @@ class Worker:
     def __init__(self, config: ServerConfig, build: Callable[[], Engine], *,
                  model_name: str | None = None, namespace: str = "dynamo", component: str = "backend",
                  endpoint: str = "generate", metrics_port: int | None = None, mirror=None,
-                 role: str = "both", transfer_host: str = "127.0.0.1", pull_timeout_s: float = 30.0,
-                 offer_timeout_s: float = 120.0):
+                 role: str = "both", handoff: HandoffConfig = HandoffConfig()):
         if role not in ROLES:
             raise MeshserveError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
         if role != "both" and mirror is not None:
             raise MeshserveError("a prefill or decode worker runs in one process (no multi-host mesh yet)")
         self.role = role
-        self.transfer_host = transfer_host
-        self.pull_timeout_s = pull_timeout_s  # a decode worker's wait for one prompt's pages
-        self.offer_timeout_s = offer_timeout_s  # a prefill worker holds unpulled pages this long
-        self._transfer = None  # TransferEndpoint of a prefill or decode worker
+        self.handoff_config = handoff
+        self.handoff: Handoff | None = None  # of a prefill or decode worker, opened once the engine is built
         self.config = config
         self.model_name = model_name
         self.address = f"{namespace}.{component}.{endpoint}"
@@ -224,6 +222,12 @@ class Worker:
             raise self.loop.error
         engine = self.loop.engine
         self.model_name = self.model_name or self.config.served_model_name or engine.model_config.name
+        if self.role != "both":  # its KV transports, before it joins: a worker that cannot move pages never does
+            try:
+                self.handoff = Handoff(self.handoff_config, engine, self.metrics)
+            except MeshserveError:
+                self.loop.stop(30.0)
+                raise
         try:
             self._runtime = DistributedRuntime(loop, os.environ.get("DYN_DISCOVERY_BACKEND", "etcd"),
                                                os.environ.get("DYN_REQUEST_PLANE", "tcp"),
@@ -256,16 +260,13 @@ class Worker:
         worker_type = {"both": WorkerType.Aggregated, "prefill": WorkerType.Prefill, "decode": WorkerType.Decode}[self.role]
         if self.role == "prefill":
             model_type = ModelType.Prefill  # no OpenAI surface of its own: the frontend's prefill router calls it
-        if self.role != "both":
-            from meshserve.runtime.kv_transfer import TransferEndpoint
-
-            self._transfer = TransferEndpoint(engine.layout.mesh.devices.flat[0], self.transfer_host)
         needs = {"prefill": [[WorkerType.Decode]], "decode": [[WorkerType.Prefill]]}.get(self.role)  # its peers
         await register_model(ModelInput.Tokens, model_type, endpoint, str(card), self.model_name,
                              worker_type=worker_type, kv_cache_block_size=page_size,
                              runtime_config=runtime_config, needs=needs)
-        log.warning("meshserve worker %s serving %s (role %s, page size %d, %d pages, context %d)", self.address,
-                    self.model_name, self.role, page_size, engine.blocks.num_usable, engine.max_seq_len)
+        log.warning("meshserve worker %s serving %s (role %s, page size %d, %d pages, context %d%s)", self.address,
+                    self.model_name, self.role, page_size, engine.blocks.num_usable, engine.max_seq_len,
+                    f", KV pages by {self.handoff.describe()}" if self.handoff else "")
         probe = {"token_ids": [engine.tokenizer.bos_id or 0], "stop_conditions": {"max_tokens": 1},
                  "sampling_options": {"temperature": 0.0}}
         await endpoint.serve_endpoint(self.generate, graceful_shutdown=True,
@@ -310,7 +311,7 @@ class Worker:
         if self.role == "prefill":  # the prompt's pages and one token: the decode worker does the rest
             params = dataclasses.replace(params, max_tokens=1)
         elif self.role == "decode":
-            await self._take_pages(token_ids, request)
+            await self.handoff.take(self.loop, token_ids, request)
         rid = str(context.id() or uuid.uuid4())
         now = time.monotonic()
         stream = Stream(asyncio.get_running_loop(), asyncio.Queue(), now)
@@ -341,57 +342,10 @@ class Worker:
                             "total_tokens": len(token_ids) + completion,
                             "prompt_tokens_details": {"cached_tokens": out.cached_tokens}}
                         if self.role == "prefill":
-                            chunk["disaggregated_params"] = await self._offer_pages(token_ids)
+                            chunk["disaggregated_params"] = await self.handoff.offer(self.loop, token_ids)
                     yield chunk
         finally:
             stopped.cancel()
-
-
-    # ---- disaggregated prefill and decode (docs/disaggregation.md) -------------------------------
-
-    async def _offer_pages(self, token_ids: list[int]) -> dict[str, Any]:
-        """The prompt's pages, copied out and offered for one pull; what the decode worker needs to
-        pull them (Dynamo hands it over as the request's prefill_result). Empty when they cannot be
-        offered: the decode worker then computes the prompt itself."""
-        try:
-            pages = await self.loop.call(lambda engine: engine.export_prompt(token_ids))
-            # one addressable buffer per array (a multi-device engine's copies gathered to one device)
-            offer = self._transfer.offer(pages.to(self._transfer.device), self.offer_timeout_s)
-        except Exception as e:
-            log.warning("KV pages of a prompt could not be offered: %s: %s", type(e).__name__, e)
-            self.metrics.kv_transfers.labels("prefill", "failed").inc()
-            return {}
-        self.metrics.kv_transfers.labels("prefill", "offered").inc()
-        self.metrics.kv_transfer_pages.labels("prefill").inc(len(pages.hashes))
-        self.metrics.kv_transfer_bytes.labels("prefill").inc(sum(a.nbytes for a in pages.arrays))
-        return {"meshserve": offer.as_dict()}
-
-    async def _take_pages(self, token_ids: list[int], request: dict[str, Any]) -> None:
-        """Pull the prompt's pages a prefill worker offered and put them in this engine's prefix
-        cache, so the request computes only its tail. Any failure (a dead or stuck peer, another
-        model) leaves the prompt to be computed here, counted."""
-        from meshserve.runtime.kv_transfer import Offer
-
-        prefill = request.get("prefill_result") or {}
-        offered = (prefill.get("disaggregated_params") or {}).get("meshserve")
-        if not offered:
-            return
-        try:
-            offer = Offer.from_dict(offered)
-            held = await self.loop.call(lambda engine: engine.held_prefix(token_ids))  # not pulled again
-            started = time.perf_counter()
-            pages = await asyncio.get_running_loop().run_in_executor(None, self._transfer.pull, offer,
-                                                                     self.pull_timeout_s, held)
-            self.metrics.kv_pull_seconds.observe(time.perf_counter() - started)
-            await self.loop.call(lambda engine: engine.import_prompt(token_ids, pages))
-        except Exception as e:
-            log.warning("KV pages could not be taken from the prefill worker (computing the prompt here): "
-                        "%s: %s", type(e).__name__, e)
-            self.metrics.kv_transfers.labels("decode", "failed").inc()
-            return
-        self.metrics.kv_transfers.labels("decode", "pulled").inc()
-        self.metrics.kv_transfer_pages.labels("decode").inc(len(pages.hashes))
-        self.metrics.kv_transfer_bytes.labels("decode").inc(sum(a.nbytes for a in pages.arrays))
 
 
 def run_worker(worker: Worker) -> int:
@@ -403,10 +357,10 @@ def run_worker(worker: Worker) -> int:
         raise MeshserveError(f"meshserve worker needs NVIDIA Dynamo ({e}): pip install -e '.[dynamo]' "
                              "&& pip install --no-deps ai-dynamo==1.6.1 (make does)") from None
     code = uvloop.run(worker.run())
-    if worker._transfer is not None and worker._transfer.stuck:
+    if worker.handoff is not None and worker.handoff.stuck:
         # a pull given up on is still blocked in jax's transfer library, which would abort the
         # process at exit: everything is cleaned up, so leave with the real exit code now
-        log.warning("%d KV pull(s) still blocked at exit", worker._transfer.stuck)
+        log.warning("%d KV pull(s) still blocked at exit", worker.handoff.stuck)
         logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()
