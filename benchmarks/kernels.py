@@ -6,7 +6,9 @@
            einsum vs jax's shipped `decode_attention.gqa` and `paged_attention`          [GB/s of KV]
 
 Every variant is first checked against the float32 reference (relative L2 error printed). Figures
-are medians over --iters runs after warm-up.
+are medians over --iters runs after warm-up. Our kernels run at several settings (query block,
+pages per tile, splits, Triton warps and stages): the table shows which to make the default. Each
+row is also printed as a `FIGURES {json}` line (benchmarks/gpu_suite.sh collects them).
 
     python benchmarks/kernels.py              # on a GPU
     python benchmarks/kernels.py --smoke      # tiny shapes, Pallas interpreted on CPU: checks it runs
@@ -15,6 +17,7 @@ are medians over --iters runs after warm-up.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import statistics
 import time
@@ -28,6 +31,14 @@ import numpy as np  # noqa: E402
 from meshserve.runtime.kernels.paged_decode import paged_decode  # noqa: E402
 from meshserve.runtime.kernels.ragged_prefill import ragged_prefill  # noqa: E402
 from meshserve.runtime.kernels.reference import paged_decode_reference, ragged_prefill_reference  # noqa: E402
+
+
+# (query block, pages per tile, warps, stages) and (splits, pages per tile, warps, stages) tried;
+# None: Triton's default. The engine's defaults are the first of each.
+PREFILL_SETTINGS = [(16, 4, None, None), (64, 4, None, None), (64, 8, 4, 2), (64, 8, 8, 3), (128, 8, 8, 3),
+                    (128, 4, 4, 3)]
+DECODE_SETTINGS = [(4, 4, None, None), (1, 4, None, None), (8, 4, None, None), (16, 4, None, None),
+                   (8, 8, 4, 2), (16, 8, 4, 3), (16, 2, 4, 2), (32, 8, 4, 3)]
 
 
 def timed(fn, iters: int) -> float:
@@ -47,13 +58,18 @@ def rel_err(out, ref) -> float:
 
 
 def run(name, fn, ref, iters, work, unit, rows):
+    family = "prefill" if unit == "TFLOP/s" else "decode"
     try:
         err = rel_err(fn(), ref)
         seconds = timed(fn, iters)
         rate = work / seconds / (1e12 if unit == "TFLOP/s" else 1e9)
         rows.append((name, f"{seconds * 1e3:.3f}", f"{rate:.4g}", unit, f"{err:.1e}"))
+        print("FIGURES " + json.dumps({"part": "kernels", "family": family, "variant": name, "ms": seconds * 1e3,
+                                       "rate": rate, "unit": unit, "rel_err": err}), flush=True)
     except Exception as e:  # a peer that does not run here is reported, not fatal
         rows.append((name, "-", "-", unit, f"failed: {type(e).__name__}: {str(e).splitlines()[0][:60]}"))
+        print("FIGURES " + json.dumps({"part": "kernels", "family": family, "variant": name,
+                                       "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}), flush=True)
 
 
 def prefill(args, rows, interpret):
@@ -72,8 +88,11 @@ def prefill(args, rows, interpret):
                                    table, start, length)
     flops = 4 * B * H * S * S * D / 2  # causal: half the square
     scale = 1 / math.sqrt(D)
-    run("ours ragged_prefill (paged)", lambda: ragged_prefill(q, kp, vp, table, start, length, block_q=64,
-                                                              interpret=interpret), ref, args.iters, flops, "TFLOP/s", rows)
+    for block_q, ppb, warps, stages in PREFILL_SETTINGS[:2 if interpret else None]:
+        run(f"ours ragged_prefill bq={block_q} ppb={ppb} w={warps} s={stages}",
+            lambda b=block_q, p=ppb, w=warps, st=stages: ragged_prefill(
+                q, kp, vp, table, start, length, block_q=b, pages_per_block=p, num_warps=w, num_stages=st,
+                interpret=interpret), ref, args.iters, flops, "TFLOP/s", rows)
     for impl in ("cudnn", "xla"):
         if impl == "cudnn" and interpret:
             continue
@@ -103,10 +122,11 @@ def decode(args, rows, interpret):
     ref = paged_decode_reference(q.astype(jnp.float32), kp.astype(jnp.float32), vp.astype(jnp.float32),
                                  tables, lengths)
     kv_bytes = 2 * B * ctx * K * D * jnp.dtype(dt).itemsize
-    for splits in (1, 4, 8, 16):
-        run(f"ours paged_decode splits={splits}",
-            lambda s=splits: paged_decode(q, kp, vp, tables, lengths, num_splits=s, interpret=interpret),
-            ref, args.iters, kv_bytes, "GB/s", rows)
+    for splits, ppb, warps, stages in DECODE_SETTINGS[:2 if interpret else None]:
+        run(f"ours paged_decode splits={splits} ppb={ppb} w={warps} s={stages}",
+            lambda sp=splits, p=ppb, w=warps, st=stages: paged_decode(
+                q, kp, vp, tables, lengths, num_splits=sp, pages_per_block=p, num_warps=w, num_stages=st,
+                interpret=interpret), ref, args.iters, kv_bytes, "GB/s", rows)
     k = kp[tables].reshape(B, ctx, K, D)  # contiguous copies for the dense peers
     v = vp[tables].reshape(B, ctx, K, D)
 
@@ -147,9 +167,9 @@ def main() -> None:
     device = jax.devices()[0]
     print(f"\ndevice: {getattr(device, 'device_kind', device.platform)}; jax {jax.__version__}; "
           f"prefill B=1 S={args.seq}; decode B={args.batch} ctx={args.ctx}; bf16; median of {args.iters}")
-    print(f"{'variant':40} {'ms':>9} {'rate':>7} {'unit':8} rel.err vs f32 reference")
+    print(f"{'variant':48} {'ms':>9} {'rate':>7} {'unit':8} rel.err vs f32 reference")
     for name, ms, rate, unit, err in rows:
-        print(f"{name:40} {ms:>9} {rate:>7} {unit:8} {err}")
+        print(f"{name:48} {ms:>9} {rate:>7} {unit:8} {err}")
 
 
 if __name__ == "__main__":

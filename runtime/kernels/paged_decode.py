@@ -21,7 +21,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jaxtyping import Array, Float, Int
 
-from meshserve.runtime.kernels.tile import empty, fold, gather_tile, tile_positions
+from meshserve.runtime.kernels.tile import empty, fold, gather_tile, tile_positions, triton_params
 
 
 
@@ -53,15 +53,17 @@ def _kernel(tables_ref, lengths_ref, q_ref, k_ref, v_ref, *refs, blocks_per_spli
 
 
 @functools.partial(jax.jit, static_argnames=("num_splits", "pages_per_block", "sliding_window", "interpret",
-                                             "poison"))
+                                             "poison", "num_warps", "num_stages"))
 def paged_decode(q: Float[Array, "b h e"], k_pages: Float[Array, "n s k e"], v_pages: Float[Array, "n s k e"],
                  page_tables: Int[Array, "b p"], lengths: Int[Array, "b"], *, num_splits: int = 1,
                  pages_per_block: int = 4, sliding_window: int | None = None, interpret: bool = False,
-                 poison: bool = False) -> Float[Array, "b h e"]:
+                 poison: bool = False, num_warps: int | None = None,
+                 num_stages: int | None = None) -> Float[Array, "b h e"]:
     """Attention of q (at position lengths[b] − 1) over each sequence's first lengths[b] keys.
 
     num_splits > 1 spreads a long context over more programs (split-K). poison=True (tests) starts
-    the kernel's outputs as NaN, so an element the kernel failed to write shows.
+    the kernel's outputs as NaN, so an element the kernel failed to write shows. num_warps and
+    num_stages: Triton's launch settings (None: its defaults).
     """
     B, H, E = q.shape
     N, page_size, K, _ = k_pages.shape
@@ -99,7 +101,8 @@ def paged_decode(q: Float[Array, "b h e"], k_pages: Float[Array, "n s k e"], v_p
         functools.partial(_kernel, blocks_per_split=blocks_per_split, pages_per_block=ppb,
                           page_size=page_size, sliding_window=sliding_window),
         out_shape=partial_shapes, grid=(B, K, S), in_specs=in_specs, out_specs=partial_specs,
-        input_output_aliases=aliases, interpret=interpret, name="paged_decode")(*args)
+        input_output_aliases=aliases, interpret=interpret, name="paged_decode",
+        compiler_params=triton_params(num_warps, num_stages, interpret))(*args)
     top = m.max(axis=2, keepdims=True)
     w = jnp.exp(m - top)  # [B, K, S, G]
     out = (o * w[..., None]).sum(axis=2) / (l * w).sum(axis=2)[..., None]  # [B, K, Gp, E]

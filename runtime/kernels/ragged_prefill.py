@@ -21,7 +21,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jaxtyping import Array, Float, Int
 
-from meshserve.runtime.kernels.tile import empty, fold, gather_tile, tile_positions
+from meshserve.runtime.kernels.tile import empty, fold, gather_tile, tile_positions, triton_params
 
 
 
@@ -56,11 +56,12 @@ def _kernel(tables_ref, start_ref, len_ref, q_ref, k_ref, v_ref, *refs, block_q:
 
 
 @functools.partial(jax.jit, static_argnames=("block_q", "pages_per_block", "sliding_window", "interpret",
-                                             "poison"))
+                                             "poison", "num_warps", "num_stages"))
 def ragged_prefill(q: Float[Array, "b t h e"], k_pages: Float[Array, "n s k e"], v_pages: Float[Array, "n s k e"],
                    page_tables: Int[Array, "b p"], q_start: Int[Array, "b"], q_len: Int[Array, "b"], *,
                    block_q: int = 16, pages_per_block: int = 4, sliding_window: int | None = None,
-                   interpret: bool = False, poison: bool = False) -> Float[Array, "b t h e"]:
+                   interpret: bool = False, poison: bool = False, num_warps: int | None = None,
+                   num_stages: int | None = None) -> Float[Array, "b t h e"]:
     B, T, H, E = q.shape
     N, page_size, K, _ = k_pages.shape
     G, P = H // K, page_tables.shape[1]
@@ -93,5 +94,6 @@ def ragged_prefill(q: Float[Array, "b t h e"], k_pages: Float[Array, "n s k e"],
         functools.partial(_kernel, block_q=block_q, pages_per_block=ppb, page_size=page_size,
                           sliding_window=sliding_window),
         out_shape=out_shape, grid=(B, K, Tp // block_q), in_specs=in_specs, out_specs=out_spec,
-        input_output_aliases=aliases, interpret=interpret, name="ragged_prefill")(*args)
+        input_output_aliases=aliases, interpret=interpret, name="ragged_prefill",
+        compiler_params=triton_params(num_warps, num_stages, interpret))(*args)
     return out.reshape(B, Tp, H, E)[:, :T]

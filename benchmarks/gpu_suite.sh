@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# The GPU check, in one call of at most ~7 minutes: correctness first, then the figures, each step
+# skipped with a line if the one before failed. Writes $OUT/suite.log (everything), $OUT/figures.jsonl
+# (one JSON object per measured figure) and prints a short table last (benchmarks/gpu_summary.py).
+#
+#   a. import check; the attention kernel tests compiled for the GPU (not interpreted)
+#   b. benchmarks/kernels.py: prefill vs cuDNN, XLA and jax's shipped mha; paged decode vs XLA and
+#      jax's shipped gqa and paged_attention; our kernels at several tile/warp/stage settings
+#   c+d. benchmarks/engine_gpu.py engine: the 8B-shaped decode step through the engine's programs at
+#      batch 1/16/64 (context 2k) vs the roofline and a plain-XLA weight stream; the chat-mix throughput
+#   d'. benchmarks/engine_gpu.py peer: transformers generate on the same shape and batch
+#   e. benchmarks/engine_gpu.py parity: the default model's shape, GPU greedy tokens vs the CPU's
+#
+# Runs from a source checkout with the machine's own Python packages (jax with its CUDA plugin,
+# flax, tokenizers, torch, transformers); wheels in .whl/ (if any) are installed first.
+#   bash benchmarks/gpu_suite.sh     MIX_SECONDS=60 (the chat mix's length); KEEP_GOING=1 runs every
+#                                    step even after one failed
+set -u
+cd "$(dirname "$0")/.."
+OUT="${OUT:-/tmp/meshserve-gpu-suite}"
+mkdir -p "$OUT"
+LOG="$OUT/suite.log"
+FIG="$OUT/figures.jsonl"
+: >"$LOG"
+: >"$FIG"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD/benchmarks${PYTHONPATH:+:$PYTHONPATH}"
+export XLA_PYTHON_CLIENT_PREALLOCATE=false  # each step its own process; torch shares the card in one
+PY="${PYTHON:-python3}"
+MIX_SECONDS="${MIX_SECONDS:-60}"
+SMOKE=()  # SMOKE_RUN=1: tiny shapes on whatever backend there is, to check this script on a CPU
+PLATFORM=cuda
+if [ -n "${SMOKE_RUN:-}" ]; then SMOKE=(--smoke); PLATFORM=cpu; fi
+
+if ls .whl/*.whl >/dev/null 2>&1; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH="/tmp/site:$PYTHONPATH"
+fi
+
+failed=""
+step() {  # step NAME TIMEOUT_S COMMAND...: run it, log it, keep its FIGURES lines
+  local name="$1" limit="$2"
+  shift 2
+  if [ -n "$failed" ]; then
+    echo "== $name: skipped ($failed failed)" | tee -a "$LOG"
+    echo "{\"part\": \"skipped\", \"step\": \"$name\"}" >>"$FIG"
+    return
+  fi
+  echo "== $name" | tee -a "$LOG"
+  local t0=$SECONDS
+  timeout --kill-after=10 "$limit" "$@" >>"$LOG" 2>&1
+  local rc=$?
+  echo "== $name: exit $rc in $((SECONDS - t0)) s" | tee -a "$LOG"
+  echo "{\"part\": \"step\", \"step\": \"$name\", \"rc\": $rc, \"seconds\": $((SECONDS - t0))}" >>"$FIG"
+  if [ $rc -ne 0 ] && [ -z "${KEEP_GOING:-}" ]; then
+    failed="$name"
+    tail -n 15 "$LOG"
+  fi
+}
+
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv >>"$LOG" 2>&1
+step "a. import check" 60 "$PY" -c "
+import source_tree, jax, jax.numpy as jnp
+from meshserve.runtime.engine import Engine
+from meshserve.runtime.kernels.paged_decode import paged_decode
+print('jax', jax.__version__, jax.default_backend(), jax.devices())
+assert jax.default_backend() == '$([ "$PLATFORM" = cuda ] && echo gpu || echo cpu)', 'not the backend asked for'
+"
+step "a. kernel tests on the GPU" 150 env JAX_PLATFORMS=$PLATFORM "$PY" -c "
+import sys, source_tree, pytest
+sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', 'tests/runtime/kernels']))
+"
+step "b. attention kernels" 150 "$PY" benchmarks/kernels.py --iters 30 "${SMOKE[@]}"
+step "c+d. 8B engine: decode step and chat mix" $((MIX_SECONDS + 240)) "$PY" benchmarks/engine_gpu.py engine \
+  --seconds "$MIX_SECONDS" "${SMOKE[@]}"
+step "d. transformers generate, same shape" 150 "$PY" benchmarks/engine_gpu.py peer "${SMOKE[@]}"
+step "e. default model shape, GPU vs CPU" 120 "$PY" benchmarks/engine_gpu.py parity "${SMOKE[@]}"
+
+grep '^FIGURES ' "$LOG" | sed 's/^FIGURES //' >>"$FIG"
+"$PY" benchmarks/gpu_summary.py "$FIG" | tee -a "$LOG"
