@@ -11,9 +11,9 @@
     peer     transformers `generate` on the same shape (random bf16 weights, eager), the same batch,
              prompts of the mix's mean length: output tok/s (a process of its own: torch and JAX
              would share the card's memory).
-    parity   e. the default model's shape (SmolLM2-135M: its GGUF is larger than what can be carried
-             to the GPU machine, so random float32 weights from a fixed seed) end to end on the GPU:
-             greedy tokens against the dense no-cache forward pass on the CPU.
+    parity   e. the default model's shape (SmolLM2-135M: a GPU machine without network has no copy of
+             its GGUF, too large to travel with the checkout, so random float32 weights from a fixed
+             seed) end to end on the GPU: greedy tokens against the dense no-cache forward on the CPU.
 
 Each prints `FIGURES {json}` lines (benchmarks/gpu_suite.sh collects them) and a short table.
 `--smoke` runs every part on a tiny model, on whatever backend there is (CPU here), to check the
