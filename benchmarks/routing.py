@@ -64,6 +64,8 @@ def run_mode(mode: str, args, prompts: list[tuple[float, str]], engine: dict) ->
     (folder / "serving.yaml").write_text(yaml.safe_dump(config))
     port = free_port()
     router_env = {"DYN_ROUTER_KV_OVERLAP_SCORE_CREDIT": str(args.overlap_credit)} if args.overlap_credit else {}
+    if args.prefill_load_scale:
+        router_env["DYN_ROUTER_PREFILL_LOAD_SCALE"] = str(args.prefill_load_scale)
     fleet = LocalFleet(folder, port, mode, migration_limit=0, env=router_env)
     try:
         for i in range(args.workers):
@@ -114,6 +116,9 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=1.0, help="Poisson arrivals, requests/s")
     ap.add_argument("--overlap-credit", type=float, help="the KV router's credit for cached prefix pages "
                     "(Dynamo's default 1.0): above 1 the prefix outweighs the load more")
+    ap.add_argument("--prefill-load-scale", type=float, help="the KV router's weight of a worker's prefill work "
+                    "against its decode load (Dynamo's default 1.0): on a CPU a prompt costs far more than a "
+                    "decode step, so a cold prefix should weigh more")
     ap.add_argument("--concurrency", type=int, default=0,
                     help="instead of Poisson arrivals: N clients in a closed loop (saturates; measures capacity)")
     ap.add_argument("--kv-demand", type=float, default=0.7, help="contexts' pages / all workers' pages")
@@ -121,16 +126,19 @@ def main() -> None:
 
     from meshserve.models.checkpoint import read_meta
     from meshserve.models.default import default_checkpoint
+    from meshserve.models.tokenizer import Tokenizer
 
-    _, model, dtype = read_meta(default_checkpoint(progress=False))
+    folder = default_checkpoint(progress=False)
+    _, model, dtype = read_meta(folder)
     page_size = 16
     page_bytes = 2 * model.num_layers * model.num_kv_heads * model.head_dim * page_size * dtype.itemsize
-    context_pages = args.tenants * -(-args.context_words // page_size)
+    rng = random.Random(0)
+    contexts = [text_of(rng, args.context_words) for _ in range(args.tenants)]
+    tokenizer = Tokenizer.load(folder)  # the pages the contexts really take (a word is ~1.2 tokens)
+    context_pages = sum(len(tokenizer.encode(c)) // page_size for c in contexts)
     pages_per_worker = int(context_pages / args.kv_demand / args.workers) + 1
     engine = {"page_size": page_size, "max_seq_len": 1024, "host_kv_bytes": 0, "prefill_tokens_while_decoding": None,
               "kv_cache_bytes": max(pages_per_worker, 1024 // page_size + 2) * page_bytes}
-    rng = random.Random(0)
-    contexts = [text_of(rng, args.context_words) for _ in range(args.tenants)]
     users = [(t, u) for t in range(args.tenants) for u in range(args.users)]
     at, prompts = 0.0, []
     for _ in range(args.requests):
