@@ -43,6 +43,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None  # the same for every prompt token after the first (scoring)
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit), OpenAI style
     min_tokens: int = 0  # EOS and stop token ids cannot be sampled before this many tokens
+    detokenize: bool = True  # False: token ids only, no text (a caller that detokenizes itself)
 
     def validate(self, vocab_size: int) -> None:
         """Raise RequestError naming the first bad field."""
@@ -83,6 +84,10 @@ class SamplingParams:
                 raise RequestError(f"stop_token_ids: {tid} is outside the vocabulary (size {vocab_size})")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise RequestError("stop strings must be non-empty strings")
+        if not isinstance(self.detokenize, bool):
+            raise RequestError(f"detokenize must be true or false, got {self.detokenize!r}")
+        if self.stop and not self.detokenize:
+            raise RequestError("stop strings need detokenize: they are matched in the text")
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
             if value is not None and (not _integer(value) or not 0 <= value <= MAX_LOGPROBS):

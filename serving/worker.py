@@ -111,7 +111,8 @@ def sampling_params(request: dict[str, Any], prompt_len: int, max_seq_len: int) 
         presence_penalty=float(given(so, "presence_penalty", 0.0)),
         frequency_penalty=float(given(so, "frequency_penalty", 0.0)), seed=so.get("seed"),
         stop_token_ids=stop_ids, ignore_eos=bool(sc.get("ignore_eos")) or eos == [],
-        logprobs=oo.get("logprobs"), min_tokens=int(given(sc, "min_tokens", 0)))
+        logprobs=oo.get("logprobs"), min_tokens=int(given(sc, "min_tokens", 0)),
+        detokenize=False)  # the frontend detokenizes: the engine's text would go nowhere
 
 
 def signed64(page_hash: bytes) -> int:

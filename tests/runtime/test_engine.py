@@ -166,6 +166,7 @@ def test_no_leaks_after_hundreds_of_requests_with_aborts(engine):
     ([1, 999], SamplingParams(), 0, "prompt token id 999 is outside the vocabulary"),
     ([1], SamplingParams(logprobs=21), 0, "logprobs must be in"),
     ([1], SamplingParams(max_tokens=4), 3, r"priority must be in \[0, 3\)"),
+    ([1], SamplingParams(stop=("ab",), detokenize=False), 0, "stop strings need detokenize"),
 ])
 def test_bad_requests_are_named_and_others_go_on(engine, tiny_ckpt, prompt, params, priority, message):
     good = engine.add_request([3, 4, 5], SamplingParams(max_tokens=6, ignore_eos=True))
@@ -298,6 +299,20 @@ def test_stop_strings_stop_tokens_and_eos(engine, tiny_ckpt):
     out = engine.generate([prompt], SamplingParams(max_tokens=12, stop=(stop,), ignore_eos=True))[0]
     assert out.text == text[:text.index(stop)] and out.finish_reason == "stop"
     assert len(out.token_ids) < len(full.token_ids)
+
+
+def test_token_ids_only_when_no_text_is_wanted(engine, tiny_ckpt):
+    """detokenize=False (a caller that detokenizes itself, like Dynamo's frontend): the same tokens,
+    stop ids and finish reasons, and no text."""
+    prompt = [30, 31, 32]
+    ref = greedy_reference(tiny_ckpt, prompt, 12)
+    outs = []
+    done = engine.generate([prompt, prompt], [SamplingParams(max_tokens=12, ignore_eos=True, detokenize=False),
+                                              SamplingParams(max_tokens=12, stop_token_ids=(ref[4],), ignore_eos=True,
+                                                             detokenize=False)], on_output=outs.append)
+    assert list(done[0].token_ids) == ref and done[0].finish_reason == "length"
+    assert list(done[1].token_ids) == ref[:ref.index(ref[4])] and done[1].finish_reason == "stop"
+    assert all(o.text == "" for o in outs) and done[0].text == ""
 
 
 def test_eos_ends_generation_unless_ignored(engine, tiny_ckpt):

@@ -279,6 +279,7 @@ def test_dynamo_request_to_sampling_params():
     assert (p.max_tokens, p.temperature, p.top_p, p.top_k, p.min_p, p.seed) == (9, 0.5, 0.9, 40, 0.0, 7)
     assert (p.presence_penalty, p.frequency_penalty, p.repetition_penalty) == (0.25, 0.0, 1.1)
     assert (p.stop_token_ids, p.ignore_eos, p.min_tokens, p.logprobs) == ((2, 11), False, 3, 2)
+    assert p.detokenize is False  # token-in/token-out: the frontend detokenizes
     # nothing given: OpenAI's defaults, up to the context; ignore_eos arrives as an empty EOS list
     p = sampling_params({"token_ids": [1] * 30, "eos_token_ids": []}, prompt_len=30, max_seq_len=100)
     assert (p.max_tokens, p.temperature, p.top_k, p.ignore_eos, p.logprobs) == (70, 1.0, 0, True, None)
