@@ -88,8 +88,8 @@ def paged_decode(q: Float[Array, "b h e"], k_pages: Float[Array, "n s k e"], v_p
         pl.BlockSpec((1,), lambda b, h, s: (b,)),  # its length
         pl.BlockSpec((1, 1, Gp, E), lambda b, h, s: (b, h, 0, 0)),  # the G query heads of kv head h
         # the pool, viewed as kv head h's [N, page_size, E]; pages are gathered by table
-        pl.BlockSpec((N, page_size, None, E), lambda b, h, s: (0, 0, h, 0)),
-        pl.BlockSpec((N, page_size, None, E), lambda b, h, s: (0, 0, h, 0)),
+        pl.BlockSpec((N, page_size, pl.squeezed, E), lambda b, h, s: (0, 0, h, 0)),
+        pl.BlockSpec((N, page_size, pl.squeezed, E), lambda b, h, s: (0, 0, h, 0)),
     ]
     args = [tables, lengths.astype(jnp.int32), qg, k_pages, v_pages]
     aliases = {}

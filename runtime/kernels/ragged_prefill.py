@@ -80,8 +80,8 @@ def ragged_prefill(q: Float[Array, "b t h e"], k_pages: Float[Array, "n s k e"],
         pl.BlockSpec((1,), lambda b, h, i: (b,)),
         pl.BlockSpec((1, block_q, 1, G, E), lambda b, h, i: (b, i, h, 0, 0)),
         # the pool, viewed as kv head h's [N, page_size, E]; pages are gathered by table
-        pl.BlockSpec((N, page_size, None, E), lambda b, h, i: (0, 0, h, 0)),
-        pl.BlockSpec((N, page_size, None, E), lambda b, h, i: (0, 0, h, 0)),
+        pl.BlockSpec((N, page_size, pl.squeezed, E), lambda b, h, i: (0, 0, h, 0)),
+        pl.BlockSpec((N, page_size, pl.squeezed, E), lambda b, h, i: (0, 0, h, 0)),
     ]
     args = [tables, q_start.astype(jnp.int32), q_len.astype(jnp.int32), qg,
             k_pages, v_pages]
