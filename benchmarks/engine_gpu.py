@@ -333,8 +333,8 @@ def run_parity(args) -> None:
     engine = Engine(ckpt, EngineConfig(max_seq_len=512, max_num_seqs=4, max_num_batched_tokens=256,
                                        max_prefill_chunk=256, kv_cache_bytes=64 * 2**20))
     rng = np.random.default_rng(5)
-    prompts = [rng.integers(10, config.vocab_size - 10, n).tolist() for n in (5, 40, 300)]
-    new = 16
+    prompts = [rng.integers(10, config.vocab_size - 10, n).tolist() for n in (5, 40, 200)]
+    new = 12
     got = [list(c.token_ids) for c in engine.generate(prompts, SamplingParams(max_tokens=new, ignore_eos=True))]
     cpu = jax.devices("cpu")[0]
     params = jax.device_put(ckpt.params, cpu)  # committed there: the reference runs on the CPU
@@ -362,7 +362,7 @@ def main() -> None:
     ap.add_argument("--model", default="llama3-8b.yaml", help="a file of configs/models/")
     ap.add_argument("--batches", default="1,16,64")
     ap.add_argument("--context", type=int, default=2048)
-    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--iters", type=int, default=12)
     ap.add_argument("--seconds", type=float, default=120.0, help="length of the chat-mix run")
     ap.add_argument("--concurrency", type=int, default=64)
     ap.add_argument("--prefill-tokens", type=int, default=2048, help="largest prefill call")

@@ -13,7 +13,7 @@
 #
 # Runs from a source checkout with the machine's own Python packages (jax with its CUDA plugin,
 # flax, tokenizers, torch, transformers); wheels in .whl/ (if any) are installed first.
-#   bash benchmarks/gpu_suite.sh     MIX_SECONDS=60 (the chat mix's length); KEEP_GOING=1 runs every
+#   bash benchmarks/gpu_suite.sh     MIX_SECONDS=45 (the chat mix's length); KEEP_GOING=1 runs every
 #                                    step even after one failed
 set -u
 cd "$(dirname "$0")/.."
@@ -26,7 +26,7 @@ FIG="$OUT/figures.jsonl"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD/benchmarks${PYTHONPATH:+:$PYTHONPATH}"
 export XLA_PYTHON_CLIENT_PREALLOCATE=false  # each step its own process; torch shares the card in one
 PY="${PYTHON:-python3}"
-MIX_SECONDS="${MIX_SECONDS:-60}"
+MIX_SECONDS="${MIX_SECONDS:-45}"
 SMOKE=()  # SMOKE_RUN=1: tiny shapes on whatever backend there is, to check this script on a CPU
 PLATFORM=cuda
 if [ -n "${SMOKE_RUN:-}" ]; then SMOKE=(--smoke); PLATFORM=cpu; fi
@@ -67,7 +67,7 @@ assert jax.default_backend() == '$([ "$PLATFORM" = cuda ] && echo gpu || echo cp
 "
 step "a. kernel tests on the GPU" 150 env JAX_PLATFORMS=$PLATFORM "$PY" -c "
 import sys, source_tree, pytest
-sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', 'tests/runtime/kernels']))
+sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', 'tests/runtime/kernels/test_attention_kernels.py']))
 "
 step "b. attention kernels" 150 "$PY" benchmarks/kernels.py --iters 30 "${SMOKE[@]}"
 step "c+d. 8B engine: decode step and chat mix" $((MIX_SECONDS + 240)) "$PY" benchmarks/engine_gpu.py engine \
