@@ -42,6 +42,12 @@ class KVPool:
         return self.k[0].shape[1]
 
     @property
+    def page_shape(self) -> tuple[int, ...]:
+        """One page across every layer, keys then values: [2·layers, page_size, kv_heads, head_dim]
+        (how pages leave the pool: offload, store, transfer)."""
+        return (2 * len(self.k), *self.k[0].shape[1:])
+
+    @property
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.k + self.v)
 

@@ -118,8 +118,8 @@ class PageMover:
     def __init__(self, pool: KVPool, tier: "LowerTiers | None", null_page: int = 0):
         self.tier = tier
         self.null_page = null_page
-        self._shape = (TRANSFER_PAGES, 2 * len(pool.k), *pool.k[0].shape[1:])
-        self.page_shape = self._shape[1:]  # one page: [2·layers, page_size, kv_heads, head_dim]
+        self.page_shape = pool.page_shape
+        self._shape = (TRANSFER_PAGES, *pool.page_shape)
         self._dtype = pool.k[0].dtype
         idx = jax.ShapeDtypeStruct((TRANSFER_PAGES,), jnp.int32)
         abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), pool)

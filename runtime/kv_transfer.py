@@ -211,7 +211,8 @@ class StoreEndpoint:
             raise TransferError(f"page {hashes[start].hex()[:16]} is not in the KV store {self.spec!r}")
         arrays = []
         for i in range(0, len(read), TRANSFER_PAGES):
-            batch = np.zeros((TRANSFER_PAGES, *read[0].shape), read[0].dtype)
-            batch[:len(read[i:i + TRANSFER_PAGES])] = read[i:i + TRANSFER_PAGES]
+            pages = read[i:i + TRANSFER_PAGES]
+            batch = np.zeros((TRANSFER_PAGES, *pages[0].shape), pages[0].dtype)  # the last one padded
+            batch[:len(pages)] = pages
             arrays.append(batch)
         return KVPages(hashes[start:start + len(read)], first + start, tuple(arrays), str(meta["fingerprint"]))

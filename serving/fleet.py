@@ -104,6 +104,20 @@ class LocalFleet:
         with urllib.request.urlopen(f"http://127.0.0.1:{http_port or self.http_port}/v1/models", timeout=5) as r:
             return [m["id"] for m in json.load(r)["data"]]
 
+    def wait_for_model(self, name: str, http_port: int | None = None, timeout: float = 60) -> None:
+        """Until a frontend (the first, by default) lists model `name` (a frontend still starting
+        does not answer yet); MeshserveError after `timeout`."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if name in self.models(http_port):
+                    return
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise MeshserveError(f"no frontend listed model {name!r} within {timeout:.0f} s: see {self.folder}")
+            time.sleep(0.2)
+
     def stop(self, timeout: float = 30) -> None:
         """SIGTERM every process (workers drain), SIGKILL what is left after `timeout`."""
         procs = [*self.workers.values(), *self.frontends.values()]

@@ -76,8 +76,7 @@ class Handoff:
                     raise ConfigError("the store transport needs a KV store: --kv-transfer-store, or kv_store "
                                       "in the engine config")
             else:
-                pool = engine.pool
-                self.store = StoreEndpoint(store, (2 * len(pool.k), *pool.k[0].shape[1:]), pool.k[0].dtype)
+                self.store = StoreEndpoint(store, engine.pool.page_shape, engine.pool.k[0].dtype)
 
     @property
     def stuck(self) -> int:

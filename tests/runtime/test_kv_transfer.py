@@ -172,7 +172,7 @@ def test_pages_handed_over_through_a_shared_store(tiny_ckpt, tmp_path):
     from meshserve.runtime.kv_transfer import StoreEndpoint
 
     prefill, decode = Engine(tiny_ckpt, CONFIG), Engine(tiny_ckpt, CONFIG)
-    shape = (2 * len(prefill.pool.k), *prefill.pool.k[0].shape[1:])
+    shape = prefill.pool.page_shape
     writer = StoreEndpoint(str(tmp_path / "kv"), shape, np.float32)
     reader = StoreEndpoint(str(tmp_path / "kv"), shape, np.float32)  # opened before anything was written
     cases = prompts()

@@ -37,10 +37,7 @@ def fleet(tiny_ckpt_dir, tmp_path_factory):
                                       "--kv-pull-timeout-s", "3"], timeout=240, metrics=True)
         fleet.client = openai.OpenAI(base_url=f"http://127.0.0.1:{fleet.http_port}/v1", api_key="none",
                                      max_retries=0, timeout=120)
-        deadline = time.monotonic() + 60
-        while MODEL not in fleet.models():
-            assert time.monotonic() < deadline, "the model was never listed"
-            time.sleep(0.2)
+        fleet.wait_for_model(MODEL)
         yield fleet
     finally:
         fleet.stop()
@@ -183,15 +180,7 @@ def test_conditional_disaggregation_prefills_mostly_cached_prompts_on_the_decode
     fleet.start_frontend("frontend-conditional", port, [
         "--router-mode", "kv", "--router-conditional-disagg",
         "--router-conditional-disagg-config", json.dumps({"policy": "isl_bounding", "eff_isl_threshold": 64})])
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if MODEL in fleet.models(port):
-                break
-        except OSError:
-            pass
-        assert time.monotonic() < deadline, "the second frontend never listed the model"
-        time.sleep(0.3)
+    fleet.wait_for_model(MODEL, port)
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=120)
     engine = Engine(tiny_ckpt, fleet.config)
     rng = np.random.default_rng(9)
@@ -219,10 +208,7 @@ def test_pages_go_through_a_shared_store_where_the_transfer_server_cannot_start(
         for role, component in (("prefill", "prefill-store"), ("decode", "backend-store")):
             fleet.start_worker(f"{role}-store", [*common, "--role", role, "--component", component],
                                timeout=240, metrics=True)
-        deadline = time.monotonic() + 60
-        while "tiny-store" not in fleet.models():
-            assert time.monotonic() < deadline, "the model was never listed"
-            time.sleep(0.2)
+        fleet.wait_for_model("tiny-store")
         engine = Engine(tiny_ckpt, fleet.config)
         rng = np.random.default_rng(13)
         for n in (40, 150):
@@ -246,9 +232,10 @@ def test_pages_go_through_a_shared_store_where_the_transfer_server_cannot_start(
 
 
 def test_a_decode_worker_killed_mid_stream_loses_no_request(fleet, tiny_ckpt):
-    """A second decode worker joins; a stream is SIGKILLed with its decode worker after 10 of 60
-    tokens: Dynamo migrates it to the other decode worker and the client gets all 60 tokens, one
-    engine's. The prefill worker is left with no page in use."""
+    """A second decode worker joins; a stream is SIGKILLed with its decode worker after 5 of 300
+    tokens: Dynamo migrates it to the other decode worker and the client gets all 300 tokens, one
+    engine's. The prefill worker is left with no page in use. (The stream is long so that the
+    tiny model is still decoding when the metrics have named its worker.)"""
     import signal
 
     fleet.start_worker("decode-2", ["--model", str(fleet.model_dir), "--config", str(fleet.folder / "serving.yaml"),
@@ -256,8 +243,8 @@ def test_a_decode_worker_killed_mid_stream_loses_no_request(fleet, tiny_ckpt):
                        timeout=240, metrics=True)
     time.sleep(2.0)  # the frontend sees the new instance
     ids = np.random.default_rng(17).integers(1, 250, 70).tolist()
-    want = Engine(tiny_ckpt, fleet.config).generate([ids], SamplingParams(max_tokens=60, ignore_eos=True))[0]
-    stream = fleet.client.completions.create(model=MODEL, prompt=ids, max_tokens=60, temperature=0, stream=True,
+    want = Engine(tiny_ckpt, fleet.config).generate([ids], SamplingParams(max_tokens=300, ignore_eos=True))[0]
+    stream = fleet.client.completions.create(model=MODEL, prompt=ids, max_tokens=300, temperature=0, stream=True,
                                              extra_body={"ignore_eos": True}, stream_options={"include_usage": True})
     text, chunks, usage, killed = "", 0, None, None
     for chunk in stream:
@@ -265,11 +252,13 @@ def test_a_decode_worker_killed_mid_stream_loses_no_request(fleet, tiny_ckpt):
             text += chunk.choices[0].text
             chunks += 1
         usage = chunk.usage or usage
-        if chunks == 10 and killed is None:
-            killed = next(w for w in ("decode", "decode-2") if fleet.metric(w, "meshserve_requests_running") == 1)
+        if chunks == 5 and killed is None:
+            serving = [w for w in ("decode", "decode-2") if fleet.metric(w, "meshserve_requests_running") == 1]
+            assert len(serving) == 1, f"no one decode worker runs the stream: {serving}"
+            killed = serving[0]
             fleet.workers[killed].send_signal(signal.SIGKILL)
             fleet.workers[killed].wait(timeout=30)
-    assert text == want.text and usage.completion_tokens == 60
+    assert text == want.text and usage.completion_tokens == 300
     assert "migration retry scheduled" in (fleet.folder / "frontend.log").read_text()  # it did move
     survivor = "decode-2" if killed == "decode" else "decode"
     assert fleet.metric(survivor, "meshserve_requests_total") >= 1
