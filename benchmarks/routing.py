@@ -13,6 +13,9 @@ cache (the requests' usage), and the prefix-cache hit tokens each worker counted
 round-robin ratios.
 
     .venv/bin/python benchmarks/routing.py [--requests 48] [--rate 1.0 | --concurrency 8] [--workers 2]
+
+The run docs/benchmarks.md quotes for the targets (a rate between the two modes' capacities on a
+2-core machine): --rate 1.2 --requests 192 --kv-demand 0.7 --prefill-load-scale 4
 """
 
 from __future__ import annotations

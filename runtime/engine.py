@@ -90,7 +90,7 @@ class EngineConfig:
     queue_timeout_s: float | None = None
     priority_levels: int = 3
     prefill_tokens_while_decoding: int | None = None  # see SchedulerConfig; None: no limit
-    prefill_buckets: tuple[int, ...] | None = None  # tokens per prefill call; None: 64, 256, … up to max_prefill_chunk
+    prefill_buckets: tuple[int, ...] | None = None  # tokens per prefill call; None: 64, 128, … ×2 up to max_prefill_chunk
     decode_buckets: tuple[int, ...] | None = None  # None: 1, 4, 16, … up to max_num_seqs
     context_buckets: tuple[int, ...] | None = None  # in pages; None: one, of max_seq_len (attention reads real pages only)
     compilation_cache_dir: str | None = None

@@ -18,9 +18,10 @@ row whose token is given as -1 reads its input from there. So the host can build
 step N+1 before it has read step N's tokens back (see the engine's async scheduling). The last
 slot is padding's.
 
-Buckets (see `Buckets.default`): tokens per prefill call and requests per decode call, ×4 apart —
-on a device whose matmuls are compute-bound (CPU) a padded token costs as much as a real one, and
-each bucket is a program to compile. Not context length: both attentions (the jnp one and the
+Buckets (see `Buckets.default`): tokens per prefill call ×2 apart, requests per decode call ×4 —
+each bucket is a program to compile, and on a device whose matmuls are compute-bound (CPU) a padded
+prompt token costs as much as a real one: with ×4 a prompt's last few-dozen-token chunk (the
+uncached tail of a prompt whose prefix is cached, most often) paid for up to 4× its tokens. Not context length: both attentions (the jnp one and the
 Pallas kernels) loop over the pages a call really holds, so page tables are as wide as
 max_seq_len and one program serves every length. `context_buckets` can still be set by hand.
 """
@@ -174,9 +175,9 @@ class Buckets:
     @staticmethod
     def default(max_prefill_chunk: int, max_num_seqs: int, max_pages: int, replicas: int,
                 prefill_while_decoding: int | None = None) -> "Buckets":
-        """Few, coarse buckets (see the module's docstring): ×4 in tokens and in batch, one context;
-        and the prompt tokens a step takes while requests decode, when that is smaller."""
-        tokens = geometric(min(64, max_prefill_chunk), max_prefill_chunk, 4)
+        """Few, coarse buckets (see the module's docstring): ×2 in tokens from 64, ×4 in batch, one
+        context; and the prompt tokens a step takes while requests decode, when that is smaller."""
+        tokens = geometric(min(64, max_prefill_chunk), max_prefill_chunk, 2)
         if prefill_while_decoding is not None and prefill_while_decoding < tokens[0]:
             tokens = (prefill_while_decoding, *tokens)
         return Buckets(prefill_tokens=tokens,
