@@ -63,7 +63,7 @@ from meshserve.runtime.request import RequestLimits, check_request
 from meshserve.runtime.runner import PENDING, ModelRunner
 from meshserve.runtime.sampling import SamplingParams
 from meshserve.runtime.scheduler import QueueFull, Scheduler, SchedulerConfig, Sequence, Status
-from meshserve.runtime.text import TextStream
+from meshserve.runtime.text import NoText, TextStream
 from meshserve.sharding.rules import Layout
 
 log = logging.getLogger("meshserve.engine")
@@ -208,7 +208,7 @@ class _Request:
     seq: Sequence
     params: SamplingParams
     seed: int
-    text: TextStream | None  # None: the request asked for token ids only
+    text: TextStream | NoText  # NoText: the request asked for token ids only
     stop_ids: frozenset[int]
     prompt_scores: list[TokenLogprob] | None = None  # scores of prompt tokens 1…, while being computed
     fork_of: str | None = None  # waits for this request's prompt to be computed (see add_request)
@@ -356,7 +356,7 @@ class Engine:
         seq = Sequence(rid, ids, len(ids), priority=priority,
                        arrival=self.clock.now() if arrival is None else arrival, queue_timeout_s=queue_timeout_s)
         seed = params.seed if params.seed is not None else self._seeds.for_request(rid)
-        text = TextStream(self.tokenizer, params.stop) if params.detokenize else None
+        text = TextStream(self.tokenizer, params.stop) if params.detokenize else NoText()
         req = _Request(seq, params, seed, text, frozenset(params.stop_token_ids))
         if params.prompt_logprobs is not None:
             req.prompt_scores = []
@@ -571,8 +571,8 @@ class Engine:
             # (last), as OpenAI-style scoring counts one entry per sampled token
             return self._finish(self._requests.pop(seq.request_id), "stop", drop_last=True, logprobs=logprobs,
                                 prompt_logprobs=scores)
-        text = req.text.push(token, stops=generated >= params.min_tokens) if req.text is not None else ""
-        if req.text is not None and req.text.stopped_by is not None:
+        text = req.text.push(token, stops=generated >= params.min_tokens)
+        if req.text.stopped_by is not None:
             return self._finish(self._requests.pop(seq.request_id), "stop", last=(token,), text=text,
                                 logprobs=logprobs, prompt_logprobs=scores)
         if generated >= params.max_tokens or index + 1 >= self.max_seq_len:
@@ -592,7 +592,7 @@ class Engine:
             seq.tokens.pop()
         if drop_last:  # EOS / stop token: ends the output, is not part of it
             seq.tokens.pop()
-        tail = req.text.finish() if req.text is not None and reason not in ("rejected", "error") else ""
+        tail = req.text.finish() if reason not in ("rejected", "error") else ""
         return RequestOutput(seq.request_id, last, text + tail, finished=True, finish_reason=reason,
                              error=error, logprobs=logprobs, prompt_tokens=seq.prompt_len,
                              completion_tokens=len(seq.tokens) - seq.prompt_len, queue_time_s=_queue_time(seq),

@@ -21,9 +21,10 @@ slot is padding's.
 Buckets (see `Buckets.default`): tokens per prefill call ×2 apart, requests per decode call ×4 —
 each bucket is a program to compile, and on a device whose matmuls are compute-bound (CPU) a padded
 prompt token costs as much as a real one: with ×4 a prompt's last few-dozen-token chunk (the
-uncached tail of a prompt whose prefix is cached, most often) paid for up to 4× its tokens. Not context length: both attentions (the jnp one and the
-Pallas kernels) loop over the pages a call really holds, so page tables are as wide as
-max_seq_len and one program serves every length. `context_buckets` can still be set by hand.
+uncached tail of a prompt whose prefix is cached, most often) paid for up to 4× its tokens. Not
+context length: both attentions (the jnp one and the Pallas kernels) loop over the pages a call
+really holds, so page tables are as wide as max_seq_len and one program serves every length.
+`context_buckets` can still be set by hand.
 """
 
 from __future__ import annotations

@@ -105,3 +105,16 @@ class TextStream:
         keep = self._stops.held
         self._pending = text[len(text) - keep:] if keep else ""
         return text[:len(text) - keep]
+
+
+class NoText:
+    """TextStream's stand-in for a request that wants token ids only (SamplingParams.detokenize
+    False): no text, no stop string, nothing decoded."""
+
+    stopped_by = None
+
+    def push(self, token_id: int, stops: bool = True) -> str:
+        return ""
+
+    def finish(self) -> str:
+        return ""
