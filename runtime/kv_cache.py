@@ -48,6 +48,10 @@ class KVPool:
         return (2 * len(self.k), *self.k[0].shape[1:])
 
     @property
+    def dtype(self):
+        return self.k[0].dtype
+
+    @property
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.k + self.v)
 

@@ -120,7 +120,7 @@ class PageMover:
         self.null_page = null_page
         self.page_shape = pool.page_shape
         self._shape = (TRANSFER_PAGES, *pool.page_shape)
-        self._dtype = pool.k[0].dtype
+        self._dtype = pool.dtype
         idx = jax.ShapeDtypeStruct((TRANSFER_PAGES,), jnp.int32)
         abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), pool)
         self._gather = jax.jit(_gather).lower(abstract, idx).compile()

@@ -76,7 +76,7 @@ class Handoff:
                     raise ConfigError("the store transport needs a KV store: --kv-transfer-store, or kv_store "
                                       "in the engine config")
             else:
-                self.store = StoreEndpoint(store, engine.pool.page_shape, engine.pool.k[0].dtype)
+                self.store = StoreEndpoint(store, engine.pool.page_shape, engine.pool.dtype)
 
     @property
     def stuck(self) -> int:
