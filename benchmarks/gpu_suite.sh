@@ -4,7 +4,7 @@
 # (one JSON object per measured figure) and prints a short table last (benchmarks/gpu_summary.py).
 #
 #   a. import check; the attention kernel tests compiled for the GPU (not interpreted)
-#   b. benchmarks/kernels.py: prefill vs cuDNN, XLA and jax's shipped mha; paged decode vs XLA and
+#   b. benchmarks/attention_kernels.py: prefill vs cuDNN, XLA and jax's shipped mha; paged decode vs XLA and
 #      jax's shipped gqa and paged_attention; our kernels at several tile/warp/stage settings
 #   c+d. benchmarks/engine_gpu.py engine: the 8B-shaped decode step through the engine's programs at
 #      batch 1/16/64 (context 2k) vs the roofline and a plain-XLA weight stream; the chat-mix throughput
@@ -62,6 +62,8 @@ step "a. import check" 60 "$PY" -c "
 import source_tree, jax, jax.numpy as jnp
 from meshserve.runtime.engine import Engine
 from meshserve.runtime.kernels.paged_decode import paged_decode
+from meshserve.serving.versions import describe
+print('versions:', describe())
 print('jax', jax.__version__, jax.default_backend(), jax.devices())
 assert jax.default_backend() == '$([ "$PLATFORM" = cuda ] && echo gpu || echo cpu)', 'not the backend asked for'
 "
@@ -69,7 +71,7 @@ step "a. kernel tests on the GPU" 150 env JAX_PLATFORMS=$PLATFORM "$PY" -c "
 import sys, source_tree, pytest
 sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', 'tests/runtime/kernels/test_attention_kernels.py']))
 "
-step "b. attention kernels" 150 "$PY" benchmarks/kernels.py --iters 30 "${SMOKE[@]}"
+step "b. attention kernels" 150 "$PY" benchmarks/attention_kernels.py --iters 30 "${SMOKE[@]}"
 step "c+d. 8B engine: decode step and chat mix" $((MIX_SECONDS + 240)) "$PY" benchmarks/engine_gpu.py engine \
   --seconds "$MIX_SECONDS" "${SMOKE[@]}"
 step "d. transformers generate, same shape" 150 "$PY" benchmarks/engine_gpu.py peer "${SMOKE[@]}"

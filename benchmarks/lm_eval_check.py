@@ -5,7 +5,7 @@ items in the same run.
     python benchmarks/lm_eval_check.py [--model CKPT_DIR]
 
 Starts `meshserve serve` on the default model, runs the repository's multiple-choice task
-(benchmarks/lm_eval/meshserve_mc.*) through lm-eval's `local-completions` model (echo + logprobs,
+(benchmarks/lm_eval_tasks/meshserve_mc.*) through lm-eval's `local-completions` model (echo + logprobs,
 its remote tokenizer: /tokenize, /tokenizer_info), then scores every (context, continuation) pair
 lm-eval sent with transformers (PyTorch, float32, the same GGUF file) and prints both accuracies,
 the largest log-likelihood difference and how many answers agree. Exits 1 if the accuracies differ.
@@ -45,7 +45,7 @@ def run_lm_eval(http_port: int, model_name: str) -> dict:
     args = {"base_url": f"http://127.0.0.1:{http_port}/v1/completions", "model": model_name,
             "tokenizer_backend": "remote", "tokenized_requests": True, "num_concurrent": 4, "max_retries": 3}
     return lm_eval.simple_evaluate(model="local-completions", model_args=args, tasks=[TASK],
-                                   task_manager=TaskManager(include_path=str(ROOT / "benchmarks/lm_eval")),
+                                   task_manager=TaskManager(include_path=str(ROOT / "benchmarks/lm_eval_tasks")),
                                    log_samples=True, batch_size=1)
 
 

@@ -5,7 +5,7 @@ at the same load, on one server, in one run.
     python benchmarks/openai_load.py [--concurrency 8] [--requests 64] [--input 128] [--output 64]
 
 The tool is NVIDIA's aiperf (AIPerf, Dynamo's benchmark client): this script installs it, pinned,
-into its own virtual environment (benchmarks/.venv-aiperf) on first use — its dependencies pin
+into its own virtual environment (benchmarks/.venv-aiperf, from locks/aiperf.txt) on first use — its dependencies pin
 versions meshserve's environment does not have (prometheus-client, pillow…), and it only talks HTTP.
 `vllm bench serve` was not chosen: it needs vLLM itself, a CUDA build with no CPU wheel on PyPI.
 
@@ -30,8 +30,9 @@ import tempfile
 import urllib.request
 from pathlib import Path
 
+import locked_venv
+
 ROOT = Path(__file__).resolve().parents[1]
-AIPERF = "aiperf==0.13.0"
 VENV = ROOT / "benchmarks" / ".venv-aiperf"
 
 
@@ -42,11 +43,7 @@ def free_port() -> int:
 
 
 def aiperf() -> Path:
-    exe = VENV / "bin" / "aiperf"
-    if not exe.exists():
-        subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
-        subprocess.run([str(VENV / "bin" / "pip"), "install", "-q", AIPERF], check=True)
-    return exe
+    return locked_venv.ensure(VENV, "aiperf.txt", "aiperf").parent / "aiperf"
 
 
 def run_aiperf(args, http_port: int, model_name: str, tokenizer: str, out: Path) -> dict:

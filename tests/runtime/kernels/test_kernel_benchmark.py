@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[3]
 
 
 def test_smoke_run_is_correct():
-    result = subprocess.run([sys.executable, str(ROOT / "benchmarks/kernels.py"), "--smoke"], capture_output=True,
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks/attention_kernels.py"), "--smoke"], capture_output=True,
                             text=True, timeout=600, cwd=ROOT)
     assert result.returncode == 0, result.stderr
     rows = [json.loads(line[len("FIGURES "):]) for line in result.stdout.splitlines() if line.startswith("FIGURES ")]

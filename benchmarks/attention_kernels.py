@@ -10,8 +10,8 @@ are medians over --iters runs after warm-up. Our kernels run at several settings
 pages per tile, splits, Triton warps and stages): the table shows which to make the default. Each
 row is also printed as a `FIGURES {json}` line (benchmarks/gpu_suite.sh collects them).
 
-    python benchmarks/kernels.py              # on a GPU
-    python benchmarks/kernels.py --smoke      # tiny shapes, Pallas interpreted on CPU: checks it runs
+    python benchmarks/attention_kernels.py              # on a GPU
+    python benchmarks/attention_kernels.py --smoke      # tiny shapes, Pallas interpreted on CPU: checks it runs
 """
 
 from __future__ import annotations
