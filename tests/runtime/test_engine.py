@@ -621,8 +621,9 @@ def test_prompt_scores_survive_chunking_and_preemption(engine, tiny_ckpt):
         got = scores[completion.request_id]
         assert len(got) == len(prompt) and got[0] is None
         assert [s.token_id for s in got[1:]] == prompt[1:]
+        # float32 logprobs of magnitude ~10, summed in another order (chunks, tiles): a few ulps apart
         np.testing.assert_allclose([s.logprob for s in got[1:]], [ref[p, prompt[p + 1]] for p in range(len(prompt) - 1)],
-                                   atol=1e-5)
+                                   rtol=4e-6, atol=1e-5)
 
 
 def _mixed_workload(seed: int):
