@@ -34,9 +34,10 @@ from meshserve.runtime.kernels.reference import paged_decode_reference, ragged_p
 
 
 # (query block, pages per tile, warps, stages) and (splits, pages per tile, warps, stages) tried;
-# None: Triton's default. The engine's defaults are the first of each.
-PREFILL_SETTINGS = [(16, 4, None, None), (64, 4, None, None), (64, 8, 4, 2), (64, 8, 8, 3), (128, 8, 8, 3),
-                    (128, 4, 4, 3)]
+# None: Triton's default. The engine's defaults are the first of each. Each must fit an H100/H200
+# block's 232,448 B of shared memory (benchmarks/gpu_build.py builds them all): (128, 8, 8, 3), tried
+# once, needs 262,176 B.
+PREFILL_SETTINGS = [(16, 4, None, None), (64, 4, None, None), (64, 8, 4, 2), (64, 8, 8, 3), (128, 4, 4, 3)]
 DECODE_SETTINGS = [(4, 4, None, None), (1, 4, None, None), (8, 4, None, None), (16, 4, None, None),
                    (8, 8, 4, 2), (16, 8, 4, 3), (16, 2, 4, 2), (32, 8, 4, 3)]
 
@@ -72,53 +73,86 @@ def run(name, fn, ref, iters, work, unit, rows):
                                        "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}), flush=True)
 
 
-def prefill(args, rows, interpret):
-    B, S, H, K, D, ps = 1, args.seq, 32, 8, 128, 16
-    dt = jnp.bfloat16
-    rng = np.random.default_rng(0)
-    q = jnp.asarray(rng.standard_normal((B, S, H, D)), dt)
-    k = jnp.asarray(rng.standard_normal((B, S, K, D)), dt)
-    v = jnp.asarray(rng.standard_normal((B, S, K, D)), dt)
+PREFILL_SHAPE = dict(S=4096, H=32, K=8, D=128, ps=16)  # B = 1
+DECODE_SHAPE = dict(B=64, ctx=4096, H=32, K=8, D=128, ps=16)
+
+
+def prefill_inputs(S, H, K, D, ps, dt=jnp.bfloat16, rng=None):
+    """(q [S, H, D], k, v [1, S, K, D] contiguous, k_pages, v_pages, table, first, start, length): one
+    fresh prompt of S tokens over S / ps pages (page 0 the null page)."""
+    rng = rng or np.random.default_rng(0)
+    q = jnp.asarray(rng.standard_normal((S, H, D)), dt)
+    k = jnp.asarray(rng.standard_normal((1, S, K, D)), dt)
+    v = jnp.asarray(rng.standard_normal((1, S, K, D)), dt)
     pages = S // ps
     to_pages = lambda x: jnp.concatenate([jnp.zeros((1, ps, K, D), dt), x[0].reshape(pages, ps, K, D)])
-    kp, vp = to_pages(k), to_pages(v)
     table = jnp.arange(1, pages + 1, dtype=jnp.int32)[None]
-    start, length = jnp.zeros(B, jnp.int32), jnp.full(B, S, jnp.int32)
-    ref = ragged_prefill_reference(q.astype(jnp.float32), kp.astype(jnp.float32), vp.astype(jnp.float32),
-                                   table, start, length)
+    zero = jnp.zeros(1, jnp.int32)
+    return q, k, v, to_pages(k), to_pages(v), table, zero, zero, jnp.full(1, S, jnp.int32)
+
+
+def decode_inputs(B, ctx, H, K, D, ps, dt=jnp.bfloat16, rng=None):
+    """(q [B, H, D], k_pages, v_pages, tables, lengths): B sequences of ctx tokens on shuffled pages."""
+    rng = rng or np.random.default_rng(1)
+    per_seq = ctx // ps
+    kp = jnp.asarray(rng.standard_normal((B * per_seq + 1, ps, K, D)), dt)
+    vp = jnp.asarray(rng.standard_normal((B * per_seq + 1, ps, K, D)), dt)
+    tables = jnp.asarray(1 + rng.permutation(B * per_seq).reshape(B, per_seq), jnp.int32)
+    q = jnp.asarray(rng.standard_normal((B, H, D)), dt)
+    return q, kp, vp, tables, jnp.full(B, ctx, jnp.int32)
+
+
+def kernel_calls():
+    """(name, kernel, [(shape, dtype) of each array], keywords) of our kernels at every setting the
+    suite times, at its shapes, for benchmarks/gpu_build.py."""
+    S, H, K, D, ps = (PREFILL_SHAPE[n] for n in ("S", "H", "K", "D", "ps"))
+    pages, dt = S // ps, jnp.bfloat16
+    prefill_args = [((S, H, D), dt), ((pages + 1, ps, K, D), dt), ((pages + 1, ps, K, D), dt),
+                    ((1, pages), jnp.int32), ((1,), jnp.int32), ((1,), jnp.int32), ((1,), jnp.int32)]
+    for block_q, ppb, warps, stages in PREFILL_SETTINGS:
+        yield (f"ragged_prefill bq={block_q} ppb={ppb} w={warps} s={stages}", ragged_prefill, prefill_args,
+               dict(block_q=block_q, pages_per_block=ppb, num_warps=warps, num_stages=stages))
+    B, ctx, H, K, D, ps = (DECODE_SHAPE[n] for n in ("B", "ctx", "H", "K", "D", "ps"))
+    per_seq = ctx // ps
+    decode_args = [((B, H, D), dt), ((B * per_seq + 1, ps, K, D), dt), ((B * per_seq + 1, ps, K, D), dt),
+                   ((B, per_seq), jnp.int32), ((B,), jnp.int32)]
+    for splits, ppb, warps, stages in DECODE_SETTINGS:
+        yield (f"paged_decode splits={splits} ppb={ppb} w={warps} s={stages}", paged_decode, decode_args,
+               dict(num_splits=splits, pages_per_block=ppb, num_warps=warps, num_stages=stages))
+
+
+def prefill(args, rows, interpret):
+    B, S, H, K, D = 1, args.seq, PREFILL_SHAPE["H"], PREFILL_SHAPE["K"], PREFILL_SHAPE["D"]
+    q, k, v, kp, vp, table, first, start, length = prefill_inputs(S, H, K, D, PREFILL_SHAPE["ps"])
+    ref = ragged_prefill_reference(q[None].astype(jnp.float32), kp.astype(jnp.float32), vp.astype(jnp.float32),
+                                   table, start, length)[0]
     flops = 4 * B * H * S * S * D / 2  # causal: half the square
     scale = 1 / math.sqrt(D)
     for block_q, ppb, warps, stages in PREFILL_SETTINGS[:2 if interpret else None]:
         run(f"ours ragged_prefill bq={block_q} ppb={ppb} w={warps} s={stages}",
             lambda b=block_q, p=ppb, w=warps, st=stages: ragged_prefill(
-                q, kp, vp, table, start, length, block_q=b, pages_per_block=p, num_warps=w, num_stages=st,
+                q, kp, vp, table, first, start, length, block_q=b, pages_per_block=p, num_warps=w, num_stages=st,
                 interpret=interpret), ref, args.iters, flops, "TFLOP/s", rows)
     for impl in ("cudnn", "xla"):
         if impl == "cudnn" and interpret:
             continue
         run(f"jax.nn.dot_product_attention {impl}",
-            lambda impl=impl: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl),
+            lambda impl=impl: jax.nn.dot_product_attention(q[None], k, v, is_causal=True, implementation=impl)[0],
             ref, args.iters, flops, "TFLOP/s", rows)
     from jax.experimental.pallas.ops.gpu.attention import mha
 
     rep = lambda x: jnp.repeat(x, H // K, axis=2)  # shipped mha has no GQA
     kr, vr = rep(k), rep(v)
     run("jax shipped Pallas mha (K/V repeated)",
-        lambda: mha(q, kr, vr, None, sm_scale=scale, causal=True, interpret=interpret),
+        lambda: mha(q[None], kr, vr, None, sm_scale=scale, causal=True, interpret=interpret)[0],
         ref, args.iters, flops, "TFLOP/s", rows)
 
 
 def decode(args, rows, interpret):
-    B, ctx, H, K, D, ps = args.batch, args.ctx, 32, 8, 128, 16
+    B, ctx, H, K, D, ps = args.batch, args.ctx, DECODE_SHAPE["H"], DECODE_SHAPE["K"], DECODE_SHAPE["D"], 16
     dt = jnp.bfloat16
-    rng = np.random.default_rng(1)
     per_seq = ctx // ps
-    n_pages = B * per_seq + 1
-    kp = jnp.asarray(rng.standard_normal((n_pages, ps, K, D)), dt)
-    vp = jnp.asarray(rng.standard_normal((n_pages, ps, K, D)), dt)
-    tables = jnp.asarray(1 + rng.permutation(B * per_seq).reshape(B, per_seq), jnp.int32)
-    lengths = jnp.full(B, ctx, jnp.int32)
-    q = jnp.asarray(rng.standard_normal((B, H, D)), dt)
+    q, kp, vp, tables, lengths = decode_inputs(B, ctx, H, K, D, ps, dt)
     ref = paged_decode_reference(q.astype(jnp.float32), kp.astype(jnp.float32), vp.astype(jnp.float32),
                                  tables, lengths)
     kv_bytes = 2 * B * ctx * K * D * jnp.dtype(dt).itemsize
@@ -160,7 +194,7 @@ def main() -> None:
     if args.smoke:
         args.seq, args.batch, args.ctx, args.iters = 128, 2, 128, 2
     else:
-        args.seq, args.batch, args.ctx = 4096, 64, 4096
+        args.seq, args.batch, args.ctx = PREFILL_SHAPE["S"], DECODE_SHAPE["B"], DECODE_SHAPE["ctx"]
     rows: list[tuple] = []
     prefill(args, rows, interpret)
     decode(args, rows, interpret)

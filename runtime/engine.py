@@ -63,6 +63,7 @@ from meshserve.runtime.request import RequestLimits, check_request
 from meshserve.runtime.runner import PENDING, ModelRunner
 from meshserve.runtime.sampling import SamplingParams
 from meshserve.runtime.scheduler import QueueFull, Scheduler, SchedulerConfig, Sequence, Status
+from meshserve.runtime.target import Target
 from meshserve.runtime.text import NoText, TextStream
 from meshserve.sharding.rules import Layout
 
@@ -236,6 +237,16 @@ def kv_pages(model: ModelConfig, dtype, config: EngineConfig, replicas: int, bud
     return num_pages
 
 
+def engine_buckets(config: EngineConfig, max_pages: int, replicas: int) -> Buckets:
+    """The shapes an engine compiles programs for: the config's buckets, else Buckets.default."""
+    default = Buckets.default(config.max_prefill_chunk, config.max_num_seqs, max_pages, replicas,
+                              config.prefill_tokens_while_decoding)
+    return Buckets(prefill_tokens=config.prefill_buckets or default.prefill_tokens,
+                   decode_batch=config.decode_buckets or default.decode_batch,
+                   context_pages=config.context_buckets or default.context_pages,
+                   max_rows=config.max_num_seqs)
+
+
 class Engine:
     """`layout` (sharding.rules.Layout, from a mesh file) says which devices and how arrays split;
     the checkpoint's params should already be restored into it (sharding.mesh.load_sharded). None:
@@ -286,14 +297,9 @@ class Engine:
                                    lower_tier=self.host_tier)
         if config.decode_buckets and any(b % R for b in config.decode_buckets):
             raise ConfigError(f"decode_buckets must be multiples of the data replicas ({R})")
-        default = Buckets.default(config.max_prefill_chunk, config.max_num_seqs, self.max_pages, R,
-                                  config.prefill_tokens_while_decoding)
-        self.buckets = Buckets(prefill_tokens=config.prefill_buckets or default.prefill_tokens,
-                               decode_batch=config.decode_buckets or default.decode_batch,
-                               context_pages=config.context_buckets or default.context_pages,
-                               max_rows=config.max_num_seqs)
+        self.buckets = engine_buckets(config, self.max_pages, R)
         t0 = time.perf_counter()
-        self.attention = config.attention or ("pallas" if jax.default_backend() == "gpu" else "reference")
+        self.attention = config.attention or Target.of(layout.mesh.devices.flat[0]).attention
         if (self.attention == "pallas" and layout.axis("q_heads") is not None
                 and layout.axis("kv_heads") is None):
             raise ConfigError(f"attention: pallas needs kv heads split like q heads; {c.num_kv_heads} kv "

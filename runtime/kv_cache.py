@@ -25,6 +25,7 @@ from jaxtyping import Array, Float, Int
 from meshserve.models.config import ModelConfig
 from meshserve.models.errors import ConfigError
 from meshserve.runtime.block_manager import NULL_PAGE  # noqa: F401  (the page padding writes go to)
+from meshserve.runtime.target import CPU, Target
 
 
 @jax.tree_util.register_dataclass
@@ -128,6 +129,7 @@ class PagedKVCache:
     query_lens:   i32[B]     real (non-padding) tokens of each row; they sit at positions[b, 0] + t
     attention:    "reference" (gather the pages, dense jnp attention) or "pallas" (runtime/kernels)
     shards:       how attention splits over the mesh; None on one device
+    target:       what the program is built for (the Pallas kernels run interpreted off a GPU)
     """
 
     pool: KVPool
@@ -137,12 +139,13 @@ class PagedKVCache:
     query_lens: Int[Array, "b"]
     attention: str = dataclasses.field(default="reference", metadata=dict(static=True))
     shards: AttentionShards | None = dataclasses.field(default=None, metadata=dict(static=True))
+    target: Target = dataclasses.field(default=CPU, metadata=dict(static=True))
 
     def attend(self, layer, q, k, v, positions, sliding_window):
         kp = self.pool.k[layer].at[self.write_pages, self.write_slots].set(k.astype(self.pool.k[layer].dtype))
         vp = self.pool.v[layer].at[self.write_pages, self.write_slots].set(v.astype(self.pool.v[layer].dtype))
         fn = functools.partial(_attend_local, attention=self.attention, sliding_window=sliding_window,
-                               shards=self.shards)
+                               shards=self.shards, interpret=self.target.interpret)
         if self.shards is None:
             out = fn(q, kp, vp, self.page_tables, positions[:, 0], self.query_lens)
         else:
@@ -165,10 +168,10 @@ class RaggedKVCache:
         ctx_row:    i32[Q]  the row each of those pages belongs to (-1: padding)
         ctx_index:  i32[Q]  its index in that row's page table (page i holds positions i·ps …)
 
-    A query sees the keys of its own row at positions <= its own. The reference path scores each
-    token against the whole flattened context at once, so its cost follows the real context of the
-    call, not rows × the longest context. `rows` (static) is R: the pallas path lays the queries out
-    as R padded rows for the ragged prefill kernel, which skips the padding.
+    A query sees the keys of its own row at positions <= its own. Both paths keep the tokens packed:
+    the reference one scores each token against the whole flattened context at once, the Pallas
+    kernel walks each row's own pages, so the cost follows the real context of the call, not rows ×
+    the longest context. `rows` (static) is R, the page tables the kernel is given.
     """
 
     pool: KVPool
@@ -181,12 +184,13 @@ class RaggedKVCache:
     rows: int = dataclasses.field(default=1, metadata=dict(static=True))
     attention: str = dataclasses.field(default="reference", metadata=dict(static=True))
     shards: AttentionShards | None = dataclasses.field(default=None, metadata=dict(static=True))
+    target: Target = dataclasses.field(default=CPU, metadata=dict(static=True))
 
     def attend(self, layer, q, k, v, positions, sliding_window):
         kp = self.pool.k[layer].at[self.write_pages, self.write_slots].set(k.astype(self.pool.k[layer].dtype))
         vp = self.pool.v[layer].at[self.write_pages, self.write_slots].set(v.astype(self.pool.v[layer].dtype))
         fn = functools.partial(_ragged_local, rows=self.rows, attention=self.attention,
-                               sliding_window=sliding_window, shards=self.shards)
+                               sliding_window=sliding_window, shards=self.shards, interpret=self.target.interpret)
         args = (q[0], kp, vp, self.ctx_pages, self.ctx_row, self.ctx_index, self.token_row, positions[0])
         if self.shards is None:
             out = fn(*args)
@@ -220,7 +224,7 @@ def _shared_kv_head(q_heads: int, kv_heads: int, shards: AttentionShards | None)
 
 
 def _ragged_local(q, k_pages, v_pages, ctx_pages, ctx_row, ctx_index, token_row, positions, *, rows: int,
-                  attention: str, sliding_window: int | None, shards: AttentionShards | None):
+                  attention: str, sliding_window: int | None, shards: AttentionShards | None, interpret: bool):
     """Ragged prefill attention of one shard (or of everything, on one device): q [T, H, E]."""
     pages_used = jnp.sum(ctx_row >= 0)  # a call's pages come first, padding after
     ctx_pages, owned = _local_pages(ctx_pages, k_pages.shape[0], shards)
@@ -230,7 +234,8 @@ def _ragged_local(q, k_pages, v_pages, ctx_pages, ctx_row, ctx_index, token_row,
     if attention == "pallas":
         if kv_first is not None:
             raise ConfigError("attention: pallas needs kv heads split like q heads; use reference")
-        out = _ragged_pallas(q, k_pages, v_pages, ctx_pages, ctx_row, token_row, positions, rows, sliding_window)
+        out = _ragged_pallas(q, k_pages, v_pages, ctx_pages, ctx_row, token_row, positions, rows, sliding_window,
+                             interpret)
     else:
         out = _ragged_tiled(q, k_pages, v_pages, ctx_pages, ctx_row, ctx_index, token_row, positions, pages_used,
                             sliding_window, kv_first)
@@ -352,26 +357,24 @@ def _ragged_tiled(q, k_pages, v_pages, ctx_pages, ctx_row, ctx_index, token_row,
     return out.reshape(K, G, T, E).transpose(2, 0, 1, 3).reshape(T, H, E).astype(q.dtype)
 
 
-def _ragged_pallas(q, k_pages, v_pages, ctx_pages, ctx_row, token_row, positions, rows: int, sliding_window):
-    """The flattened call as `rows` padded rows for the ragged prefill kernel, and back."""
+def _ragged_pallas(q, k_pages, v_pages, ctx_pages, ctx_row, token_row, positions, rows: int, sliding_window,
+                   interpret: bool):
+    """The flattened call through the ragged prefill kernel, tokens left packed: each row's first
+    token, its length and first position, and its pages as a page table of its own ([R, Q] ints)."""
     from meshserve.runtime.kernels.ragged_prefill import ragged_prefill
 
-    T, Q = q.shape[0], ctx_pages.shape[0]
+    Q = ctx_pages.shape[0]
     r = jnp.arange(rows, dtype=jnp.int32)
     in_row = token_row[None] == r[:, None]  # [R, T]
     row_len = in_row.sum(axis=1).astype(jnp.int32)
     row_first = jnp.argmax(in_row, axis=1).astype(jnp.int32)  # a row's tokens are contiguous
-    row_start = positions[row_first]
     page_in_row = ctx_row[None] == r[:, None]  # [R, Q]
     page_first = jnp.argmax(page_in_row, axis=1)
     j = jnp.arange(Q)
     tables = jnp.where(j[None] < page_in_row.sum(axis=1)[:, None],
                        ctx_pages[jnp.minimum(page_first[:, None] + j[None], Q - 1)], 0)
-    take = jnp.minimum(row_first[:, None] + jnp.arange(T)[None], T - 1)  # [R, T]
-    out = ragged_prefill(q[take], k_pages, v_pages, tables, row_start, row_len, sliding_window=sliding_window,
-                         interpret=jax.default_backend() == "cpu")  # [R, T, H, E]
-    row = jnp.maximum(token_row, 0)
-    return out[row, jnp.arange(T) - row_first[row]]
+    return ragged_prefill(q, k_pages, v_pages, tables, row_first, positions[row_first], row_len,
+                          sliding_window=sliding_window, interpret=interpret)
 
 
 ATTENTION = ("reference", "pallas")
@@ -379,14 +382,14 @@ _MASKED = -1e30  # finite, as in models.llama.attention
 
 
 def _attend_local(q, k_pages, v_pages, tables, start, query_lens, *, attention: str,
-                  sliding_window: int | None, shards: AttentionShards | None):
+                  sliding_window: int | None, shards: AttentionShards | None, interpret: bool):
     """Attention of one shard (or of everything, on one device)."""
     tables, owned = _local_pages(tables, k_pages.shape[0], shards)
     kv_first = _shared_kv_head(q.shape[2], k_pages.shape[2], shards)
     if attention == "pallas":
         if kv_first is not None:
             raise ConfigError("attention: pallas needs kv heads split like q heads; use reference")
-        out = _pallas_attention(q, k_pages, v_pages, tables, start, query_lens, sliding_window)
+        out = _pallas_attention(q, k_pages, v_pages, tables, start, query_lens, sliding_window, interpret)
     else:
         out = _decode_tiled(q, k_pages, v_pages, tables, owned, start, sliding_window, kv_first)
     if owned is not None and shards.batch is None:
@@ -396,17 +399,19 @@ def _attend_local(q, k_pages, v_pages, tables, start, query_lens, *, attention: 
     return out
 
 
-def _pallas_attention(q, k_pages, v_pages, tables, start, query_lens, sliding_window):
+def _pallas_attention(q, k_pages, v_pages, tables, start, query_lens, sliding_window, interpret: bool):
     from meshserve.runtime.kernels.paged_decode import paged_decode
     from meshserve.runtime.kernels.ragged_prefill import ragged_prefill
 
-    interpret = jax.default_backend() == "cpu"  # CPU runs the kernels in the Pallas interpreter
-    if q.shape[1] == 1:  # decode: one token per row, at position start
+    B, T = q.shape[:2]
+    if T == 1:  # decode: one token per row, at position start
         splits = max(1, tables.shape[1] // 32)  # split-K once contexts pass 32 pages
         return paged_decode(q[:, 0], k_pages, v_pages, tables, start + 1, num_splits=splits,
                             sliding_window=sliding_window, interpret=interpret)[:, None]
-    return ragged_prefill(q, k_pages, v_pages, tables, start, query_lens, sliding_window=sliding_window,
-                          interpret=interpret)
+    first = jnp.arange(B, dtype=jnp.int32) * T  # rows of T tokens, each its own chunk
+    out = ragged_prefill(q.reshape(B * T, *q.shape[2:]), k_pages, v_pages, tables, first, start, query_lens,
+                         sliding_window=sliding_window, interpret=interpret)
+    return out.reshape(q.shape)
 
 
 def _replace(items: tuple, i: int, value) -> tuple:

@@ -45,6 +45,7 @@ from meshserve.models.config import ModelConfig
 from meshserve.models.llama import Params, forward_hidden, head, param_axes
 from meshserve.runtime.kv_cache import POOL_AXES, AttentionShards, KVPool, PagedKVCache, RaggedKVCache
 from meshserve.runtime.sampling import Sampled, SamplingBatch, Scored, no_scores, sample, score
+from meshserve.runtime.target import CPU, Target
 from meshserve.sharding.rules import Layout
 
 
@@ -101,12 +102,12 @@ def _sample_and_score(params, x, last_x, sampling, history, prompt_len, targets,
 
 
 def decode_step(params: Params, pool: KVPool, last: Int[Array, "s"], batch: DecodeBatch, *, config: ModelConfig,
-                attention: str = "reference", shards: AttentionShards | None = None
+                attention: str = "reference", shards: AttentionShards | None = None, target: Target = CPU
                 ) -> tuple[KVPool, Int[Array, "s"], Sampled, Scored]:
     tokens, positions, write_pages, write_slots, prompt_len, slots = (batch.ints[:, i] for i in range(DECODE_INTS))
     tokens = jnp.where(tokens < 0, last[slots], tokens)  # -1: the token the last call sampled for it
     cache = PagedKVCache(pool, batch.page_tables, write_pages[:, None], write_slots[:, None],
-                         jnp.ones_like(tokens), attention, shards)
+                         jnp.ones_like(tokens), attention, shards, target)
     x, cache = forward_hidden(params, tokens[:, None], positions[:, None], cache, config=config)
     sampling = SamplingBatch.unpack(batch.ints[:, DECODE_INTS:], batch.floats)
     sampled, scored = _sample_and_score(params, x, x[:, 0], sampling, batch.history, prompt_len, None, config)
@@ -114,13 +115,13 @@ def decode_step(params: Params, pool: KVPool, last: Int[Array, "s"], batch: Deco
 
 
 def prefill_step(params: Params, pool: KVPool, last: Int[Array, "s"], batch: PrefillBatch, *, config: ModelConfig,
-                 attention: str = "reference", shards: AttentionShards | None = None
+                 attention: str = "reference", shards: AttentionShards | None = None, target: Target = CPU
                  ) -> tuple[KVPool, Int[Array, "s"], Sampled, Scored]:
     tokens, positions, write_pages, write_slots, token_row, targets = (batch.tokens[i] for i in range(6))
     ctx_pages, ctx_row, ctx_index = batch.ctx[0], batch.ctx[1], batch.ctx[2]
     final, prompt_len, slots = batch.rows[:, 0], batch.rows[:, 1], batch.rows[:, 2]
     cache = RaggedKVCache(pool, write_pages[None], write_slots[None], token_row, ctx_pages, ctx_row, ctx_index,
-                          final.shape[0], attention, shards)
+                          final.shape[0], attention, shards, target)
     x, cache = forward_hidden(params, tokens[None], positions[None], cache, config=config)
     sampling = SamplingBatch.unpack(batch.rows[:, PREFILL_ROW_INTS:], batch.floats)
     sampled, scored = _sample_and_score(params, x, x[0, final], sampling, batch.history, prompt_len,
@@ -206,6 +207,49 @@ def abstract_batch(family: str, rows: int, tokens: int, pages: int, page_size: i
                        i32(rows, pages), i32(rows, pages * page_size))
 
 
+def lower_programs(config: ModelConfig, params, pool: KVPool, buckets: Buckets, attention: str,
+                   layout: Layout) -> dict[tuple, jax.stages.Lowered]:
+    """Every (family, batch, tokens, pages) program of `buckets`, lowered for the devices of the
+    layout's mesh (real ones, or a topology's compile-only ones: the target is theirs, whatever
+    backend this process runs). params and pool: arrays or ShapeDtypeStructs."""
+    target = Target.of(layout.mesh.devices.flat[0])
+    param_shardings = jax.tree.map(lambda names, a: layout.sharding(names, a.shape), param_axes(config),
+                                   params, is_leaf=lambda x: isinstance(x, tuple))
+    pool_sharding = jax.tree.map(lambda a: layout.sharding(POOL_AXES, a.shape), pool)
+    placed = lambda tree, shardings: jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
+    params, pool = placed(params, param_shardings), placed(pool, pool_sharding)
+    rep = layout.replicated()
+    last = jax.ShapeDtypeStruct((buckets.slots,), jnp.int32, sharding=rep)
+    lowered = {}
+    for shape in buckets.shapes(pool.page_size):  # tracing is Python (serial); compiles can run on threads
+        family = shape[0]
+        batch = abstract_batch(*shape, pool.page_size)
+        axes = PREFILL_AXES if family == "prefill" else BATCH_AXES
+        batch_sharding = jax.tree.map(lambda names, a: layout.sharding(names, a.shape), axes, batch,
+                                      is_leaf=lambda x: isinstance(x, tuple))
+        batch = placed(batch, batch_sharding)
+        fn = functools.partial(prefill_step if family == "prefill" else decode_step, config=config,
+                               attention=attention, target=target,
+                               shards=_shards(layout, 1 if family == "prefill" else shape[1], pool.num_pages))
+        if layout.mesh.size == 1:  # one device: no partitioning pass (it only slows the compile)
+            jitted = jax.jit(fn, donate_argnums=(1, 2))
+        else:
+            jitted = jax.jit(fn, donate_argnums=(1, 2),
+                             in_shardings=(param_shardings, pool_sharding, rep, batch_sharding),
+                             out_shardings=(pool_sharding, rep, rep, rep))
+        lowered[shape] = jitted.trace(params, pool, last, batch).lower()
+    return lowered
+
+
+def _shards(layout: Layout, batch: int, num_pages: int) -> AttentionShards | None:
+    if layout.mesh.size == 1:
+        return None
+    axis = lambda name, n: layout.spec((name,), (n,))[0]
+    return AttentionShards(layout.mesh, axis("batch", batch), axis("pages", num_pages),
+                           layout.axis("q_heads"), layout.axis("kv_heads"))
+
+
 class Programs:
     """Every (family, batch, tokens, pages) program, compiled ahead of time, with in and out
     shardings from the layout's rules (one device: a 1×1 mesh)."""
@@ -226,29 +270,8 @@ class Programs:
                 self.loaded = True
                 self.batch_shardings = {}
                 return
-        param_shardings = jax.tree.map(lambda names, a: layout.sharding(names, a.shape), param_axes(config),
-                                       params, is_leaf=lambda x: isinstance(x, tuple))
         self.pool_sharding = jax.tree.map(lambda a: layout.sharding(POOL_AXES, a.shape), pool)
-        shapes = list(buckets.shapes(self.page_size))
-        lowered = {}
-        for shape in shapes:  # tracing is Python (serial); XLA compiles release the GIL: threads below
-            family = shape[0]
-            batch = abstract_batch(*shape, self.page_size)
-            axes = PREFILL_AXES if family == "prefill" else BATCH_AXES
-            batch_sharding = jax.tree.map(lambda names, a: layout.sharding(names, a.shape), axes, batch,
-                                          is_leaf=lambda x: isinstance(x, tuple))
-            fn = functools.partial(prefill_step if family == "prefill" else decode_step, config=config,
-                                   attention=attention,
-                                   shards=self._shards(layout, 1 if family == "prefill" else shape[1], pool.num_pages))
-            if layout.mesh.size == 1:  # one device: no partitioning pass (it only slows the compile)
-                jitted = jax.jit(fn, donate_argnums=(1, 2))
-            else:
-                rep = layout.replicated()
-                jitted = jax.jit(fn, donate_argnums=(1, 2),
-                                 in_shardings=(param_shardings, self.pool_sharding, rep, batch_sharding),
-                                 out_shardings=(self.pool_sharding, rep, rep, rep))
-            lowered[shape] = jitted.lower(_abstract(params), _abstract(pool),
-                                          jax.ShapeDtypeStruct((buckets.slots,), jnp.int32), batch)
+        lowered = lower_programs(config, _abstract(params), _abstract(pool), buckets, attention, layout)
         workers = threads or max(1, os.cpu_count() or 1)
         with concurrent.futures.ThreadPoolExecutor(workers) as pool_exec, \
                 _without_jax_cache() if saved is not None else contextlib.nullcontext():
@@ -257,14 +280,6 @@ class Programs:
         self.batch_shardings = {s: c.input_shardings[0][3] for s, c in compiled.items()}
         if saved is not None:
             saved.save(compiled)
-
-    @staticmethod
-    def _shards(layout: Layout, batch: int, num_pages: int) -> AttentionShards | None:
-        if layout.mesh.size == 1:
-            return None
-        axis = lambda name, n: layout.spec((name,), (n,))[0]
-        return AttentionShards(layout.mesh, axis("batch", batch), axis("pages", num_pages),
-                               layout.axis("q_heads"), layout.axis("kv_heads"))
 
     def __len__(self) -> int:
         return len(self.compiled)

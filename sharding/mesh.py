@@ -205,15 +205,17 @@ class MeshConfig:
                               f"{num_devices} are in use")
         return sizes
 
-    def build(self) -> Layout:
-        """The jax Mesh over this process group's devices, and its rules."""
+    def build(self, devices: list | None = None) -> Layout:
+        """The jax Mesh over this process group's devices (or over `devices`: a topology's
+        compile-only ones, to build programs for a target this host does not have), and its rules."""
         import jax
         from jax.sharding import Mesh
 
-        if self.platform is not None and jax.default_backend() != self.platform:
-            raise ConfigError(f"platform: the mesh file asks for {self.platform} but jax runs on "
-                              f"{jax.default_backend()}")
-        devices = jax.devices()
+        given = devices is not None
+        devices = list(devices) if given else jax.devices()
+        found = {"cuda": "gpu", "rocm": "gpu"}.get(devices[0].platform, devices[0].platform)
+        if self.platform is not None and found != self.platform:
+            raise ConfigError(f"platform: the mesh file asks for {self.platform} but the devices are {found}")
         first, count = self.first_device, self.num_devices if self.num_devices is not None else len(devices)
         if first + count > len(devices):
             raise ConfigError(f"devices {first}…{first + count - 1} asked (first_device {first}, num_devices "
@@ -221,7 +223,7 @@ class MeshConfig:
         if self.num_devices is not None or first:
             devices = devices[first:first + count]
         sizes = self.sizes(len(devices))
-        if self.num_devices is None and not first and len(devices) == jax.device_count():
+        if self.num_devices is None and not first and not given and len(devices) == jax.device_count():
             from jax.experimental import mesh_utils  # topology-aware order (NVLink, hosts)
 
             grid = mesh_utils.create_device_mesh(tuple(sizes.values()), devices,

@@ -21,7 +21,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jaxtyping import Array, Float, Int
 
-from meshserve.runtime.kernels.tile import empty, fold, gather_tile, tile_positions, triton_params
+from meshserve.runtime.kernels.tile import (
+    check_pow2, empty, fold, gather_tile, pow2_at_least, pow2_at_most, tile_positions, triton_params)
 
 
 
@@ -39,7 +40,7 @@ def _kernel(tables_ref, lengths_ref, q_ref, k_ref, v_ref, *refs, blocks_per_spli
         first = jnp.maximum(first, jnp.maximum(length - sliding_window, 0) // tile)
 
     def body(j, carry):
-        k, v = gather_tile(tables_ref, k_ref, v_ref, j, pages_per_block)
+        k, v = gather_tile(tables_ref, k_ref, v_ref, 0, j, pages_per_block)
         pos = tile_positions(j, tile)
         visible = pos < length
         if sliding_window is not None:
@@ -61,17 +62,20 @@ def paged_decode(q: Float[Array, "b h e"], k_pages: Float[Array, "n s k e"], v_p
                  num_stages: int | None = None) -> Float[Array, "b h e"]:
     """Attention of q (at position lengths[b] − 1) over each sequence's first lengths[b] keys.
 
-    num_splits > 1 spreads a long context over more programs (split-K). poison=True (tests) starts
-    the kernel's outputs as NaN, so an element the kernel failed to write shows. num_warps and
+    num_splits > 1 spreads a long context over more programs (split-K). pages_per_block is rounded
+    down to a power of two (Triton's arrays must have such sizes). poison=True (tests) starts the
+    kernel's outputs as NaN, so an element the kernel failed to write shows. num_warps and
     num_stages: Triton's launch settings (None: its defaults).
     """
     B, H, E = q.shape
     N, page_size, K, _ = k_pages.shape
     G, P = H // K, page_tables.shape[1]
+    if not interpret:
+        check_pow2(page_size=page_size, head_dim=E)
     # GPU dots need at least 16 rows: the G query heads of a kv head are padded with zero rows.
-    Gp = max(16, 1 << (G - 1).bit_length())
+    Gp = max(16, pow2_at_least(G))
     qg = jnp.pad(q.reshape(B, K, G, E), ((0, 0), (0, 0), (0, Gp - G), (0, 0)))
-    ppb = max(1, min(pages_per_block, P))
+    ppb = min(pow2_at_most(pages_per_block), pow2_at_least(P))
     blocks = pl.cdiv(P, ppb)
     S = max(1, min(num_splits, blocks))
     blocks_per_split = pl.cdiv(blocks, S)

@@ -1,5 +1,10 @@
 """The step both attention kernels repeat per tile of keys: gather the tile's pages, score it, and
-fold it into the online softmax (running max m, running sum l, unnormalised accumulator acc)."""
+fold it into the online softmax (running max m, running sum l, unnormalised accumulator acc); and
+the sizes the kernels pick their tiles by.
+
+Triton's Pallas lowering needs every array inside a kernel to have a power-of-two size, and a GPU
+dot at least 16 rows: the kernels choose their tiles with these, whatever the caller asked for.
+"""
 
 from __future__ import annotations
 
@@ -10,9 +15,31 @@ from jax.experimental import pallas as pl
 MASK = -1e30  # finite: a fully masked tile gives exp(0) weights that a later valid tile erases
 
 
-def gather_tile(tables_ref, k_ref, v_ref, j, pages_per_block: int):
-    """Keys and values [tile, E] of tile j: pages_per_block pages of this kv head, by page table."""
-    pages = tables_ref[0, pl.ds(j * pages_per_block, pages_per_block)]
+def pow2_at_most(n: int) -> int:
+    """The largest power of two <= n (1 for n < 1)."""
+    return 1 << (max(1, n).bit_length() - 1)
+
+
+def pow2_at_least(n: int) -> int:
+    return 1 << (max(1, n) - 1).bit_length()
+
+
+def min_dot_rows(heads: int) -> int:
+    """The fewest tokens whose rows (× heads query heads each) fill a GPU dot's 16 rows."""
+    return max(1, 16 // heads)
+
+
+def check_pow2(**sizes: int) -> None:
+    """Sizes the kernels cannot tile around (the pool's layout) must be powers of two on a GPU."""
+    for name, n in sizes.items():
+        if n & (n - 1):
+            raise ValueError(f"the Pallas GPU kernels need a power-of-two {name}, got {n}: use attention: reference")
+
+
+def gather_tile(tables_ref, k_ref, v_ref, row, j, pages_per_block: int):
+    """Keys and values [tile, E] of tile j of page table `row`: pages_per_block pages of this kv
+    head (a power of two)."""
+    pages = tables_ref[row, pl.ds(j * pages_per_block, pages_per_block)]
     tile = pages_per_block * k_ref.shape[1]
     return k_ref[pages].reshape(tile, -1), v_ref[pages].reshape(tile, -1)
 
@@ -45,8 +72,9 @@ def empty(rows: int, head_dim: int):
 
 
 def triton_params(num_warps: int | None, num_stages: int | None, interpret: bool):
-    """The Triton lowering's launch settings (None: its defaults; nothing when interpreted)."""
-    if interpret or (num_warps is None and num_stages is None):
+    """The Triton lowering's launch settings (None: its defaults; nothing when interpreted). Always
+    given on a GPU: without them jax 0.10 lowers a pallas_call with Mosaic GPU instead of Triton."""
+    if interpret:
         return None
     from jax.experimental.pallas import triton as plgpu
 

@@ -68,11 +68,12 @@ def test_ragged_prefill_equals_dense_attention_per_row(pages, window, tile_keys,
 
 
 def test_ragged_layout_through_the_pallas_kernel(pages):
-    """The flattened call laid out as padded rows for the ragged prefill kernel (interpreted)."""
+    """The flattened call through the ragged prefill kernel, tokens packed (interpreted)."""
     k_pages, v_pages = pages
     T, token_row, pos, ctx_pages, ctx_row, _, rows = _ragged_call()
     q = jnp.asarray(np.random.default_rng(3).standard_normal((T, H, E)), jnp.float32)
-    out = _ragged_pallas(q, k_pages, v_pages, *map(jnp.asarray, (ctx_pages, ctx_row, token_row, pos)), 3, None)
+    out = _ragged_pallas(q, k_pages, v_pages, *map(jnp.asarray, (ctx_pages, ctx_row, token_row, pos)), 3, None,
+                         interpret=True)
     for span, row_pages in rows:
         np.testing.assert_allclose(out[span], _dense(q[span], k_pages, v_pages, row_pages, pos[span], None),
                                    atol=1e-5)

@@ -79,7 +79,7 @@ BAD = {
     "a head count that cannot be split where required": (
         "axes: {data: 1, tensor: 2}\nnum_devices: 2\nrequire_split: [q_heads]\n",
         "q_heads: 9 cannot be split over mesh axis 'tensor' of size 2"),
-    "a wrong platform": ("platform: gpu\naxes: {data: 1, tensor: 8}\n", "asks for gpu but jax runs on cpu"),
+    "a wrong platform": ("platform: gpu\naxes: {data: 1, tensor: 8}\n", "asks for gpu but the devices are cpu"),
     "not a mapping": ("- data\n", "expected a mapping"),
     "devices past the last": ("axes: {data: 1, tensor: 4}\nnum_devices: 4\nfirst_device: 6\n",
                               "devices 6…9 asked"),
