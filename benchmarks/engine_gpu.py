@@ -227,10 +227,23 @@ def chat_mix(engine, ckpt, seconds: float, concurrency: int, smoke: bool) -> dic
             "itl_p50_ms": percentile(itl, 50) * 1e3, "itl_p99_ms": percentile(itl, 99) * 1e3}
 
 
+def engine_config(args):
+    """The engine the suite times (benchmarks/gpu_build.py builds its programs for H100 and H200)."""
+    from meshserve.runtime.engine import EngineConfig
+
+    context = 200 if args.smoke else args.context
+    batches = tuple(int(b) for b in args.batches.split(","))
+    return EngineConfig(
+        page_size=16, max_seq_len=context + 256, max_num_seqs=max(max(batches), args.concurrency),
+        max_num_batched_tokens=args.prefill_tokens, max_prefill_chunk=args.prefill_tokens,
+        prefill_buckets=(args.prefill_tokens // 4, args.prefill_tokens), decode_buckets=batches,
+        kv_cache_bytes=int(args.kv_gib * 2**30), compile_threads=8, enable_prefix_caching=False)
+
+
 def run_engine(args) -> None:
     import jax
 
-    from meshserve.runtime.engine import Engine, EngineConfig
+    from meshserve.runtime.engine import Engine
 
     config = model_config(args)
     dtype = "float32" if args.smoke else "bfloat16"
@@ -240,13 +253,8 @@ def run_engine(args) -> None:
     init_s = time.perf_counter() - t
     context = 200 if args.smoke else args.context
     batches = tuple(int(b) for b in args.batches.split(","))
-    engine_config = EngineConfig(
-        page_size=16, max_seq_len=context + 256, max_num_seqs=max(max(batches), args.concurrency),
-        max_num_batched_tokens=args.prefill_tokens, max_prefill_chunk=args.prefill_tokens,
-        prefill_buckets=(args.prefill_tokens // 4, args.prefill_tokens), decode_buckets=batches,
-        kv_cache_bytes=int(args.kv_gib * 2**30), compile_threads=8, enable_prefix_caching=False)
     t = time.perf_counter()
-    engine = Engine(ckpt, engine_config)
+    engine = Engine(ckpt, engine_config(args))
     kind, bandwidth = card()
     print(f"{kind}; jax {jax.__version__}; {config.name} {dtype}: weights made in {init_s:.1f} s, "
           f"{len(engine.programs)} programs compiled in {time.perf_counter() - t:.1f} s "
@@ -316,6 +324,13 @@ def run_peer(args) -> None:
 
 # ---- e. parity -----------------------------------------------------------------------------------
 
+def parity_engine_config():
+    from meshserve.runtime.engine import EngineConfig
+
+    return EngineConfig(max_seq_len=512, max_num_seqs=4, max_num_batched_tokens=256, max_prefill_chunk=256,
+                        kv_cache_bytes=64 * 2**20)
+
+
 def run_parity(args) -> None:
     """Greedy tokens of the default model's shape on the accelerator (the engine, its default
     attention there) against the dense no-cache forward pass on the CPU."""
@@ -324,14 +339,13 @@ def run_parity(args) -> None:
 
     from meshserve.models.config import ModelConfig
     from meshserve.models.llama import forward
-    from meshserve.runtime.engine import Engine, EngineConfig
+    from meshserve.runtime.engine import Engine
     from meshserve.runtime.sampling import SamplingParams
 
     jax.config.update("jax_default_matmul_precision", "highest")  # float32 products, not TF32
     config = ModelConfig(**SMOKE) if args.smoke else ModelConfig.from_yaml(ROOT / "configs/models/smollm2-135m.yaml")
     ckpt = random_checkpoint(config, "float32", seed=3)
-    engine = Engine(ckpt, EngineConfig(max_seq_len=512, max_num_seqs=4, max_num_batched_tokens=256,
-                                       max_prefill_chunk=256, kv_cache_bytes=64 * 2**20))
+    engine = Engine(ckpt, parity_engine_config())
     rng = np.random.default_rng(5)
     prompts = [rng.integers(10, config.vocab_size - 10, n).tolist() for n in (5, 40, 200)]
     new = 12
@@ -356,7 +370,7 @@ def run_parity(args) -> None:
           f"forward: {'equal' if got == want else 'DIFFERENT'} ({same} of {new} greedy tokens per prompt)")
 
 
-def main() -> None:
+def parse_args(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("part", choices=("engine", "peer", "parity"))
     ap.add_argument("--model", default="llama3-8b.yaml", help="a file of configs/models/")
@@ -369,10 +383,15 @@ def main() -> None:
     ap.add_argument("--kv-gib", type=float, default=24.0, help="KV cache size")
     ap.add_argument("--peer-new", type=int, default=128, help="tokens transformers generates")
     ap.add_argument("--smoke", action="store_true", help="a tiny model, to check the script anywhere")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.smoke:
         args.batches, args.concurrency, args.iters, args.kv_gib = "1,4", 4, 5, 0.05
         args.seconds, args.prefill_tokens = min(args.seconds, 5.0), 256
+    return args
+
+
+def main() -> None:
+    args = parse_args()
     {"engine": run_engine, "peer": run_peer, "parity": run_parity}[args.part](args)
 
 

@@ -1,0 +1,63 @@
+"""Every GPU program builds for H100 and H200 targets (benchmarks/gpu_build.py, run with the GPU
+machine's jax in .venv-gpu, which `make test` makes from locks/gpu-build.txt): a kernel or program
+change that does not compile for the card fails here, not on the device."""
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PYTHON = ROOT / ".venv-gpu" / "bin" / "python"
+
+
+def gpu_venv(script: str, *args, timeout: int) -> subprocess.CompletedProcess:
+    assert PYTHON.exists(), "no .venv-gpu: `make test` makes it (locks/gpu-build.txt)"
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS", "PYTHONPATH")}
+    return subprocess.run([str(PYTHON), str(ROOT / "benchmarks" / script), *args], capture_output=True,
+                          text=True, timeout=timeout, cwd=ROOT, env=env)
+
+
+def gpu_build(*args, timeout: int) -> subprocess.CompletedProcess:
+    return gpu_venv("gpu_build.py", *args, timeout=timeout)
+
+
+def test_every_kernel_and_engine_program_builds_for_h100_and_h200(tmp_path):
+    result = gpu_build("--json", tmp_path / "built.json", timeout=1500)
+    print(result.stdout[-4000:])  # the table, in the log
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+    built = json.loads((tmp_path / "built.json").read_text())
+    names = {(b["target"], b["part"], b["name"]) for b in built}
+    for target in ("h100", "h200"):
+        kernels = [n for t, part, n in names if t == target and part == "kernels"]
+        engine = [n for t, part, n in names if t == target and part == "engine"]
+        assert any("gqa3" in n and n.startswith("ragged_prefill") for n in kernels)  # SmolLM2's 3 heads per kv head
+        assert any("narrow-table" in n for n in kernels) and any(n.startswith("suite ") for n in kernels)
+        for model in ("default model", "Llama-3-8B", "Llama-3-70B"):
+            assert any(n.startswith(model) or model in n for n in engine), model
+        assert any("tensor=8" in n for n in engine)
+    assert all(b["error"] is None for b in built)
+
+
+def test_a_program_that_does_not_build_is_named_with_the_compilers_message():
+    result = gpu_build("--targets", "h100", "--only", "kernels", "--match", "broken", "--broken", timeout=300)
+    assert result.returncode == 1
+    assert "FAIL h100 kernels: broken: a (3,) array" in result.stdout
+    # Triton's own words, in the summary of failures too
+    assert result.stdout.count("power of 2. Encountered an array of shape (3,)") == 2
+    assert "0 of 1 programs built" in result.stdout
+
+
+def test_the_next_ops_compile_for_an_h100_and_say_what_xla_made_of_them():
+    """benchmarks/op_probe.py without a GPU: the GPU suite's last step builds, and its verdicts come
+    from the compiled HLO (the figures in docs/benchmarks.md, "Without a GPU")."""
+    result = gpu_venv("op_probe.py", "--target", "h100", timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    found = [json.loads(line[len("FIGURES "):]) for line in result.stdout.splitlines() if line.startswith("FIGURES ")]
+    assert not [f for f in found if f.get("error")]
+    moe = {f["variant"]: f["work"] for f in found if f["op"] == "moe"}
+    assert set(moe) == {"ragged_dot", "ragged_dot fusion", "capacity einsum (capacity 8)"}
+    assert moe["capacity einsum (capacity 8)"] == 2  # capacity 2x the mean load: 2x the pairs' rows
+    fp8 = {f["variant"]: f for f in found if f["op"] == "fp8"}
+    assert fp8["fp8, Triton GEMMs off"]["cublaslt_f8"] is True  # the rewrite happens when cuBLAS is asked
+    assert [f["m"] for f in found if f["op"] == "int8"] == [1, 8, 64]
