@@ -10,7 +10,7 @@ import json
 import sys
 
 VLLM_PUBLISHED = 6567  # output tok/s, 1×H100, Llama-3-8B bf16, ShareGPT 1000 prompts (vLLM PR #8804)
-DECODE_TARGET_MS = {"H100": 5.3, "H200": 3.7}  # 8B-shaped decode step at batch 1 (≥ 85% of the roofline)
+DECODE_TARGET_MS = {"H100": 5.3, "H200": 3.9}  # 8B-shaped decode step at batch 1 (≥ 85% of the roofline)
 
 
 def main(path: str) -> None:
@@ -60,10 +60,25 @@ def main(path: str) -> None:
     for r in by("parity"):
         line("default model shape, GPU vs CPU", f"{r['tokens_equal']} of {r['of']} tokens ({r['attention']})",
              "equal", r["equal"])
+    moe = {r["variant"]: r for r in by("ops") if r.get("op") == "moe" and "ms" in r}
+    if moe:
+        line("MoE grouped matmul (Qwen3-30B-A3B decode)",
+             "; ".join(f"{name} {r['ms']:.3f} ms" for name, r in moe.items()), "for the next work", None)
+    fp8 = [r for r in by("ops") if r.get("op") == "fp8"]
+    if fp8:
+        timing = next((r for r in fp8 if "fp8_ms" in r), None)
+        calls = next((r for r in fp8 if "cublaslt_f8" in r), {})
+        speed = f"; {timing['fp8_ms']:.2f} vs bf16 {timing['bf16_ms']:.2f} ms" if timing else ""
+        line("fp8 matmul", f"cuBLASLt f8 GEMM: {calls.get('cublaslt_f8')}{speed}", "for the next work", None)
+    int8 = [r for r in by("ops") if r.get("op") == "int8"]
+    if int8:
+        line("int8-weight matmul", "; ".join(
+            f"M={r['m']} fused={r['fused']}" + (f" {r['int8_ms']:.3f} vs {r['bf16_ms']:.3f} ms" if "int8_ms" in r else "")
+            for r in int8), "for the next work", None)
     width = max(len(r[0]) for r in out) if out else 10
-    print(f"\n{'what':{width}}  {'measured':70}  {'target':16}  result")
+    print(f"\n{'what':{width}}  {'measured':70}  {'target':17}  result")
     for what, measured, target, result in out:
-        print(f"{what:{width}}  {measured:70}  {target:16}  {result}")
+        print(f"{what:{width}}  {measured:70}  {target:17}  {result}")
 
 
 if __name__ == "__main__":

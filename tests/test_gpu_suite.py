@@ -41,11 +41,35 @@ def test_summary_verdicts(tmp_path):
             {"part": "throughput", "output_tok_s": 5000.0, "ttft_p50_s": 0.1, "ttft_p99_s": 0.5, "itl_p50_ms": 9.0,
              "itl_p99_ms": 20.0},
             {"part": "peer", "output_tok_s": 600.0},
-            {"part": "parity", "tokens_equal": [16, 15], "of": 16, "attention": "pallas", "equal": False}]
+            {"part": "parity", "tokens_equal": [16, 15], "of": 16, "attention": "pallas", "equal": False},
+            {"part": "ops", "op": "fp8", "cublaslt_f8": True, "custom_calls": ["__cublas$lt$matmul$f8"]},
+            {"part": "ops", "op": "int8", "m": 1, "fused": False}]
     (tmp_path / "f.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     table = {line.split("  ")[0].strip(): line.split()[-1] for line in run(ROOT / "benchmarks/gpu_summary.py",
                                                                            tmp_path / "f.jsonl").splitlines()[2:]}
     assert table == {"step a": "met", "prefill attention vs cuDNN": "met",  # 1.25x
-                     "paged decode attention": "missed", "8B decode step, batch 1": "met",  # 3.5 <= 3.7 ms (H200)
+                     "paged decode attention": "missed", "8B decode step, batch 1": "met",  # 3.5 <= 3.9 ms (H200)
                      "8B chat mix": "-", "engine vs transformers eager": "missed",  # 8.3x < 10x
-                     "default model shape, GPU vs CPU": "missed"}
+                     "default model shape, GPU vs CPU": "missed", "fp8 matmul": "-", "int8-weight matmul": "-"}
+
+
+def test_the_suite_fits_one_device_call():
+    """The step limits add up to at most 540 s: one command of the GPU machine (600 s at most) with
+    room for its start and the summary."""
+    import re
+
+    script = (ROOT / "benchmarks/gpu_suite.sh").read_text()
+    mix = int(re.search(r'MIX_SECONDS="\$\{MIX_SECONDS:-(\d+)\}"', script)[1])
+    limits = [sum(int(n) for n in limit.replace("MIX_SECONDS", str(mix)).strip("$()").split("+"))
+              for limit in re.findall(r'^step "[^"]+" (\S+(?: \+ \d+\)\))?)', script, re.M)]
+    assert len(limits) == 7 and sum(limits) <= 540, limits
+
+
+def test_the_op_probe_runs_at_tiny_shapes():
+    """benchmarks/op_probe.py (the suite's last step) at --smoke shapes on this CPU: every op measured
+    and checked against its float32 reference."""
+    out = run(ROOT / "benchmarks/op_probe.py", "--smoke")
+    found = [json.loads(line[len("FIGURES "):]) for line in out.splitlines() if line.startswith("FIGURES ")]
+    assert [f["op"] for f in found] == ["moe", "moe", "fp8", "int8", "int8", "int8"]
+    assert all(f["rel_err"] < 2e-2 for f in found if f["op"] == "moe")
+    assert all(f["int8_ms"] > 0 and f["bf16_ms"] > 0 for f in found if f["op"] == "int8")
