@@ -8,6 +8,7 @@ import (the standard library and site-packages).
 """
 
 import importlib.machinery
+import os
 import sys
 from pathlib import Path
 
@@ -20,10 +21,12 @@ SCRIPT_FOLDERS = ("benchmarks", "locks", "tests")
 
 
 def folders(root: Path) -> list[Path]:
+    """The root and every folder under the script folders, but hidden ones (a benchmark's .venv)."""
     found = [root]
     for top in SCRIPT_FOLDERS:
-        found += [p for p in [root / top, *(root / top).rglob("*")]
-                  if p.is_dir() and p.name != "__pycache__" and not p.name.startswith(".")]
+        for folder, subfolders, _ in os.walk(root / top):
+            subfolders[:] = sorted(d for d in subfolders if not d.startswith(".") and d != "__pycache__")
+            found.append(Path(folder))
     return found
 
 
