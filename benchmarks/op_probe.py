@@ -279,13 +279,14 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--target", default=None, help="h100 or h200: no GPU, only the compiled HLO's verdicts")
-    ap.add_argument("--smoke", action="store_true", help="tiny shapes on any backend; no flagged variants")
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes on any backend (flagged variants: with --target)")
     ap.add_argument("--only", default=None, help=argparse.SUPPRESS)  # one variant (a child process)
     args = ap.parse_args()
     probe = Probe(args.target, 2 if args.smoke else args.iters, SMOKE_SHAPES if args.smoke else SHAPES)
     if args.only:
         return run(probe, [args.only])
-    argv = ["--iters", str(args.iters)] + (["--target", args.target] if args.target else [])
+    argv = (["--iters", str(args.iters)] + (["--target", args.target] if args.target else [])
+            + (["--smoke"] if args.smoke else []))
     rows: list[dict] = []
     capture = lambda: [json.loads(l[len("FIGURES "):]) for l in out.getvalue().splitlines() if l.startswith("FIGURES ")]
     import contextlib
@@ -293,7 +294,7 @@ def main() -> None:
 
     for variant in ("ragged_dot", "ragged_dot fusion", "capacity", "fp8, as XLA picks", "fp8, Triton GEMMs off", "int8"):
         if variant in FLAGGED:
-            if not args.smoke:  # the flags are the GPU backend's
+            if args.target or not args.smoke:  # the flags are the GPU backend's
                 rows += in_child(variant, argv)
             continue
         out = io.StringIO()
