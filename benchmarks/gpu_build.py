@@ -256,7 +256,8 @@ def engine_setups():
 
 def build_engine(builder: Builder, target: Target) -> None:
     from meshserve.models.llama import abstract_params
-    from meshserve.runtime.engine import engine_buckets, kv_pages
+    from meshserve.runtime.kv_cache import page_bytes
+    from meshserve.runtime.kv_manager import kv_pages
     from meshserve.runtime.kv_cache import abstract_pool
     from meshserve.runtime.programs import lower_programs
     from meshserve.sharding.mesh import MeshConfig
@@ -272,8 +273,10 @@ def build_engine(builder: Builder, target: Target) -> None:
         config = dataclasses.replace(config, attention="pallas")
         max_pages = -(-min(config.max_seq_len, model.max_position_embeddings) // config.page_size)
         split = layout.size(layout.axis("pages")) * layout.size(layout.axis("kv_heads"))
-        pages = kv_pages(model, jnp.dtype(dtype), config, layout.replicas, config.kv_cache_bytes // split * split)
-        buckets = engine_buckets(config, max_pages, layout.replicas)
+        pages = kv_pages(page_bytes(model, config.page_size, jnp.dtype(dtype)), config.page_size,
+                         min(config.max_seq_len, model.max_position_embeddings), layout.replicas,
+                         config.kv_cache_bytes // split * split)
+        buckets = config.buckets(max_pages, layout.replicas)
         params = abstract_params(model, jnp.dtype(dtype))
         pool = abstract_pool(model, pages, config.page_size, jnp.dtype(dtype))
         mesh = target.abstract_mesh(tuple(layout.mesh.shape.values()), tuple(layout.mesh.axis_names))

@@ -1,4 +1,6 @@
-"""Page bookkeeping for the paged KV cache. Plain Python: no JAX here.
+"""Page bookkeeping for the paged KV cache: the pool's free lists, reference counts and prefix index.
+Plain Python: no JAX here. Tables go in and come back out (never edited in place); the one owner of
+which pages a request holds is runtime/kv_manager.py.
 
 Pages carry reference counts so several requests may share one; a page returns to the pool when its
 count drops to zero.
@@ -120,21 +122,22 @@ class BlockManager:
                 n += 1
         return n
 
-    def grow(self, table: list[int], num_tokens: int) -> bool:
-        """Extend `table` in place to hold `num_tokens` tokens, from the replica it already uses (a new
-        table goes to the replica with the most pages available). All or nothing: False (and `table`
-        untouched) when too few pages are available there."""
+    def grow(self, table: Sequence[int], num_tokens: int) -> list[int] | None:
+        """`table` extended to hold `num_tokens` tokens, as a new list, from the replica it already
+        uses (a new table goes to the replica with the most pages available). All or nothing: None
+        (and nothing taken) when too few pages are available there."""
         need = self.pages_for(num_tokens) - len(table)
         if need <= 0:
-            return True
+            return list(table)
         replica = self.replica_of(table[0]) if table else max(range(self.replicas), key=self._available)
         if need > self._available(replica):
-            return False
+            return None
+        grown = list(table)
         for _ in range(need):
             page = self._take(replica)
             self._refs[page] = 1
-            table.append(page)
-        return True
+            grown.append(page)
+        return grown
 
     def lookup(self, hashes: Sequence[bytes]) -> list[int]:
         """The cached pages of the longest prefix of `hashes` held by one replica (not yet shared)."""
@@ -172,8 +175,8 @@ class BlockManager:
                 self.events.add("stored", "device", page_hash, parent,
                                 None if tokens is None else tuple(tokens), replica)
 
-    def release(self, table: list[int]) -> None:
-        """Drop one reference to each page of `table` and empty it."""
+    def release(self, table: Sequence[int]) -> None:
+        """Drop one reference to each page of `table` (the caller forgets the table)."""
         for page in reversed(table):  # a prefix's tail is evicted before its head
             if self._refs[page] <= 0:
                 raise ValueError(f"page {page} released more often than allocated")
@@ -183,7 +186,6 @@ class BlockManager:
                     self._lru[self.replica_of(page)][page] = None
                 else:
                     self._free[self.replica_of(page)].append(page)
-        table.clear()
 
     def ref_count(self, page: int) -> int:
         return self._refs[page]

@@ -168,12 +168,13 @@ class PageMover:
         self._pending.clear()
         self.tier.flush()
 
-    def onboard(self, pool: KVPool, loads: list[tuple[int, bytes]]) -> KVPool:
-        """Write host pages into device pages (batched); returns the new pool."""
+    def onboard(self, pool: KVPool, loads: list[tuple[int, np.ndarray]]) -> KVPool:
+        """Write pages read from the lower tier, (device page, data), into the pool (batched);
+        returns the new pool."""
         for batch in self._batches(loads):
             data = np.zeros(self._shape, self._dtype)
-            for i, (_, h) in enumerate(batch):
-                data[i] = self.tier.get(h)
+            for i, (_, page) in enumerate(batch):
+                data[i] = page
             pool = self._scatter(pool, self._index([p for p, _ in batch]), data)
             self.pages_in += len(batch)
         return pool
@@ -209,7 +210,8 @@ class StoreTier:
         self.enabled = True
         self.stored = self.hits = self.misses = self.corrupt = 0
 
-    def __contains__(self, page_hash: bytes) -> bool:
+    def holds(self, page_hash: bytes) -> bool:
+        """Whether the store's index (its keys, listed at open) names the page; reads nothing."""
         return self.enabled and page_hash.hex() in self._keys
 
     def __len__(self) -> int:
@@ -281,34 +283,28 @@ class StoreTier:
 
 
 class LowerTiers:
-    """Host memory, then optionally the store, as one lower tier for the scheduler and PageMover.
+    """Host memory, then optionally the store, as one lower tier for the KV manager and PageMover.
 
-    `page_hash in tiers` answers for both; a store page is read and verified right then (staged for
-    this step's onboarding), so a bad store page is a miss before anything relies on it. Pages the
-    host drops go to the store (or every page, with `write_through`)."""
+    `holds` answers from the tiers' indexes alone (the host's pages, the store's keys): the KV
+    manager plans copies in by it and never waits on a store. `read` fetches a page in the engine's
+    copy phase and checks a store page then; one that fails is a miss (None), and the request that
+    wanted it computes it. Pages the host drops go to the store (or every page, with `write_through`)."""
 
     def __init__(self, host: HostTier, store: StoreTier | None = None, write_through: bool = False):
         self.host, self.store, self.write_through = host, store, write_through
-        self._staged: dict[bytes, np.ndarray] = {}
         self.host_hits = self.store_hits = 0
 
-    def __contains__(self, page_hash: bytes) -> bool:
-        if page_hash in self.host or page_hash in self._staged:
-            return True
-        if self.store is not None and page_hash in self.store:
-            data = self.store.get(page_hash)
-            if data is not None:
-                self._staged[page_hash] = data
-                return True
-        return False
+    def holds(self, page_hash: bytes) -> bool:
+        return page_hash in self.host or (self.store is not None and self.store.holds(page_hash))
 
-    def get(self, page_hash: bytes) -> np.ndarray:
-        data = self._staged.pop(page_hash, None)
+    def read(self, page_hash: bytes) -> np.ndarray | None:
+        if page_hash in self.host:
+            self.host_hits += 1
+            return self.host.get(page_hash)
+        data = self.store.get(page_hash) if self.store is not None else None
         if data is not None:
             self.store_hits += 1
-            return data
-        self.host_hits += 1
-        return self.host.get(page_hash)
+        return data
 
     def put(self, page_hash: bytes, data: np.ndarray) -> None:
         dropped = self.host.put(page_hash, data)
@@ -319,7 +315,6 @@ class LowerTiers:
                 self.store.put(h, d)
 
     def flush(self) -> None:
-        self._staged.clear()
         if self.store is not None:
             self.store.flush()
 
@@ -332,4 +327,22 @@ class LowerTiers:
         for h, data in pages:
             self.store.put(h, data)
         self.store.flush()
-        return sum(h in self.store for h, _ in pages)
+        return sum(self.store.holds(h) for h, _ in pages)
+
+
+def lower_tiers(config, pool: KVPool, page_bytes: int, events: KVEvents | None) -> LowerTiers | None:
+    """The lower tiers an engine config asks for (host memory, a store), or None; ConfigError when
+    the store cannot be opened."""
+    if not (config.host_kv_bytes or config.kv_store):
+        return None
+    store = None
+    if config.kv_store:
+        import os
+
+        from meshserve.models.errors import ConfigError
+
+        try:
+            store = StoreTier(os.path.expanduser(config.kv_store), pool.page_shape, pool.dtype, events=events)
+        except Exception as e:
+            raise ConfigError(f"kv_store {config.kv_store!r} cannot be opened: {e}") from None
+    return LowerTiers(HostTier(config.host_kv_bytes, page_bytes, events=events), store, config.kv_store_write_through)

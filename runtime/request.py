@@ -1,10 +1,11 @@
-"""What one request may ask of the engine: the checks every frontend (gRPC, the CLI, later HTTP) and
-the engine itself apply, so that a request that passes them can always run to completion."""
+"""One request: what it may ask of the engine (`check_request`, applied once, at the boundary) and the
+checked form the engine takes and trusts (`Request`). A request that passes the checks can always
+run to completion. Its state inside the engine is a `Sequence` (runtime/sequence.py)."""
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import Sequence as Seq
 
 from meshserve.models.errors import ConfigError, RequestError
 from meshserve.runtime.sampling import BIAS_SLOTS, SamplingParams
@@ -43,7 +44,7 @@ class RequestLimits:
             raise RequestError(f"logit_bias: {len(params.logit_bias)} entries, at most {self.max_logit_bias} allowed")
 
 
-def check_request(ids: Sequence[int], params: SamplingParams, priority: int, *, vocab_size: int,
+def check_request(ids: Seq[int], params: SamplingParams, priority: int, *, vocab_size: int,
                   max_seq_len: int, priority_levels: int, limits: RequestLimits = RequestLimits(),
                   eos_ids: int = 0) -> None:
     """Raise RequestError naming the first problem with a request; needs no compiled engine.
@@ -67,3 +68,17 @@ def check_request(ids: Sequence[int], params: SamplingParams, priority: int, *, 
                            f"exceeds the context of {max_seq_len} tokens")
     if not isinstance(priority, int) or not 0 <= priority < priority_levels:
         raise RequestError(f"priority must be in [0, {priority_levels}), got {priority}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """A request that passed `check_request` against an engine's limits (made by Engine.check, or by
+    serving/preprocess.py with the same checks): Engine.add takes it as it is."""
+
+    token_ids: tuple[int, ...]
+    params: SamplingParams
+    priority: int = 0
+    request_id: str | None = None  # None: the engine names it
+    arrival: float | None = None  # the engine's clock when its caller received it (None: when added)
+    fork_of: str | None = None  # another sample of that request's prompt (Engine.add)
+    queue_timeout_s: float | None = None  # overrides the engine's queue timeout

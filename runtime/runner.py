@@ -29,11 +29,12 @@ from typing import Callable, Sequence as Seq
 import jax
 import numpy as np
 
-from meshserve.runtime.block_manager import NULL_PAGE, BlockManager
+from meshserve.runtime.block_manager import NULL_PAGE
 from meshserve.runtime.kv_cache import KVPool
 from meshserve.runtime.programs import (DECODE_INTS, PREFILL_ROW_INTS, PREFILL_TOKEN_FIELDS, Buckets,
                                         DecodeBatch, PrefillBatch, Programs)
 from meshserve.runtime.sampling import SamplingBatch, SamplingParams
+from meshserve.runtime.kv_manager import KVManager
 from meshserve.runtime.scheduler import Sequence, Status, StepPlan
 
 PENDING = -1  # a sampled token still on the device: its row reads it from its slot of `last`
@@ -64,12 +65,12 @@ class _Row:
 
 
 class ModelRunner:
-    def __init__(self, programs: Programs, buckets: Buckets, blocks: BlockManager, page_size: int):
+    def __init__(self, programs: Programs, buckets: Buckets, kv: KVManager, page_size: int):
         self.programs = programs
         self.buckets = buckets
-        self.blocks = blocks
+        self.kv = kv  # read only: which replica a request's pages are on
         self.page_size = page_size
-        self.replicas = blocks.replicas
+        self.replicas = kv.replicas
         self._no_history: dict[tuple, np.ndarray | jax.Array] = {}
         self.padding_slot = buckets.slots - 1
         self._slots: dict[Sequence, int] = {}
@@ -164,7 +165,7 @@ class ModelRunner:
 
     def _row(self, seq: Sequence, start: int, end: int, samples: bool, sampling_of: SamplingOf) -> _Row:
         params, seed, scores, held = sampling_of(seq)
-        sampling = (params, seed, len(seq.tokens) - seq.prompt_len, held) if samples else None
+        sampling = (params, seed, seq.total - seq.prompt_len, held) if samples else None
         # penalties look at every token before the one sampled: tokens[:end], never more
         history = seq.tokens[:end] if samples and params.penalized else None
         targets = None
@@ -251,7 +252,8 @@ class ModelRunner:
         at least the prompt's last)."""
         params, seed, _, held = sampling_of(seq)
         end = seq.num_computed + 1
-        return _Row(seq, (seq.tokens[end - 1],), (end - 1,), (params, seed, len(seq.tokens) - seq.prompt_len, held),
+        token = seq.tokens[end - 1] if end <= len(seq.tokens) else PENDING  # still on the device: read there
+        return _Row(seq, (token,), (end - 1,), (params, seed, seq.total - seq.prompt_len, held),
                     seq.tokens[:end] if params.penalized else None, None)
 
     def _decode_groups(self, rows: list[_Row]) -> list[tuple[int, list[tuple[int, _Row]]]]:
@@ -261,7 +263,7 @@ class ModelRunner:
         R = self.replicas
         by_replica: list[list[_Row]] = [[] for _ in range(R)]
         for row in rows:
-            by_replica[self.blocks.replica_of(row.seq.pages[0])].append(row)
+            by_replica[self.kv.replica_of(row.seq)].append(row)
         cap = self.buckets.decode_batch[-1] // R
         placed = []
         while any(by_replica):

@@ -1,4 +1,5 @@
-"""Who runs in the next engine step, and on how many tokens. Plain Python: no JAX here.
+"""Who runs in the next engine step, and on how many tokens: policy, and the one place a step's results
+are applied to a request. Plain Python: no JAX, no I/O here.
 
 Each step the scheduler makes a frozen `StepPlan`:
   1. waiting requests past their queue timeout are expired (Triton's `default_queue_policy`);
@@ -9,62 +10,29 @@ Each step the scheduler makes a frozen `StepPlan`:
 When pages run out, the running request that is least entitled (worst priority, newest) is
 preempted: its pages are freed and it goes back to the queue, to recompute prompt + output so far.
 
-With prefix caching, a request starting from scratch first takes the cached pages of its longest
-cached prefix (at least one token is always left to compute: its logits give the next token).
+Pages are the KV manager's (runtime/kv_manager.py): the scheduler asks it for room, for a request's
+cached prefix (at least one token is always left to compute: its logits give the next token) and
+gives pages back; it never writes a page table itself.
 
 A plan commits only after it ran. `schedule` allocates pages (a request owns them at once), but
 what a step promises to others — pages registered as cached under their hashes, and so the KV
 events a router sees, and each request's progress — becomes visible in `commit`, which the engine
 calls once the step's programs succeeded. A step that fails leaves no cached page that was never
-written.
+written. A token sampled on the device counts from dispatch (`sampling`: the next step may decode
+it, reading it on the device) and joins the request's tokens when read back (`accept`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import enum
 from typing import Any
 
-from meshserve.runtime.block_manager import BlockManager, chain_hash
-
-
-class Status(enum.Enum):
-    WAITING = "waiting"
-    RUNNING = "running"
-    FINISHED = "finished"
+from meshserve.runtime.kv_manager import KVManager, Onboard
+from meshserve.runtime.sequence import Sequence, Status  # noqa: F401  (the scheduler's requests)
 
 
 class QueueFull(Exception):
     """The waiting queue is at max_queue_size."""
-
-
-@dataclasses.dataclass(eq=False)
-class Sequence:
-    request_id: str
-    tokens: list[int]  # prompt, then generated tokens
-    prompt_len: int
-    priority: int = 0  # lower is served first
-    arrival: float = 0.0
-    status: Status = Status.WAITING
-    num_computed: int = 0  # tokens whose K/V are in the cache
-    pages: list[int] = dataclasses.field(default_factory=list)
-    started: bool = False  # ran at least once
-    queue_timeout_s: float | None = None  # overrides SchedulerConfig.queue_timeout_s
-    num_preemptions: int = 0
-    scheduled_at: float | None = None  # when first admitted (queue time = scheduled_at - arrival)
-    num_cached: int = 0  # prompt tokens whose K/V came from the prefix cache (last admission)
-    page_hashes: list[bytes] = dataclasses.field(default_factory=list)  # of its full pages, in order
-    num_registered: int = 0  # its first pages findable in the prefix cache
-    queued_at: float = 0.0  # when it last entered the waiting queue (arrival, or its preemption)
-    reuse_prefix: bool = True  # may start from cached pages (not while its prompt is being scored)
-
-    @property
-    def uncomputed(self) -> int:
-        return len(self.tokens) - self.num_computed
-
-    @property
-    def order(self) -> tuple:
-        return (self.priority, self.arrival)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,8 +43,8 @@ class PrefillChunk:
 
     @property
     def samples(self) -> bool:
-        """The chunk ends the known tokens, so its last logits give the next token."""
-        return self.end == len(self.seq.tokens)
+        """The chunk ends the request's tokens, so its last logits give the next token."""
+        return self.end == self.seq.total
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,11 +53,17 @@ class StepPlan:
     decodes: tuple[Sequence, ...] = ()  # one new token each, at position num_computed
     preempted: tuple[Sequence, ...] = ()
     expired: tuple[Sequence, ...] = ()
-    onboard: tuple[tuple[int, bytes], ...] = ()  # (device page, hash): copy in from the lower tier first
+    onboard: tuple[Onboard, ...] = ()  # pages to copy in from the lower tier first
 
     @property
     def empty(self) -> bool:
         return not (self.prefills or self.decodes)
+
+    def without(self, seqs: set[Sequence]) -> "StepPlan":
+        """This plan less the chunks, decodes and copies of `seqs` (they wait for the next step)."""
+        return dataclasses.replace(self, prefills=tuple(c for c in self.prefills if c.seq not in seqs),
+                                   decodes=tuple(s for s in self.decodes if s not in seqs),
+                                   onboard=tuple(o for o in self.onboard if o.seq not in seqs))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,7 +74,6 @@ class SchedulerConfig:
     max_queue_size: int = 256
     queue_timeout_s: float | None = None
     priority_levels: int = 3
-    onboard_page_cost: int = 2  # step-budget tokens a page copied in from a lower tier counts for
     # While some request is decoding, a step computes at most this many prompt tokens (None: no
     # limit but the step budget): a long prompt then arrives in small chunks and the streams keep
     # their pace between tokens, at the cost of that prompt's time to first token.
@@ -121,15 +94,9 @@ class SchedulerConfig:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, blocks: BlockManager, salt: bytes = b"", lower_tier=None):
+    def __init__(self, config: SchedulerConfig, kv: KVManager):
         self.config = config
-        self.blocks = blocks
-        self.salt = salt  # names the model: its pages never match another model's
-        self.lower_tier = lower_tier  # `hash in lower_tier`: pages the engine can copy back in
-        self.prefix_queries = 0  # prompt tokens looked up in the prefix cache …
-        self.prefix_hits = 0  # … and found on the device
-        self.lower_hits = 0  # … and found in the lower tier
-        self._onboard: list[tuple[int, bytes]] = []
+        self.kv = kv
         self.waiting: list[Sequence] = []  # kept sorted by (priority, arrival)
         self.running: list[Sequence] = []
 
@@ -156,7 +123,7 @@ class Scheduler:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
-        self.blocks.release(seq.pages)
+        self.kv.free(seq)
         seq.status = Status.FINISHED
 
     @property
@@ -200,20 +167,19 @@ class Scheduler:
             seq = self.waiting[0]
             if seq in preempted:
                 break  # just preempted for lack of pages: not back in this step
-            if self.blocks.prefix_caching and seq.reuse_prefix and seq.num_computed == 0 and not seq.pages:
-                budget -= self._reuse_prefix(seq, budget)
+            if self.kv.prefix_caching and seq.reuse_prefix and seq.num_computed == 0 and not seq.pages:
+                found, cost = self.kv.reuse_prefix(seq, budget)
+                seq.num_computed = seq.num_cached = found
+                budget -= cost
                 if budget <= 0:
                     break
             n = 1 if seq.uncomputed == 1 else min(seq.uncomputed, budget, prompt_budget, self.config.max_prefill_chunk)
             if n <= 0:
                 break  # no prompt tokens left this step
-            if not self.blocks.grow(seq.pages, seq.num_computed + n):
+            if not self.kv.allocate(seq, seq.num_computed + n):
                 if seq.num_cached:  # give the prefix back; it is looked up again next time
-                    given_back = set(seq.pages)
-                    self._onboard = [(p, h) for p, h in self._onboard if p not in given_back]
-                    self.blocks.release(seq.pages)
-                    seq.num_computed = seq.num_cached = seq.num_registered = 0
-                    seq.page_hashes = []
+                    self.kv.free(seq)
+                    seq.num_computed = seq.num_cached = 0
                 break
             self.waiting.pop(0)
             if not seq.started:
@@ -226,8 +192,7 @@ class Scheduler:
                 prefills.append(PrefillChunk(seq, seq.num_computed, seq.num_computed + n))
                 prompt_budget -= n
             budget -= n
-        onboard, self._onboard = tuple(self._onboard), []
-        return StepPlan(tuple(prefills), tuple(decodes), tuple(preempted), tuple(expired), onboard)
+        return StepPlan(tuple(prefills), tuple(decodes), tuple(preempted), tuple(expired), self.kv.take_onboard())
 
     def commit(self, plan: StepPlan) -> None:
         """The plan's programs ran: its requests advance, and the pages they filled (or copied in
@@ -236,72 +201,33 @@ class Scheduler:
         for chunk in plan.prefills:
             if chunk.seq.status is Status.RUNNING:
                 chunk.seq.num_computed = chunk.end
-                self._register_full_pages(chunk.seq)
+                self.kv.register(chunk.seq, chunk.end)
         for seq in plan.decodes:
             if seq.status is Status.RUNNING:
                 seq.num_computed += 1
-                self._register_full_pages(seq)
+                self.kv.register(seq, seq.num_computed)
 
-    def prefix_hashes(self, tokens) -> list[bytes]:
-        """Names of the pages of `tokens` a request may take from the cache: every full page but
-        one that holds the last token (at least one token is always computed: its logits give the
-        next token). Each chains its predecessor's, from the model's salt."""
-        ps = self.blocks.page_size
-        hashes, parent = [], self.salt
-        for i in range((len(tokens) - 1) // ps):
-            parent = chain_hash(parent, tokens[i * ps:(i + 1) * ps])
-            hashes.append(parent)
-        return hashes
+    # ---- a step's results --------------------------------------------------------------------
 
-    def _reuse_prefix(self, seq: Sequence, budget: int) -> int:
-        """Take seq's cached prefix; returns the step budget its copies from the lower tier use (each
-        page costs `onboard_page_cost` tokens: loading is cheaper than computing, not free)."""
-        ps = self.blocks.page_size
-        hashes = self.prefix_hashes(seq.tokens)
-        full = len(hashes)
-        pages = self.blocks.lookup(hashes)
-        self.prefix_queries += full * ps
-        if pages:
-            self.blocks.share(pages)
-            seq.pages = list(pages)
-            seq.num_computed = seq.num_cached = len(pages) * ps
-            seq.page_hashes = hashes[:len(pages)]
-            seq.num_registered = len(pages)
-            self.prefix_hits += len(pages) * ps
-        if self.lower_tier is None:
-            return 0
-        cost = self.config.onboard_page_cost
-        coming = {h for _, h in self._onboard}  # copied in for another request this step: not findable yet
-        lower = []
-        for h in hashes[len(pages):]:
-            if (len(lower) + 1) * cost >= budget or h in coming or h not in self.lower_tier:
-                break  # the rest is computed, or loaded in a later admission
-            lower.append(h)
-        if not lower:
-            return 0
-        table = list(seq.pages)
-        if not self.blocks.grow(table, (len(pages) + len(lower)) * ps):
-            return 0  # no room to bring them in: compute instead
-        for page, h in zip(table[len(pages):], lower):  # registered in `commit`, once copied in
-            self._onboard.append((page, h))
-        seq.pages = table
-        seq.num_computed = seq.num_cached = len(table) * ps
-        seq.page_hashes = hashes[:len(table)]
-        self.lower_hits += len(lower) * ps
-        return len(lower) * cost
+    def sampling(self, seq: Sequence) -> None:
+        """A step that samples `seq`'s next token was dispatched: the token counts from now (the
+        next step may decode it on the device before the host has it)."""
+        seq.num_sampling += 1
 
-    def _register_full_pages(self, seq: Sequence) -> None:
-        """Register the pages that hold computed tokens in full (and those copied in for it)."""
-        if not self.blocks.prefix_caching:
-            return
-        ps = self.blocks.page_size
-        for i in range(len(seq.page_hashes), seq.num_computed // ps):
-            parent = seq.page_hashes[-1] if seq.page_hashes else self.salt
-            seq.page_hashes.append(chain_hash(parent, seq.tokens[i * ps:(i + 1) * ps]))
-        for i in range(seq.num_registered, len(seq.page_hashes)):
-            self.blocks.register(seq.pages[i], seq.page_hashes[i], seq.page_hashes[i - 1] if i else None,
-                                 seq.tokens[i * ps:(i + 1) * ps])
-        seq.num_registered = len(seq.page_hashes)
+    def accept(self, seq: Sequence, token: int) -> None:
+        """`seq`'s oldest token still on the device was read back: it joins its tokens."""
+        if seq.num_sampling < 1:
+            raise ValueError(f"request {seq.request_id} has no sampled token on the device")
+        seq.tokens.append(token)
+        seq.num_sampling -= 1
+
+    def recompute_from(self, plan: StepPlan, seqs: dict[Sequence, int]) -> StepPlan:
+        """Pages `seqs[seq]`… of each of `seqs` could not be copied in from the lower tier: the
+        request leaves this step and computes them from there (its pages stay allocated)."""
+        for seq, index in seqs.items():
+            self.kv.onboard_failed(seq, index)
+            seq.num_computed = seq.num_cached = min(seq.num_computed, index * self.kv.page_size)
+        return plan.without(set(seqs))
 
     def _decodes_left(self, seq: Sequence) -> list[Sequence]:
         """Running requests after `seq` that will want one decode token each this step: a prompt
@@ -312,12 +238,11 @@ class Scheduler:
     def _make_room(self, seq: Sequence, num_tokens: int, preempted: list[Sequence], now: float) -> bool:
         """Grow seq's pages to num_tokens, preempting from the tail of `running` as needed.
         False if seq itself had to be preempted."""
-        while not self.blocks.grow(seq.pages, num_tokens):
+        while not self.kv.allocate(seq, num_tokens):
             # the least entitled request holding pages of seq's data replica (seq itself at worst)
-            replica = self.blocks.replica_of(seq.pages[0]) if seq.pages else None
+            replica = self.kv.replica_of(seq)
             victim = next(s for s in reversed(self.running)
-                          if s is seq or replica is None
-                          or (s.pages and self.blocks.replica_of(s.pages[0]) == replica))
+                          if s is seq or replica is None or self.kv.replica_of(s) == replica)
             self._preempt(victim, now)
             preempted.append(victim)
             if victim is seq:
@@ -326,9 +251,8 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence, now: float) -> None:
         self.running.remove(seq)
-        self.blocks.release(seq.pages)
-        seq.num_computed = seq.num_cached = seq.num_registered = 0  # recompute prompt + output so far
-        seq.page_hashes = []
+        self.kv.free(seq)
+        seq.num_computed = seq.num_cached = 0  # recompute prompt + output so far
         seq.num_preemptions += 1
         self._enqueue(seq, now)
 
@@ -350,7 +274,4 @@ class Scheduler:
         return min(times, default=None)
 
     def describe(self) -> dict[str, Any]:
-        return {"waiting": len(self.waiting), "running": len(self.running),
-                "pages_used": self.blocks.num_used, "pages_total": self.blocks.num_usable,
-                "pages_cached": self.blocks.num_cached, "prefix_queried_tokens": self.prefix_queries,
-                "prefix_hit_tokens": self.prefix_hits, "prefix_lower_hit_tokens": self.lower_hits}
+        return {"waiting": len(self.waiting), "running": len(self.running), **self.kv.describe()}

@@ -79,7 +79,8 @@ def _parser() -> argparse.ArgumentParser:
     srv.add_argument("--config", default=str(DEFAULT_SERVING_CONFIG),
                      help="serving config: 'server' and 'engine' sections")
     srv.add_argument("--host")
-    srv.add_argument("--port", type=int)
+    srv.add_argument("--grpc-port", "--port", dest="port", type=int,
+                     help="the gRPC API's port; 0: no gRPC (the OpenAI HTTP API alone)")
     srv.add_argument("--model", metavar="CKPT_DIR", help="checkpoint folder (default: the default model)")
     srv.add_argument("--mesh", metavar="MESH_YAML")
     srv.add_argument("--metrics-port", type=int)
@@ -341,6 +342,10 @@ def _serve(args) -> None:
     config = ServerConfig.from_yaml(args.config).override(
         host=args.host, port=args.port, model=args.model, mesh=args.mesh, metrics_port=args.metrics_port,
         http_port=args.http_port, tls_cert=args.tls_cert, tls_key=args.tls_key)
+    if args.port == 0:  # on the command line 0 turns gRPC off (in the file: null; 0 there takes any free port)
+        config = dataclasses.replace(config, port=None)
+    if config.port is None and config.http_port is None:
+        raise MeshserveError("no gRPC port and no HTTP port: nothing would serve requests")
     engine_config = EngineConfig.from_yaml(args.config)
     replicas = 1
     if config.mesh:  # checked now: a bad mesh file fails before the server starts
@@ -351,10 +356,13 @@ def _serve(args) -> None:
     if engine_config.kv_cache_bytes is not None and replicas > 0:  # a pool too small fails before listening
         from meshserve.models.checkpoint import read_meta
         from meshserve.models.default import default_checkpoint
-        from meshserve.runtime.engine import kv_pages
+        from meshserve.runtime.kv_cache import page_bytes
+        from meshserve.runtime.kv_manager import kv_pages
 
         _, model, dtype = read_meta(config.model or default_checkpoint(progress=not args.quiet))
-        kv_pages(model, dtype, engine_config, replicas, engine_config.kv_cache_bytes)
+        ps = engine_config.page_size
+        kv_pages(page_bytes(model, ps, dtype), ps, min(engine_config.max_seq_len, model.max_position_embeddings),
+                 replicas, engine_config.kv_cache_bytes)
     build = build_engine(config, engine_config, progress=not args.quiet)
     mirror = _multihost(config, build)  # a mesh over several processes: process 0 serves, the others follow
     if mirror is False:

@@ -20,7 +20,7 @@ from meshserve.models.errors import ConfigError
 @dataclasses.dataclass(frozen=True)
 class ServerConfig:
     host: str = "127.0.0.1"
-    port: int = 50051  # 0: any free port
+    port: int | None = 50051  # gRPC; None: off (the OpenAI HTTP API alone); 0: any free port
     model: str | None = None  # checkpoint folder; None: the default model
     mesh: str | None = None  # mesh file; None: one device
     metrics_port: int | None = 9464  # Prometheus /metrics over HTTP; None: off; 0: any free port
@@ -34,9 +34,7 @@ class ServerConfig:
     step_timeout_s: float | None = 300.0  # one engine step running longer means a hung device: fail, exit
 
     def __post_init__(self):
-        if not 0 <= self.port < 65536:
-            raise ConfigError(f"server.port must be in [0, 65536), got {self.port}")
-        for name in ("metrics_port", "http_port"):
+        for name in ("port", "metrics_port", "http_port"):
             value = getattr(self, name)
             if value is not None and not 0 <= value < 65536:
                 raise ConfigError(f"server.{name} must be in [0, 65536) or null, got {value}")

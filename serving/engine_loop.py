@@ -1,6 +1,6 @@
 """The engine's own thread, and the contract any transport (gRPC, HTTP, a Dynamo worker) drives it by.
 
-    transport (asyncio) ──submit(EngineRequest, Stream) / abort──▶ inbox ──▶ engine thread: step(), …
+    transport (asyncio) ──submit(Request, Stream) / abort──▶ inbox ──▶ engine thread: step(), …
           ▲                                                                         │
           └──── Stream.queue ◀── RequestOutput …  (one wake-up per event loop per step) ┘
 
@@ -33,7 +33,7 @@ from typing import Any, AsyncIterator, Callable
 from meshserve.models.errors import MeshserveError
 from meshserve.runtime.engine import Engine, EngineFault, RequestOutput
 from meshserve.serving.metrics import Metrics
-from meshserve.serving.preprocess import EngineRequest
+from meshserve.runtime.request import Request
 
 log = logging.getLogger("meshserve.engine_loop")
 
@@ -120,7 +120,7 @@ class EngineLoop:
     def in_flight(self) -> int:
         return len(self._streams)
 
-    def submit(self, request: EngineRequest, stream: Stream) -> concurrent.futures.Future:
+    def submit(self, request: Request, stream: Stream) -> concurrent.futures.Future:
         """Hand a request to the engine; the future gives its id once queued, or the engine's
         RequestError / QueueFullError / EngineUnavailable."""
         future: concurrent.futures.Future = concurrent.futures.Future()
@@ -131,7 +131,7 @@ class EngineLoop:
                 self._inbox.put(("add", (request, stream), future))
         return future
 
-    async def admit(self, request: EngineRequest, stream: Stream) -> None:
+    async def admit(self, request: Request, stream: Stream) -> None:
         """Hand a request to the engine from an event loop; raises what `submit`'s future does. A
         caller cancelled meanwhile undoes the admission."""
         try:
@@ -151,7 +151,7 @@ class EngineLoop:
                 self._inbox.put(("call", fn, future))
         return await asyncio.wrap_future(future)
 
-    async def admit_all(self, admissions: list[tuple[EngineRequest, Stream]]) -> None:
+    async def admit_all(self, admissions: list[tuple[Request, Stream]]) -> None:
         """Several requests handed over at once (taken in this order, in one engine step), all or
         none: if one is refused, the others leave again and its error is raised."""
         futures = [self.submit(request, stream) for request, stream in admissions]
@@ -162,6 +162,12 @@ class EngineLoop:
                 if not isinstance(result, BaseException):
                     self.abort(request.request_id, stream)
             raise failed
+
+    def session(self, arrival: float):
+        """One call of a transport (serving/session.py): admissions, outputs, the outcome counted."""
+        from meshserve.serving.session import Session
+
+        return Session(self, self._metrics, arrival)
 
     async def outputs(self, request_id: str, stream: Stream) -> AsyncIterator[RequestOutput]:
         """The admitted request's outputs, the last one finished; raises EngineUnavailable,
@@ -338,9 +344,7 @@ class EngineLoop:
             if not future.set_running_or_notify_cancel():
                 return  # the caller went away before the request was taken
             try:
-                rid = engine.add_request(request.token_ids, request.params, request_id=request.request_id,
-                                         priority=request.priority, arrival=request.arrival,
-                                         fork_of=request.fork_of)
+                rid = engine.add(request)  # checked by the transport's preprocessing
             except Exception as e:  # bad input or a full queue: that request only
                 future.set_exception(e)
                 return
@@ -404,7 +408,7 @@ class EngineLoop:
         if self._mirror is not None:
             self._mirror.publish([*self._applied, ("stop",)], False)
             self._applied = []
-        if engine.host_tier is not None and engine.host_tier.store is not None:
+        if engine.stats().get("store_enabled") is not None:
             try:  # so a restart on the same store finds them
                 n = engine.persist_prefix_cache()
                 log.warning("wrote the prefix cache to the KV store: it holds %d of the cached pages", n)
@@ -457,29 +461,29 @@ class EngineLoop:
     def _update_metrics(self, engine: Engine) -> None:
         """Gauges and counters from the engine's totals; a fault here is logged, never fatal."""
         try:
-            stats = engine.scheduler.describe()
+            stats = engine.stats()
             m = self._metrics
             m.running.set(stats["running"])
             m.waiting.set(stats["waiting"])
             m.pages_used.set(stats["pages_used"])
             m.pages_total.set(stats["pages_total"])
             m.pages_cached.set(stats["pages_cached"])
-            m.programs.set(len(engine.programs))
+            m.programs.set(stats["programs"])
             counts = [(m.prefix_queried.labels("all"), stats["prefix_queried_tokens"]),
                       (m.prefix_hits.labels("device"), stats["prefix_hit_tokens"])]
-            if engine.host_tier is not None:
-                tiers, ps, pb = engine.stats(), engine.config.page_size, engine.page_bytes
-                m.tier_pages.labels("host").set(tiers["pages_host"])
-                m.tier_pages.labels("store").set(tiers.get("pages_store", 0))
-                counts += [(m.prefix_hits.labels("host"), tiers["host_hit_pages"] * ps),
-                           (m.prefix_hits.labels("store"), tiers["store_hit_pages"] * ps),
-                           (m.pages_moved.labels("device_to_host"), tiers["host_pages_out"]),
-                           (m.pages_moved.labels("host_to_device"), tiers["host_pages_in"]),
-                           (m.bytes_moved.labels("device_to_host"), tiers["host_pages_out"] * pb),
-                           (m.bytes_moved.labels("host_to_device"), tiers["host_pages_in"] * pb)]
-                if "store_pages_written" in tiers:
-                    counts += [(m.pages_moved.labels("host_to_store"), tiers["store_pages_written"]),
-                               (m.bytes_moved.labels("host_to_store"), tiers["store_pages_written"] * pb)]
+            if "pages_host" in stats:
+                ps, pb = stats["page_size"], stats["page_bytes"]
+                m.tier_pages.labels("host").set(stats["pages_host"])
+                m.tier_pages.labels("store").set(stats.get("pages_store", 0))
+                counts += [(m.prefix_hits.labels("host"), stats["host_hit_pages"] * ps),
+                           (m.prefix_hits.labels("store"), stats["store_hit_pages"] * ps),
+                           (m.pages_moved.labels("device_to_host"), stats["host_pages_out"]),
+                           (m.pages_moved.labels("host_to_device"), stats["host_pages_in"]),
+                           (m.bytes_moved.labels("device_to_host"), stats["host_pages_out"] * pb),
+                           (m.bytes_moved.labels("host_to_device"), stats["host_pages_in"] * pb)]
+                if "store_pages_written" in stats:
+                    counts += [(m.pages_moved.labels("host_to_store"), stats["store_pages_written"]),
+                               (m.bytes_moved.labels("host_to_store"), stats["store_pages_written"] * pb)]
             for counter, total in counts:  # the engine keeps totals; counters take increments
                 counter.inc(total - self._seen.get(id(counter), 0))
                 self._seen[id(counter)] = total

@@ -28,9 +28,9 @@ import time
 from typing import Any
 
 from meshserve.models.errors import ConfigError
-from meshserve.runtime.engine import Engine
 from meshserve.runtime.kv_transfer import KVPages, Offer, StoreEndpoint, TransferEndpoint, TransferError
 from meshserve.serving.engine_loop import EngineLoop
+from meshserve.serving.info import EngineInfo
 from meshserve.serving.metrics import Metrics
 
 log = logging.getLogger("meshserve.handoff")
@@ -58,14 +58,14 @@ class Handoff:
     """One worker's transports, opened for its engine; `offer` on a prefill worker, `take` on a
     decode worker. Runs on the worker's event loop; the engine is touched only through its loop."""
 
-    def __init__(self, config: HandoffConfig, engine: Engine, metrics: Metrics):
+    def __init__(self, config: HandoffConfig, info: EngineInfo, metrics: Metrics):
         self.config, self.metrics = config, metrics
         self.transfer: TransferEndpoint | None = None
         self.store: StoreEndpoint | None = None
-        store = config.store or engine.config.kv_store
+        store = config.store or info.kv_store
         if config.transport in ("auto", "transfer"):
             try:
-                self.transfer = TransferEndpoint(engine.layout.mesh.devices.flat[0], config.transfer_host)
+                self.transfer = TransferEndpoint(info.device, config.transfer_host)
             except TransferError as e:
                 if config.transport == "transfer" or store is None:
                     raise ConfigError(f"{e} (set a KV store for the store transport)") from None
@@ -76,7 +76,7 @@ class Handoff:
                     raise ConfigError("the store transport needs a KV store: --kv-transfer-store, or kv_store "
                                       "in the engine config")
             else:
-                self.store = StoreEndpoint(store, engine.pool.page_shape, engine.pool.dtype)
+                self.store = StoreEndpoint(store, info.kv_page_shape, info.kv_page_dtype)
 
     @property
     def stuck(self) -> int:

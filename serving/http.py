@@ -1,5 +1,6 @@
-"""The OpenAI-compatible HTTP API, on its own port, in the same process and asyncio loop as the gRPC
-server, over the same preprocessing and engine loop.
+"""The OpenAI-compatible HTTP API: a transport of the process host (serving/host.py), on its own port,
+in the same process and asyncio loop as the gRPC one, over the same preprocessing, sessions and
+engine loop.
 
     POST /v1/completions, /v1/chat/completions   JSON or server-sent events (`stream: true`)
     GET  /v1/models · /health · /metrics · /tokenizer_info
@@ -15,10 +16,8 @@ framework's 422.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import functools
-import hmac
 import json
 import logging
 import time
@@ -27,14 +26,15 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from meshserve.models.errors import RequestError
-from meshserve.runtime.engine import QueueFullError, RequestOutput
-from meshserve.serving.engine_loop import EngineUnavailable, RequestFailed, RequestRejected, Stream
+from meshserve.models.errors import MeshserveError, RequestError
+from meshserve.runtime.engine import RequestOutput
+from meshserve.runtime.request import Request
 from meshserve.serving.openai import APIError, Choice, Generation, Shaper, invalid, parse_chat, parse_completion
-from meshserve.serving.preprocess import EngineRequest, Prompt
+from meshserve.serving.preprocess import Prompt
+from meshserve.serving.session import Session, bearer_ok, outcome_of
 
 if TYPE_CHECKING:
-    from meshserve.serving.server import Server
+    from meshserve.serving.host import ProcessHost
 
 log = logging.getLogger("meshserve.http")
 
@@ -61,28 +61,38 @@ def _sse(body: dict) -> bytes:
     return f"data: {json.dumps(body)}\n\n".encode()
 
 
-class HTTPFrontend:
-    def __init__(self, server: "Server"):
-        self.server = server
+class HTTPTransport:
+    def __init__(self):
+        self.host: "ProcessHost | None" = None
         self.runner: web.AppRunner | None = None
         self.port: int | None = None
         self.started = int(time.time())
 
-    async def start(self, host: str, port: int) -> int:
-        app = web.Application(client_max_size=self.server.config.max_message_bytes,
-                              middlewares=[self._errors, self._auth])
+    async def start(self, host: "ProcessHost") -> None:
+        self.host = host
+        app = web.Application(client_max_size=host.config.max_message_bytes, middlewares=[self._errors, self._auth])
         app.add_routes([web.post("/v1/completions", self.completions), web.post("/v1/chat/completions", self.chat),
-                        web.get("/v1/models", self.models), web.get("/health", self.health),
+                        web.get("/v1/models", self.models), web.get("/health", self.health_check),
                         web.get("/metrics", self.metrics), web.get("/tokenizer_info", self.tokenizer_info),
                         web.post("/tokenize", self.tokenize), web.post("/detokenize", self.detokenize)])
         self.runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
         await self.runner.setup()
-        site = web.TCPSite(self.runner, host, port, reuse_port=False)
-        await site.start()
+        site = web.TCPSite(self.runner, host.config.host, host.config.http_port, reuse_port=False)
+        try:
+            await site.start()
+        except OSError as e:
+            raise MeshserveError(f"cannot listen on {host.config.host}:{host.config.http_port} (HTTP): "
+                                 f"{e.strerror}") from None
         self.port = site._server.sockets[0].getsockname()[1]
-        return self.port
+        log.warning("meshserve OpenAI API listening on %s:%d", host.config.host, self.port)
 
-    async def stop(self) -> None:
+    async def ready(self, host: "ProcessHost") -> None:
+        pass
+
+    async def health(self, serving: bool) -> None:
+        pass  # GET /health asks the host each time
+
+    async def stop(self, grace: float) -> None:
         if self.runner is not None:
             await self.runner.cleanup()
 
@@ -95,7 +105,7 @@ class HTTPFrontend:
         except APIError as e:
             return _error(e)
         except web.HTTPRequestEntityTooLarge:
-            return _error(APIError(413, f"the request body is larger than {self.server.config.max_message_bytes} "
+            return _error(APIError(413, f"the request body is larger than {self.host.config.max_message_bytes} "
                                    "bytes (server.max_message_bytes)", None, "request_too_large"))
         except web.HTTPException as e:  # no such route or method: still the envelope
             return _error(APIError(e.status, f"{request.method} {request.path}: {e.reason}"))
@@ -105,14 +115,11 @@ class HTTPFrontend:
 
     @web.middleware
     async def _auth(self, request: web.Request, handler):
-        tokens = self.server.config.auth_tokens
+        tokens = self.host.config.auth_tokens
         if tokens and request.path not in OPEN:
-            given = request.headers.get("Authorization", "")
-            ok = given.startswith("Bearer ") and any(
-                hmac.compare_digest(given[7:].encode(), t.encode()) for t in tokens)
-            if not ok:
+            if not bearer_ok(request.headers.get("Authorization"), tokens):
                 if request.path.endswith("completions"):
-                    self.server.metrics.requests.labels("unauthenticated").inc()
+                    self.host.metrics.requests.labels("unauthenticated").inc()
                 raise APIError(401, "missing or wrong bearer token (header 'Authorization: Bearer <token>')",
                                None, "invalid_api_key")
         return await handler(request)
@@ -120,41 +127,41 @@ class HTTPFrontend:
     # ---- small endpoints ----------------------------------------------------------------------------
 
     def _engine(self):
-        pre = self.server.serving()
+        """The preprocessor and what is known of the engine, while serving (else a 503)."""
+        pre = self.host.serving()
         if pre is None:
-            raise APIError(503, self.server.unavailable(), None, "unavailable", retry_after=5)
-        return pre, self.server.loop.engine
+            raise APIError(503, self.host.unavailable(), None, "unavailable", retry_after=5)
+        return pre, self.host.info
 
     @property
     def model_name(self) -> str:
         """server.served_model_name, else the checkpoint folder's name (as vLLM names a model by its path)."""
-        engine = self.server.loop.engine
-        path = engine.checkpoint.path
-        return self.server.config.served_model_name or (path.name if path else engine.model_config.name)
+        info = self.host.info
+        return info.served_model_name or info.checkpoint_name or info.model.name
 
-    async def health(self, request: web.Request) -> web.Response:
-        return web.Response(status=200 if self.server.serving() is not None else 503)
+    async def health_check(self, request: web.Request) -> web.Response:
+        return web.Response(status=200 if self.host.serving() is not None else 503)
 
     async def metrics(self, request: web.Request) -> web.Response:
-        return web.Response(body=generate_latest(self.server.metrics.registry),
+        return web.Response(body=generate_latest(self.host.metrics.registry),
                             headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def models(self, request: web.Request) -> web.Response:
-        _, engine = self._engine()
+        _, info = self._engine()
         name = self.model_name
         return _json({"object": "list", "data": [{"id": name, "object": "model", "created": self.started,
                                                   "owned_by": "meshserve", "root": name, "parent": None,
-                                                  "max_model_len": engine.max_seq_len}]})
+                                                  "max_model_len": info.context_length}]})
 
     async def tokenizer_info(self, request: web.Request) -> web.Response:
-        _, engine = self._engine()
-        config = engine.tokenizer.config
+        _, info = self._engine()
+        config = info.tokenizer.config
         return _json({"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": (config.eos_tokens or (None,))[0],
                       "bos_token": config.bos_token, "pad_token": None, "chat_template": config.chat_template,
-                      "model_max_length": engine.max_seq_len, "add_bos_token": config.add_bos_token})
+                      "model_max_length": info.context_length, "add_bos_token": config.add_bos_token})
 
     async def tokenize(self, request: web.Request) -> web.Response:
-        pre, engine = self._engine()
+        pre, info = self._engine()
         body = await self._body(request)
         if ("prompt" in body) == ("messages" in body):
             raise invalid("give exactly one of prompt, messages", "prompt")
@@ -166,7 +173,7 @@ class HTTPFrontend:
         else:
             call = parse_chat({"messages": body["messages"]})
             ids = await self._pre(pre.run(pre.encode, call.prompts[0]))
-        return _json({"count": len(ids), "max_model_len": engine.max_seq_len, "tokens": ids, "token_strs": None})
+        return _json({"count": len(ids), "max_model_len": info.context_length, "tokens": ids, "token_strs": None})
 
     async def detokenize(self, request: web.Request) -> web.Response:
         pre, _ = self._engine()
@@ -201,48 +208,35 @@ class HTTPFrontend:
         return await self._generate(request, parse_chat)
 
     async def _generate(self, request: web.Request, parse) -> web.StreamResponse:
-        """One generation call: counted once in the metrics, whatever its outcome."""
-        arrival = time.monotonic()
-        outcome = ["abort"]  # until known otherwise: the client went away
-        try:
-            return await self._run(request, parse, arrival, outcome)
-        except APIError as e:
-            outcome[0] = {400: "invalid", 413: "invalid", 404: "invalid", 429: "rejected", 503: "unavailable"}.get(
-                e.status, "error")
-            raise
-        finally:
-            self.server.metrics.requests.labels(outcome[0]).inc()
+        """One generation call: one session, counted once in the metrics, whatever its outcome."""
+        async with self.host.session(time.monotonic()) as session:
+            try:
+                return await self._run(request, parse, session)
+            except APIError as e:
+                session.settle(e.outcome)
+                raise
 
-    async def _run(self, request, parse, arrival, outcome) -> web.StreamResponse:
+    async def _run(self, request, parse, session: Session) -> web.StreamResponse:
         call: Generation = parse(await self._body(request))
-        pre, engine = self._engine()
+        pre, info = self._engine()
         if call.model is not None and call.model != self.model_name:
             raise APIError(404, f"the model {call.model!r} does not exist (this server serves {self.model_name!r})",
                            "model", "model_not_found")
-        shaper = Shaper(call, self.model_name, _token_text(engine.tokenizer), engine.tokenizer.decode)
-        loop = self.server.loop
-        async with self.server.admitting():
-            requests = await self._prepare(call, pre, arrival)
-            streams = {i: (r, Stream(asyncio.get_running_loop(), asyncio.Queue(), arrival))
-                       for i, r in enumerate(requests)}
+        shaper = Shaper(call, self.model_name, _token_text(info.tokenizer), info.tokenizer.decode)
+        async with self.host.admitting():
+            requests = await self._prepare(call, pre, session.arrival)
             try:  # all at once (one engine step), all or none; the first of a prompt before its forks
-                await loop.admit_all(list(streams.values()))
-            except (RequestError, QueueFullError, EngineUnavailable) as e:
+                await session.admit(requests)
+            except Exception as e:
                 raise _api_error(e) from None
         prompt_ids = [requests[p * call.n].token_ids for p in range(len(call.prompts))]
         choices = [Choice(i) for i in range(len(requests))]
-        try:
-            if call.stream:
-                return await self._stream(request, call, shaper, streams, choices, prompt_ids, outcome)
-            await self._collect(streams, choices)
-        finally:  # whatever ended this (a client gone before its stream began…): nothing left running
-            for i, (r, stream) in streams.items():
-                if choices[i].finish_reason is None:
-                    loop.abort(r.request_id, stream)
-        outcome[0] = choices[0].finish_reason or "abort"
+        if call.stream:
+            return await self._stream(request, call, shaper, session, requests, choices, prompt_ids)
+        await self._collect(session, requests, choices)
         return _json(shaper.response(choices, prompt_ids))
 
-    async def _prepare(self, call: Generation, pre, arrival: float) -> list[EngineRequest]:
+    async def _prepare(self, call: Generation, pre, arrival: float) -> list[Request]:
         """Every choice's engine request: each prompt tokenized once, its samples forks of the first."""
         requests = []
         default = None if call.chat else call.sampling.get("max_tokens")
@@ -253,31 +247,31 @@ class HTTPFrontend:
             requests.append(first)
             for i, seed in enumerate(call.seeds()[1:], 1):  # scored once: forks take the first's scores
                 params = dataclasses.replace(first.params, seed=seed)
-                requests.append(EngineRequest(first.token_ids, params, first.priority, f"{first.request_id}-{i}",
+                requests.append(Request(first.token_ids, params, first.priority, f"{first.request_id}-{i}",
                                               arrival, fork_of=first.request_id))
         return requests
 
-    async def _collect(self, streams, choices: list[Choice]) -> None:
+    async def _collect(self, session: Session, requests: list[Request], choices: list[Choice]) -> None:
         try:
             async with asyncio.TaskGroup() as group:  # a cancelled handler (client gone) cancels them all
-                for i, (r, stream) in streams.items():
-                    group.create_task(self._follow(r, stream, choices[i]))
+                for r, choice in zip(requests, choices):
+                    group.create_task(self._follow(session, r, choice))
         except* APIError as failed:
             raise failed.exceptions[0] from None
 
-    async def _follow(self, r: EngineRequest, stream: Stream, choice: Choice, on_output=None) -> None:
-        loop = self.server.loop
+    @staticmethod
+    async def _follow(session: Session, r: Request, choice: Choice, on_output=None) -> None:
         try:
-            async with contextlib.aclosing(loop.outputs(r.request_id, stream)) as outputs:
-                async for out in outputs:
-                    _add(choice, out)
-                    if on_output is not None:
-                        await on_output(choice, out)
-        except (EngineUnavailable, RequestRejected, RequestFailed) as e:
+            async for out in session.outputs(r.request_id):
+                _add(choice, out)
+                if on_output is not None:
+                    await on_output(choice, out)
+        except MeshserveError as e:  # unavailable, rejected in the queue, failed
+            session.fail(e)
             raise _api_error(e) from None
 
-    async def _stream(self, request, call: Generation, shaper: Shaper, streams, choices, prompt_ids,
-                      outcome) -> web.StreamResponse:
+    async def _stream(self, request, call: Generation, shaper: Shaper, session: Session, requests: list[Request],
+                      choices: list[Choice], prompt_ids) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await response.prepare(request)
         offsets = {}
@@ -320,9 +314,8 @@ class HTTPFrontend:
         error, gone = None, False
         try:
             async with asyncio.TaskGroup() as group:
-                for i, (r, stream) in streams.items():
-                    group.create_task(self._follow(r, stream, choices[i], on_output))
-            outcome[0] = choices[0].finish_reason or "abort"
+                for r, choice in zip(requests, choices):
+                    group.create_task(self._follow(session, r, choice, on_output))
             if call.include_usage:
                 await response.write(_sse(shaper.usage_chunk(choices)))
         except* ConnectionResetError:  # the client left mid-stream: its requests were aborted on the way out
@@ -332,7 +325,6 @@ class HTTPFrontend:
         if gone:
             return response
         if error is not None:
-            outcome[0] = {429: "rejected", 503: "unavailable"}.get(error.status, "error")
             await response.write(_sse(error.body()))
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
@@ -351,11 +343,13 @@ def _add(choice: Choice, out: RequestOutput) -> None:
 
 
 def _api_error(e: Exception) -> APIError:
-    if isinstance(e, RequestError):
+    """A session's refusal or failure in the OpenAI envelope (the status follows the outcome)."""
+    outcome = outcome_of(e)
+    if outcome == "invalid":
         return invalid(str(e), _param_of(str(e)))
-    if isinstance(e, (QueueFullError, RequestRejected)):
+    if outcome == "rejected":
         return APIError(429, str(e), None, "queue_full", retry_after=RETRY_AFTER_S)
-    if isinstance(e, EngineUnavailable):
+    if outcome == "unavailable":
         return APIError(503, str(e), None, "unavailable", retry_after=RETRY_AFTER_S)
     return APIError(500, str(e), None, None)
 

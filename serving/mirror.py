@@ -60,17 +60,15 @@ class StepMirror:
 
 
 def add_command(request) -> tuple:
-    """An EngineRequest (serving/preprocess.py) as a turn's command."""
-    return ("add", request.token_ids, request.params, request.request_id, request.priority, request.arrival,
-            request.fork_of)
+    """A checked Request (runtime/request.py) as a turn's command."""
+    return ("add", request)
 
 
 def apply(engine, command: tuple[Any, ...]) -> bool:
     """Replay one command on a following process; False for "stop"."""
     kind = command[0]
     if kind == "add":
-        _, token_ids, params, rid, priority, arrival, fork_of = command
-        engine.add_request(token_ids, params, request_id=rid, priority=priority, arrival=arrival, fork_of=fork_of)
+        engine.add(command[1])  # checked on process 0
     elif kind == "abort":
         engine.abort(command[1])
     elif kind == "stop":

@@ -55,6 +55,12 @@ class APIError(MeshserveError):
         return {"error": {"message": self.message, "type": self.TYPES.get(self.status, "server_error"),
                           "param": self.param, "code": self.code}}
 
+    @property
+    def outcome(self) -> str:
+        """The outcome a call it ends is counted under (serving/session.py)."""
+        return {400: "invalid", 404: "invalid", 413: "invalid", 401: "unauthenticated", 429: "rejected",
+                503: "unavailable"}.get(self.status, "error")
+
 
 def invalid(message: str, param: str | None) -> APIError:
     return APIError(400, message, param, "invalid_value" if param else None)

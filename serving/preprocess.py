@@ -1,6 +1,7 @@
 """Request preprocessing, shared by every frontend: a prompt (text, token ids or chat messages) and
-sampling values in, a checked `EngineRequest` out — tokenized, defaults filled, every value checked
-against the engine's limits, so what reaches the engine thread is known to be servable.
+sampling values in, a checked `Request` (runtime/request.py) out — tokenized, defaults filled, every
+value checked against the engine's limits once, here, so what reaches the engine thread is known to
+be servable and is not checked again.
 
 Tokenizing a long prompt or rendering a chat template takes real time (seconds for megabytes), so
 frontends run `prepare` on this module's small thread pool, never on their event loop; the
@@ -17,9 +18,9 @@ import uuid
 from typing import Any, Mapping, Sequence
 
 from meshserve.models.errors import RequestError
-from meshserve.models.tokenizer import Tokenizer
-from meshserve.runtime.request import RequestLimits, check_request
+from meshserve.runtime.request import Request, check_request
 from meshserve.runtime.sampling import SamplingParams
+from meshserve.serving.info import EngineInfo
 
 ROLES = ("system", "developer", "user", "assistant", "tool")  # the chat roles a request may use
 MAX_REQUEST_ID = 256
@@ -36,34 +37,6 @@ class Prompt:
     messages: Sequence[Mapping[str, Any]] | None = None  # {"role", "content"}
 
 
-@dataclasses.dataclass(frozen=True)
-class EngineRequest:
-    """A request ready for Engine.add_request."""
-
-    token_ids: list[int]
-    params: SamplingParams
-    priority: int
-    request_id: str
-    arrival: float  # time.monotonic() when the frontend received it: queue time and TTFT count from here
-    fork_of: str | None = None  # another sample of this request's prompt (Engine.add_request)
-
-
-@dataclasses.dataclass(frozen=True)
-class EngineFacts:
-    """What preprocessing must know of the engine (read once it is built)."""
-
-    vocab_size: int
-    max_seq_len: int
-    priority_levels: int
-    limits: RequestLimits
-    eos_ids: int  # how many token ids end generation by themselves
-
-    @classmethod
-    def of(cls, engine) -> "EngineFacts":
-        return cls(engine.model_config.vocab_size, engine.max_seq_len, engine.config.priority_levels,
-                   engine.config.limits, len(engine.eos_ids))
-
-
 def _unicode(text: str, field: str) -> str:
     if not isinstance(text, str):
         raise RequestError(f"{field} must be a string")
@@ -75,9 +48,9 @@ def _unicode(text: str, field: str) -> str:
 
 
 class Preprocessor:
-    def __init__(self, tokenizer: Tokenizer, facts: EngineFacts, threads: int = THREADS):
-        self.tokenizer = tokenizer
-        self.facts = facts
+    def __init__(self, info: EngineInfo, threads: int = THREADS):
+        self.tokenizer = info.tokenizer
+        self.info = info
         self._pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="meshserve-preprocess")
 
     def close(self) -> None:
@@ -114,7 +87,7 @@ class Preprocessor:
             raise RequestError(f"messages: the chat template failed: {e}") from None
 
     def decode(self, token_ids: Sequence[int]) -> str:
-        vocab = self.facts.vocab_size
+        vocab = self.info.vocab_size
         bad = next((t for t in token_ids if not 0 <= t < vocab), None)
         if bad is not None:
             raise RequestError(f"token_ids: {bad} is outside the vocabulary (size {vocab})")
@@ -122,7 +95,7 @@ class Preprocessor:
 
     def prepare(self, prompt: Prompt, sampling: Mapping[str, Any], *, priority: int = 0,
                 request_id: str | None = None, arrival: float,
-                default_max_tokens: int | None = DEFAULT_MAX_TOKENS) -> EngineRequest:
+                default_max_tokens: int | None = DEFAULT_MAX_TOKENS) -> Request:
         """Raises RequestError naming the first problem. Without max_tokens: `default_max_tokens`
         within the context (None: the whole rest of the context)."""
         if request_id is not None and (len(request_id) > MAX_REQUEST_ID or not request_id.isprintable()):
@@ -135,10 +108,15 @@ class Preprocessor:
             elif name == "stop_token_ids":
                 values[name] = tuple(value)
         if "max_tokens" not in values:
-            room = self.facts.max_seq_len - len(ids)
+            room = self.info.context_length - len(ids)
             values["max_tokens"] = max(1, room if default_max_tokens is None else min(default_max_tokens, room))
-        params = SamplingParams(**values)
-        f = self.facts
-        check_request(ids, params, priority, vocab_size=f.vocab_size, max_seq_len=f.max_seq_len,
-                      priority_levels=f.priority_levels, limits=f.limits, eos_ids=f.eos_ids)
-        return EngineRequest(ids, params, priority, request_id or uuid.uuid4().hex, arrival)
+        return self.check(ids, SamplingParams(**values), priority, request_id=request_id or uuid.uuid4().hex,
+                          arrival=arrival)
+
+    def check(self, ids: Sequence[int], params: SamplingParams, priority: int = 0, **fields) -> Request:
+        """The request, checked against the engine's limits (RequestError naming the first problem):
+        the one check a request gets."""
+        f = self.info
+        check_request(ids, params, priority, vocab_size=f.vocab_size, max_seq_len=f.context_length,
+                      priority_levels=f.priority_levels, limits=f.limits, eos_ids=len(f.eos_ids))
+        return Request(tuple(ids), params, priority, **fields)

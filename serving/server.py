@@ -17,10 +17,7 @@ EXIT_ENGINE_FAILED (see the failure contract in serving/engine_loop.py).
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import hmac
 import logging
-import signal
 import threading
 import time
 from typing import Callable
@@ -31,23 +28,21 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from meshserve.models.errors import MeshserveError, RequestError
-from meshserve.runtime.engine import Engine, EngineConfig, QueueFullError, RequestOutput
+from meshserve.runtime.engine import Engine, EngineConfig, RequestOutput
 from meshserve.runtime.sampling import MAX_LOGPROBS
 from meshserve.serving.config import ServerConfig
-from meshserve.serving.engine_loop import (EngineLoop, EngineUnavailable, RequestFailed, RequestRejected, State,
-                                           Stream)
-from meshserve.serving.http import HTTPFrontend
+from meshserve.serving.host import EXIT_ENGINE_FAILED, ProcessHost  # noqa: F401  (the exit code, for callers)
+from meshserve.serving.http import HTTPTransport
 from meshserve.serving.metrics import Metrics
-from meshserve.serving.preprocess import EngineFacts, Preprocessor, Prompt
+from meshserve.serving.preprocess import Preprocessor, Prompt
 from meshserve.serving.proto.meshserve.v1 import generation_pb2 as pb
+from meshserve.serving.session import bearer_ok, outcome_of
 
 log = logging.getLogger("meshserve.server")
 
 SERVICE = pb.DESCRIPTOR.services_by_name["Generation"].full_name  # "meshserve.v1.Generation"
 FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH, "abort": pb.FINISH_REASON_ABORT,
           "error": pb.FINISH_REASON_ERROR}
-EXIT_ENGINE_FAILED = 3  # the process's exit code after an engine failure
-STOP_TIMEOUT_S = 600.0  # longest wait for the engine thread to persist the prefix cache and end
 
 
 # ---- the gRPC service --------------------------------------------------------------------------
@@ -89,72 +84,43 @@ def _prompt(text: str, token_ids, messages) -> Prompt:
 
 
 class GenerationService:
-    """meshserve.v1.Generation: parses the wire format, hands the rest to the preprocessor and the
-    engine loop, and maps their outcomes to status codes. Every Generate call is counted once in
-    `meshserve_requests_total`, whatever its outcome."""
+    """meshserve.v1.Generation: parses the wire format, hands the rest to the preprocessor and a
+    session with the engine loop, and maps outcomes to status codes. Every Generate call is counted
+    once in `meshserve_requests_total`, whatever its outcome."""
 
-    def __init__(self, server: "Server"):
-        self.server = server
+    def __init__(self, host: ProcessHost):
+        self.host = host
 
-    async def _ready(self, context, request, ends=lambda outcome: None) -> Preprocessor:
+    async def _ready(self, context, request, session=None) -> Preprocessor:
         """The preprocessor, if the request parsed and the server is serving; else the call ends."""
         if isinstance(request, _Undecodable):
-            ends("invalid")
-            await self._invalid(context, request.error)
-        pre = self.server.serving()
+            if session is not None:
+                session.settle("invalid")
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.error)
+        pre = self.host.serving()
         if pre is None:
-            ends("unavailable")
-            await context.abort(grpc.StatusCode.UNAVAILABLE, self.server.unavailable())
+            if session is not None:
+                session.settle("unavailable")
+            await context.abort(grpc.StatusCode.UNAVAILABLE, self.host.unavailable())
         return pre
 
-    async def _invalid(self, context, message: str):
-        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
-
     async def Generate(self, request: pb.GenerateRequest, context):
-        arrival = time.monotonic()
-        outcome = ["abort"]  # until known otherwise: the client went away
-        try:
-            async for resp in self._generate(request, context, arrival, outcome):
-                yield resp
-        finally:
-            self.server.metrics.requests.labels(outcome[0]).inc()
-
-    async def _generate(self, request, context, arrival: float, outcome: list):
-        def ends(how: str):
-            outcome[0] = how
-
-        pre = await self._ready(context, request, ends)
-        loop = self.server.loop
-        try:
-            async with self.server.admitting():  # in flight from here on: a graceful stop waits for it
-                prepared = await pre.run(pre.prepare, _prompt(request.text, request.token_ids, request.messages),
-                                         _sampling(request.sampling), priority=request.priority,
-                                         request_id=request.request_id or None, arrival=arrival)
-                stream = Stream(asyncio.get_running_loop(), asyncio.Queue(), arrival)
-                await loop.admit(prepared, stream)
-            async with contextlib.aclosing(loop.outputs(prepared.request_id, stream)) as outputs:
-                async for out in outputs:
-                    if out.finished:
-                        ends(out.finish_reason)
-                    yield self._response(prepared.request_id, out, stream)
-        except RequestError as e:
-            ends("invalid")
-            await self._invalid(context, str(e))
-        except (QueueFullError, RequestRejected) as e:
-            ends("rejected")
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
-        except EngineUnavailable as e:
-            ends("unavailable")
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
-        except RequestFailed as e:
-            ends("error")
-            await context.abort(grpc.StatusCode.INTERNAL, str(e))
-        except Exception as e:  # a fault of preprocessing or admission: this request only
-            ends("error")
-            await context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
+        async with self.host.session(time.monotonic()) as session:
+            pre = await self._ready(context, request, session)
+            try:
+                async with self.host.admitting():  # in flight from here on: a graceful stop waits for it
+                    prepared = await pre.run(pre.prepare, _prompt(request.text, request.token_ids, request.messages),
+                                             _sampling(request.sampling), priority=request.priority,
+                                             request_id=request.request_id or None, arrival=session.arrival)
+                    await session.admit([prepared])
+                async for out in session.outputs(prepared.request_id):
+                    yield self._response(prepared.request_id, out, session.stream(prepared.request_id))
+            except Exception as e:  # this request only: its status code, counted by its outcome
+                session.fail(e)
+                await context.abort(*_status(e))
 
     @staticmethod
-    def _response(rid: str, out: RequestOutput, stream: Stream) -> pb.GenerateResponse:
+    def _response(rid: str, out: RequestOutput, stream) -> pb.GenerateResponse:
         resp = pb.GenerateResponse(request_id=rid, token_ids=list(out.token_ids), text=out.text)
         for lp in out.logprobs:
             resp.logprobs.append(pb.TokenLogprob(token_id=lp.token_id, logprob=lp.logprob,
@@ -171,11 +137,11 @@ class GenerationService:
     async def Tokenize(self, request: pb.TokenizeRequest, context):
         pre = await self._ready(context, request)
         if bool(request.text) == bool(request.messages):
-            await self._invalid(context, "input: set exactly one of text, messages")
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "input: set exactly one of text, messages")
         try:
             ids = await pre.run(pre.encode, _prompt(request.text, (), request.messages))
         except RequestError as e:
-            await self._invalid(context, str(e))
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         return pb.TokenizeResponse(token_ids=ids)
 
     async def Detokenize(self, request: pb.DetokenizeRequest, context):
@@ -183,18 +149,16 @@ class GenerationService:
         try:
             text = await pre.run(pre.decode, list(request.token_ids))
         except RequestError as e:
-            await self._invalid(context, str(e))
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         return pb.DetokenizeResponse(text=text)
 
     async def ModelInfo(self, request: pb.ModelInfoRequest, context):
         await self._ready(context, request)
-        engine = self.server.loop.engine
-        c = engine.model_config
+        info = self.host.info
         return pb.ModelInfoResponse(
-            name=c.name, architecture=c.architecture, context_length=engine.max_seq_len, vocab_size=c.vocab_size,
-            dtype=str(engine.checkpoint.dtype), mesh=engine.layout.describe(), max_logprobs=MAX_LOGPROBS,
-            priority_levels=engine.config.priority_levels, page_size=engine.config.page_size,
-            kv_fingerprint=engine.fingerprint.hex())
+            name=info.model.name, architecture=info.model.architecture, context_length=info.context_length,
+            vocab_size=info.vocab_size, dtype=info.dtype, mesh=info.mesh, max_logprobs=MAX_LOGPROBS,
+            priority_levels=info.priority_levels, page_size=info.page_size, kv_fingerprint=info.kv_fingerprint)
 
     def handler(self) -> grpc.GenericRpcHandler:
         """The service's methods, with requests parsed leniently (see _Undecodable)."""
@@ -211,19 +175,26 @@ class GenerationService:
         return grpc.method_handlers_generic_handler(SERVICE, methods)
 
 
+STATUS = {"invalid": grpc.StatusCode.INVALID_ARGUMENT, "rejected": grpc.StatusCode.RESOURCE_EXHAUSTED,
+          "unavailable": grpc.StatusCode.UNAVAILABLE, "unauthenticated": grpc.StatusCode.UNAUTHENTICATED}
+
+
+def _status(error: Exception) -> tuple[grpc.StatusCode, str]:
+    """The status code and message a call ended by `error` gets (INTERNAL: a fault of this request)."""
+    code = STATUS.get(outcome_of(error), grpc.StatusCode.INTERNAL)
+    known = isinstance(error, MeshserveError)
+    return code, str(error) if known else f"{type(error).__name__}: {error}"
+
+
 class AuthInterceptor(grpc.aio.ServerInterceptor):
     """Bearer tokens in the `authorization` metadata; health checks need none."""
 
     def __init__(self, tokens: tuple[str, ...], metrics: Metrics):
-        self._tokens = [t.encode() for t in tokens]
+        self._tokens = tokens
         self._metrics = metrics
 
     def _ok(self, metadata) -> bool:
-        for key, value in metadata or ():
-            if key == "authorization" and isinstance(value, str) and value.startswith("Bearer "):
-                given = value[len("Bearer "):].encode()
-                return any(hmac.compare_digest(given, t) for t in self._tokens)
-        return False
+        return any(key == "authorization" and bearer_ok(value, self._tokens) for key, value in metadata or ())
 
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
@@ -249,95 +220,24 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
                     response_serializer=handler.response_serializer)
 
 
-# ---- the server --------------------------------------------------------------------------------
+class GrpcTransport:
+    """meshserve.v1.Generation, health and reflection on `server.port` (a transport of the host)."""
 
-
-class Server:
-    """`build` loads the model and returns a compiled Engine; it runs on the engine thread, after
-    the port is open, so health checks answer (NOT_SERVING) while the programs compile.
-
-    Lifecycle: STARTING (NOT_SERVING) → SERVING → on SIGTERM: drain, abort the rest, persist the
-    prefix cache, exit 0; on an engine failure: NOT_SERVING at once, every stream ended with
-    UNAVAILABLE, `exit_code` EXIT_ENGINE_FAILED (the process exits for a supervisor to restart it)."""
-
-    def __init__(self, config: ServerConfig, build: Callable[[], Engine], mirror=None):
-        self.config = config
-        self.metrics = Metrics()
-        self.loop = EngineLoop(build, self.metrics, step_timeout_s=config.step_timeout_s,
-                               on_ready=self._on_ready, on_failure=self._on_failure, mirror=mirror)
-        self.health = health.aio.HealthServicer()
-        self.draining = False
-        self._admitting = 0  # requests being preprocessed or handed to the engine
-        self.preprocessor: Preprocessor | None = None
-        self.exit_code = 0
+    def __init__(self):
+        self.health_servicer = health.aio.HealthServicer()
         self.port: int | None = None
-        self.metrics_port: int | None = None
-        self.http: HTTPFrontend | None = None  # the OpenAI-compatible API, when server.http_port is set
-        self._grpc: grpc.aio.Server | None = None
-        self._aio_loop: asyncio.AbstractEventLoop | None = None
-        self._stopped: asyncio.Event | None = None
+        self._server: grpc.aio.Server | None = None
 
-    def serving(self) -> Preprocessor | None:
-        """The preprocessor while requests are admitted; None while warming up, draining or failed."""
-        if self.draining or self.loop.state is not State.SERVING:
-            return None
-        return self.preprocessor
-
-    @contextlib.asynccontextmanager
-    async def admitting(self):
-        """Around a request's preprocessing and admission: a graceful stop waits for it too."""
-        self._admitting += 1
-        try:
-            yield
-        finally:
-            self._admitting -= 1
-
-    def unavailable(self) -> str:
-        if self.loop.state is State.SERVING:  # the engine is, this server is not (yet, or any more)
-            return "the server is shutting down" if self.draining else "the server is warming up; retry shortly"
-        return str(self.loop.unavailable())
-
-    def _on_ready(self, engine: Engine) -> None:  # on the engine thread
-        self.preprocessor = Preprocessor(engine.tokenizer, EngineFacts.of(engine))
-        self._aio_loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._set_health(True)))
-
-    def _on_failure(self, reason: str) -> None:  # on the engine or watchdog thread
-        self._aio_loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._fail(reason)))
-
-    async def _fail(self, reason: str) -> None:
-        """The engine cannot go on: say so at once, stop listening, let the process exit non-zero."""
-        await self._set_health(False)
-        self.exit_code = EXIT_ENGINE_FAILED
-        if self.draining:  # a shutdown in progress finishes the job
-            return
-        self.draining = True
-        await self._close(grace=1.0)  # every stream has had its status already
-
-    async def _set_health(self, serving: bool) -> None:
-        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
-        async with self._health_lock:  # one change at a time: a failure never interleaves with "ready"
-            if serving and (self.loop.state is not State.SERVING or self.draining):
-                return  # failed or stopping before this could run
-            for name in ("", SERVICE):
-                await self.health.set(name, status)
-
-    async def start(self) -> None:
-        import jax
-
-        cfg = self.config
-        self._aio_loop = asyncio.get_running_loop()
-        self._stopped = asyncio.Event()
-        self._health_lock = asyncio.Lock()
-        jax.monitoring.register_event_duration_secs_listener(self._count_compile)
+    async def start(self, host: ProcessHost) -> None:
+        cfg = host.config
         options = [("grpc.max_receive_message_length", cfg.max_message_bytes),
-                   ("grpc.max_send_message_length", cfg.max_message_bytes),
-                   ("grpc.so_reuseport", 0)]
-        interceptors = [AuthInterceptor(cfg.auth_tokens, self.metrics)] if cfg.auth_tokens else []
+                   ("grpc.max_send_message_length", cfg.max_message_bytes), ("grpc.so_reuseport", 0)]
+        interceptors = [AuthInterceptor(cfg.auth_tokens, host.metrics)] if cfg.auth_tokens else []
         server = grpc.aio.server(interceptors=interceptors, options=options)
-        server.add_generic_rpc_handlers((GenerationService(self).handler(),))
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        server.add_generic_rpc_handlers((GenerationService(host).handler(),))
+        health_pb2_grpc.add_HealthServicer_to_server(self.health_servicer, server)
         reflection.enable_server_reflection((SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-        await self._set_health(False)
+        await self.health(False)
         address = f"{cfg.host}:{cfg.port}"
         if cfg.tls_cert:
             try:
@@ -351,79 +251,48 @@ class Server:
             raise MeshserveError(f"cannot listen on {address}")
         self.port = port
         await server.start()
-        self._grpc = server
-        if cfg.metrics_port is not None:
-            self.metrics_port = self.metrics.serve(cfg.host, cfg.metrics_port)
-        if cfg.http_port is not None:
-            self.http = HTTPFrontend(self)
-            try:
-                await self.http.start(cfg.host, cfg.http_port)
-            except OSError as e:
-                raise MeshserveError(f"cannot listen on {cfg.host}:{cfg.http_port} (HTTP): {e.strerror}") from None
-        self.loop.start()
+        self._server = server
+        log.warning("meshserve gRPC listening on %s:%d", cfg.host, port)
 
-    def _count_compile(self, event: str, secs: float, **kw) -> None:
-        if event == "/jax/core/compile/backend_compile_duration":
-            self.metrics.compilations.inc()
+    async def ready(self, host: ProcessHost) -> None:
+        pass
 
-    async def wait_ready(self, timeout: float | None = None) -> None:
-        """Until warm-up is over; raises the build's error if it failed."""
-        await asyncio.get_running_loop().run_in_executor(None, self.loop.ready.wait, timeout)
-        if self.loop.error is not None:
-            raise self.loop.error
+    async def health(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", SERVICE):
+            await self.health_servicer.set(name, status)
 
-    async def shutdown(self, drain_timeout_s: float | None = None) -> None:
-        """Stop admitting, let in-flight requests finish (up to the drain timeout), abort the rest,
-        then stop the engine thread (which persists the prefix cache) and wait for it."""
-        if self.draining:
-            return
-        self.draining = True
-        await self._set_health(False)
-        deadline = time.monotonic() + (self.config.drain_timeout_s if drain_timeout_s is None else drain_timeout_s)
-        while ((self.loop.in_flight or self._admitting) and time.monotonic() < deadline
-               and self.loop.state is State.SERVING):
-            await asyncio.sleep(0.05)
-        self.loop.abort_all()
-        await self._close(grace=1.0)
-
-    async def _close(self, grace: float) -> None:
-        await asyncio.sleep(0.1)  # let the last outputs reach their streams
-        if self.http is not None:
-            await self.http.stop()
-        await self._grpc.stop(grace=grace)
-        if self.loop.state is not State.FAILED:  # a failed engine thread may be stuck: never wait on it
-            await asyncio.get_running_loop().run_in_executor(None, self.loop.stop, STOP_TIMEOUT_S)
-        if self.preprocessor is not None:
-            self.preprocessor.close()
-        self.metrics.close()
-        import jax
-
-        jax.monitoring.unregister_event_duration_listener(self._count_compile)
-        self._stopped.set()
-
-    async def wait_closed(self) -> None:
-        await self._stopped.wait()
+    async def stop(self, grace: float) -> None:
+        if self._server is not None:
+            await self._server.stop(grace=grace)
 
 
-async def serve_forever(server: Server) -> int:
-    """Run until SIGTERM or SIGINT (then shut down gracefully: exit code 0) or an engine failure
-    (EXIT_ENGINE_FAILED); returns the exit code."""
-    await server.start()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, lambda: asyncio.ensure_future(server.shutdown()))
-    log.warning("meshserve listening on %s:%d (metrics on %s); warming up", server.config.host, server.port,
-                server.metrics_port)
-    ready = asyncio.ensure_future(server.wait_ready())
-    closed = asyncio.ensure_future(server.wait_closed())
-    await asyncio.wait([ready, closed], return_when=asyncio.FIRST_COMPLETED)
-    if ready.done() and ready.exception() is not None:
-        await server.shutdown(0)
-        raise ready.exception()
-    if ready.done() and server.loop.state is State.SERVING:
-        log.warning("meshserve serving %s", server.loop.engine.model_config.name)
-    await closed
-    return server.exit_code
+# ---- the server --------------------------------------------------------------------------------
+
+
+class Server(ProcessHost):
+    """`meshserve serve`'s process: the host (serving/host.py) with the gRPC transport (unless
+    `server.port` is null) and the OpenAI HTTP one (when `server.http_port` is set). `build` loads
+    the model and returns a compiled Engine; it runs on the engine thread, after the ports are
+    open, so health checks answer (NOT_SERVING) while the programs compile."""
+
+    def __init__(self, config: ServerConfig, build: Callable[[], Engine], mirror=None):
+        super().__init__(config, build, mirror=mirror)
+        self.grpc = self.register(GrpcTransport()) if config.port is not None else None
+        self.http = self.register(HTTPTransport()) if config.http_port is not None else None
+
+    @property
+    def port(self) -> int | None:
+        return self.grpc.port if self.grpc is not None else None
+
+    @property
+    def health(self):
+        return self.grpc.health_servicer if self.grpc is not None else None
+
+
+async def serve_forever(server: ProcessHost) -> int:
+    """Run until SIGTERM or SIGINT (exit code 0) or an engine failure (EXIT_ENGINE_FAILED)."""
+    return await server.serve_forever()
 
 
 class ServerThread:

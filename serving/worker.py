@@ -34,7 +34,6 @@ import json
 import logging
 import os
 import shutil
-import signal
 import sys
 import tempfile
 import time
@@ -47,19 +46,18 @@ from meshserve.runtime.engine import Engine, QueueFullError
 from meshserve.runtime.kv_tiers import KVEvent
 from meshserve.runtime.sampling import SamplingParams
 from meshserve.serving.config import ServerConfig
-from meshserve.serving.engine_loop import EngineLoop, EngineUnavailable, State, Stream
+from meshserve.serving.engine_loop import EngineUnavailable
 from meshserve.serving.handoff import Handoff, HandoffConfig
-from meshserve.serving.metrics import Metrics
-from meshserve.serving.preprocess import EngineRequest
+from meshserve.serving.host import ProcessHost
+from meshserve.serving.info import EngineInfo
 
 log = logging.getLogger("meshserve.worker")
 
-EXIT_ENGINE_FAILED = 3
 ROLES = ("both", "prefill", "decode")  # aggregated; or one half of Dynamo's disaggregated serving
 FINISH_REASONS = {"stop": "stop", "length": "length", "abort": "cancelled"}
 
 
-def model_card(engine: Engine, parent: Path) -> Path:
+def model_card(info: EngineInfo, parent: Path) -> Path:
     """The files Dynamo's model card is made of — config.json (Hugging Face keys), tokenizer.json,
     tokenizer_config.json (with the chat template) — in a folder of `parent` named by their
     content. Dynamo's frontend accepts the workers of one model only if their cards agree, path
@@ -68,7 +66,7 @@ def model_card(engine: Engine, parent: Path) -> Path:
 
     staging = Path(tempfile.mkdtemp(prefix=".meshserve-card-", dir=parent))
     try:
-        _write_card(engine, staging)
+        _write_card(info, staging)
         digest = hashlib.sha256()
         for f in sorted(staging.iterdir()):
             digest.update(f.name.encode() + b"\0" + f.read_bytes())
@@ -81,14 +79,14 @@ def model_card(engine: Engine, parent: Path) -> Path:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _write_card(engine: Engine, folder: Path) -> None:
-    c, tok = engine.model_config, engine.tokenizer
+def _write_card(info: EngineInfo, folder: Path) -> None:
+    c, tok = info.model, info.tokenizer
     config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": c.vocab_size,
               "hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,
               "num_hidden_layers": c.num_layers, "num_attention_heads": c.num_heads,
               "num_key_value_heads": c.num_kv_heads, "head_dim": c.head_dim,
-              "max_position_embeddings": engine.max_seq_len, "bos_token_id": tok.bos_id,
-              "eos_token_id": sorted(engine.eos_ids)}
+              "max_position_embeddings": info.context_length, "bos_token_id": tok.bos_id,
+              "eos_token_id": sorted(info.eos_ids)}
     (folder / "config.json").write_text(json.dumps(config, indent=1))
     tok.save(folder)
 
@@ -157,7 +155,8 @@ class KVPublisher:
 
 
 class Worker:
-    """One engine registered with Dynamo as `namespace.component.endpoint`, serving `model_name`."""
+    """One engine registered with Dynamo as `namespace.component.endpoint`, serving `model_name`: a
+    transport of its own process host (serving/host.py), which keeps its health, drain and exit code."""
 
     def __init__(self, config: ServerConfig, build: Callable[[], Engine], *,
                  model_name: str | None = None, namespace: str = "dynamo", component: str = "backend",
@@ -170,34 +169,30 @@ class Worker:
         self.role = role
         self.handoff_config = handoff
         self.handoff: Handoff | None = None  # of a prefill or decode worker, opened once the engine is built
-        self.config = config
         self.model_name = model_name
         self.address = f"{namespace}.{component}.{endpoint}"
-        self.metrics = Metrics()
-        self.metrics_port = metrics_port  # meshserve's own Prometheus metrics; None: off (Dynamo's are on DYN_SYSTEM_PORT)
-        self.loop = EngineLoop(build, self.metrics, step_timeout_s=config.step_timeout_s,
-                               on_failure=self._on_failure, on_step=self._on_step, mirror=mirror)
-        self.exit_code = 0
+        # meshserve's own Prometheus metrics on `metrics_port` (None: off; Dynamo's are on DYN_SYSTEM_PORT)
+        self.host = ProcessHost(dataclasses.replace(config, port=None, http_port=None, metrics_port=metrics_port),
+                                build, mirror=mirror)
+        self.host.register(self)
+        self.host.step_observers.append(self._on_step)
+        self.loop, self.metrics = self.host.loop, self.host.metrics
         self.kv: KVPublisher | None = None
         self._aio: asyncio.AbstractEventLoop | None = None
         self._runtime = None
         self._endpoint = None
+        self._serving: asyncio.Future | None = None
         self._load = None
-        self._leaving = False
         self._used = -1  # pages in use last published (engine thread)
 
     # ---- engine thread ---------------------------------------------------------------------------
 
     def _on_step(self, engine: Engine) -> None:
         """After every step: hand the event loop what changed (cached pages, pages in use), if anything."""
-        events, used = engine.drain_kv_events(), engine.blocks.num_used
+        events, used = engine.drain_kv_events(), engine.stats()["pages_used"]
         if events or used != self._used:
             self._used = used
             self._aio.call_soon_threadsafe(self._after_step, events, used)
-
-    def _on_failure(self, reason: str) -> None:
-        log.critical("the engine failed (%s): leaving discovery and exiting", reason)
-        self._aio.call_soon_threadsafe(lambda: asyncio.ensure_future(self.leave(EXIT_ENGINE_FAILED, 0.0)))
 
     # ---- event loop -------------------------------------------------------------------------------
 
@@ -211,123 +206,104 @@ class Worker:
             log.error("KV events or load metrics could not be published: %s: %s", type(e).__name__, e)
             self.metrics.kv_event_failures.inc()
 
-    async def run(self) -> int:
+    async def start(self, host: ProcessHost) -> None:
+        self._aio = asyncio.get_running_loop()
+
+    async def ready(self, host: ProcessHost) -> None:
+        """The engine is built: open the KV transports (a worker that cannot move pages never joins),
+        join Dynamo's discovery with the model's card, and serve the endpoint."""
         from dynamo.llm import (KvEventPublisher, ModelInput, ModelRuntimeConfig, ModelType, WorkerMetricsPublisher,
                                 WorkerType, register_model)
         from dynamo.runtime import DistributedRuntime
 
-        self._aio = loop = asyncio.get_running_loop()
-        self.loop.start()
-        await loop.run_in_executor(None, self.loop.ready.wait)
-        if self.loop.error is not None:
-            raise self.loop.error
-        engine = self.loop.engine
-        self.model_name = self.model_name or self.config.served_model_name or engine.model_config.name
-        if self.role != "both":  # its KV transports, before it joins: a worker that cannot move pages never does
-            try:
-                self.handoff = Handoff(self.handoff_config, engine, self.metrics)
-            except MeshserveError:
-                self.loop.stop(30.0)
-                raise
+        info = host.info
+        self.model_name = self.model_name or info.served_model_name or info.model.name
+        if self.role != "both":
+            self.handoff = Handoff(self.handoff_config, info, self.metrics)
         try:
-            self._runtime = DistributedRuntime(loop, os.environ.get("DYN_DISCOVERY_BACKEND", "etcd"),
+            self._runtime = DistributedRuntime(self._aio, os.environ.get("DYN_DISCOVERY_BACKEND", "etcd"),
                                                os.environ.get("DYN_REQUEST_PLANE", "tcp"),
                                                event_plane=os.environ.get("DYN_EVENT_PLANE"))
         except Exception as e:  # discovery unreachable, a bad DYN_* setting: one line, not a traceback
-            self.loop.stop(30.0)
             raise MeshserveError(f"cannot join Dynamo: {e}") from None
         self._endpoint = endpoint = self._runtime.endpoint(self.address)
-        page_size, replicas = engine.blocks.page_size, engine.blocks.replicas
-        if engine.kv_events is not None:
-            self.kv = KVPublisher([KvEventPublisher(endpoint, kv_block_size=page_size, dp_rank=r,
-                                                    enable_local_indexer=True) for r in range(replicas)], page_size)
-        if metrics_port := self.metrics_port:
-            self.metrics.serve(self.config.host, metrics_port)
+        if info.kv_events:
+            self.kv = KVPublisher([KvEventPublisher(endpoint, kv_block_size=info.page_size, dp_rank=r,
+                                                    enable_local_indexer=True) for r in range(info.replicas)],
+                                  info.page_size)
         self._load = WorkerMetricsPublisher()
         await self._load.create_endpoint(endpoint)
         runtime_config = ModelRuntimeConfig()
-        runtime_config.context_length = engine.max_seq_len
-        runtime_config.total_kv_blocks = engine.blocks.num_usable
-        runtime_config.max_num_seqs = engine.config.max_num_seqs
-        runtime_config.max_num_batched_tokens = engine.config.max_num_batched_tokens
+        runtime_config.context_length = info.context_length
+        runtime_config.total_kv_blocks = info.kv_pages
+        runtime_config.max_num_seqs = info.max_num_seqs
+        runtime_config.max_num_batched_tokens = info.max_num_batched_tokens
         runtime_config.enable_local_indexer = self.kv is not None
         runtime_config.kv_event_publishing_enabled = self.kv is not None
-        card = model_card(engine, Path(tempfile.gettempdir()))
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, lambda: asyncio.ensure_future(self.leave(0, self.config.drain_timeout_s)))
+        card = model_card(info, Path(tempfile.gettempdir()))
         model_type = ModelType.Completions  # chat too when the checkpoint has a chat template
-        if engine.tokenizer.config.chat_template:
+        if info.tokenizer.config.chat_template:
             model_type = ModelType.Chat | ModelType.Completions
         worker_type = {"both": WorkerType.Aggregated, "prefill": WorkerType.Prefill, "decode": WorkerType.Decode}[self.role]
         if self.role == "prefill":
             model_type = ModelType.Prefill  # no OpenAI surface of its own: the frontend's prefill router calls it
         needs = {"prefill": [[WorkerType.Decode]], "decode": [[WorkerType.Prefill]]}.get(self.role)  # its peers
         await register_model(ModelInput.Tokens, model_type, endpoint, str(card), self.model_name,
-                             worker_type=worker_type, kv_cache_block_size=page_size,
+                             worker_type=worker_type, kv_cache_block_size=info.page_size,
                              runtime_config=runtime_config, needs=needs)
         log.warning("meshserve worker %s serving %s (role %s, page size %d, %d pages, context %d%s)", self.address,
-                    self.model_name, self.role, page_size, engine.blocks.num_usable, engine.max_seq_len,
+                    self.model_name, self.role, info.page_size, info.kv_pages, info.context_length,
                     f", KV pages by {self.handoff.describe()}" if self.handoff else "")
-        probe = {"token_ids": [engine.tokenizer.bos_id or 0], "stop_conditions": {"max_tokens": 1},
+        probe = {"token_ids": [info.tokenizer.bos_id or 0], "stop_conditions": {"max_tokens": 1},
                  "sampling_options": {"temperature": 0.0}}
-        await endpoint.serve_endpoint(self.generate, graceful_shutdown=True,
-                                      metrics_labels=[("model", self.model_name)], health_check_payload=probe)
-        return self.exit_code
+        self._serving = asyncio.ensure_future(endpoint.serve_endpoint(
+            self.generate, graceful_shutdown=True, metrics_labels=[("model", self.model_name)],
+            health_check_payload=probe))
 
-    async def leave(self, code: int, drain_timeout_s: float) -> None:
-        """Leave discovery at once, finish or abort what is in flight, stop the engine, shut down."""
-        if self._leaving:
-            return
-        self._leaving = True
-        self.exit_code = self.exit_code or code
-        with contextlib.suppress(Exception):
-            await self._endpoint.unregister_endpoint_instance()
-        deadline = time.monotonic() + drain_timeout_s
-        while self.loop.in_flight and time.monotonic() < deadline and self.loop.state is State.SERVING:
-            await asyncio.sleep(0.05)
-        self.loop.abort_all()
-        await asyncio.sleep(0.1)  # the aborts reach their streams
-        if self.loop.state is not State.FAILED:  # a failed engine thread may be stuck: never wait on it
-            await asyncio.get_running_loop().run_in_executor(None, self.loop.stop, 30.0)
-        self._runtime.shutdown()
+    async def health(self, serving: bool) -> None:
+        """Not serving (draining, or the engine failed): leave discovery at once, so the frontend
+        routes elsewhere; what is in flight still finishes."""
+        if not serving and self._endpoint is not None:
+            with contextlib.suppress(Exception):
+                await self._endpoint.unregister_endpoint_instance()
+
+    async def stop(self, grace: float) -> None:
+        if self._runtime is not None:
+            self._runtime.shutdown()
+        if self._serving is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._serving, timeout=30.0)
 
     async def generate(self, request: dict[str, Any], context) -> AsyncIterator[dict[str, Any]]:
         """One request, token-in / token-out: a chunk of new token ids per engine step, the last with
         the finish reason and usage. Counted once in meshserve_requests_total by outcome."""
-        outcome = ["abort"]  # until known otherwise: the caller went away
-        try:
-            async for chunk in self._generate(request, context, outcome):
-                yield chunk
-        finally:
-            self.metrics.requests.labels(outcome[0]).inc()
-
-    async def _generate(self, request: dict[str, Any], context, outcome: list) -> AsyncIterator[dict[str, Any]]:
-        engine = self.loop.engine
-        token_ids = [int(t) for t in request.get("token_ids") or ()]
-        outcome[0] = "unavailable"
-        if self._leaving:
-            raise EngineUnavailable("the worker is shutting down")
-        outcome[0] = "invalid"
-        params = sampling_params(request, len(token_ids), engine.max_seq_len)
-        if self.role == "prefill":  # the prompt's pages and one token: the decode worker does the rest
-            params = dataclasses.replace(params, max_tokens=1)
-        elif self.role == "decode":
-            await self.handoff.take(self.loop, token_ids, request)
-        rid = str(context.id() or uuid.uuid4())
-        now = time.monotonic()
-        stream = Stream(asyncio.get_running_loop(), asyncio.Queue(), now)
-        try:
-            await self.loop.admit(EngineRequest(token_ids, params, 0, rid, now), stream)
-        except QueueFullError as e:
-            outcome[0] = "rejected"
-            raise EngineUnavailable(str(e)) from None
-        outcome[0] = "abort"
-        stopped = asyncio.ensure_future(context.async_killed_or_stopped())
-        stopped.add_done_callback(lambda f: None if f.cancelled() else self.loop.abort(rid, stream))
-        completion = 0
-        try:
-            async with contextlib.aclosing(self.loop.outputs(rid, stream)) as outputs:
-                async for out in outputs:
+        async with self.host.session(time.monotonic()) as session:
+            pre = self.host.serving()
+            if pre is None:
+                session.settle("unavailable")
+                raise EngineUnavailable(self.host.unavailable())
+            token_ids = [int(t) for t in request.get("token_ids") or ()]
+            rid = str(context.id() or uuid.uuid4())
+            try:
+                params = sampling_params(request, len(token_ids), self.host.info.context_length)
+                if self.role == "prefill":  # the prompt's pages and one token: the decode worker does the rest
+                    params = dataclasses.replace(params, max_tokens=1)
+                checked = pre.check(token_ids, params, request_id=rid, arrival=session.arrival)
+                if self.role == "decode":
+                    await self.handoff.take(self.loop, token_ids, request)
+                async with self.host.admitting():
+                    await session.admit([checked])
+            except QueueFullError as e:  # Dynamo retries another worker on an unavailable one
+                session.fail(e)
+                raise EngineUnavailable(str(e)) from None
+            except Exception as e:
+                session.fail(e)
+                raise
+            stopped = asyncio.ensure_future(context.async_killed_or_stopped())
+            stopped.add_done_callback(lambda f: None if f.cancelled() else self.loop.abort(rid, session.stream(rid)))
+            completion = 0
+            try:
+                async for out in session.outputs(rid):
                     completion += len(out.token_ids)
                     chunk: dict[str, Any] = {"token_ids": list(out.token_ids), "index": 0}
                     if params.logprobs is not None and out.logprobs:
@@ -336,7 +312,6 @@ class Worker:
                         chunk["top_logprobs"] = [[{"rank": i + 1, "token_id": t, "token": None, "logprob": v}
                                                   for i, (t, v) in enumerate(lp.top)] for lp in scored]
                     if out.finished:
-                        outcome[0] = out.finish_reason
                         chunk["finish_reason"] = FINISH_REASONS.get(out.finish_reason, "stop")
                         chunk["completion_usage"] = {
                             "prompt_tokens": len(token_ids), "completion_tokens": completion,
@@ -345,8 +320,11 @@ class Worker:
                         if self.role == "prefill":
                             chunk["disaggregated_params"] = await self.handoff.offer(self.loop, token_ids)
                     yield chunk
-        finally:
-            stopped.cancel()
+            except MeshserveError as e:  # rejected in the queue, failed, or the engine unavailable
+                session.fail(e)
+                raise
+            finally:
+                stopped.cancel()
 
 
 def run_worker(worker: Worker) -> int:
@@ -357,7 +335,7 @@ def run_worker(worker: Worker) -> int:
     except ImportError as e:
         raise MeshserveError(f"meshserve worker needs NVIDIA Dynamo ({e}): pip install -e '.[dynamo]' "
                              "&& pip install --no-deps ai-dynamo==1.6.1 (make does)") from None
-    code = uvloop.run(worker.run())
+    code = uvloop.run(worker.host.serve_forever())
     if worker.handoff is not None and worker.handoff.stuck:
         # a pull given up on is still blocked in jax's transfer library, which would abort the
         # process at exit: everything is cleaned up, so leave with the real exit code now

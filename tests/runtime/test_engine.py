@@ -21,7 +21,7 @@ def engine(tiny_ckpt):
 
 
 def test_correct_under_load_with_chunking_and_preemption(engine, tiny_ckpt):
-    assert engine.blocks.num_usable == 15
+    assert engine.kv.num_usable == 15
     rng = np.random.default_rng(0)
     lengths = [1, 3, 17, 33, 50, 5, 24, 29]
     prompts = [rng.integers(0, 260, n).tolist() for n in lengths]
@@ -45,7 +45,7 @@ def test_correct_under_load_with_chunking_and_preemption(engine, tiny_ckpt):
     for prompt, n, completion in zip(prompts, news, out):
         assert list(completion.token_ids) == greedy_reference(tiny_ckpt, prompt, n)
         assert completion.finish_reason == "length"
-    assert engine.blocks.num_free == engine.blocks.num_usable
+    assert engine.kv.num_free == engine.kv.num_usable
 
 
 def test_no_compiles_after_start_up(tiny_ckpt):
@@ -143,12 +143,12 @@ def test_no_leaks_after_hundreds_of_requests_with_aborts(engine):
                                request_id=f"r{submitted}", priority=int(rng.integers(0, 3)))
             submitted += 1
         engine.step()
-        live = list(engine._requests)
+        live = list(engine.outputs.requests)
         for rid in live:
             if rng.random() < 0.03:
                 assert engine.abort(rid)
-    assert engine.blocks.num_free == engine.blocks.num_usable
-    assert all(engine.blocks.ref_count(p) == 0 for p in range(engine.blocks.num_pages))
+    assert engine.kv.num_free == engine.kv.num_usable
+    assert all(engine.kv.blocks.ref_count(p) == 0 for p in range(engine.kv.blocks.num_pages))
     assert engine.scheduler.num_unfinished == 0
 
 
@@ -194,7 +194,7 @@ def test_full_queue_and_queue_timeout(tiny_ckpt):
     assert outs[b].finished and outs[b].finish_reason == "rejected" and "queue timeout" in outs[b].error
     while engine.has_unfinished:
         engine.step()
-    assert engine.blocks.num_free == engine.blocks.num_usable and a
+    assert engine.kv.num_free == engine.kv.num_usable and a
     # a per-request timeout overrides the configured one
     engine.add_request([1, 2], SamplingParams(max_tokens=30, ignore_eos=True))
     c = engine.add_request([3], SamplingParams(max_tokens=2), queue_timeout_s=0.01)
@@ -401,7 +401,7 @@ def test_a_step_that_fails_before_running_caches_nothing(tiny_ckpt, monkeypatch)
     monkeypatch.undo()
     again = engine.generate([prompt], SamplingParams(max_tokens=4, ignore_eos=True))[0]
     assert list(again.token_ids) == greedy_reference(tiny_ckpt, prompt, 4)
-    assert engine.blocks.num_free == engine.blocks.num_usable
+    assert engine.kv.num_free == engine.kv.num_usable
 
 
 def test_a_decode_call_that_cannot_be_built_fails_the_request_at_fault_not_the_engine(tiny_ckpt, monkeypatch):
@@ -415,7 +415,7 @@ def test_a_decode_call_that_cannot_be_built_fails_the_request_at_fault_not_the_e
     assert finished[a].finish_reason == "error" and "injected fault" in finished[a].error
     assert finished[b].finish_reason == "length"  # the call was rebuilt without the request at fault
     monkeypatch.undo()
-    assert engine.blocks.num_free == engine.blocks.num_usable
+    assert engine.kv.num_free == engine.kv.num_usable
 
 
 def test_a_call_no_single_request_explains_fails_its_requests_not_the_engine(tiny_ckpt, monkeypatch):
@@ -439,7 +439,7 @@ def test_a_call_no_single_request_explains_fails_its_requests_not_the_engine(tin
     monkeypatch.undo()
     out = engine.generate([[8]], SamplingParams(max_tokens=4, ignore_eos=True))[0]
     assert engine.failed is None and list(out.token_ids) == greedy_reference(tiny_ckpt, [8], 4)
-    assert engine.blocks.num_free == engine.blocks.num_usable
+    assert engine.kv.num_free == engine.kv.num_usable
 
 
 def _fault_after_dispatch(engine, family: str):
@@ -462,12 +462,12 @@ def test_a_fault_after_dispatch_is_fatal_and_leaves_no_trace_in_the_store(tiny_c
     rng = np.random.default_rng(12)
     prompt = rng.integers(0, 260, 30).tolist()
     engine.generate([[5, 6, 7, 8, 9]], SamplingParams(max_tokens=2))
-    cached = engine.blocks.num_cached
+    cached = engine.kv.num_cached
     _fault_after_dispatch(engine, "prefill")
     engine.add_request(prompt, SamplingParams(max_tokens=4, ignore_eos=True))
     with pytest.raises(EngineFault, match="injected device fault"):
         engine.step()
-    assert engine.blocks.num_cached == cached  # the failed plan registered nothing
+    assert engine.kv.num_cached == cached  # the failed plan registered nothing
     for call in (engine.step, engine.persist_prefix_cache, lambda: engine.add_request([1], SamplingParams())):
         with pytest.raises(EngineFault, match="the engine failed"):
             call()
@@ -497,12 +497,12 @@ def test_requests_without_a_seed_get_one_from_the_engine_and_their_id(engine):
     """Reproducible across the processes of one mesh, which agree on the engine's base seed."""
     p = SamplingParams(max_tokens=6, temperature=1.0, ignore_eos=True)
     a = engine.add_request([4, 5], p, request_id="same-id")
-    seed = engine._requests[a].seed
+    seed = engine.outputs.requests[a].seed
     engine.abort(a)
     b = engine.add_request([4, 5], p, request_id="same-id")
-    assert engine._requests[b].seed == seed
+    assert engine.outputs.requests[b].seed == seed
     c = engine.add_request([4, 5], p, request_id="other-id")
-    assert engine._requests[c].seed != seed
+    assert engine.outputs.requests[c].seed != seed
     engine.abort(b), engine.abort(c)
 
 
@@ -556,7 +556,7 @@ def test_forks_of_one_prompt_share_its_pages(tiny_ckpt):
     alone = [list(engine.generate([prompt], p)[0].token_ids) for p in samples]
     assert [tokens[f"n{i}"] for i in range(3)] == alone  # each the same as run by itself
     assert len({tuple(t) for t in alone}) == 3
-    assert engine.blocks.num_free == engine.blocks.num_usable
+    assert engine.kv.num_free == engine.kv.num_usable
 
 
 def test_logit_bias_and_min_tokens_match_a_host_reference(engine, tiny_ckpt):
@@ -661,7 +661,7 @@ def test_async_scheduling_gives_what_stepping_in_lock_step_gives(tiny_ckpt):
         out = engine.generate(prompts, params)
         runs[mode] = [(c.token_ids, c.text, c.finish_reason, [(lp.token_id, round(lp.logprob, 4)) for lp in c.logprobs])
                       for c in out]
-        assert engine.blocks.num_free == engine.blocks.num_usable and not engine._pending
+        assert engine.kv.num_free == engine.kv.num_usable and not engine._pending
     assert runs[True] == runs[False]
     assert {r[2] for r in runs[True]} == {"stop", "length"}
 
@@ -696,7 +696,7 @@ def test_async_scheduling_dispatches_the_next_step_before_reading_the_last(tiny_
     assert got[a] == greedy_reference(tiny_ckpt, [5, 6, 7], 6) and got[b] == greedy_reference(tiny_ckpt, [9, 8], 3)
     assert events[:3] == ["dispatch", "dispatch", "read"]  # step 2 went out before step 1 came back
     assert events.count("dispatch") == 7  # 6 steps for a's tokens, and one computed for nothing
-    assert engine.blocks.num_free == engine.blocks.num_usable
+    assert engine.kv.num_free == engine.kv.num_usable
 
 
 def test_an_abort_while_the_next_step_runs_frees_pages_at_once(tiny_ckpt):
@@ -708,9 +708,9 @@ def test_an_abort_while_the_next_step_runs_frees_pages_at_once(tiny_ckpt):
     assert engine._pending  # a step is in flight
     assert engine.abort(rid)
     held = sum(len(s.pages) for s in engine.scheduler.running)
-    assert engine.blocks.num_free == engine.blocks.num_usable - held  # the aborted one's are free now
+    assert engine.kv.num_free == engine.kv.num_usable - held  # the aborted one's are free now
     outs = []
     while engine.has_unfinished:
         outs.extend(engine.step())
     assert all(o.request_id == other for o in outs)
-    assert engine.blocks.num_free == engine.blocks.num_usable
+    assert engine.kv.num_free == engine.kv.num_usable

@@ -47,7 +47,7 @@ def test_pages_moved_in_one_process_give_the_tokens_of_one_engine(tiny_ckpt):
         assert decode.import_prompt(ids, pages) == reusable - skip
         out = decode.generate([ids], params, on_output=lambda o, seen=[]: seen.append(o))[0]
         assert list(out.token_ids) == greedy_reference(tiny_ckpt, ids, 8), name
-    assert decode.blocks.num_free == decode.blocks.num_usable
+    assert decode.kv.num_free == decode.kv.num_usable
 
 
 def test_the_decode_side_computes_only_the_tail(tiny_ckpt):
@@ -81,7 +81,7 @@ def test_pages_of_another_model_or_prompt_are_refused(tiny_ckpt):
         decode.import_prompt(ids, dataclasses.replace(pages, fingerprint="0" * 16))
     with pytest.raises(TransferError, match="start at page 2"):
         decode.import_prompt(ids, prefill.export_prompt(ids, skip=2))
-    assert decode.blocks.num_free == decode.blocks.num_usable  # nothing was taken
+    assert decode.kv.num_free == decode.kv.num_usable  # nothing was taken
     with pytest.raises(ConfigError, match="kv_transfer"):
         Engine(tiny_ckpt, dataclasses.replace(CONFIG, kv_transfer=False)).export_prompt(ids)
 
@@ -133,7 +133,7 @@ def test_pages_pulled_from_another_process(tiny_ckpt, peer):
     with pytest.raises(TransferError):
         endpoint.pull(offer, timeout_s=2)
     assert time.monotonic() - t < 10
-    assert decode.failed is None and decode.blocks.num_free == decode.blocks.num_usable
+    assert decode.failed is None and decode.kv.num_free == decode.kv.num_usable
 
 
 def test_pages_move_between_two_meshes_of_one_process_with_other_splits(tiny_ckpt):
@@ -162,7 +162,7 @@ def test_pages_move_between_two_meshes_of_one_process_with_other_splits(tiny_ckp
         decode.generate([ids], SamplingParams(max_tokens=6, ignore_eos=True), on_output=outs.append)
         assert [t for o in outs for t in o.token_ids] == greedy_reference(ckpt, ids, 6)
         assert outs[-1].cached_tokens == (n - 1) // SMALL.page_size * SMALL.page_size
-    assert decode.blocks.num_free == decode.blocks.num_usable
+    assert decode.kv.num_free == decode.kv.num_usable
 
 
 def test_pages_handed_over_through_a_shared_store(tiny_ckpt, tmp_path):

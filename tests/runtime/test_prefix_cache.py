@@ -20,23 +20,20 @@ def test_chain_hash_names_the_whole_prefix():
 
 def test_cached_pages_wait_on_an_lru_and_are_evicted_oldest_first():
     bm = BlockManager(5, 4, prefix_caching=True)  # 4 usable pages
-    a, b = [], []
-    assert bm.grow(a, 8) and bm.grow(b, 8)
+    a, b = bm.grow([], 8), bm.grow([], 8)
     ha = [chain_hash(b"salt", [0, 1, 2, 3])]
     ha.append(chain_hash(ha[0], [4, 5, 6, 7]))
     for page, h in zip(a, ha):
         bm.register(page, h)
     assert bm.lookup(ha) == a and bm.lookup([chain_hash(b"salt", [9, 9, 9, 9])] + ha[1:]) == []
-    pages_a = list(a)
-    bm.release(a)  # empties `a`
+    bm.release(a)
     assert bm.num_free == 2 and bm.num_cached == 2  # unreferenced, still cached
     c = bm.lookup(ha)
     bm.share(c)  # reuse: back in use, off the LRU
-    assert c == pages_a and all(bm.ref_count(p) == 1 for p in c) and bm.num_free == 0
+    assert c == a and all(bm.ref_count(p) == 1 for p in c) and bm.num_free == 0
     bm.release(c)
-    d = []
-    assert bm.grow(d, 4)  # no never-cached page is free: evicts the LRU's oldest, the chain's tail
-    assert bm.lookup(ha) == [pages_a[0]] and bm.evictions == 1
+    d = bm.grow([], 4)  # no never-cached page is free: evicts the LRU's oldest, the chain's tail
+    assert bm.lookup(ha) == [a[0]] and bm.evictions == 1
     bm.release(d)
     bm.release(b)
     assert bm.num_free == bm.num_usable
@@ -83,7 +80,7 @@ def test_outputs_equal_with_and_without_the_prefix_cache(engines, tiny_ckpt):
     assert hits[:3] == [36, 36, 36] and hits[3] == 12 and hits[4] == 36  # whole pages, never the last token
     stats = cached.stats()
     assert stats["prefix_hit_tokens"] > 0
-    assert cached.blocks.num_free == cached.blocks.num_usable  # cached pages count as free
+    assert cached.kv.num_free == cached.kv.num_usable  # cached pages count as free
     assert plain.stats()["prefix_hit_tokens"] == 0
 
 
@@ -96,7 +93,7 @@ def test_eviction_under_pressure_keeps_outputs_right(tiny_ckpt):
     out = engine.generate(prompts, params)
     for p, c in zip(prompts, out):
         assert list(c.token_ids) == greedy_reference(tiny_ckpt, p, 8)
-    assert engine.blocks.evictions > 0 and engine.blocks.num_free == engine.blocks.num_usable
+    assert engine.kv.evictions > 0 and engine.kv.num_free == engine.kv.num_usable
 
 
 def test_host_tier_serves_evicted_prefixes_with_the_same_outputs(engines, tiny_ckpt):
@@ -107,7 +104,7 @@ def test_host_tier_serves_evicted_prefixes_with_the_same_outputs(engines, tiny_c
     expected = [list(c.token_ids) for c in plain.generate(prompts, params)]
     assert [list(c.token_ids) for c in engine.generate(prompts[:1], params)] == expected[:1]
     assert engine.evict_prefix_cache() > 0  # the prefix's pages leave the device for host memory
-    assert engine.blocks.num_cached == 0 and engine.stats()["pages_host"] > 0
+    assert engine.kv.num_cached == 0 and engine.stats()["pages_host"] > 0
     got, cached = [], []
     for p in prompts[1:]:
         rid = engine.add_request(p, params)
@@ -123,7 +120,7 @@ def test_host_tier_serves_evicted_prefixes_with_the_same_outputs(engines, tiny_c
     assert cached[:3] == [36, 36, 36]
     stats = engine.stats()
     assert stats["prefix_lower_hit_tokens"] > 0 and stats["host_pages_in"] > 0
-    assert engine.blocks.num_free == engine.blocks.num_usable
+    assert engine.kv.num_free == engine.kv.num_usable
 
 
 def test_host_tier_under_pressure_stays_correct(tiny_ckpt):
@@ -139,7 +136,7 @@ def test_host_tier_under_pressure_stays_correct(tiny_ckpt):
     for p, c in zip(prompts, out):
         assert list(c.token_ids) == greedy_reference(tiny_ckpt, p, 6)
     stats = engine.stats()
-    assert stats["host_pages_out"] > 0 and engine.blocks.num_free == engine.blocks.num_usable
+    assert stats["host_pages_out"] > 0 and engine.kv.num_free == engine.kv.num_usable
 
 
 # ---- tier 3: the tensorstore store -----------------------------------------------------------------
@@ -192,7 +189,7 @@ def test_store_faults_are_misses_never_wrong_output(tiny_ckpt, expected, tmp_pat
     engine = store_engine(tiny_ckpt, tmp_path / "kv")
     run_one(engine, prompts[0], params)
     engine.evict_prefix_cache()
-    hashes, parent = [], engine.scheduler.salt
+    hashes, parent = [], engine.kv.salt
     for i in range(9):  # the shared prefix's pages, by the names the store gives them
         parent = chain_hash(parent, prompts[0][4 * i:4 * i + 4])
         hashes.append(parent)
@@ -217,6 +214,37 @@ def test_store_faults_are_misses_never_wrong_output(tiny_ckpt, expected, tmp_pat
         f.unlink()
     gone = store_engine(tiny_ckpt, tmp_path / "kv")
     assert run_one(gone, prompts[3], params) == (want[3], 0)
+
+
+def test_the_scheduler_never_reads_the_store(tiny_ckpt, expected, tmp_path, monkeypatch):
+    """Store reads happen in the copy phase, after `schedule()`: a store whose reads fail inside it
+    would fail the step; the copies in still come from the store."""
+    from meshserve.runtime.kv_tiers import StoreTier
+
+    prompts, want = expected
+    params = SamplingParams(max_tokens=8, ignore_eos=True)
+    engine = store_engine(tiny_ckpt, tmp_path / "kv")
+    run_one(engine, prompts[0], params)
+    engine.evict_prefix_cache()
+    scheduling, reads = [False], []
+    real_get, real_schedule = StoreTier.get, engine.scheduler.schedule
+
+    def get(self, page_hash):
+        if scheduling[0]:
+            raise AssertionError("schedule() read the store")
+        reads.append(page_hash)
+        return real_get(self, page_hash)
+
+    def schedule(now):
+        scheduling[0] = True
+        try:
+            return real_schedule(now)
+        finally:
+            scheduling[0] = False
+
+    monkeypatch.setattr(StoreTier, "get", get)
+    engine.scheduler.schedule = schedule
+    assert run_one(engine, prompts[1], params) == (want[1], 36) and len(reads) == 9
 
 
 def test_two_servers_share_one_store(tiny_ckpt, expected, tmp_path):
@@ -257,17 +285,20 @@ def test_persist_on_shutdown_then_restart_hits_the_store(tiny_ckpt, expected, tm
 
 
 def test_copies_from_a_lower_tier_count_against_the_step_budget():
+    from meshserve.runtime.kv_manager import KVManager
     from meshserve.runtime.scheduler import Scheduler, SchedulerConfig, Sequence
 
-    blocks = BlockManager(64, 4, prefix_caching=True)
-    sched = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=16, max_prefill_chunk=16,
-                                      onboard_page_cost=2), blocks, salt=b"m")
     tokens = list(range(41))
     hashes, parent = set(), b"m"
     for i in range(10):
         parent = chain_hash(parent, tokens[4 * i:4 * i + 4])
         hashes.add(parent)
-    sched.lower_tier = hashes  # all 10 full pages are in the lower tier
+
+    class Index:  # all 10 full pages are in the lower tier
+        holds = hashes.__contains__
+
+    kv = KVManager(64, 4, prefix_caching=True, salt=b"m", lower=Index(), onboard_page_cost=2)
+    sched = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=16, max_prefill_chunk=16), kv)
     sched.add(Sequence("a", tokens, len(tokens)))
     plan = sched.schedule(0.0)
     assert len(plan.onboard) == 7  # 7 pages × 2 = 14 of the 16-token budget …
@@ -285,7 +316,7 @@ def test_a_store_page_of_another_shape_or_dtype_is_a_miss(tmp_path):
     assert store.flush() == 3
     assert store.get(good) is not None
     assert store.get(wrong_shape) is None and store.get(wrong_dtype) is None
-    assert store.misses == 2 and wrong_shape not in store and good in store
+    assert store.misses == 2 and not store.holds(wrong_shape) and store.holds(good)
 
 
 def test_persist_counts_what_the_store_holds(tiny_ckpt, tmp_path):
@@ -293,7 +324,7 @@ def test_persist_counts_what_the_store_holds(tiny_ckpt, tmp_path):
     engine = Engine(tiny_ckpt, config)
     prompts = shared_prefix_prompts(5)
     engine.generate(prompts, SamplingParams(max_tokens=8, ignore_eos=True))
-    cached = engine.blocks.num_cached + engine.stats()["pages_host"]
+    cached = engine.kv.num_cached + engine.stats()["pages_host"]
     assert cached > 8  # more than the host tier holds: some go straight to the store
     assert engine.persist_prefix_cache() == len(list((tmp_path / "kv" / "kv").iterdir())) == cached
 
@@ -322,14 +353,15 @@ def test_a_cached_page_reused_as_a_copy_target_is_offloaded_first(tiny_ckpt):
     engine.generate([back], params)
     engine.evict_prefix_cache()  # `back`'s 4 full pages now live on the host only
     engine.generate(others, params)  # 8 cached pages on the device
-    others_hashes = set(engine.blocks.cached_hashes())
-    hog = []  # every never-cached free page taken: only the cached ones are left to grow into
-    assert engine.blocks.grow(hog, (engine.blocks.num_free - engine.blocks.num_cached) * TINY.page_size)
+    others_hashes = set(engine.kv.cached_hashes())
+    # every never-cached free page taken: only the cached ones are left to grow into
+    hog = engine.kv.blocks.grow([], (engine.kv.num_free - engine.kv.num_cached) * TINY.page_size)
+    assert hog is not None
     assert run_one(engine, back, SamplingParams(max_tokens=4, ignore_eos=True)) == \
         (greedy_reference(tiny_ckpt, back, 4), 16)  # copied in from the host
-    evicted = others_hashes - set(engine.blocks.cached_hashes())
+    evicted = others_hashes - set(engine.kv.cached_hashes())
     assert evicted and evicted <= {h for h, _ in engine.host_tier.host.items()}
-    engine.blocks.release(hog)
+    engine.kv.blocks.release(hog)
 
 
 def test_stored_events_name_each_page_by_its_parent_and_tokens(tiny_ckpt):

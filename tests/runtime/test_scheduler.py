@@ -2,12 +2,12 @@
 
 import pytest
 
-from meshserve.runtime.block_manager import BlockManager
+from meshserve.runtime.kv_manager import KVManager
 from meshserve.runtime.scheduler import QueueFull, Scheduler, SchedulerConfig, Sequence, Status
 
 
 def make(num_pages=64, page_size=4, **cfg):
-    return Scheduler(SchedulerConfig(**cfg), BlockManager(num_pages, page_size))
+    return Scheduler(SchedulerConfig(**cfg), KVManager(num_pages, page_size))
 
 
 def seq(rid, n, priority=0, arrival=0.0):
@@ -15,13 +15,14 @@ def seq(rid, n, priority=0, arrival=0.0):
 
 
 def run(sched, plan):
-    """What the engine does with a plan once its programs ran: commit, then sample a token where due."""
+    """What the engine does with a plan: dispatch (a token sampled where due), commit once the
+    programs ran, then read the tokens back."""
+    sampled = [c.seq for c in plan.prefills if c.samples] + list(plan.decodes)
+    for s in sampled:
+        sched.sampling(s)
     sched.commit(plan)
-    for chunk in plan.prefills:
-        if chunk.samples:
-            chunk.seq.tokens.append(7)
-    for s in plan.decodes:
-        s.tokens.append(7)
+    for s in sampled:
+        sched.accept(s, 7)
 
 
 def test_chunked_prefill_under_the_token_budget():
@@ -86,7 +87,7 @@ def test_preemption_takes_the_least_entitled_and_recomputes():
     a, b = seq("a", 8, arrival=0), seq("b", 8, arrival=1)  # 2 pages each: pool of 4 is full
     sched.add(a), sched.add(b)
     run(sched, sched.schedule(0))
-    assert sched.blocks.num_free == 0
+    assert sched.kv.num_free == 0
     plan = sched.schedule(0)  # both need a third page for token 9: b (newer) gives way
     assert plan.preempted == (b,) and plan.decodes == (a,)
     assert b.status is Status.WAITING and b.num_computed == 0 and b.pages == [] and b.num_preemptions == 1
@@ -124,12 +125,12 @@ def test_per_request_queue_timeout_overrides_the_default():
 
 
 def caching(rid="a", n=10):
-    """A prefix-caching scheduler with one request planned: (scheduler, its blocks, the request, the plan)."""
-    blocks = BlockManager(64, 4, prefix_caching=True)
-    sched = Scheduler(SchedulerConfig(max_num_batched_tokens=16, max_prefill_chunk=16), blocks, salt=b"m")
+    """A prefix-caching scheduler with one request planned: (scheduler, its KV manager, the request, the plan)."""
+    kv = KVManager(64, 4, prefix_caching=True, salt=b"m")
+    sched = Scheduler(SchedulerConfig(max_num_batched_tokens=16, max_prefill_chunk=16), kv)
     a = seq(rid, n)
     sched.add(a)
-    return sched, blocks, a, sched.schedule(0)
+    return sched, kv, a, sched.schedule(0)
 
 
 def test_a_plan_registers_cached_pages_only_when_committed():
@@ -163,3 +164,43 @@ def test_a_preempted_request_expires_like_any_waiting_one():
     assert sched.schedule(2.4).expired == ()
     plan = sched.schedule(2.6)
     assert plan.expired == (b,) and b.status is Status.FINISHED and not sched.waiting
+
+
+def test_a_sampled_token_counts_from_dispatch_and_joins_the_tokens_when_read_back():
+    sched = make(max_num_batched_tokens=16, max_prefill_chunk=16)
+    a = seq("a", 5)
+    sched.add(a)
+    plan = sched.schedule(0)
+    sched.sampling(a)  # dispatched: its next token is on the device
+    sched.commit(plan)
+    assert (a.total, len(a.tokens), a.uncomputed) == (6, 5, 1)
+    plan = sched.schedule(0)  # async: the next step decodes it before the host has it
+    assert plan.decodes == (a,) and plan.decodes[0].num_computed == 5
+    sched.sampling(a)
+    sched.accept(a, 11)  # the first step read back
+    sched.commit(plan)
+    assert a.tokens == [0, 1, 2, 3, 4, 11] and a.num_sampling == 1 and a.num_computed == 6
+    sched.accept(a, 12)
+    with pytest.raises(ValueError, match="no sampled token"):
+        sched.accept(a, 13)
+
+
+def test_a_request_whose_copies_in_fail_leaves_the_step_and_computes_from_there():
+    class Index:
+        def holds(self, h):
+            return True  # every page of the prompt is in the lower tier
+
+    kv = KVManager(64, 4, prefix_caching=True, salt=b"m", lower=Index())
+    sched = Scheduler(SchedulerConfig(max_num_batched_tokens=64, max_prefill_chunk=64), kv)
+    a, b = seq("a", 21), seq("b", 9, arrival=1.0)
+    sched.add(a), sched.add(b)
+    plan = sched.schedule(0)
+    assert [o.index for o in plan.onboard if o.seq is a] == [0, 1, 2, 3, 4] and a.num_computed == 20
+    plan = sched.recompute_from(plan, {a: 2})  # its third page could not be read
+    assert a.num_computed == a.num_cached == 8 and len(a.page_hashes) == 2 and len(a.pages) == 6
+    assert [c.seq for c in plan.prefills] == [b] and all(o.seq is b for o in plan.onboard)
+    assert a.status is Status.RUNNING
+    run(sched, plan)
+    plan = sched.schedule(0)  # next step: a computes from its third page on
+    chunk = next(c for c in plan.prefills if c.seq is a)
+    assert (chunk.start, chunk.end) == (8, 21) and not [o for o in plan.onboard if o.seq is a]

@@ -45,4 +45,4 @@ def test_serve_with_a_bad_config_is_one_line(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "meshserve.serving.cli", "serve", "--config", str(path)],
                           cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1
-    assert proc.stderr.strip().splitlines() == ["meshserve: error: server.port must be in [0, 65536), got 70000"]
+    assert proc.stderr.strip().splitlines() == ["meshserve: error: server.port must be in [0, 65536) or null, got 70000"]

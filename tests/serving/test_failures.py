@@ -203,8 +203,8 @@ def test_an_engine_with_nothing_runnable_sleeps(tiny_ckpt):
     with _server(tiny_ckpt) as s:
         s.wait_ready()
         engine, thread = s.server.loop.engine, s.server.loop.thread
-        hog = []
-        assert engine.blocks.grow(hog, engine.blocks.num_free * engine.config.page_size)  # every page taken
+        hog = engine.kv.blocks.grow([], engine.kv.num_free * engine.config.page_size)  # every page taken
+        assert hog is not None
         with concurrent.futures.ThreadPoolExecutor(2) as ex:
             waiting = ex.submit(stream_status, s.port, token_ids=[3, 4, 5], max_tokens=4, ignore_eos=True)
             while not engine.scheduler.waiting:
@@ -214,7 +214,7 @@ def test_an_engine_with_nothing_runnable_sleeps(tiny_ckpt):
             time.sleep(2.0)
             share = (_cpu_seconds(thread) - cpu0) / (time.monotonic() - t0)
             assert share < 0.05, f"the engine thread used {share:.0%} of a core with nothing to run"
-            engine.blocks.release(hog)  # pages again: the next command wakes the engine
+            engine.kv.blocks.release(hog)  # pages again: the next command wakes the engine
             other = ex.submit(stream_status, s.port, token_ids=[6, 7], max_tokens=4, ignore_eos=True)
             assert waiting.result(timeout=30) == (grpc.StatusCode.OK, 4)
             assert other.result(timeout=30) == (grpc.StatusCode.OK, 4)
@@ -271,7 +271,7 @@ def test_submissions_racing_a_stop_all_get_an_answer(tiny_ckpt):
     from meshserve.runtime.sampling import SamplingParams
     from meshserve.serving.engine_loop import EngineLoop, EngineUnavailable, Stream
     from meshserve.serving.metrics import Metrics
-    from meshserve.serving.preprocess import EngineRequest
+    from meshserve.runtime.request import Request
 
     loop = EngineLoop(lambda: Engine(tiny_ckpt, EngineConfig.from_dict(ENGINE)), Metrics())
     loop.start()
@@ -282,7 +282,7 @@ def test_submissions_racing_a_stop_all_get_an_answer(tiny_ckpt):
     futures = []
 
     def submit(i):
-        request = EngineRequest([3, 4 + i % 5], SamplingParams(max_tokens=30, ignore_eos=True), 0, f"r{i}",
+        request = Request([3, 4 + i % 5], SamplingParams(max_tokens=30, ignore_eos=True), 0, f"r{i}",
                                 time.monotonic())
         futures.append(loop.submit(request, Stream(aio, asyncio.Queue(), time.monotonic())))
 

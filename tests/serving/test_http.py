@@ -161,15 +161,15 @@ def test_a_full_queue_is_retried_by_the_client(tiny_ckpt):
     with ServerThread(SERVER, lambda: Engine(tiny_ckpt, config)) as s:
         s.wait_ready()
         engine = s.server.loop.engine
-        hog = []
-        assert engine.blocks.grow(hog, engine.blocks.num_free * config.page_size)  # nothing can run …
+        hog = engine.kv.blocks.grow([], engine.kv.num_free * config.page_size)  # nothing can run …
+        assert hog is not None
         base = f"http://127.0.0.1:{s.server.http.port}"
         c = openai.OpenAI(base_url=base + "/v1", api_key=TOKEN, max_retries=5, _strict_response_validation=True)
         with concurrent.futures.ThreadPoolExecutor(2) as ex:
             queued = ex.submit(c.completions.create, model="tiny", prompt="a", max_tokens=2, temperature=0)
             while not engine.scheduler.waiting:
                 time.sleep(0.01)
-            threading.Timer(1.5, lambda: engine.blocks.release(hog)).start()  # … until the pages come back
+            threading.Timer(1.5, lambda: engine.kv.blocks.release(hog)).start()  # … until the pages come back
             t0 = time.monotonic()
             retried = c.completions.create(model="tiny", prompt="b", max_tokens=2, temperature=0)
             assert retried.choices[0].finish_reason in ("stop", "length") and time.monotonic() - t0 >= 1.0

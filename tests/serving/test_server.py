@@ -70,7 +70,7 @@ def client(served) -> Client:
 def pool_is_free(engine: Engine, timeout: float = 10.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if engine.blocks.num_free == engine.blocks.num_usable and not engine.has_unfinished:
+        if engine.kv.num_free == engine.kv.num_usable and not engine.has_unfinished:
             return True
         time.sleep(0.05)
     return False

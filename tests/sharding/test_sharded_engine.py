@@ -47,7 +47,7 @@ def engine_tokens(ckpt: Checkpoint, lay, config: EngineConfig = SMALL, n: int = 
     placed = dataclasses.replace(ckpt, params=lay.place(ckpt.params, ckpt.config))
     engine = Engine(placed, config, layout=lay)
     out = engine.generate(prompts(0), SamplingParams(max_tokens=n, ignore_eos=True))
-    assert engine.blocks.num_free == engine.blocks.num_usable
+    assert engine.kv.num_free == engine.kv.num_usable
     return [list(c.token_ids) for c in out], engine
 
 

@@ -1,0 +1,50 @@
+"""What a transport may say about the engine, read once when it is ready: the serving layer never
+reaches into the engine's parts (its scheduler, pool, KV manager) to describe it."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from meshserve.models.config import ModelConfig
+from meshserve.models.tokenizer import Tokenizer
+from meshserve.runtime.request import RequestLimits
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineInfo:
+    model: ModelConfig
+    tokenizer: Tokenizer
+    served_model_name: str | None  # server.served_model_name
+    checkpoint_name: str | None  # the checkpoint folder's name (None: a model made in memory)
+    dtype: str
+    mesh: str  # "data=1 × tensor=8"
+    device: Any  # the first device of the mesh (a KV transfer server binds to it)
+    context_length: int  # the longest request (max_seq_len within the model's context)
+    priority_levels: int
+    limits: RequestLimits
+    eos_ids: frozenset[int]
+    page_size: int
+    kv_pages: int  # usable pages of the pool
+    kv_page_shape: tuple[int, ...]  # one page across every layer (how pages leave the pool)
+    kv_page_dtype: Any
+    kv_fingerprint: str
+    kv_events: bool  # the engine logs cached-page events for a KV-aware router
+    kv_store: str | None
+    replicas: int  # data replicas (Dynamo's dp ranks)
+    max_num_seqs: int
+    max_num_batched_tokens: int
+
+    @classmethod
+    def of(cls, engine, served_model_name: str | None = None) -> "EngineInfo":
+        path = engine.checkpoint.path
+        return cls(engine.model_config, engine.tokenizer, served_model_name, path.name if path else None,
+                   str(engine.checkpoint.dtype), engine.layout.describe(), engine.layout.mesh.devices.flat[0],
+                   engine.max_seq_len, engine.config.priority_levels, engine.config.limits, engine.eos_ids,
+                   engine.config.page_size, engine.kv.num_usable, engine.pool.page_shape, engine.pool.dtype,
+                   engine.fingerprint.hex(), engine.kv_events is not None, engine.config.kv_store, engine.replicas,
+                   engine.config.max_num_seqs, engine.config.max_num_batched_tokens)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.vocab_size
