@@ -11,14 +11,25 @@ slower of the two; on a 2-core CPU the device's programs are not free, and grow 
 (the jnp attention of 64 rows over a few hundred tokens).
 
     .venv/bin/python benchmarks/host_overhead.py [--steps 200] [--repeats 3] [--compare]
+    .venv/bin/python benchmarks/host_overhead.py --against REV [--batches 64] [--rounds 3]
+
+--against REV times this checkout and commit REV side by side on the same machine in one run: each
+round runs the benchmark once per tree, each in a fresh process (the other tree's `meshserve` from a
+`git archive` of REV, MESHSERVE_TREE), alternating which goes first; printed last are the medians
+over rounds and the ratio (this tree / REV).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -91,18 +102,52 @@ def steps_per_second(ckpt, batch: int, steps: int, repeats: int, overlap: bool) 
     return rate, {"host": 1e6 / rate - wait * 1e6, "wait": wait * 1e6}
 
 
+def side_by_side(rev: str, args) -> None:
+    """This tree against commit `rev`, each timed in fresh processes, alternating."""
+    root = Path(__file__).resolve().parents[1]
+    with tempfile.TemporaryDirectory(prefix="meshserve-") as tmp:
+        archive = subprocess.run(["git", "-C", str(root), "archive", rev], capture_output=True, check=True).stdout
+        subprocess.run(["tar", "-x", "-C", tmp], input=archive, check=True)
+        trees = {"this tree": None, rev: tmp}
+        rates: dict[str, dict[int, list[float]]] = {name: {b: [] for b in args.batches} for name in trees}
+        for r in range(args.rounds):
+            for name in (list(trees) if r % 2 == 0 else list(trees)[::-1]):
+                env = {**os.environ, **({"MESHSERVE_TREE": trees[name]} if trees[name] else {})}
+                cmd = [sys.executable, __file__, "--json", "--steps", str(args.steps), "--repeats", str(args.repeats),
+                       "--batches", *map(str, args.batches)]
+                out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
+                for row in json.loads(out.strip().splitlines()[-1]):
+                    rates[name][row["batch"]].append(row["steps_per_s"])
+                print(f"round {r + 1} {name}: " + ", ".join(f"batch {b} {rates[name][b][-1]:.0f}" for b in args.batches),
+                      flush=True)
+    print(f"{'batch':>6}{'this tree':>12}{rev[:12]:>14}{'ratio':>8}   (decode steps/s, medians of {args.rounds} rounds)")
+    for b in args.batches:
+        new, old = (statistics.median(rates[name][b]) for name in trees)
+        print(f"{b:6d}{new:12.0f}{old:14.0f}{new / old:8.2f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--batches", type=int, nargs="+", default=list(BATCHES))
     ap.add_argument("--compare", action="store_true", help="also step in lock-step (async scheduling off)")
+    ap.add_argument("--against", metavar="REV", help="time commit REV side by side with this tree")
+    ap.add_argument("--rounds", type=int, default=3, help="with --against: alternating runs of each tree")
+    ap.add_argument("--json", action="store_true", help=argparse.SUPPRESS)  # one line of figures (--against)
     args = ap.parse_args()
+    if args.against:
+        return side_by_side(args.against, args)
     import jax
 
     ckpt = tiny_checkpoint()
     modes = (True, False) if args.compare else (True,)
     rows = [(b, overlap, *steps_per_second(ckpt, b, args.steps, args.repeats, overlap))
-            for b in BATCHES for overlap in modes]
+            for b in args.batches for overlap in modes]
+    if args.json:
+        print(json.dumps([{"batch": b, "async": overlap, "steps_per_s": rate, **split}
+                          for b, overlap, rate, split in rows]))
+        return
     print(f"machine: {os.cpu_count()} CPU cores; jax {jax.__version__} ({jax.default_backend()}); "
           f"tiny model: 2 layers, d=64, vocabulary 512")
     print(f"{'batch':>6}{'scheduling':>12}{'steps/s':>10}{'tokens/s':>11}{'host µs/step':>14}{'waiting µs/step':>17}"

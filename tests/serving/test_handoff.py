@@ -9,6 +9,7 @@ import pytest
 from meshserve.models.errors import ConfigError
 from meshserve.runtime.engine import Engine
 from meshserve.serving.handoff import Handoff, HandoffConfig
+from meshserve.serving.info import EngineInfo
 from meshserve.serving.metrics import Metrics
 from tests.runtime.kv_transfer_peer import CONFIG
 
@@ -21,18 +22,19 @@ def engine(tiny_ckpt):
 
 
 def test_transports_chosen(engine, tmp_path):
-    both = Handoff(HandoffConfig(store=str(tmp_path / "kv")), engine, Metrics())
+    both = Handoff(HandoffConfig(store=str(tmp_path / "kv")), EngineInfo.of(engine), Metrics())
     assert both.transfer is not None and both.store is not None
     assert both.describe().startswith("transfer at 127.0.0.1:") and both.describe().endswith(f"store {tmp_path / 'kv'}")
-    only_transfer = Handoff(HandoffConfig(), engine, Metrics())
+    only_transfer = Handoff(HandoffConfig(), EngineInfo.of(engine), Metrics())
     assert only_transfer.store is None and only_transfer.transfer is not None
-    fallback = Handoff(HandoffConfig(transfer_host=UNBINDABLE, store=str(tmp_path / "kv")), engine, Metrics())
+    fallback = Handoff(HandoffConfig(transfer_host=UNBINDABLE, store=str(tmp_path / "kv")), EngineInfo.of(engine),
+                       Metrics())
     assert fallback.transfer is None and fallback.store is not None
 
 
 def test_the_engine_configs_store_serves_when_no_store_is_named(tiny_ckpt, tmp_path):
     engine = Engine(tiny_ckpt, dataclasses.replace(CONFIG, kv_store=str(tmp_path / "kv")))
-    handoff = Handoff(HandoffConfig(transport="store"), engine, Metrics())
+    handoff = Handoff(HandoffConfig(transport="store"), EngineInfo.of(engine), Metrics())
     assert handoff.transfer is None and handoff.store.spec == str(tmp_path / "kv")
 
 
@@ -43,7 +45,7 @@ def test_the_engine_configs_store_serves_when_no_store_is_named(tiny_ckpt, tmp_p
 ])
 def test_a_worker_that_cannot_move_pages_says_why(engine, config, error):
     with pytest.raises(ConfigError, match=error):
-        Handoff(config, engine, Metrics())
+        Handoff(config, EngineInfo.of(engine), Metrics())
 
 
 @pytest.mark.parametrize("fields,error", [({"transport": "nccl"}, "must be one of auto, transfer, store"),

@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 
 from meshserve.serving.client import Client
@@ -63,8 +64,9 @@ def test_serve_answers_paris_then_stops_on_sigterm(smollm_ckpt, tmp_path):
 
 
 def test_serve_over_two_processes(tiny_ckpt, tiny_ckpt_dir, tmp_path):
-    """A mesh file over 2 processes × 4 CPU devices: process 0 listens, process 1 replays its turns;
-    greedy tokens equal the dense no-cache forward pass; SIGTERM to process 0 stops both."""
+    """A mesh file over 2 processes × 4 CPU devices: process 0 listens (HTTP only: `--grpc-port 0`),
+    process 1 replays its turns; greedy tokens equal the dense no-cache forward pass; SIGTERM to
+    process 0 stops both."""
     import json
     import os
     import urllib.request
@@ -79,12 +81,13 @@ def test_serve_over_two_processes(tiny_ckpt, tiny_ckpt_dir, tmp_path):
     config = yaml.safe_load((ROOT / "configs/serving/default.yaml").read_text())
     config["engine"].update(max_seq_len=128, max_num_seqs=2, kv_cache_bytes=2**20, host_kv_bytes=0,
                             compilation_cache_dir=None)
-    http_port = free_port()
-    config["server"].update(port=free_port(), metrics_port=None, http_port=http_port, model=str(tiny_ckpt_dir),
+    http_port, grpc_port = free_port(), free_port()
+    config["server"].update(port=grpc_port, metrics_port=None, http_port=http_port, model=str(tiny_ckpt_dir),
                             mesh=str(mesh))
     (tmp_path / "serving.yaml").write_text(yaml.safe_dump(config))
     procs = [subprocess.Popen([sys.executable, "-m", "meshserve.serving.cli", "serve", "--config",
-                               str(tmp_path / "serving.yaml"), "--quiet"], cwd=ROOT, stdout=subprocess.DEVNULL,
+                               str(tmp_path / "serving.yaml"), "--grpc-port", "0", "--quiet"], cwd=ROOT,
+                              stdout=subprocess.DEVNULL,
                               stderr=subprocess.PIPE, text=True,
                               env={**os.environ, "MESHSERVE_PROCESS_ID": str(i), "JAX_PLATFORMS": "cpu"})
              for i in (1, 0)]
@@ -105,6 +108,8 @@ def test_serve_over_two_processes(tiny_ckpt, tiny_ckpt_dir, tmp_path):
                                              {"content-type": "application/json"})
             answer = json.load(urllib.request.urlopen(request, timeout=120))
             assert answer["choices"][0]["text"] == tiny_ckpt.tokenizer.decode(greedy_reference(tiny_ckpt, prompt, 12))
+        with socket.socket() as s, pytest.raises(ConnectionRefusedError):  # the config's gRPC port stays closed
+            s.connect(("127.0.0.1", grpc_port))
         procs[1].send_signal(signal.SIGTERM)
         assert procs[1].wait(timeout=60) == 0 and procs[0].wait(timeout=60) == 0
     finally:

@@ -243,14 +243,14 @@ def test_a_fault_while_delivering_one_output_ends_that_stream_only(served, offli
 
 def test_internal_error_fails_that_request_only(served, offline):
     engine = served.engine
-    real = engine._accept
+    real = engine.outputs._next
 
     def faulty(req, *args):
         if req.seq.request_id == "boom":
             raise RuntimeError("injected fault")
         return real(req, *args)
 
-    engine._accept = faulty
+    engine.outputs._next = faulty
     try:
         with concurrent.futures.ThreadPoolExecutor(2) as ex:
             bad = ex.submit(_code, served, text=prompt_text(1), max_tokens=16, request_id="boom")
@@ -260,7 +260,7 @@ def test_internal_error_fails_that_request_only(served, offline):
             assert code == grpc.StatusCode.INTERNAL and "injected fault" in details
             assert good.result() == offline[1][2]
     finally:
-        del engine._accept
+        del engine.outputs._next
     assert pool_is_free(engine)
 
 

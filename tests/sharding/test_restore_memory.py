@@ -28,5 +28,7 @@ def test_sharded_restore_transient_is_a_fraction_of_the_checkpoint(smollm_ckpt):
     size = ours["checkpoint_bytes"]
     print(f"checkpoint {size / 2**20:.0f} MiB: transient {ours['transient_bytes'] / 2**20:.0f} MiB sharded, "
           f"{naive['transient_bytes'] / 2**20:.0f} MiB whole")
-    assert naive["transient_bytes"] > 0.75 * size  # the measure does see a whole-tree restore
+    # the measure does see a whole-tree restore (376–586 MiB of 513 seen here: peak RSS moves with
+    # what the allocator hands back, so the bound is loose)
+    assert naive["transient_bytes"] > 0.6 * size and naive["transient_bytes"] > 4 * ours["transient_bytes"]
     assert ours["transient_bytes"] < 0.5 * size
