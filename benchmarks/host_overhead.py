@@ -110,20 +110,27 @@ def side_by_side(rev: str, args) -> None:
         subprocess.run(["tar", "-x", "-C", tmp], input=archive, check=True)
         trees = {"this tree": None, rev: tmp}
         rates: dict[str, dict[int, list[float]]] = {name: {b: [] for b in args.batches} for name in trees}
+        host = {name: {b: [] for b in args.batches} for name in trees}  # the host's own µs per step
         for r in range(args.rounds):
             for name in (list(trees) if r % 2 == 0 else list(trees)[::-1]):
                 env = {**os.environ, **({"MESHSERVE_TREE": trees[name]} if trees[name] else {})}
                 cmd = [sys.executable, __file__, "--json", "--steps", str(args.steps), "--repeats", str(args.repeats),
                        "--batches", *map(str, args.batches)]
-                out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
-                for row in json.loads(out.strip().splitlines()[-1]):
+                run = subprocess.run(cmd, env=env, capture_output=True, text=True)
+                if run.returncode != 0:
+                    raise SystemExit(f"the run of {name} failed:\n{run.stderr[-2000:]}")
+                for row in json.loads(run.stdout.strip().splitlines()[-1]):
                     rates[name][row["batch"]].append(row["steps_per_s"])
+                    host[name][row["batch"]].append(row["host"])
                 print(f"round {r + 1} {name}: " + ", ".join(f"batch {b} {rates[name][b][-1]:.0f}" for b in args.batches),
                       flush=True)
-    print(f"{'batch':>6}{'this tree':>12}{rev[:12]:>14}{'ratio':>8}   (decode steps/s, medians of {args.rounds} rounds)")
+    print(f"medians of {args.rounds} rounds; ratio: this tree / {rev}")
+    print(f"{'batch':>6}{'steps/s: this tree':>20}{rev[:12]:>14}{'ratio':>8}{'host µs/step: this tree':>25}"
+          f"{rev[:12]:>14}{'ratio':>8}")
     for b in args.batches:
         new, old = (statistics.median(rates[name][b]) for name in trees)
-        print(f"{b:6d}{new:12.0f}{old:14.0f}{new / old:8.2f}")
+        new_host, old_host = (statistics.median(host[name][b]) for name in trees)
+        print(f"{b:6d}{new:20.0f}{old:14.0f}{new / old:8.2f}{new_host:25.0f}{old_host:14.0f}{new_host / old_host:8.2f}")
 
 
 def main() -> None:

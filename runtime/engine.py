@@ -306,7 +306,7 @@ class Engine:
         not: its row reads it on the device."""
         if any(chunk.end > len(chunk.seq.tokens) for chunk in plan.prefills):
             return True
-        return any(seq.num_sampling and self.outputs.sampling_of(seq)[0].penalized for seq in plan.decodes)
+        return any(seq.num_sampling and self.outputs.params_of(seq).penalized for seq in plan.decodes)
 
     def _resolve(self, launched: list) -> list[RequestOutput]:
         """Read a dispatched step's results back (waiting for the device) and act on them: tokens,

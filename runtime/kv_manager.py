@@ -182,6 +182,8 @@ class KVManager:
     def allocate(self, seq, num_tokens: int) -> bool:
         """Grow `seq`'s table to hold `num_tokens` (from the replica it uses; a new one from the
         replica with the most pages available). All or nothing."""
+        if self.blocks.pages_for(num_tokens) <= len(seq.pages):
+            return True  # room already (most decode steps)
         table = self.blocks.grow(seq.pages, num_tokens)
         if table is None:
             return False

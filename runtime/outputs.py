@@ -117,6 +117,9 @@ class OutputProcessor:
                         req.seq.reuse_prefix = False
                 self.scheduler.add(req.seq, now=now, over_limit=True)
 
+    def params_of(self, seq: Sequence) -> SamplingParams:
+        return self.requests[seq.request_id].params
+
     def sampling_of(self, seq: Sequence) -> tuple[SamplingParams, int, bool, tuple[int, ...]]:
         """(params, seed, whether its prompt is scored, token ids it may not sample now): the runner's view."""
         req = self.requests[seq.request_id]
