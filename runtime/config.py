@@ -28,6 +28,7 @@ class EngineConfig:
     queue_timeout_s: float | None = None
     priority_levels: int = 3
     prefill_tokens_while_decoding: int | None = None  # see SchedulerConfig; None: no limit
+    max_bypass: int = 16  # see SchedulerConfig; 0: strict queue order
     prefill_buckets: tuple[int, ...] | None = None  # tokens per prefill call; None: 64, 128, … ×2 up to max_prefill_chunk
     decode_buckets: tuple[int, ...] | None = None  # None: 1, 4, 16, … up to max_num_seqs
     context_buckets: tuple[int, ...] | None = None  # in pages; None: one, of max_seq_len (attention reads real pages only)
@@ -110,4 +111,5 @@ class EngineConfig:
     def scheduler_config(self) -> SchedulerConfig:
         return SchedulerConfig(self.max_num_seqs, self.max_num_batched_tokens, self.max_prefill_chunk,
                                self.max_queue_size, self.queue_timeout_s, self.priority_levels,
-                               prefill_tokens_while_decoding=self.prefill_tokens_while_decoding)
+                               prefill_tokens_while_decoding=self.prefill_tokens_while_decoding,
+                               max_bypass=self.max_bypass)

@@ -178,14 +178,38 @@ class Engine:
                                    fork_of=fork_of, queue_timeout_s=queue_timeout_s))
 
     def add(self, request: Request) -> str:
-        """Queue a checked request; QueueFullError (or RequestError for a request id in use) leaves
-        every other request as it was. Queue time and the queue timeout count from its `arrival`
+        """Queue a checked request; see `add_all`."""
+        return self.add_all([request])[0]
+
+    def add_all(self, requests: Seq[Request]) -> list[str]:
+        """Queue one call's checked requests, all or none: its sequences (prompts × samples, forks
+        included) count against the queue together. QueueFullError when they do not fit now,
+        RequestError when they never could (or for a request id in use); either leaves every other
+        request as it was. Queue time and the queue timeout count from a request's `arrival`
         (time.monotonic(), the engine's clock in one process; default now).
 
         `fork_of`: another sample of that request's prompt (n > 1). It waits until that prompt is
         computed, then takes its pages from the prefix cache (shared, ref-counted) and computes only
         the prompt's last partial page: n samples cost one prefill, not n."""
         self._check_alive()
+        limit, queued = self.config.max_queue_size, self.outputs.num_queued()
+        if len(requests) > limit:
+            raise RequestError(f"{len(requests)} sequences in one call (prompts × n): more than the queue's "
+                               f"{limit} places")
+        if queued + len(requests) > limit:
+            raise QueueFullError(f"the waiting queue is full ({queued} of {limit} places taken; this call needs "
+                                 f"{len(requests)})")
+        added: list[str] = []
+        try:
+            for request in requests:
+                added.append(self._add(request))
+        except Exception:
+            for rid in added:
+                self.abort(rid)
+            raise
+        return added
+
+    def _add(self, request: Request) -> str:
         rid = request.request_id if request.request_id is not None else f"req-{next(self._ids)}"
         if rid in self.outputs.requests:
             raise RequestError(f"request_id {rid!r} is already in use")
@@ -328,33 +352,9 @@ class Engine:
     def generate(self, prompts: Seq[str | Seq[int]], params: SamplingParams | Seq[SamplingParams] = SamplingParams(),
                  on_output=None) -> list[Completion]:
         """Run every prompt to completion, feeding the queue as space frees; results in order."""
-        params_list = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
-        if len(params_list) != len(prompts):
-            raise RequestError("one SamplingParams per prompt, or one for all")
-        todo = list(enumerate(prompts))
-        ids: dict[str, int] = {}
-        done: dict[int, Completion] = {}
-        prompt_ids, tokens, texts, logprobs = {}, {}, {}, {}
-        while todo or self.has_unfinished:
-            while todo and len(self.scheduler.waiting) < self.config.max_queue_size:
-                i, prompt = todo.pop(0)
-                rid = self.add_request(prompt, params_list[i])
-                ids[rid] = i
-                prompt_ids[i] = tuple(self.outputs.requests[rid].seq.tokens)
-                tokens[i], texts[i], logprobs[i] = [], [], []
-            for out in self.step():
-                if out.request_id not in ids:
-                    continue
-                i = ids[out.request_id]
-                tokens[i].extend(out.token_ids)
-                texts[i].append(out.text)
-                logprobs[i].extend(out.logprobs)
-                if on_output is not None:
-                    on_output(out)
-                if out.finished:
-                    done[i] = Completion(out.request_id, prompt_ids[i], tuple(tokens[i]),
-                                         "".join(texts[i]), out.finish_reason, tuple(logprobs[i]))
-        return [done[i] for i in range(len(prompts))]
+        from meshserve.runtime.offline import generate
+
+        return generate(self, prompts, params, on_output)
 
     # ---- disaggregated prefill and decode (runtime/kv_transfer.py) ------------------------------
 

@@ -95,6 +95,10 @@ class OutputProcessor:
             self.scheduler.add(seq)
         self.requests[seq.request_id] = req
 
+    def num_queued(self) -> int:
+        """Requests waiting: in the scheduler's queue, or held (forks waiting for their prompt)."""
+        return len(self.scheduler.waiting) + sum(r.fork_of is not None for r in self.requests.values())
+
     def abort(self, request_id: str) -> bool:
         req = self.requests.pop(request_id, None)
         if req is None:

@@ -10,7 +10,6 @@ temperature → top-k → top-p → min-p → draw. Costly filters run only when
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +20,19 @@ from meshserve.models.errors import RequestError
 
 MAX_LOGPROBS = 20  # top-N logprobs a request may ask for; fixed so it never recompiles
 BIAS_SLOTS = 128  # per row: logit-bias entries plus tokens held back by min_tokens; fixed likewise
+F32_MAX = float(np.finfo(np.float32).max)  # sampling values are float32 on the device
+
+
+def f32_number(value) -> float | None:
+    """`value` as a float if it is a number (not a bool) that float32 holds finite, else None: the one
+    check every transport's numbers go through (an int beyond float range, 1e308, NaN: None)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if abs(number) <= F32_MAX else None  # False for NaN too
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,8 +65,8 @@ class SamplingParams:
         for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
                      "frequency_penalty"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-                raise RequestError(f"{name} must be a finite number, got {value!r}")
+            if f32_number(value) is None:
+                raise RequestError(f"{name} must be a finite number within float32's range, got {value!r}")
         if self.max_tokens <= 0:
             raise RequestError(f"max_tokens must be a positive integer, got {self.max_tokens}")
         if not 0 <= self.min_tokens <= self.max_tokens:
@@ -62,7 +74,7 @@ class SamplingParams:
         for tid, bias in self.logit_bias:
             if not _integer(tid) or not 0 <= tid < vocab_size:
                 raise RequestError(f"logit_bias: token {tid} is outside the vocabulary (size {vocab_size})")
-            if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not -100 <= bias <= 100:
+            if f32_number(bias) is None or not -100 <= bias <= 100:
                 raise RequestError(f"logit_bias: the bias of token {tid} must be in [-100, 100], got {bias!r}")
         if not self.temperature >= 0:
             raise RequestError(f"temperature must be >= 0, got {self.temperature}")

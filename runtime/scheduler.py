@@ -78,6 +78,10 @@ class SchedulerConfig:
     # limit but the step budget): a long prompt then arrives in small chunks and the streams keep
     # their pace between tokens, at the cost of that prompt's time to first token.
     prefill_tokens_while_decoding: int | None = None
+    # A waiting request whose first chunk does not fit the free pages lets up to this many requests
+    # behind it start (ones that fit) before the queue waits for it: small requests are not held up
+    # by a large one, and the large one still gets the next pages (0: strict queue order).
+    max_bypass: int = 16
 
     def __post_init__(self):
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_prefill_chunk", "max_queue_size",
@@ -88,6 +92,8 @@ class SchedulerConfig:
             raise ValueError("max_num_batched_tokens must be >= max_num_seqs (each decode takes one)")
         if self.queue_timeout_s is not None and self.queue_timeout_s <= 0:
             raise ValueError(f"queue_timeout_s must be positive or null, got {self.queue_timeout_s}")
+        if self.max_bypass < 0:
+            raise ValueError(f"max_bypass must be >= 0, got {self.max_bypass}")
         if self.prefill_tokens_while_decoding is not None and self.prefill_tokens_while_decoding < 1:
             raise ValueError(f"prefill_tokens_while_decoding must be >= 1 or null, "
                              f"got {self.prefill_tokens_while_decoding}")
@@ -161,10 +167,12 @@ class Scheduler:
                 prompt_budget -= n
             budget -= n
 
-        # Admit waiting requests while there is budget, a free slot, and pages (no preemption for
-        # newcomers: that would only trade one request's progress for another's).
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            seq = self.waiting[0]
+        # Admit waiting requests in order while there is budget, a free slot, and pages (no
+        # preemption for newcomers: that would only trade one request's progress for another's);
+        # past one that does not fit, as long as it may still be bypassed.
+        i = 0
+        while i < len(self.waiting) and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting[i]
             if seq in preempted:
                 break  # just preempted for lack of pages: not back in this step
             if self.kv.prefix_caching and seq.reuse_prefix and seq.num_computed == 0 and not seq.pages:
@@ -180,8 +188,13 @@ class Scheduler:
                 if seq.num_cached:  # give the prefix back; it is looked up again next time
                     self.kv.free(seq)
                     seq.num_computed = seq.num_cached = 0
-                break
-            self.waiting.pop(0)
+                if self.waiting[0].bypassed >= self.config.max_bypass:
+                    break
+                i += 1
+                continue
+            self.waiting.pop(i)
+            if i > 0:
+                self.waiting[0].bypassed += 1
             if not seq.started:
                 seq.scheduled_at = now
             seq.status, seq.started = Status.RUNNING, True

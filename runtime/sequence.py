@@ -36,6 +36,7 @@ class Sequence:
     num_cached: int = 0  # prompt tokens whose K/V came from the prefix cache (last admission)
     queued_at: float = 0.0  # when it last entered the waiting queue (arrival, or its preemption)
     reuse_prefix: bool = True  # may start from cached pages (not while its prompt is being scored)
+    bypassed: int = 0  # requests behind it in the queue started while it did not fit
 
     @property
     def total(self) -> int:

@@ -32,6 +32,12 @@ class ServerConfig:
     auth_tokens: tuple[str, ...] = ()  # bearer tokens ("authorization: Bearer T"); empty: no auth
     drain_timeout_s: float = 30.0  # on SIGTERM: how long in-flight requests may finish
     step_timeout_s: float | None = 300.0  # one engine step running longer means a hung device: fail, exit
+    # the HTTP API against slow or idle clients: a connection must send a request's headers within
+    # http_header_timeout_s of opening (or of its last response), and its body within
+    # http_body_timeout_s of the headers; at most http_max_connections are open at once
+    http_header_timeout_s: float = 10.0
+    http_body_timeout_s: float = 30.0
+    http_max_connections: int = 2048
 
     def __post_init__(self):
         for name in ("port", "metrics_port", "http_port"):
@@ -46,6 +52,11 @@ class ServerConfig:
             raise ConfigError(f"server.step_timeout_s must be positive or null, got {self.step_timeout_s}")
         if self.drain_timeout_s < 0:
             raise ConfigError(f"server.drain_timeout_s must be >= 0, got {self.drain_timeout_s}")
+        for name in ("http_header_timeout_s", "http_body_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"server.{name} must be positive, got {getattr(self, name)}")
+        if self.http_max_connections < 1:
+            raise ConfigError(f"server.http_max_connections must be >= 1, got {self.http_max_connections}")
         for t in self.auth_tokens:
             if not isinstance(t, str) or not t:
                 raise ConfigError("server.auth_tokens must be non-empty strings")

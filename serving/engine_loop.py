@@ -121,23 +121,27 @@ class EngineLoop:
         return len(self._streams)
 
     def submit(self, request: Request, stream: Stream) -> concurrent.futures.Future:
-        """Hand a request to the engine; the future gives its id once queued, or the engine's
-        RequestError / QueueFullError / EngineUnavailable."""
+        return self.submit_all([(request, stream)])
+
+    def submit_all(self, admissions: list[tuple[Request, Stream]]) -> concurrent.futures.Future:
+        """Hand one call's requests to the engine (taken in this order, in one engine step), all or
+        none: they count against its queue together (Engine.add_all). The future gives their ids
+        once queued, or the engine's RequestError / QueueFullError / EngineUnavailable."""
         future: concurrent.futures.Future = concurrent.futures.Future()
         with self._lock:
             if self._state is not State.SERVING:
                 future.set_exception(self.unavailable())
             else:
-                self._inbox.put(("add", (request, stream), future))
+                self._inbox.put(("add", list(admissions), future))
         return future
 
-    async def admit(self, request: Request, stream: Stream) -> None:
-        """Hand a request to the engine from an event loop; raises what `submit`'s future does. A
-        caller cancelled meanwhile undoes the admission."""
+    async def admit_all(self, admissions: list[tuple[Request, Stream]]) -> None:
+        """`submit_all` from an event loop. A caller cancelled meanwhile undoes the admission."""
         try:
-            await asyncio.wrap_future(self.submit(request, stream))
+            await asyncio.wrap_future(self.submit_all(admissions))
         except asyncio.CancelledError:
-            self.abort(request.request_id, stream)
+            for request, stream in admissions:
+                self.abort(request.request_id, stream)
             raise
 
     async def call(self, fn: Callable[[Engine], Any]) -> Any:
@@ -150,18 +154,6 @@ class EngineLoop:
             else:
                 self._inbox.put(("call", fn, future))
         return await asyncio.wrap_future(future)
-
-    async def admit_all(self, admissions: list[tuple[Request, Stream]]) -> None:
-        """Several requests handed over at once (taken in this order, in one engine step), all or
-        none: if one is refused, the others leave again and its error is raised."""
-        futures = [self.submit(request, stream) for request, stream in admissions]
-        results = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures), return_exceptions=True)
-        failed = next((r for r in results if isinstance(r, BaseException)), None)
-        if failed is not None:
-            for (request, stream), result in zip(admissions, results):
-                if not isinstance(result, BaseException):
-                    self.abort(request.request_id, stream)
-            raise failed
 
     def session(self, arrival: float):
         """One call of a transport (serving/session.py): admissions, outputs, the outcome counted."""
@@ -340,28 +332,29 @@ class EngineLoop:
 
     def _command(self, engine: Engine, kind: str, arg, future) -> None:
         if kind == "add":
-            request, stream = arg
             if not future.set_running_or_notify_cancel():
-                return  # the caller went away before the request was taken
+                return  # the caller went away before the requests were taken
             try:
-                rid = engine.add(request)  # checked by the transport's preprocessing
-            except Exception as e:  # bad input or a full queue: that request only
+                rids = engine.add_all([request for request, _ in arg])  # checked by the preprocessing
+            except Exception as e:  # bad input or a full queue: this call only
                 future.set_exception(e)
                 return
             with self._lock:  # a failure may have ended every stream meanwhile (from the watchdog)
                 serving = self._state is State.SERVING
                 if serving:
-                    self._streams[rid] = stream
+                    self._streams.update((rid, stream) for rid, (_, stream) in zip(rids, arg))
             if not serving:
-                engine.abort(rid)
+                for rid in rids:
+                    engine.abort(rid)
                 future.set_exception(self.unavailable())
                 return
-            self._metrics.prompt_tokens.inc(len(request.token_ids))
-            if self._mirror is not None:
-                from meshserve.serving.mirror import add_command
+            for request, _ in arg:
+                self._metrics.prompt_tokens.inc(len(request.token_ids))
+                if self._mirror is not None:
+                    from meshserve.serving.mirror import add_command
 
-                self._record(add_command(request))
-            future.set_result(rid)
+                    self._record(add_command(request))
+            future.set_result(rids)
         elif kind == "abort":
             rid, stream = arg
             if stream is not None and self._streams.get(rid) is not stream:

@@ -29,7 +29,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from meshserve.models.errors import MeshserveError, RequestError
 from meshserve.runtime.engine import RequestOutput
 from meshserve.runtime.request import Request
-from meshserve.serving.openai import APIError, Choice, Generation, Shaper, invalid, parse_chat, parse_completion
+from meshserve.serving.openai import (APIError, Choice, Generation, Shaper, _Body, invalid, parse_chat,
+                                     parse_completion)
 from meshserve.serving.preprocess import Prompt
 from meshserve.serving.session import Session, bearer_ok, outcome_of
 
@@ -48,7 +49,10 @@ def _json(body: dict, status: int = 200, headers: dict | None = None) -> web.Res
 
 def _error(e: APIError) -> web.Response:
     headers = {"Retry-After": str(e.retry_after)} if e.retry_after is not None else None
-    return _json(e.body(), e.status, headers)
+    response = _json(e.body(), e.status, headers)
+    if e.status in (408, 413):  # what is left of the body will not be read: the connection ends here
+        response.force_close()
+    return response
 
 
 def _param_of(message: str) -> str | None:
@@ -61,29 +65,48 @@ def _sse(body: dict) -> bytes:
     return f"data: {json.dumps(body)}\n\n".encode()
 
 
+class _Refuse(asyncio.Protocol):
+    """A connection past the cap: a 503 in the envelope, then closed, before anything is read."""
+
+    def __init__(self, cap: int):
+        self.cap = cap
+
+    def connection_made(self, transport) -> None:
+        body = json.dumps(APIError(503, f"too many connections (server.http_max_connections = {self.cap}); "
+                                   "retry shortly", None, "too_many_connections").body()).encode()
+        transport.write(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                        b"Retry-After: 1\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        transport.close()
+
+
 class HTTPTransport:
     def __init__(self):
         self.host: "ProcessHost | None" = None
         self.runner: web.AppRunner | None = None
         self.port: int | None = None
+        self._listener: asyncio.Server | None = None
         self.started = int(time.time())
 
     async def start(self, host: "ProcessHost") -> None:
         self.host = host
         app = web.Application(client_max_size=host.config.max_message_bytes, middlewares=[self._errors, self._auth])
+        app["body_timeout_s"] = host.config.http_body_timeout_s
         app.add_routes([web.post("/v1/completions", self.completions), web.post("/v1/chat/completions", self.chat),
                         web.get("/v1/models", self.models), web.get("/health", self.health_check),
                         web.get("/metrics", self.metrics), web.get("/tokenizer_info", self.tokenizer_info),
                         web.post("/tokenize", self.tokenize), web.post("/detokenize", self.detokenize)])
-        self.runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+        # keep-alive timeout = header timeout: aiohttp closes a connection that has not sent a whole
+        # request head this long after opening, or after its last response
+        self.runner = web.AppRunner(app, handler_cancellation=True, access_log=None,
+                                    keepalive_timeout=host.config.http_header_timeout_s)
         await self.runner.setup()
-        site = web.TCPSite(self.runner, host.config.host, host.config.http_port, reuse_port=False)
         try:
-            await site.start()
+            self._listener = await asyncio.get_running_loop().create_server(
+                self._connection, host.config.host, host.config.http_port, reuse_address=True)
         except OSError as e:
             raise MeshserveError(f"cannot listen on {host.config.host}:{host.config.http_port} (HTTP): "
                                  f"{e.strerror}") from None
-        self.port = site._server.sockets[0].getsockname()[1]
+        self.port = self._listener.sockets[0].getsockname()[1]
         log.warning("meshserve OpenAI API listening on %s:%d", host.config.host, self.port)
 
     async def ready(self, host: "ProcessHost") -> None:
@@ -92,7 +115,16 @@ class HTTPTransport:
     async def health(self, serving: bool) -> None:
         pass  # GET /health asks the host each time
 
+    def _connection(self) -> asyncio.Protocol:
+        """A new connection's protocol: aiohttp's, or, past http_max_connections, a 503 and close."""
+        if len(self.runner.server.connections) >= self.host.config.http_max_connections:
+            self.host.metrics.http_refused.inc()
+            return _Refuse(self.host.config.http_max_connections)
+        return self.runner.server()
+
     async def stop(self, grace: float) -> None:
+        if self._listener is not None:
+            self._listener.close()
         if self.runner is not None:
             await self.runner.cleanup()
 
@@ -168,7 +200,7 @@ class HTTPTransport:
         if "prompt" in body:
             if not isinstance(body["prompt"], str) or not body["prompt"]:
                 raise invalid("prompt must be a non-empty string", "prompt")
-            add = body.get("add_special_tokens", True) is not False
+            add = _Body(body).get("add_special_tokens", (bool,), True)
             ids = await self._pre(pre.run(pre.encode, Prompt(text=body["prompt"]), add_special_tokens=add))
         else:
             call = parse_chat({"messages": body["messages"]})
@@ -184,9 +216,26 @@ class HTTPTransport:
 
     @staticmethod
     async def _body(request: web.Request) -> dict:
+        """The JSON object a request carries; 400 in the envelope for a body that cannot be read: not
+        the compression its Content-Encoding names, an unknown charset, not text, not JSON."""
+        timeout = request.app["body_timeout_s"]
         try:
-            body = await request.json()
-        except (ValueError, RecursionError) as e:  # not JSON, not UTF-8, or nested too deep to read
+            async with asyncio.timeout(timeout):
+                raw = await request.read()
+        except TimeoutError:
+            raise APIError(408, f"the request body did not arrive within {timeout:g} s "
+                                "(server.http_body_timeout_s)", None, "request_timeout") from None
+        except web.HTTPRequestEntityTooLarge as e:
+            raise APIError(413, f"the request body is larger than {e.max_size} bytes (server.max_message_bytes)",
+                           None, "request_too_large") from None
+        except Exception as e:  # aiohttp's RequestPayloadError: a broken gzip or deflate body
+            raise invalid(f"the request body cannot be read: {str(e).strip().splitlines()[-1].strip()}", None) from None
+        charset = request.charset or "utf-8"
+        try:
+            body = json.loads(raw.decode(charset))
+        except LookupError:
+            raise invalid(f"the request body's charset {charset!r} is unknown (send UTF-8)", None) from None
+        except (ValueError, RecursionError) as e:  # not JSON, not text in its charset, or nested too deep
             raise invalid(f"the request body is not valid JSON: {type(e).__name__}: {e}", None) from None
         if not isinstance(body, dict):
             raise invalid("the request body must be a JSON object", None)

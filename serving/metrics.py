@@ -20,7 +20,7 @@ class Metrics:
     def __init__(self):
         self.registry = r = CollectorRegistry()
         self.requests = Counter("meshserve_requests", "Finished requests by outcome "
-                                "(stop, length, abort, error, rejected, invalid, unavailable, unauthenticated)",
+                                "(stop, length, abort, error, rejected, invalid, too_large, unavailable, unauthenticated)",
                                 ["outcome"], registry=r)
         self.ttft = Histogram("meshserve_time_to_first_token_seconds", "Arrival to first token",
                               buckets=LATENCY_BUCKETS, registry=r)
@@ -52,6 +52,8 @@ class Metrics:
                                     registry=r)
         self.programs = Gauge("meshserve_programs", "Programs compiled at start-up (prefill and decode buckets)",
                               registry=r)
+        self.http_refused = Counter("meshserve_http_connections_refused", "HTTP connections answered 503 and "
+                                    "closed at once: server.http_max_connections were open", registry=r)
         self.kv_event_failures = Counter("meshserve_kv_event_failures", "KV events or load metrics a Dynamo "
                                          "worker could not publish (its router then routes on load alone)",
                                          registry=r)
@@ -92,7 +94,8 @@ class Metrics:
               "meshserve_prefix_cache_queried_tokens_total", "meshserve_prefix_cache_hit_tokens_total",
               "meshserve_kv_pages_cached", "meshserve_kv_tier_pages", "meshserve_kv_pages_moved_total",
               "meshserve_kv_bytes_moved_total", "meshserve_programs", "meshserve_kv_transfers_total",
-              "meshserve_kv_transfer_pages_total", "meshserve_kv_transfer_bytes_total", "meshserve_kv_pull_seconds")
+              "meshserve_kv_transfer_pages_total", "meshserve_kv_transfer_bytes_total", "meshserve_kv_pull_seconds",
+              "meshserve_http_connections_refused_total")
 
     def serve(self, host: str, port: int) -> int:
         """Start the /metrics HTTP endpoint; returns the bound port."""

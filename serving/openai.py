@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import math
 import time
 import uuid
 from typing import Any
 
 from meshserve.models.errors import MeshserveError
 from meshserve.runtime.engine import TokenLogprob
-from meshserve.runtime.sampling import MAX_LOGPROBS
+from meshserve.runtime.sampling import MAX_LOGPROBS, f32_number
 from meshserve.serving.preprocess import Prompt
 
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
@@ -44,6 +43,7 @@ class APIError(MeshserveError):
     """An error answered in the OpenAI envelope: {"error": {"message", "type", "param", "code"}}."""
 
     TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+             408: "invalid_request_error",
              413: "invalid_request_error", 429: "rate_limit_error", 500: "server_error", 503: "service_unavailable"}
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
@@ -58,7 +58,7 @@ class APIError(MeshserveError):
     @property
     def outcome(self) -> str:
         """The outcome a call it ends is counted under (serving/session.py)."""
-        return {400: "invalid", 404: "invalid", 413: "invalid", 401: "unauthenticated", 429: "rejected",
+        return {400: "invalid", 404: "invalid", 408: "invalid", 413: "too_large", 401: "unauthenticated", 429: "rejected",
                 503: "unavailable"}.get(self.status, "error")
 
 
@@ -110,9 +110,13 @@ class _Body:
             return default
         ok = isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
         if float in kinds and isinstance(value, (int, float)) and not isinstance(value, bool):
-            ok, value = math.isfinite(value), float(value)
+            number = f32_number(value)
+            if number is None:
+                raise invalid(f"{name} must be a finite number within float32's range, got {_short(value)}", name)
+            ok, value = True, number
         if not ok:
-            raise invalid(f"{name} must be {what or ' or '.join(k.__name__ for k in kinds)}, got {value!r}", name)
+            raise invalid(f"{name} must be {what or ' or '.join(k.__name__ for k in kinds)}, got {_short(value)}",
+                          name)
         return value
 
     def refuse_unsupported(self) -> None:
@@ -122,6 +126,12 @@ class _Body:
         best_of = self.data.get("best_of")
         if best_of not in (None, 1) and best_of != self.data.get("n", 1):
             raise invalid("best_of other than n is not supported by this server", "best_of")
+
+
+def _short(value: Any) -> str:
+    """A value for an error message, cut short (a 4,000-digit integer is not echoed back whole)."""
+    text = repr(value) if not isinstance(value, int) or abs(value) < 10**30 else f"an integer of {len(str(value))} digits"
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _stop(body: _Body) -> tuple[str, ...]:
@@ -146,9 +156,10 @@ def _logit_bias(body: _Body) -> tuple[tuple[int, float], ...]:
             tid = int(key)
         except (TypeError, ValueError):
             raise invalid(f"logit_bias: {key!r} is not a token id", "logit_bias") from None
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise invalid(f"logit_bias: the bias of token {key} must be a number", "logit_bias")
-        out.append((tid, float(value)))
+        number = f32_number(value)
+        if number is None:
+            raise invalid(f"logit_bias: the bias of token {key} must be a finite number", "logit_bias")
+        out.append((tid, number))
     return tuple(out)
 
 

@@ -52,6 +52,8 @@ class Preprocessor:
         self.tokenizer = info.tokenizer
         self.info = info
         self._pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="meshserve-preprocess")
+        # the longest text that could fit the context: anything longer is refused untokenized
+        self.max_text_chars = info.context_length * self.tokenizer.max_token_chars
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -70,9 +72,12 @@ class Preprocessor:
             raise RequestError("input: set exactly one of text, token_ids, messages"
                                + (f" (got {' and '.join(given)})" if given else " (got none)"))
         if prompt.text:
+            self._fits(len(prompt.text) if isinstance(prompt.text, str) else 0, "text")
             return self.tokenizer.encode(_unicode(prompt.text, "text"), add_bos=None if add_special_tokens else False)
         if prompt.token_ids:
             return list(prompt.token_ids)
+        self._fits(sum(len(m.get("content", "")) for m in prompt.messages
+                       if isinstance(m, Mapping) and isinstance(m.get("content", ""), str)), "messages")
         messages = []
         for i, m in enumerate(prompt.messages):
             role = _unicode(m.get("role", ""), f"messages[{i}].role")
@@ -85,6 +90,12 @@ class Preprocessor:
             return self.tokenizer.encode_chat(messages)
         except Exception as e:  # a template error names what was wrong with the messages
             raise RequestError(f"messages: the chat template failed: {e}") from None
+
+    def _fits(self, chars: int, field: str) -> None:
+        """Refuse, before tokenizing it, a text too long to fit the context whatever its tokens."""
+        if chars > self.max_text_chars:
+            raise RequestError(f"{field}: {chars} characters cannot fit the context of {self.info.context_length} "
+                               f"tokens (at most {self.max_text_chars} characters)")
 
     def decode(self, token_ids: Sequence[int]) -> str:
         vocab = self.info.vocab_size

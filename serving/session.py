@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from meshserve.serving.metrics import Metrics
 
 # meshserve_requests_total's labels: a finish reason, or why the call ended without one
-OUTCOMES = ("stop", "length", "abort", "error", "rejected", "invalid", "unavailable", "unauthenticated")
+OUTCOMES = ("stop", "length", "abort", "error", "rejected", "invalid", "too_large", "unavailable", "unauthenticated")
 
 
 class Unauthenticated(MeshserveError):
@@ -40,7 +40,8 @@ def bearer_ok(authorization: str | None, tokens) -> bool:
     """Whether an `authorization` value is `Bearer <one of tokens>` (compared in constant time)."""
     if not isinstance(authorization, str) or not authorization.startswith("Bearer "):
         return False
-    given = authorization[len("Bearer "):].encode()
+    # bytes as they came (a header's non-UTF-8 bytes arrive as surrogates): never an exception
+    given = authorization[len("Bearer "):].encode("utf-8", "surrogateescape")
     return any(hmac.compare_digest(given, t.encode()) for t in tokens)
 
 

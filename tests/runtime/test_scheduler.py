@@ -204,3 +204,37 @@ def test_a_request_whose_copies_in_fail_leaves_the_step_and_computes_from_there(
     plan = sched.schedule(0)  # next step: a computes from its third page on
     chunk = next(c for c in plan.prefills if c.seq is a)
     assert (chunk.start, chunk.end) == (8, 21) and not [o for o in plan.onboard if o.seq is a]
+
+
+def test_small_requests_pass_one_that_does_not_fit_a_bounded_number_of_times():
+    """A request whose first chunk needs more pages than are free lets at most max_bypass later
+    requests start ahead of it; then the queue waits for it, and it runs once pages come back."""
+    sched = make(num_pages=12, page_size=4, max_num_batched_tokens=64, max_prefill_chunk=64, max_num_seqs=8,
+                 max_bypass=2)
+    hog = seq("hog", 24)  # 6 of the 12 pages (11 usable: one is the null page)
+    sched.add(hog)
+    run(sched, sched.schedule(0))
+    big = seq("big", 30, arrival=1.0)  # 8 pages: does not fit the 5 free
+    smalls = [seq(f"s{i}", 3, arrival=2.0 + i) for i in range(3)]  # a page each
+    for s in (big, *smalls):
+        sched.add(s)
+    plan = sched.schedule(0)
+    assert [c.seq.request_id for c in plan.prefills] == ["s0", "s1"] and big.bypassed == 2
+    assert [s.request_id for s in sched.waiting] == ["big", "s2"]
+    run(sched, plan)
+    for s in smalls[:2]:
+        sched.remove(s)
+    assert [c.seq.request_id for c in sched.schedule(0).prefills] == []  # s2 fits, but big was passed twice
+    sched.remove(hog)
+    assert [c.seq.request_id for c in sched.schedule(0).prefills] == ["big", "s2"]
+
+
+def test_strict_order_with_no_bypass():
+    sched = make(num_pages=12, page_size=4, max_num_batched_tokens=64, max_prefill_chunk=64, max_num_seqs=8,
+                 max_bypass=0)
+    hog, big, small = seq("hog", 24), seq("big", 30, arrival=1.0), seq("small", 3, arrival=2.0)
+    sched.add(hog)
+    run(sched, sched.schedule(0))
+    sched.add(big)
+    sched.add(small)
+    assert sched.schedule(0).prefills == () and [s.request_id for s in sched.waiting] == ["big", "small"]
