@@ -172,6 +172,8 @@ class Scheduler:
         # past one that does not fit, as long as it may still be bypassed.
         i = 0
         while i < len(self.waiting) and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            if i > 0 and self.waiting[0].bypassed >= self.config.max_bypass:
+                break  # the head has been passed enough: the queue waits for it
             seq = self.waiting[i]
             if seq in preempted:
                 break  # just preempted for lack of pages: not back in this step
@@ -188,8 +190,6 @@ class Scheduler:
                 if seq.num_cached:  # give the prefix back; it is looked up again next time
                     self.kv.free(seq)
                     seq.num_computed = seq.num_cached = 0
-                if self.waiting[0].bypassed >= self.config.max_bypass:
-                    break
                 i += 1
                 continue
             self.waiting.pop(i)

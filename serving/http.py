@@ -41,6 +41,7 @@ log = logging.getLogger("meshserve.http")
 
 OPEN = ("/health", "/metrics")  # paths that need no bearer token
 RETRY_AFTER_S = 1
+BODY_TIMEOUT = web.AppKey("body_timeout_s", float)  # seconds a request body may take to arrive
 
 
 def _json(body: dict, status: int = 200, headers: dict | None = None) -> web.Response:
@@ -90,15 +91,16 @@ class HTTPTransport:
     async def start(self, host: "ProcessHost") -> None:
         self.host = host
         app = web.Application(client_max_size=host.config.max_message_bytes, middlewares=[self._errors, self._auth])
-        app["body_timeout_s"] = host.config.http_body_timeout_s
+        app[BODY_TIMEOUT] = host.config.http_body_timeout_s
         app.add_routes([web.post("/v1/completions", self.completions), web.post("/v1/chat/completions", self.chat),
                         web.get("/v1/models", self.models), web.get("/health", self.health_check),
                         web.get("/metrics", self.metrics), web.get("/tokenizer_info", self.tokenizer_info),
                         web.post("/tokenize", self.tokenize), web.post("/detokenize", self.detokenize)])
         # keep-alive timeout = header timeout: aiohttp closes a connection that has not sent a whole
-        # request head this long after opening, or after its last response
+        # request head this long after opening, or after its last response; what is left unread of a
+        # body after the answer (a 401, a 408) is drained for at most a second, then the connection ends
         self.runner = web.AppRunner(app, handler_cancellation=True, access_log=None,
-                                    keepalive_timeout=host.config.http_header_timeout_s)
+                                    keepalive_timeout=host.config.http_header_timeout_s, lingering_time=1.0)
         await self.runner.setup()
         try:
             self._listener = await asyncio.get_running_loop().create_server(
@@ -218,16 +220,16 @@ class HTTPTransport:
     async def _body(request: web.Request) -> dict:
         """The JSON object a request carries; 400 in the envelope for a body that cannot be read: not
         the compression its Content-Encoding names, an unknown charset, not text, not JSON."""
-        timeout = request.app["body_timeout_s"]
+        timeout = request.app[BODY_TIMEOUT]
         try:
             async with asyncio.timeout(timeout):
                 raw = await request.read()
         except TimeoutError:
             raise APIError(408, f"the request body did not arrive within {timeout:g} s "
                                 "(server.http_body_timeout_s)", None, "request_timeout") from None
-        except web.HTTPRequestEntityTooLarge as e:
-            raise APIError(413, f"the request body is larger than {e.max_size} bytes (server.max_message_bytes)",
-                           None, "request_too_large") from None
+        except web.HTTPRequestEntityTooLarge:
+            raise APIError(413, f"the request body is larger than {request.client_max_size} bytes "
+                                "(server.max_message_bytes)", None, "request_too_large") from None
         except Exception as e:  # aiohttp's RequestPayloadError: a broken gzip or deflate body
             raise invalid(f"the request body cannot be read: {str(e).strip().splitlines()[-1].strip()}", None) from None
         charset = request.charset or "utf-8"
