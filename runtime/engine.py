@@ -216,7 +216,7 @@ class Engine:
         params = request.params
         seq = Sequence(rid, list(request.token_ids), len(request.token_ids), priority=request.priority,
                        arrival=self.clock.now() if request.arrival is None else request.arrival,
-                       queue_timeout_s=request.queue_timeout_s)
+                       queue_timeout_s=request.queue_timeout_s, max_total=len(request.token_ids) + params.max_tokens)
         seed = params.seed if params.seed is not None else self._seeds.for_request(rid)
         text = TextStream(self.tokenizer, params.stop) if params.detokenize else NoText()
         try:

@@ -193,7 +193,7 @@ class OutputProcessor:
         text = req.text.push(token, stops=generated >= params.min_tokens)
         if req.text.stopped_by is not None:
             return self.finish(req, "stop", last=(token,), text=text, logprobs=logprobs, prompt_logprobs=scores)
-        if generated >= params.max_tokens or len(seq.tokens) >= self.max_seq_len:
+        if generated >= params.max_tokens or len(seq.tokens) > self.max_seq_len:
             return self.finish(req, "length", last=(token,), text=text, logprobs=logprobs, prompt_logprobs=scores)
         return RequestOutput(seq.request_id, (token,), text, logprobs=logprobs, prompt_tokens=seq.prompt_len,
                              completion_tokens=generated, queue_time_s=_queue_time(seq),

@@ -50,10 +50,12 @@ def check_request(ids: Seq[int], params: SamplingParams, priority: int, *, vocab
     """Raise RequestError naming the first problem with a request; needs no compiled engine.
 
     `max_seq_len` is a context the KV cache is known to hold (the engine checks that at start-up),
-    so a request within it never waits for pages that cannot exist."""
+    so a request within it never waits for pages that cannot exist. The context holds every token
+    the model reads: the prompt and each generated token but the last (sampled, never read back),
+    so a prompt of max_seq_len tokens may still be scored (max_tokens 1)."""
     if not ids:
         raise RequestError("prompt is empty")
-    if len(ids) >= max_seq_len:  # before looking at every id: a huge prompt fails at once
+    if len(ids) > max_seq_len:  # before looking at every id: a huge prompt fails at once
         raise RequestError(f"prompt of {len(ids)} tokens does not fit the context of {max_seq_len} tokens")
     bad = next((t for t in ids if not isinstance(t, int) or not 0 <= t < vocab_size), None)
     if bad is not None:
@@ -63,9 +65,9 @@ def check_request(ids: Seq[int], params: SamplingParams, priority: int, *, vocab
     if params.min_tokens and len(params.logit_bias) + len(params.stop_token_ids) + eos_ids > BIAS_SLOTS:
         raise RequestError(f"min_tokens: with {len(params.stop_token_ids)} stop_token_ids and "
                            f"{len(params.logit_bias)} logit_bias entries, more than {BIAS_SLOTS} tokens to hold back")
-    if len(ids) + params.max_tokens > max_seq_len:
+    if len(ids) + params.max_tokens - 1 > max_seq_len:
         raise RequestError(f"max_tokens: prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) "
-                           f"exceeds the context of {max_seq_len} tokens")
+                           f"exceeds the context of {max_seq_len} tokens by more than the last token")
     if not isinstance(priority, int) or not 0 <= priority < priority_levels:
         raise RequestError(f"priority must be in [0, {priority_levels}), got {priority}")
 

@@ -146,7 +146,7 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         prompt_budget = budget  # prompt tokens this step
         limit = self.config.prefill_tokens_while_decoding
-        if limit is not None and any(s.uncomputed == 1 for s in self.running if s.status is Status.RUNNING):
+        if limit is not None and any(s.wants_decode for s in self.running if s.status is Status.RUNNING):
             prompt_budget = limit
 
         # Running requests, most entitled first, so preemption takes from the tail.
@@ -154,6 +154,8 @@ class Scheduler:
         for seq in list(self.running):
             if seq.status is not Status.RUNNING:  # preempted earlier in this loop
                 continue
+            if seq.uncomputed == 1 and not seq.wants_decode:
+                continue  # every token sampled: it ends when the last is read back
             n = 1 if seq.uncomputed == 1 else min(seq.uncomputed, budget - len(self._decodes_left(seq)),
                                                   prompt_budget, self.config.max_prefill_chunk)
             if n <= 0:
@@ -246,7 +248,7 @@ class Scheduler:
         """Running requests after `seq` that will want one decode token each this step: a prompt
         chunk must leave them their token."""
         i = self.running.index(seq)
-        return [s for s in self.running[i + 1:] if s.status is Status.RUNNING and s.uncomputed == 1]
+        return [s for s in self.running[i + 1:] if s.status is Status.RUNNING and s.wants_decode]
 
     def _make_room(self, seq: Sequence, num_tokens: int, preempted: list[Sequence], now: float) -> bool:
         """Grow seq's pages to num_tokens, preempting from the tail of `running` as needed.

@@ -37,6 +37,7 @@ class Sequence:
     queued_at: float = 0.0  # when it last entered the waiting queue (arrival, or its preemption)
     reuse_prefix: bool = True  # may start from cached pages (not while its prompt is being scored)
     bypassed: int = 0  # requests behind it in the queue started while it did not fit
+    max_total: int | None = None  # prompt + max_tokens: its last token is sampled, never computed
 
     @property
     def total(self) -> int:
@@ -46,6 +47,12 @@ class Sequence:
     @property
     def uncomputed(self) -> int:
         return self.total - self.num_computed
+
+    @property
+    def wants_decode(self) -> bool:
+        """One token left to compute, and more to sample after it (a request whose every token is
+        sampled ends when the last is read back: no step is planned for it)."""
+        return self.uncomputed == 1 and (self.max_total is None or self.total < self.max_total)
 
     @property
     def order(self) -> tuple:

@@ -155,8 +155,8 @@ def test_no_leaks_after_hundreds_of_requests_with_aborts(engine):
 @pytest.mark.parametrize("prompt,params,priority,message", [
     ("", SamplingParams(), 0, "prompt is empty"),
     ([], SamplingParams(), 0, "prompt is empty"),
-    ([1] * 60, SamplingParams(), 0, "does not fit the context of 60"),
-    ([1] * 40, SamplingParams(max_tokens=21), 0, "max_tokens: prompt .* exceeds the context"),
+    ([1] * 61, SamplingParams(), 0, "does not fit the context of 60"),
+    ([1] * 40, SamplingParams(max_tokens=22), 0, "max_tokens: prompt .* exceeds the context"),
     ([1], SamplingParams(max_tokens=0), 0, "max_tokens must be a positive integer"),
     ([1], SamplingParams(temperature=-1), 0, "temperature must be >= 0"),
     ([1], SamplingParams(top_p=0), 0, r"top_p must be in \(0, 1\]"),
@@ -533,6 +533,38 @@ def test_prompt_scores_equal_the_dense_reference(engine, tiny_ckpt):
         assert [t for t, _ in s.top] == list(np.argsort(-ref[p])[:3])
     assert list(out[0].token_ids) == greedy_reference(tiny_ckpt, prompt, 3)
     assert list(out[1].token_ids) == greedy_reference(tiny_ckpt, [5, 6, 7], 3)
+
+
+def test_a_prompt_of_the_whole_context_is_scored(engine, tiny_ckpt):
+    """A score-only prompt of exactly max_seq_len tokens (as lm-evaluation-harness sends) fits: the
+    one sampled token is never read back, so no step is planned for it and no page past the pool's
+    15 is wanted, with async scheduling on. One more token, or a second one to generate, is refused."""
+    prompt = np.random.default_rng(11).integers(0, 260, 60).tolist()
+    planned = []
+    real_schedule = engine.scheduler.schedule
+
+    def spy(now):
+        plan = real_schedule(now)
+        planned.extend([*(c.end for c in plan.prefills), *(s.total for s in plan.decodes)])
+        return plan
+
+    engine.scheduler.schedule = spy
+    try:
+        engine.add_request(prompt, SamplingParams(max_tokens=1, prompt_logprobs=1), request_id="whole")
+        outs = []
+        while engine.has_unfinished:
+            outs += engine.step()
+    finally:
+        engine.scheduler.schedule = real_schedule
+    (out,) = outs
+    assert engine.config.async_scheduling and out.finish_reason in ("length", "stop")
+    assert len(out.prompt_logprobs) == 60 and max(planned) == 60
+    ref = np.asarray(jax.nn.log_softmax(reference_logits(tiny_ckpt, prompt[:59])))  # what follows token 58
+    assert out.prompt_logprobs[-1].logprob == pytest.approx(ref[prompt[59]], abs=1e-5)
+    assert engine.kv.num_free == engine.kv.num_usable
+    for ids, params in (([1] * 61, SamplingParams(max_tokens=1)), ([1] * 60, SamplingParams(max_tokens=2))):
+        with pytest.raises(RequestError, match="context of 60"):
+            engine.add_request(ids, params)
 
 
 def test_forks_of_one_prompt_share_its_pages(tiny_ckpt):

@@ -128,6 +128,22 @@ def test_a_text_too_long_for_the_context_is_refused_untokenized(served, tiny_ckp
     envelope(status, body, 400, "cannot fit the context")
 
 
+# ---- scoring a prompt of the whole context -------------------------------------------------------------------
+
+
+def test_a_prompt_of_the_whole_context_is_scored(served):
+    """echo with max_tokens 0 (lm-evaluation-harness's loglikelihood) of exactly the 64-token context."""
+    prompt = [(7 * i) % 250 + 3 for i in range(64)]
+    status, body = request(served, "POST", "/v1/completions",
+                           {"model": "tiny", "prompt": prompt, "max_tokens": 0, "echo": True, "logprobs": 1})
+    assert status == 200, body
+    scores = body["choices"][0]["logprobs"]["token_logprobs"]
+    assert len(scores) == 64 and scores[0] is None and all(isinstance(x, float) for x in scores[1:])
+    status, body = request(served, "POST", "/v1/completions",
+                           {"model": "tiny", "prompt": [*prompt, 5], "max_tokens": 0, "echo": True, "logprobs": 1})
+    envelope(status, body, 400, "does not fit the context of 64 tokens")
+
+
 # ---- bad bytes, numbers and headers: 4xx in the envelope, never a 500 ---------------------------------------
 
 
