@@ -39,6 +39,7 @@ class EngineConfig:
     host_kv_bytes: int = 0  # host memory for prefix pages evicted from the device (0: none)
     kv_store: str | None = None  # tensorstore tier for pages leaving host memory: a folder or kvstore URL
     kv_store_write_through: bool = False  # also write every offloaded page to the store at once
+    kv_store_bytes: int = 64 << 30  # the store's capacity; past it, its least recently used pages are deleted
     limits: RequestLimits = RequestLimits()  # what one request may carry (stop strings, stop ids)
     # build and dispatch step N+1 before reading step N back (its tokens feed N+1 on the device);
     # `step` then returns step N's outputs. False: each step is read back before the next is built.
@@ -60,6 +61,8 @@ class EngineConfig:
             raise ConfigError(f"attention must be one of {', '.join(ATTENTION)}, got {self.attention!r}")
         if self.host_kv_bytes < 0:
             raise ConfigError(f"host_kv_bytes must be >= 0, got {self.host_kv_bytes}")
+        if self.kv_store_bytes <= 0:
+            raise ConfigError(f"kv_store_bytes must be positive, got {self.kv_store_bytes}")
         if (self.host_kv_bytes or self.kv_store) and not self.enable_prefix_caching:
             raise ConfigError("host_kv_bytes and kv_store need enable_prefix_caching")
         if self.max_prefill_chunk > self.max_num_batched_tokens:

@@ -440,6 +440,7 @@ class Engine:
                      "store_hit_pages": t.store_hits}
             if t.store is not None:
                 tiers.update(pages_store=len(t.store), store_pages_written=t.store.stored,
-                             store_misses=t.store.misses, store_enabled=t.store.enabled)
+                             store_misses=t.store.misses, store_pages_evicted=t.store.evicted,
+                             store_enabled=t.store.enabled)
         return {**self.scheduler.describe(), **tiers, "programs": len(self.programs), "page_size": self.config.page_size,
                 "page_bytes": self.page_bytes, "compile_seconds": round(self.compile_seconds, 2)}

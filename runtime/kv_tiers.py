@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from collections import OrderedDict
 from typing import NamedTuple
 
@@ -188,27 +189,38 @@ class StoreTier:
     model's fingerprint (runtime/identity.py), so another model never looks up this one's pages. A
     value is a header (magic, dtype, shape, blake2b checksum of the data) and the data; anything that
     does not check out — flipped bytes, a truncated or missing value, a page of another shape or
-    dtype than this engine's — is a miss, counted, and recomputed. A failed write (a full disk)
-    turns the tier off with a warning; serving goes on.
+    dtype than this engine's — is a miss, counted, logged (at most one line per `WARN_EVERY_S`), and
+    recomputed. A failed write (a full disk) turns the tier off with a warning; serving goes on.
+
+    With `capacity_bytes` the store holds at most that many bytes of pages (whole values, header
+    included): past it, the least recently used page (written or read) is deleted. Pages found at
+    open count from the start, as the least recent, in the order listed. Several servers may share
+    one store; each keeps its own capacity, and a page another one deleted is a miss here.
     """
 
     MAGIC = b"MSKV1"
+    WARN_EVERY_S = 60.0
 
     def __init__(self, spec: str | dict, page_shape: tuple[int, ...], page_dtype, prefix: str = "kv/",
-                 events: KVEvents | None = None):
+                 events: KVEvents | None = None, capacity_bytes: int | None = None):
         import tensorstore as ts
 
         self.events = events
         self.page_shape, self.page_dtype = tuple(page_shape), np.dtype(page_dtype)
+        self.value_bytes = self.header_bytes(len(page_shape)) + int(np.prod(page_shape)) * self.page_dtype.itemsize
+        self.capacity = None if capacity_bytes is None else capacity_bytes // self.value_bytes  # pages
         if isinstance(spec, str) and "://" not in spec:
             spec = {"driver": "file", "path": spec.rstrip("/") + "/"}
         self._kv = ts.KvStore.open(spec).result()
         self._prefix = prefix
-        self._keys: set[str] = {k.decode()[len(prefix):] for k in self._kv.list().result()
-                                if k.startswith(prefix.encode())}
+        # its keys (page hashes in hex), least recently used first
+        self._keys: OrderedDict[str, None] = OrderedDict.fromkeys(
+            k.decode()[len(prefix):] for k in self._kv.list().result() if k.startswith(prefix.encode()))
         self._writes: list = []
         self.enabled = True
-        self.stored = self.hits = self.misses = self.corrupt = 0
+        self.stored = self.hits = self.misses = self.evicted = self.rewritten = 0
+        self._unreported, self._warned_at = 0, -self.WARN_EVERY_S
+        self._evict()
 
     def holds(self, page_hash: bytes) -> bool:
         """Whether the store's index (its keys, listed at open) names the page; reads nothing."""
@@ -216,6 +228,11 @@ class StoreTier:
 
     def __len__(self) -> int:
         return len(self._keys)
+
+    @staticmethod
+    def header_bytes(ndim: int) -> int:
+        """A stored value's bytes before its data: magic, dtype, ndim, shape, checksum."""
+        return 5 + 8 + 8 + 8 * ndim + 16
 
     @classmethod
     def encode(cls, data: np.ndarray) -> bytes:
@@ -240,14 +257,18 @@ class StoreTier:
             raise ValueError("checksum")
         return np.frombuffer(body, dtype).reshape(shape).copy()
 
-    def put(self, page_hash: bytes, data: np.ndarray) -> None:
-        if not self.enabled or page_hash.hex() in self._keys:
+    def put(self, page_hash: bytes, data: np.ndarray, replace: bool = False) -> None:
+        """Write a page (not one the store already names, unless `replace`); written by `flush`."""
+        key = page_hash.hex()
+        if not self.enabled or (key in self._keys and not replace):
             return
-        self._writes.append((page_hash, self._kv.write(self._prefix + page_hash.hex(), self.encode(data))))
-        self._keys.add(page_hash.hex())
+        self._writes.append((page_hash, self._kv.write(self._prefix + key, self.encode(data))))
+        self._keys[key] = None
+        self._keys.move_to_end(key)
 
     def flush(self) -> int:
-        """Wait for the writes in flight; returns how many succeeded. A failure disables the tier."""
+        """Wait for the writes in flight, then delete the least recently used pages past the
+        capacity; returns how many writes succeeded. A failed write disables the tier."""
         done = 0
         for page_hash, future in self._writes:
             try:
@@ -257,29 +278,83 @@ class StoreTier:
                 if self.events is not None:
                     self.events.add("stored", "store", page_hash)
             except Exception as e:  # a full disk, a lost bucket
-                self._keys.discard(page_hash.hex())
+                self._keys.pop(page_hash.hex(), None)
                 if self.enabled:
                     log.warning("KV store tier disabled: a write failed: %s", e)
                 self.enabled = False
         self._writes.clear()
+        self._evict()
         return done
 
+    def _evict(self) -> None:
+        if self.capacity is None or len(self._keys) <= self.capacity:
+            return
+        deletes = []
+        while len(self._keys) > self.capacity:
+            key, _ = self._keys.popitem(last=False)
+            deletes.append(self._kv.write(self._prefix + key, None))
+            self.evicted += 1
+            if self.events is not None:
+                self.events.add("removed", "store", bytes.fromhex(key))
+        for future in deletes:
+            try:
+                future.result()
+            except Exception as e:  # left behind: found at the next open, and evicted then
+                log.warning("KV store: deleting an evicted page failed: %s", e)
+
+    def read(self, page_hash: bytes) -> np.ndarray:
+        """The page as stored; ValueError (or the store's error) when it is not this engine's whole page."""
+        raw = self._kv.read(self._prefix + page_hash.hex()).result().value
+        data = self.decode(raw)
+        if data.shape != self.page_shape or data.dtype != self.page_dtype:
+            raise ValueError(f"a page of {data.dtype}{list(data.shape)}, not this engine's")
+        return data
+
     def get(self, page_hash: bytes) -> np.ndarray | None:
-        """The page, or None (a counted miss) when it is missing or fails its checks."""
+        """The page, or None (a counted, logged miss) when it is missing or fails its checks."""
         self.flush()
         try:
-            raw = self._kv.read(self._prefix + page_hash.hex()).result().value
-            data = self.decode(raw)
-            if data.shape != self.page_shape or data.dtype != self.page_dtype:
-                raise ValueError(f"a page of {data.dtype}{list(data.shape)}, not this engine's")
-        except Exception:
-            self._keys.discard(page_hash.hex())
+            data = self.read(page_hash)
+        except Exception as e:
+            self._keys.pop(page_hash.hex(), None)
             self.misses += 1
+            self._report(page_hash, e)
             if self.events is not None:
                 self.events.add("removed", "store", page_hash)
             return None
         self.hits += 1
+        self._keys.move_to_end(page_hash.hex())
         return data
+
+    def _report(self, page_hash: bytes, error: Exception) -> None:
+        """Log store pages that failed their checks: one line per WARN_EVERY_S at most, with the count."""
+        self._unreported += 1
+        now = time.monotonic()
+        if now - self._warned_at >= self.WARN_EVERY_S:
+            log.warning("KV store: %d page(s) could not be read and are recomputed (the latest, %s…: %s)",
+                        self._unreported, page_hash.hex()[:16], str(error) or type(error).__name__)
+            self._unreported, self._warned_at = 0, now
+
+    def verify(self, pages: list[tuple[bytes, np.ndarray]]) -> int:
+        """Make the store hold each of `pages` whole: read what it holds for each, rewrite the ones
+        missing or damaged, then read those back; returns how many of `pages` it holds verified."""
+        def whole(page_hash, data):
+            try:
+                return np.array_equal(self.read(page_hash), data)
+            except Exception:
+                return False
+
+        good, bad = [], []
+        for h, data in pages:
+            (good if whole(h, data) else bad).append((h, data))
+        for h, _ in good:  # persisted now: the most recent
+            self._keys[h.hex()] = None
+            self._keys.move_to_end(h.hex())
+        for h, data in bad:
+            self.put(h, data, replace=True)
+        self.flush()
+        self.rewritten += len(bad)
+        return sum(h.hex() in self._keys for h, _ in good) + sum(whole(h, data) for h, data in bad)
 
 
 class LowerTiers:
@@ -319,15 +394,12 @@ class LowerTiers:
             self.store.flush()
 
     def persist(self) -> int:
-        """Write every host page to the store (at shutdown, so a restart finds them); returns how
-        many host pages the store holds afterwards (written now or before; failed writes do not count)."""
-        if self.store is None:
+        """Write every host page to the store (at shutdown, so a restart finds them), verified: a
+        page the store holds damaged (or lost) is written again and read back. Returns how many
+        host pages the store holds whole afterwards."""
+        if self.store is None or not self.store.enabled:
             return 0
-        pages = self.host.items()
-        for h, data in pages:
-            self.store.put(h, data)
-        self.store.flush()
-        return sum(self.store.holds(h) for h, _ in pages)
+        return self.store.verify(self.host.items())
 
 
 def lower_tiers(config, pool: KVPool, page_bytes: int, events: KVEvents | None) -> LowerTiers | None:
@@ -342,7 +414,8 @@ def lower_tiers(config, pool: KVPool, page_bytes: int, events: KVEvents | None) 
         from meshserve.models.errors import ConfigError
 
         try:
-            store = StoreTier(os.path.expanduser(config.kv_store), pool.page_shape, pool.dtype, events=events)
+            store = StoreTier(os.path.expanduser(config.kv_store), pool.page_shape, pool.dtype, events=events,
+                              capacity_bytes=config.kv_store_bytes)
         except Exception as e:
             raise ConfigError(f"kv_store {config.kv_store!r} cannot be opened: {e}") from None
     return LowerTiers(HostTier(config.host_kv_bytes, page_bytes, events=events), store, config.kv_store_write_through)

@@ -476,7 +476,8 @@ class EngineLoop:
                            (m.bytes_moved.labels("host_to_device"), stats["host_pages_in"] * pb)]
                 if "store_pages_written" in stats:
                     counts += [(m.pages_moved.labels("host_to_store"), stats["store_pages_written"]),
-                               (m.bytes_moved.labels("host_to_store"), stats["store_pages_written"] * pb)]
+                               (m.bytes_moved.labels("host_to_store"), stats["store_pages_written"] * pb),
+                               (m.store_misses, stats["store_misses"]), (m.store_evicted, stats["store_pages_evicted"])]
             for counter, total in counts:  # the engine keeps totals; counters take increments
                 counter.inc(total - self._seen.get(id(counter), 0))
                 self._seen[id(counter)] = total

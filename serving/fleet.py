@@ -57,6 +57,8 @@ class LocalFleet:
         self.frontend = self.start_frontend("frontend", http_port, ["--router-mode", router, "--migration-limit",
                                                                     str(migration_limit), *frontend_args])
         self.workers: dict[str, subprocess.Popen] = {}
+        self.prefill_only: set[str] = set()  # workers started with --role prefill (they serve no request alone)
+        self.exited: set[str] = set()  # workers `check` has reported gone
         self.logs: dict[str, Path] = {}  # each worker's output
         self.metrics_ports: dict[str, int] = {}  # of the workers started with metrics=True
 
@@ -80,6 +82,8 @@ class LocalFleet:
             args = [*args, "--metrics-port", str(port)]
         proc = self.workers[name] = self._start(name, [sys.executable, "-m", "meshserve.serving.cli", "worker",
                                                        "--quiet", *args], env)
+        if "--role" in args and args[args.index("--role") + 1] == "prefill":
+            self.prefill_only.add(name)
         log = self.logs[name] = self.folder / f"{name}.log"
         if not wait:
             return proc
@@ -118,6 +122,24 @@ class LocalFleet:
                 raise MeshserveError(f"no frontend listed model {name!r} within {timeout:.0f} s: see {self.folder}")
             time.sleep(0.2)
 
+    def check(self) -> list[str]:
+        """Poll the processes once. Each worker that has exited since the last check is named on
+        stderr (once) and returned; the others go on serving (Dynamo's frontend stops routing to a
+        worker that left and migrates the streams it had). MeshserveError when the frontend has
+        exited or no worker that serves requests (not prefill-only) is left."""
+        gone = [name for name, proc in self.workers.items() if name not in self.exited and proc.poll() is not None]
+        self.exited.update(gone)
+        serving = [n for n, p in self.workers.items() if n not in self.exited and n not in self.prefill_only]
+        for name in gone:
+            print(f"meshserve fleet: {name} exited with code {self.workers[name].returncode} (its log: "
+                  f"{self.logs.get(name, self.folder / (name + '.log'))}); {len(serving)} worker(s) serve on",
+                  file=sys.stderr, flush=True)
+        if self.frontend.poll() is not None:
+            raise MeshserveError(f"the frontend exited with code {self.frontend.returncode}: see {self.folder}")
+        if self.workers and not serving:
+            raise MeshserveError(f"every worker has exited: see the logs in {self.folder}")
+        return gone
+
     def stop(self, timeout: float = 30) -> None:
         """SIGTERM every process (workers drain), SIGKILL what is left after `timeout`."""
         procs = [*self.workers.values(), *self.frontends.values()]
@@ -150,13 +172,8 @@ def run_fleet(workers: int, router: str, port: int, worker_args: list[str], pref
         print(f"meshserve fleet: {kind} behind Dynamo's frontend ({router} routing) at "
               f"http://127.0.0.1:{port}/v1 serving {', '.join(fleet.models())}; logs in {folder}; Ctrl-C stops it",
               flush=True)
-        while not stop:
-            for name, proc in fleet.workers.items():
-                if proc.poll() is not None:
-                    print(f"meshserve fleet: {name} exited with code {proc.returncode}", file=sys.stderr, flush=True)
-                    stop.append(1)
-            if fleet.frontend.poll() is not None:
-                raise MeshserveError(f"the frontend exited with code {fleet.frontend.returncode}: see {folder}")
+        while not stop:  # a worker that exits is named, and the others serve on
+            fleet.check()
             time.sleep(0.5)
     except KeyboardInterrupt:
         pass

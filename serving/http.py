@@ -24,6 +24,8 @@ import time
 from typing import TYPE_CHECKING
 
 from aiohttp import web
+from aiohttp.http_exceptions import ContentEncodingError
+from aiohttp.web_protocol import RequestHandler
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from meshserve.models.errors import MeshserveError, RequestError
@@ -80,6 +82,27 @@ class _Refuse(asyncio.Protocol):
         transport.close()
 
 
+class _Protocol(RequestHandler):
+    """aiohttp's protocol, but a request it cannot parse (a broken head, a body in an encoding it
+    cannot decode, like `br`) is answered in the OpenAI envelope and logged in one line, not with a
+    traceback per request."""
+
+    def handle_error(self, request, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        if isinstance(exc, ContentEncodingError):
+            reason = "its Content-Encoding cannot be decoded (send the body as is, gzip or deflate)"
+        else:  # the parser's first line (the rest points at the byte)
+            reason = (message or (f"{type(exc).__name__}: {exc}" if exc is not None else "")).strip()
+            reason = reason.splitlines()[0] if reason else "unknown"
+        log.info("HTTP request from %s not parsed (%d): %s", request.remote, status, reason)
+        if request.writer.output_size > 0:  # an answer already began: the connection is broken
+            raise ConnectionError("an answer was sent already, cannot send an error after it")
+        text = f"the request cannot be parsed: {reason}" if status < 500 else "internal error"
+        response = _error(APIError(status, text))
+        response.force_close()
+        return response
+
+
 class HTTPTransport:
     def __init__(self):
         self.host: "ProcessHost | None" = None
@@ -122,7 +145,8 @@ class HTTPTransport:
         if len(self.runner.server.connections) >= self.host.config.http_max_connections:
             self.host.metrics.http_refused.inc()
             return _Refuse(self.host.config.http_max_connections)
-        return self.runner.server()
+        server = self.runner.server  # what Server.__call__ makes, with our error answers
+        return _Protocol(server, loop=asyncio.get_running_loop(), **server._kwargs)
 
     async def stop(self, grace: float) -> None:
         if self._listener is not None:

@@ -46,6 +46,10 @@ class Metrics:
                                    ["direction"], registry=r)
         self.bytes_moved = Counter("meshserve_kv_bytes_moved", "Bytes of cached pages copied between tiers",
                                    ["direction"], registry=r)
+        self.store_misses = Counter("meshserve_kv_store_misses", "Store pages named by the store that could not "
+                                    "be read (missing, damaged, not this model's): recomputed", registry=r)
+        self.store_evicted = Counter("meshserve_kv_store_evictions", "Store pages deleted to keep the store "
+                                     "within kv_store_bytes (least recently used first)", registry=r)
         self.pages_cached = Gauge("meshserve_kv_pages_cached", "KV pages holding a cached prefix page",
                                   registry=r)
         self.compilations = Counter("meshserve_compilations", "XLA compilations (all at warm-up when healthy)",
@@ -95,7 +99,8 @@ class Metrics:
               "meshserve_kv_pages_cached", "meshserve_kv_tier_pages", "meshserve_kv_pages_moved_total",
               "meshserve_kv_bytes_moved_total", "meshserve_programs", "meshserve_kv_transfers_total",
               "meshserve_kv_transfer_pages_total", "meshserve_kv_transfer_bytes_total", "meshserve_kv_pull_seconds",
-              "meshserve_http_connections_refused_total")
+              "meshserve_http_connections_refused_total", "meshserve_kv_store_misses_total",
+              "meshserve_kv_store_evictions_total")
 
     def serve(self, host: str, port: int) -> int:
         """Start the /metrics HTTP endpoint; returns the bound port."""

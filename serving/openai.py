@@ -52,14 +52,15 @@ class APIError(MeshserveError):
         self.status, self.message, self.param, self.code, self.retry_after = status, message, param, code, retry_after
 
     def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.TYPES.get(self.status, "server_error"),
+        kind = self.TYPES.get(self.status, "invalid_request_error" if self.status < 500 else "server_error")
+        return {"error": {"message": self.message, "type": kind,
                           "param": self.param, "code": self.code}}
 
     @property
     def outcome(self) -> str:
         """The outcome a call it ends is counted under (serving/session.py)."""
-        return {400: "invalid", 404: "invalid", 408: "invalid", 413: "too_large", 401: "unauthenticated", 429: "rejected",
-                503: "unavailable"}.get(self.status, "error")
+        named = {413: "too_large", 401: "unauthenticated", 429: "rejected", 503: "unavailable"}
+        return named.get(self.status, "invalid" if self.status < 500 else "error")
 
 
 def invalid(message: str, param: str | None) -> APIError:

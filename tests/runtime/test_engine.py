@@ -701,7 +701,8 @@ def test_async_scheduling_gives_what_stepping_in_lock_step_gives(tiny_ckpt):
 def test_async_scheduling_dispatches_the_next_step_before_reading_the_last(tiny_ckpt):
     """In steady decoding every step's programs are dispatched before the previous step's
     results are read; each step returns the previous step's tokens, one per request, and a
-    request that ended is never returned again, though its next row was already computed."""
+    request that ended is never returned again. One whose every token is sampled gets no further
+    step (a request ended by EOS or a stop string may still have had its next row computed)."""
     engine = Engine(tiny_ckpt, TIGHT)
     events = []
     run, resolve = engine.runner.run, engine._resolve
@@ -727,7 +728,7 @@ def test_async_scheduling_dispatches_the_next_step_before_reading_the_last(tiny_
                 finished.append(out.request_id)
     assert got[a] == greedy_reference(tiny_ckpt, [5, 6, 7], 6) and got[b] == greedy_reference(tiny_ckpt, [9, 8], 3)
     assert events[:3] == ["dispatch", "dispatch", "read"]  # step 2 went out before step 1 came back
-    assert events.count("dispatch") == 7  # 6 steps for a's tokens, and one computed for nothing
+    assert events.count("dispatch") == 6  # 6 steps for a's tokens, none computed for nothing
     assert engine.kv.num_free == engine.kv.num_usable
 
 

@@ -374,3 +374,84 @@ def test_stored_events_name_each_page_by_its_parent_and_tokens(tiny_ckpt):
     assert [e.tokens for e in stored[:3]] == [tuple(prompt[0:4]), tuple(prompt[4:8]), tuple(prompt[8:12])]
     assert [e.parent for e in stored[:3]] == [None, stored[0].page_hash, stored[1].page_hash]
     assert all(e.tier == "device" and e.replica == 0 for e in stored)
+
+
+def prefix_hashes(engine, prompt: list[int]) -> list[bytes]:
+    """The names the store gives the full pages of `prompt` (TINY: 4 tokens a page)."""
+    hashes, parent = [], engine.kv.salt
+    for i in range(len(prompt) // 4):
+        parent = chain_hash(parent, prompt[4 * i:4 * i + 4])
+        hashes.append(parent)
+    return hashes
+
+
+def test_a_store_filled_past_its_capacity_stays_within_it_and_keeps_the_recent_prefixes(tiny_ckpt, tmp_path):
+    """40 pages' worth of capacity, 12 prompts of 9 full pages each written through it (108 pages):
+    the folder never holds more than the capacity (± one page), the least recently used pages go
+    first, and the latest prompts still hit — in this engine and in one restarted on the store."""
+    from meshserve.runtime.kv_cache import page_bytes
+    from meshserve.runtime.kv_tiers import StoreTier
+
+    folder = tmp_path / "kv"
+    value = StoreTier.header_bytes(4) + page_bytes(tiny_ckpt.config, 4, tiny_ckpt.dtype)  # one stored page
+    config = dataclasses.replace(TINY, host_kv_bytes=0, kv_store=str(folder), kv_store_bytes=40 * value)
+    engine = Engine(tiny_ckpt, config)
+    params = SamplingParams(max_tokens=2, ignore_eos=True)
+    rng = np.random.default_rng(12)
+    prompts = [rng.integers(0, 260, 37).tolist() for _ in range(12)]
+
+    def on_disk() -> int:
+        return sum(f.stat().st_size for f in (folder / "kv").iterdir())
+
+    store = engine.host_tier.store
+    for i, prompt in enumerate(prompts):
+        engine.generate([prompt], params)
+        engine.evict_prefix_cache()
+        if i == 3:  # 36 pages stored; the first prompt read back: now more recent than prompts 1–3
+            assert run_one(engine, prompts[0][:36] + [1], params)[1] == 36
+            engine.evict_prefix_cache()
+        if i == 4:  # 45 pages written: 5 evicted, of the least recently used prompt (1), not of prompt 0
+            assert all(store.holds(h) for h in prefix_hashes(engine, prompts[0]))
+            assert sum(store.holds(h) for h in prefix_hashes(engine, prompts[1])) == 4
+        assert on_disk() <= 40 * value + value, (i, on_disk())
+    assert len(store) == 40 and store.evicted == 12 * 9 - 40 and on_disk() == 40 * value
+    held = {h.hex() for h in prefix_hashes(engine, prompts[-1]) + prefix_hashes(engine, prompts[-2])}
+    assert held <= {f.name for f in (folder / "kv").iterdir()}
+    restarted = Engine(tiny_ckpt, config)
+    assert run_one(restarted, prompts[-1][:36] + [2], params)[1] == 36
+    assert restarted.stats()["store_hit_pages"] == 9
+    small = Engine(tiny_ckpt, dataclasses.replace(config, kv_store_bytes=20 * value))  # capacity lowered
+    assert len(small.host_tier.store) == 20 and on_disk() == 20 * value
+
+
+def test_persist_replaces_every_damaged_page_of_a_prompt(tiny_ckpt, expected, tmp_path, caplog):
+    """Three damaged pages of one prompt's nine: the first fails its checksum, so the request
+    computes the prompt; persisting at shutdown verifies every page it holds and rewrites all
+    three (not only the one that was read), so a restart hits the whole prefix again. The misses
+    are counted and logged, one line per interval."""
+    prompts, want = expected
+    params = SamplingParams(max_tokens=8, ignore_eos=True)
+    config = dataclasses.replace(TINY, host_kv_bytes=2**20, kv_store=str(tmp_path / "kv"))
+    engine = Engine(tiny_ckpt, config)
+    run_one(engine, prompts[0], params)
+    assert engine.persist_prefix_cache() >= 9
+    files = [tmp_path / "kv" / "kv" / h.hex() for h in prefix_hashes(engine, prompts[0])[:9]]
+    for f in (files[0], files[3], files[6]):
+        data = bytearray(f.read_bytes())
+        data[-7] ^= 0x5A
+        f.write_bytes(bytes(data))
+    damaged = Engine(tiny_ckpt, config)
+    with caplog.at_level("WARNING", logger="meshserve.kv"):
+        assert run_one(damaged, prompts[1], params) == (want[1], 0)
+        assert damaged.stats()["store_misses"] == 1
+        damaged.host_tier.store.get(prefix_hashes(damaged, prompts[0])[3])  # a second miss, within the minute
+    assert damaged.stats()["store_misses"] == 2
+    lines = [r.getMessage() for r in caplog.records if "could not be read" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].startswith("KV store: 1 page(s)"), lines
+    assert damaged.persist_prefix_cache() >= 9
+    # written: the three damaged, and the three full pages past the shared prefix of prompts[1]'s
+    # 50 tokens (42 of prompt, 8 generated), which the store never had
+    assert damaged.host_tier.store.rewritten == 6
+    restarted = Engine(tiny_ckpt, config)
+    assert run_one(restarted, prompts[2], params) == (want[2], 36)
+    assert restarted.stats()["store_misses"] == 0

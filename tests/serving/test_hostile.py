@@ -195,6 +195,25 @@ def test_a_body_that_cannot_be_read_is_a_400(served, headers, body, says):
     assert counted(served).get("invalid", 0) == before.get("invalid", 0) + 1
 
 
+@pytest.mark.parametrize("raw,says", [
+    (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Encoding: br\r\nContent-Length: 2\r\n\r\n{}",
+     "Content-Encoding cannot be decoded"),
+    (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nNot a header\r\n\r\n", "cannot be parsed"),
+    (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: many\r\n\r\n", "cannot be parsed"),
+    (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03 TLS, not HTTP\r\n\r\n", "cannot be parsed"),
+], ids=["br", "header", "content-length", "tls"])
+def test_a_request_aiohttp_cannot_parse_gets_the_envelope_and_one_log_line(served, raw, says, caplog):
+    with socket.create_connection(("127.0.0.1", served.server.http.port), timeout=10) as sock:
+        sock.sendall(raw)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.split(b" ")[1] == b"400" and b"application/json" in head, answer
+    envelope(400, json.loads(body), 400, says)
+    assert "Traceback" not in caplog.text
+
+
 def test_a_real_gzip_body_is_read(served):
     body = gzip.compress(json.dumps({"model": "tiny", "prompt": "a", "max_tokens": 2}).encode())
     status, answer = request(served, "POST", "/v1/completions", body, headers={"Content-Encoding": "gzip"})

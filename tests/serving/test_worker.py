@@ -19,6 +19,7 @@ import openai
 import pytest
 import yaml
 
+from meshserve.models.errors import MeshserveError
 from meshserve.serving.fleet import LocalFleet, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -178,7 +179,7 @@ def holder_of(fleet, prompt: str, n: int) -> tuple[str, str]:
     return max(after, key=lambda w: after[w] - before.get(w, 0)), text
 
 
-def test_a_killed_worker_loses_no_request(fleet):
+def test_a_killed_worker_loses_no_request(fleet, capsys):
     prompt = PREFIX + "migrate me please"
     holder, want = holder_of(fleet, prompt, 200)
     stream = complete(fleet, prompt, 200, stream=True, stream_options={"include_usage": True})
@@ -193,6 +194,10 @@ def test_a_killed_worker_loses_no_request(fleet):
     assert "disconnected" in (fleet.tmp / "frontend.log").read_text()  # the frontend did migrate it
     assert "".join(text) == want  # greedy: the other worker continued exactly
     assert usage.completion_tokens == 200
+    # what `meshserve fleet` watches: the exit is named once, and the fleet serves on
+    assert fleet.check() == [holder] and fleet.check() == []
+    assert f"meshserve fleet: {holder} exited with code -9" in capsys.readouterr().err
+    assert complete(fleet, "after the kill", 3).usage.completion_tokens == 3
 
 
 def test_a_worker_joins_and_another_leaves_on_sigterm(fleet):
@@ -248,6 +253,16 @@ def test_a_worker_of_two_processes_gives_a_single_process_workers_tokens(fleet):
         assert fleet.workers[name].poll() is None
     fleet.workers["mh0"].send_signal(signal.SIGTERM)
     assert fleet.workers["mh0"].wait(timeout=60) == 0 and fleet.workers["mh1"].wait(timeout=60) == 0
+
+
+def test_the_fleet_stops_when_no_worker_is_left(fleet):
+    """Last of the tests on the fleet: with every worker gone, `meshserve fleet` says so and stops."""
+    for proc in fleet.workers.values():
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=10)
+    with pytest.raises(MeshserveError, match="every worker has exited"):
+        fleet.check()
 
 
 # ---- the worker's own logic, no processes ----------------------------------------------------------
