@@ -178,7 +178,10 @@ def test_the_http_api_survives_any_request(tiny_ckpt):
 
     import openai
 
-    server = ServerConfig(port=0, http_port=0, metrics_port=None, auth_tokens=(TOKEN,), max_message_bytes=64 * 1024)
+    # a body claiming a compression it lacks can leave aiohttp waiting for more: the body timeout
+    # (408) ends it; 3 s here, where every real body arrives at once
+    server = ServerConfig(port=0, http_port=0, metrics_port=None, auth_tokens=(TOKEN,), max_message_bytes=64 * 1024,
+                          http_body_timeout_s=3.0)
     with ServerThread(server, lambda: Engine(tiny_ckpt, CONFIG)) as s:
         s.wait_ready()
         port, engine = s.server.http.port, s.server.loop.engine
