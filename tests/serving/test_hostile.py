@@ -241,8 +241,10 @@ def test_the_server_still_serves_and_holds_no_page(served):
 # ---- slow and idle connections --------------------------------------------------------------------------
 
 
-SLOW = dataclasses.replace(SERVER, auth_tokens=(), http_header_timeout_s=3.0, http_body_timeout_s=3.0,
-                           http_max_connections=1500)
+def slow(**more) -> ServerConfig:
+    """Short header and body timeouts, room for 1,500 connections."""
+    return dataclasses.replace(SERVER, auth_tokens=(), http_header_timeout_s=3.0, http_body_timeout_s=3.0,
+                               http_max_connections=1500, **more)
 
 
 def _more_files(n: int) -> None:
@@ -267,7 +269,8 @@ def test_1000_slow_connections_neither_block_a_request_nor_stay_open(tiny_ckpt):
     through their body: a normal request is served within 2 s meanwhile, and the server closes every
     one of them within its timeouts (the unfinished bodies with a 408)."""
     _more_files(8192)
-    with ServerThread(SLOW, lambda: Engine(tiny_ckpt, CONFIG)) as s:
+    config = slow()
+    with ServerThread(config, lambda: Engine(tiny_ckpt, CONFIG)) as s:
         s.wait_ready()
         port, socks = s.server.http.port, []
         try:
@@ -286,7 +289,7 @@ def test_1000_slow_connections_neither_block_a_request_nor_stay_open(tiny_ckpt):
                                    token=None)
             assert status == 200 and time.monotonic() - opened < 2.0, (status, time.monotonic() - opened)
             open_ = set(range(len(socks)))
-            while open_ and time.monotonic() - t0 < SLOW.http_header_timeout_s + SLOW.http_body_timeout_s + 5:
+            while open_ and time.monotonic() - t0 < config.http_header_timeout_s + config.http_body_timeout_s + 5:
                 for i in list(open_):
                     if _closed_by_peer(socks[i]):
                         open_.discard(i)
@@ -302,7 +305,7 @@ def test_1000_slow_connections_neither_block_a_request_nor_stay_open(tiny_ckpt):
 
 
 def test_connections_past_the_cap_get_a_503_envelope(tiny_ckpt):
-    with ServerThread(dataclasses.replace(SLOW, http_max_connections=3), lambda: Engine(tiny_ckpt, CONFIG)) as s:
+    with ServerThread(slow(http_max_connections=3), lambda: Engine(tiny_ckpt, CONFIG)) as s:
         s.wait_ready()
         held = [socket.create_connection(("127.0.0.1", s.server.http.port), timeout=10) for _ in range(3)]
         try:
