@@ -323,6 +323,7 @@ class StoreTier:
                 self.events.add("removed", "store", page_hash)
             return None
         self.hits += 1
+        self._keys[page_hash.hex()] = None  # the most recently used (written by another server, maybe)
         self._keys.move_to_end(page_hash.hex())
         return data
 

@@ -455,3 +455,17 @@ def test_persist_replaces_every_damaged_page_of_a_prompt(tiny_ckpt, expected, tm
     restarted = Engine(tiny_ckpt, config)
     assert run_one(restarted, prompts[2], params) == (want[2], 36)
     assert restarted.stats()["store_misses"] == 0
+
+
+def test_a_page_another_server_wrote_after_this_one_opened_is_read(tmp_path):
+    """The store's index is read at open; a page another process wrote since is still found (and
+    then counts against this one's capacity)."""
+    from meshserve.runtime.kv_tiers import StoreTier
+
+    shape = (4, 8, 2, 16)
+    reader = StoreTier(str(tmp_path / "kv"), shape, np.float32, capacity_bytes=10**6)
+    writer = StoreTier(str(tmp_path / "kv"), shape, np.float32)
+    writer.put(b"p" * 16, np.full(shape, 3.0, np.float32))
+    assert writer.flush() == 1 and not reader.holds(b"p" * 16)
+    assert np.array_equal(reader.get(b"p" * 16), np.full(shape, 3.0, np.float32))
+    assert reader.holds(b"p" * 16) and len(reader) == 1 and reader.misses == 0
