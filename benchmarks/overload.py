@@ -91,7 +91,7 @@ async def send(session: aiohttp.ClientSession, base: str, kind: str, rng: random
                             result["complete"] = True
                             break
                         chunks += 1
-                        if result["ttft"] is None:
+                        if result["ttft"] is None and _has_text(json.loads(line[6:])):
                             result["ttft"] = time.monotonic() - t0
                         if kind == "quitter" and chunks == 3:
                             result["complete"] = True  # it hung up: the server must free what it held
@@ -106,6 +106,12 @@ async def send(session: aiohttp.ClientSession, base: str, kind: str, rng: random
         result["error"] = repr(e)
     result["seconds"] = time.monotonic() - t0
     return result
+
+
+def _has_text(chunk: dict) -> bool:
+    """Whether a streamed chunk carries generated text (a chat stream's first chunk has only the role)."""
+    choice = (chunk.get("choices") or [{}])[0]
+    return bool(choice.get("text") or (choice.get("delta") or {}).get("content"))
 
 
 def rss_mib(pid: int) -> float:
@@ -176,6 +182,8 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=300, help="a request not ended by then is a failure")
     ap.add_argument("--max-num-seqs", type=int, default=8)
     ap.add_argument("--max-queue-size", type=int, default=64)
+    ap.add_argument("--host-kv-bytes", type=int, default=0,
+                    help="the host tier (0 here: it would fill with prefix pages, a bounded but real growth of RSS)")
     args = ap.parse_args()
 
     if args.model is None:
@@ -184,7 +192,7 @@ def main() -> None:
         args.model = str(default_checkpoint(progress=False))
     port, http_port = free_port(), free_port()
     engine = {"max_num_seqs": args.max_num_seqs, "max_queue_size": args.max_queue_size, "queue_timeout_s": None,
-              "kv_store": None}
+              "kv_store": None, "host_kv_bytes": args.host_kv_bytes}
     with tempfile.TemporaryDirectory() as folder:
         server = start_server(args.model, port, http_port, Path(folder), engine)
         base = f"http://127.0.0.1:{http_port}"
