@@ -19,8 +19,8 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.
 class Metrics:
     def __init__(self):
         self.registry = r = CollectorRegistry()
-        self.requests = Counter("meshserve_requests", "Finished requests by outcome "
-                                "(stop, length, abort, error, rejected, invalid, too_large, unavailable, unauthenticated)",
+        self.requests = Counter("meshserve_requests", "Finished requests by outcome (stop, length, abort, "
+                                "error, rejected, invalid, too_large, unavailable, unauthenticated)",
                                 ["outcome"], registry=r)
         self.ttft = Histogram("meshserve_time_to_first_token_seconds", "Arrival to first token",
                               buckets=LATENCY_BUCKETS, registry=r)

@@ -131,7 +131,9 @@ class _Body:
 
 def _short(value: Any) -> str:
     """A value for an error message, cut short (a 4,000-digit integer is not echoed back whole)."""
-    text = repr(value) if not isinstance(value, int) or abs(value) < 10**30 else f"an integer of {len(str(value))} digits"
+    if isinstance(value, int) and abs(value) >= 10**30:
+        return f"an integer of {len(str(value))} digits"
+    text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
 
 

@@ -117,7 +117,8 @@ options = {"max_tokens": small, "temperature": unit, "top_p": unit, "top_k": sma
            "frequency_penalty": unit, "repetition_penalty": unit, "stop": st.one_of(st.text(max_size=5), value),
            "logit_bias": st.one_of(st.dictionaries(st.sampled_from(["5", "300", "-1", "x"]), unit, max_size=3), value),
            "ignore_eos": st.one_of(st.booleans(), value), "min_tokens": small, "priority": small, "user": value,
-           "stream_options": st.one_of(st.just({"include_usage": True}), value), "model": st.sampled_from(["tiny", "x"])}
+           "stream_options": st.one_of(st.just({"include_usage": True}), value),
+           "model": st.sampled_from(["tiny", "x"])}
 completion = st.fixed_dictionaries({"prompt": prompt}, optional={
     **options, "echo": st.one_of(st.booleans(), value), "logprobs": small, "suffix": value, "best_of": small})
 message = st.fixed_dictionaries({"role": st.one_of(st.sampled_from(["system", "user", "assistant", "tool"]), value),
@@ -134,8 +135,9 @@ bodies = st.one_of(
 encodings = st.sampled_from(["utf-8", "utf-16", "latin-1", "gzip", "gzip-claimed", "deflate-claimed", "br-claimed",
                              "raw"])
 auths = st.sampled_from([f"Bearer {TOKEN}", f"Bearer {TOKEN}", "Bearer wrong", b"Bearer t\xf6k", "Basic abc", "", None])
-content_types = st.sampled_from(["application/json", "application/json; charset=utf-8", "application/json; charset=nope",
-                                 "text/plain", "application/json; charset=utf-16", None])
+content_types = st.sampled_from(["application/json", "application/json; charset=utf-8",
+                                 "application/json; charset=nope", "text/plain", "application/json; charset=utf-16",
+                                 None])
 
 
 def _http(port: int, method: str, path: str, body: bytes, headers: dict) -> tuple[int, bytes, str]:

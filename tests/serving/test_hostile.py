@@ -343,7 +343,9 @@ def test_a_small_request_passes_one_that_does_not_fit_the_free_pages(tiny_ckpt):
                                 enable_prefix_caching=False)  # 10 pages of 8 tokens (2 KiB each)
     with ServerThread(dataclasses.replace(SERVER, auth_tokens=()), lambda: Engine(tiny_ckpt, tight)) as s:
         s.wait_ready()
-        on_engine = lambda fn: asyncio.run_coroutine_threadsafe(s.server.loop.call(fn), s._loop).result(30)  # noqa: E731
+        def on_engine(fn):
+            return asyncio.run_coroutine_threadsafe(s.server.loop.call(fn), s._loop).result(30)
+
         assert on_engine(lambda e: e.kv.num_usable) == 9
         hog = on_engine(lambda e: e.kv.blocks.grow([], 5 * 8))  # 4 pages left
         with concurrent.futures.ThreadPoolExecutor(1) as ex:
