@@ -427,8 +427,7 @@ class Engine:
         if tiers is None or tiers.store is None:
             return 0
         cached = set(self.kv.cached_hashes()) | {h for h, _ in tiers.host.items()}
-        self.evict_prefix_cache()
-        tiers.persist()
+        tiers.persist(push_down=self.evict_prefix_cache)
         return sum(tiers.store.holds(h) for h in cached)
 
     def stats(self) -> dict[str, Any]:

@@ -369,6 +369,7 @@ class LowerTiers:
     def __init__(self, host: HostTier, store: StoreTier | None = None, write_through: bool = False):
         self.host, self.store, self.write_through = host, store, write_through
         self.host_hits = self.store_hits = 0
+        self._persisting: list | None = None  # pages bound for the store while persisting (verified there)
 
     def holds(self, page_hash: bytes) -> bool:
         return page_hash in self.host or (self.store is not None and self.store.holds(page_hash))
@@ -385,22 +386,31 @@ class LowerTiers:
     def put(self, page_hash: bytes, data: np.ndarray) -> None:
         dropped = self.host.put(page_hash, data)
         if self.store is not None:
-            if self.write_through:
-                self.store.put(page_hash, data)
-            for h, d in dropped:
-                self.store.put(h, d)
+            for h, d in [(page_hash, data)] * self.write_through + dropped:
+                if self._persisting is not None:
+                    self._persisting.append((h, d))
+                else:
+                    self.store.put(h, d)
 
     def flush(self) -> None:
         if self.store is not None:
             self.store.flush()
 
-    def persist(self) -> int:
-        """Write every host page to the store (at shutdown, so a restart finds them), verified: a
-        page the store holds damaged (or lost) is written again and read back. Returns how many
-        host pages the store holds whole afterwards."""
+    def persist(self, push_down) -> int:
+        """Write every cached page to the store (at shutdown, so a restart finds them), verified: a
+        page the store holds damaged (or lost) is written again and read back. `push_down()` first
+        moves the device's cached pages into these tiers; those it passes on to the store are
+        verified too, not trusted by name. Returns how many of the pages the store holds whole."""
         if self.store is None or not self.store.enabled:
+            push_down()
             return 0
-        return self.store.verify(self.host.items())
+        self._persisting = []
+        try:
+            push_down()
+            pages = dict([*self._persisting, *self.host.items()])
+        finally:
+            self._persisting = None
+        return self.store.verify(list(pages.items()))
 
 
 def lower_tiers(config, pool: KVPool, page_bytes: int, events: KVEvents | None) -> LowerTiers | None:

@@ -134,6 +134,58 @@ def test_sigterm_during_16_streams_persists_every_cached_page(tiny_ckpt_dir, tmp
     assert len(list((store / "kv").iterdir())) == expected
 
 
+def test_a_bounded_store_keeps_within_its_capacity_and_heals_damaged_pages(tiny_ckpt, tiny_ckpt_dir, tmp_path):
+    """A real server on a store of 24 pages: 10 prompts of 4 full pages each, one after another,
+    leave the store within its capacity (± a page) holding the latest prompt's pages. Two of those
+    damaged, a restarted server computes that prompt again (the first bad page fails its checksum,
+    logged once) and its SIGTERM persist rewrites both, verified, not only the one it read."""
+    from meshserve.runtime.block_manager import chain_hash
+    from meshserve.runtime.kv_cache import page_bytes
+    from meshserve.runtime.kv_tiers import StoreTier
+
+    store = tmp_path / "kv"
+    value = StoreTier.header_bytes(4) + page_bytes(tiny_ckpt.config, ENGINE["page_size"], tiny_ckpt.dtype)
+    rng = np.random.default_rng(3)
+    prompts = [[i + 1] + rng.integers(0, 260, 33).tolist() for i in range(10)]  # 34 + 4 tokens: 4 full pages
+
+    def serve(prompts: list[list[int]]) -> tuple[bytes, str]:
+        port = free_port()
+        config = write_config(tmp_path, tiny_ckpt_dir, port,
+                              engine=dict(host_kv_bytes=0, kv_store=str(store), kv_store_bytes=24 * value))
+        server = start(["meshserve.serving.cli", "serve", "--config", str(config), "--quiet"])
+        try:
+            with Client(f"127.0.0.1:{port}") as c:
+                c.wait_serving(timeout=300)
+                salt = bytes.fromhex(c.model_info().kv_fingerprint)
+                for prompt in prompts:
+                    assert list(c.generate(token_ids=prompt, max_tokens=4, ignore_eos=True))[-1].finish_reason
+            server.send_signal(signal.SIGTERM)
+            assert server.wait(timeout=120) == 0
+            return salt, server.stderr.read()
+        finally:
+            if server.poll() is None:
+                server.kill()
+                server.wait()
+
+    salt, _ = serve(prompts)
+    files = {f.name: f for f in (store / "kv").iterdir()}
+    assert sum(f.stat().st_size for f in files.values()) <= 25 * value and len(files) >= 23
+    names, parent = [], salt
+    for i in range(4):
+        parent = chain_hash(parent, prompts[-1][8 * i:8 * i + 8])
+        names.append(parent.hex())
+    assert set(names) <= set(files)  # the latest prompt's pages are kept
+    for name in names[1:3]:
+        data = bytearray(files[name].read_bytes())
+        data[-3] ^= 0xFF
+        files[name].write_bytes(bytes(data))
+    _, err = serve([prompts[-1]])
+    assert err.count("could not be read") == 1, err
+    for name in names:  # both damaged pages were written again, whole
+        assert StoreTier.decode((store / "kv" / name).read_bytes()).shape[1] == ENGINE["page_size"]
+    assert sum(f.stat().st_size for f in (store / "kv").iterdir()) <= 25 * value
+
+
 def test_a_pool_too_small_for_max_seq_len_fails_before_listening(tiny_ckpt_dir, tmp_path):
     port = free_port()
     # 16 pages of 8 tokens: 120 usable tokens, but max_seq_len 256
