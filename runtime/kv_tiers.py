@@ -263,8 +263,7 @@ class StoreTier:
         if not self.enabled or (key in self._keys and not replace):
             return
         self._writes.append((page_hash, self._kv.write(self._prefix + key, self.encode(data))))
-        self._keys[key] = None
-        self._keys.move_to_end(key)
+        self._touch(page_hash)
 
     def flush(self) -> int:
         """Wait for the writes in flight, then delete the least recently used pages past the
@@ -285,6 +284,11 @@ class StoreTier:
         self._writes.clear()
         self._evict()
         return done
+
+    def _touch(self, page_hash: bytes) -> None:
+        """Index the page as the most recently used."""
+        self._keys[page_hash.hex()] = None
+        self._keys.move_to_end(page_hash.hex())
 
     def _evict(self) -> None:
         if self.capacity is None or len(self._keys) <= self.capacity:
@@ -323,8 +327,7 @@ class StoreTier:
                 self.events.add("removed", "store", page_hash)
             return None
         self.hits += 1
-        self._keys[page_hash.hex()] = None  # the most recently used (written by another server, maybe)
-        self._keys.move_to_end(page_hash.hex())
+        self._touch(page_hash)  # named here now, if another server wrote it after this one opened
         return data
 
     def _report(self, page_hash: bytes, error: Exception) -> None:
@@ -349,8 +352,7 @@ class StoreTier:
         for h, data in pages:
             (good if whole(h, data) else bad).append((h, data))
         for h, _ in good:  # persisted now: the most recent
-            self._keys[h.hex()] = None
-            self._keys.move_to_end(h.hex())
+            self._touch(h)
         for h, data in bad:
             self.put(h, data, replace=True)
         self.flush()

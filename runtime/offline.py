@@ -42,4 +42,3 @@ def generate(engine: "Engine", prompts: Seq[str | Seq[int]], params: SamplingPar
                 done[i] = Completion(out.request_id, prompt_ids[i], tuple(tokens[i]),
                                      "".join(texts[i]), out.finish_reason, tuple(logprobs[i]))
     return [done[i] for i in range(len(prompts))]
-

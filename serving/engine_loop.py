@@ -1,6 +1,6 @@
 """The engine's own thread, and the contract any transport (gRPC, HTTP, a Dynamo worker) drives it by.
 
-    transport (asyncio) ──submit(Request, Stream) / abort──▶ inbox ──▶ engine thread: step(), …
+    transport (asyncio) ──submit_all(call) / abort──▶ inbox ──────▶ engine thread: step(), …
           ▲                                                                         │
           └──── Stream.queue ◀── RequestOutput …  (one wake-up per event loop per step) ┘
 
@@ -119,9 +119,6 @@ class EngineLoop:
     @property
     def in_flight(self) -> int:
         return len(self._streams)
-
-    def submit(self, request: Request, stream: Stream) -> concurrent.futures.Future:
-        return self.submit_all([(request, stream)])
 
     def submit_all(self, admissions: list[tuple[Request, Stream]]) -> concurrent.futures.Future:
         """Hand one call's requests to the engine (taken in this order, in one engine step), all or
@@ -348,11 +345,11 @@ class EngineLoop:
                     engine.abort(rid)
                 future.set_exception(self.unavailable())
                 return
-            for request, _ in arg:
-                self._metrics.prompt_tokens.inc(len(request.token_ids))
-                if self._mirror is not None:
-                    from meshserve.serving.mirror import add_command
+            self._metrics.prompt_tokens.inc(sum(len(request.token_ids) for request, _ in arg))
+            if self._mirror is not None:
+                from meshserve.serving.mirror import add_command
 
+                for request, _ in arg:
                     self._record(add_command(request))
             future.set_result(rids)
         elif kind == "abort":

@@ -162,9 +162,6 @@ class HTTPTransport:
             return await handler(request)
         except APIError as e:
             return _error(e)
-        except web.HTTPRequestEntityTooLarge:
-            return _error(APIError(413, f"the request body is larger than {self.host.config.max_message_bytes} "
-                                   "bytes (server.max_message_bytes)", None, "request_too_large"))
         except web.HTTPException as e:  # no such route or method: still the envelope
             return _error(APIError(e.status, f"{request.method} {request.path}: {e.reason}"))
         except Exception as e:  # a fault of this server's: the envelope, never a traceback

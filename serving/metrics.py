@@ -11,6 +11,9 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+# meshserve_requests_total's labels: a finish reason, or why the call ended without one (serving/session.py)
+OUTCOMES = ("stop", "length", "abort", "error", "rejected", "invalid", "too_large", "unavailable", "unauthenticated")
+
 # Buckets from 1 ms to ~2 min, dense where interactive latencies sit.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5,
                    2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 120.0)
@@ -19,8 +22,7 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.
 class Metrics:
     def __init__(self):
         self.registry = r = CollectorRegistry()
-        self.requests = Counter("meshserve_requests", "Finished requests by outcome (stop, length, abort, "
-                                "error, rejected, invalid, too_large, unavailable, unauthenticated)",
+        self.requests = Counter("meshserve_requests", f"Finished requests by outcome ({', '.join(OUTCOMES)})",
                                 ["outcome"], registry=r)
         self.ttft = Histogram("meshserve_time_to_first_token_seconds", "Arrival to first token",
                               buckets=LATENCY_BUCKETS, registry=r)
@@ -79,7 +81,7 @@ class Metrics:
         for role in ("prefill", "decode"):
             self.kv_transfer_pages.labels(role)
             self.kv_transfer_bytes.labels(role)
-        for outcome in ("stop", "length", "abort", "error", "rejected", "invalid", "unavailable", "unauthenticated"):
+        for outcome in OUTCOMES:
             self.requests.labels(outcome)  # every series exists from the start
         self.prefix_queried.labels("all")
         for tier in ("device", "host", "store"):

@@ -42,9 +42,9 @@ REFUSED = {
 class APIError(MeshserveError):
     """An error answered in the OpenAI envelope: {"error": {"message", "type", "param", "code"}}."""
 
-    TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-             408: "invalid_request_error",
-             413: "invalid_request_error", 429: "rate_limit_error", 500: "server_error", 503: "service_unavailable"}
+    # by status; another 4xx is an invalid_request_error, another 5xx a server_error
+    TYPES = {401: "authentication_error", 404: "not_found_error", 429: "rate_limit_error",
+             503: "service_unavailable"}
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
                  retry_after: int | None = None):

@@ -23,13 +23,10 @@ from meshserve.models.errors import MeshserveError, RequestError
 from meshserve.runtime.engine import QueueFullError
 from meshserve.runtime.outputs import RequestOutput
 from meshserve.runtime.request import Request
+from meshserve.serving.metrics import OUTCOMES, Metrics
 
 if TYPE_CHECKING:
     from meshserve.serving.engine_loop import EngineLoop, Stream
-    from meshserve.serving.metrics import Metrics
-
-# meshserve_requests_total's labels: a finish reason, or why the call ended without one
-OUTCOMES = ("stop", "length", "abort", "error", "rejected", "invalid", "too_large", "unavailable", "unauthenticated")
 
 
 class Unauthenticated(MeshserveError):

@@ -339,7 +339,7 @@ def test_submissions_racing_a_stop_all_get_an_answer(tiny_ckpt):
     def submit(i):
         request = Request([3, 4 + i % 5], SamplingParams(max_tokens=30, ignore_eos=True), 0, f"r{i}",
                                 time.monotonic())
-        futures.append(loop.submit(request, Stream(aio, asyncio.Queue(), time.monotonic())))
+        futures.append(loop.submit_all([(request, Stream(aio, asyncio.Queue(), time.monotonic()))]))
 
     with concurrent.futures.ThreadPoolExecutor(4) as ex:
         for i in range(40):
