@@ -5,6 +5,7 @@
       config.yaml             models.config.ModelConfig
       tokenizer.json          \
       tokenizer_config.json   / models.tokenizer.Tokenizer
+      generation_config.json  sampling defaults (models.generation), when the source had any
       params/                 Orbax PyTree checkpoint (OCDBT + tensorstore), one array per weight
 
 A folder is written under a hidden temporary name and renamed into place only when complete, so a
@@ -26,7 +27,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from meshserve.models.config import ModelConfig
-from meshserve.models.errors import CheckpointError, ConfigError
+from meshserve.models.errors import CheckpointError, ConfigError, ConvertError
+from meshserve.models.generation import load as load_generation, save as save_generation
 from meshserve.models.llama import Params, abstract_params, param_axes
 from meshserve.models.tokenizer import Tokenizer
 
@@ -45,6 +47,7 @@ class Checkpoint:
     tokenizer: Tokenizer
     dtype: np.dtype
     params: Params
+    generation: dict = dataclasses.field(default_factory=dict)  # sampling defaults (models/generation.py)
 
 
 def check_new_folder(out: str | Path) -> Path:
@@ -55,7 +58,7 @@ def check_new_folder(out: str | Path) -> Path:
 
 
 def save_checkpoint(out: str | Path, config: ModelConfig, params: Params, tokenizer: Tokenizer,
-                    source: str = "") -> Path:
+                    source: str = "", generation: dict | None = None) -> Path:
     import orbax.checkpoint as ocp
 
     out = check_new_folder(out)
@@ -69,6 +72,7 @@ def save_checkpoint(out: str | Path, config: ModelConfig, params: Params, tokeni
         (tmp / META_FILE).write_text(json.dumps({"format": FORMAT, "dtype": dtypes.pop(), "source": source}))
         config.to_yaml(tmp / CONFIG_FILE)
         tokenizer.save(tmp)
+        save_generation(tmp, generation or {})
         with ocp.PyTreeCheckpointer() as saver:
             saver.save(tmp / PARAMS_DIR, params)
         os.rename(tmp, out)  # atomic: the folder appears whole or not at all
@@ -99,6 +103,10 @@ def load_checkpoint(folder: str | Path, sharding: ShardingSpec = None, progress:
 
     folder, config, dtype = read_meta(folder)
     tokenizer = Tokenizer.load(folder)
+    try:
+        generation = load_generation(folder)
+    except ConvertError as e:
+        raise CheckpointError(str(e)) from None
     target = abstract_params(config, dtype)
     axes = param_axes(config)
     if sharding is None:
@@ -125,7 +133,7 @@ def load_checkpoint(folder: str | Path, sharding: ShardingSpec = None, progress:
             layers = part.pop("layers", {})
             params["layers"].update(layers)
             params.update(part)
-    return Checkpoint(folder, config, tokenizer, dtype, params)
+    return Checkpoint(folder, config, tokenizer, dtype, params, generation)
 
 
 def _subtree(tree: dict, like: dict) -> dict:

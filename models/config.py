@@ -57,6 +57,9 @@ class ModelConfig:
     rms_norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     rope_scaling: RopeScaling | None = None
+    # per-frequency divisors of the inverse RoPE frequencies, as GGUF files carry Llama 3.1's scaling
+    # (llama.cpp's rope_freqs.weight, [head_dim // 2]); exclusive with rope_scaling
+    rope_freq_factors: tuple[float, ...] | None = None
     attention_bias: bool = False  # q/k/v projections carry a bias (Qwen2)
     tie_word_embeddings: bool = False
     sliding_window: int | None = None  # Mistral v0.1: keys older than this many positions are masked
@@ -81,6 +84,14 @@ class ModelConfig:
             raise ConfigError(f"rms_norm_eps must be positive, got {self.rms_norm_eps}")
         if not self.rope_theta > 0:
             raise ConfigError(f"rope_theta must be positive, got {self.rope_theta}")
+        if self.rope_freq_factors is not None:
+            if self.rope_scaling is not None:
+                raise ConfigError("rope_scaling and rope_freq_factors are two forms of one setting: give one")
+            if len(self.rope_freq_factors) != self.head_dim // 2:
+                raise ConfigError(f"rope_freq_factors must hold head_dim / 2 = {self.head_dim // 2} values, "
+                                  f"got {len(self.rope_freq_factors)}")
+            if not all(math.isfinite(f) and f > 0 for f in self.rope_freq_factors):
+                raise ConfigError("rope_freq_factors must be positive finite numbers")
         if self.sliding_window is not None and self.sliding_window <= 0:
             raise ConfigError(f"sliding_window must be positive or null, got {self.sliding_window}")
         for tok in ((self.bos_token_id,) if self.bos_token_id is not None else ()) + self.eos_token_ids:
@@ -104,6 +115,10 @@ class ModelConfig:
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["eos_token_ids"] = list(self.eos_token_ids)
+        if self.rope_freq_factors is not None:
+            out["rope_freq_factors"] = list(self.rope_freq_factors)
+        else:
+            del out["rope_freq_factors"]  # configs written before it existed read the same
         return out
 
     @classmethod
@@ -126,6 +141,8 @@ class ModelConfig:
             except TypeError as e:
                 raise ConfigError(f"{source}: rope_scaling: {e}") from None
         values["eos_token_ids"] = tuple(values.get("eos_token_ids") or ())
+        if values.get("rope_freq_factors") is not None:
+            values["rope_freq_factors"] = tuple(float(f) for f in values["rope_freq_factors"])
         return cls(**values)
 
     def to_yaml(self, path: str | Path) -> None:
@@ -202,7 +219,8 @@ class ModelConfig:
 
 
 def rope_inv_freq(config: ModelConfig):
-    """Inverse RoPE frequencies (numpy float32 [head_dim // 2]), Llama 3.1 scaling applied.
+    """Inverse RoPE frequencies (numpy float32 [head_dim // 2]), Llama 3.1 scaling applied (as HF's
+    rope_scaling, or as a GGUF file's per-frequency factors).
 
     Computed in float32 exactly as the reference implementations do, so logits match to 1e-5.
     """
@@ -211,6 +229,8 @@ def rope_inv_freq(config: ModelConfig):
     dim = config.head_dim
     exponents = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
     inv_freq = (1.0 / (np.float32(config.rope_theta) ** exponents)).astype(np.float32)
+    if config.rope_freq_factors is not None:  # llama.cpp's form: θ_i / factor_i
+        return (inv_freq / np.asarray(config.rope_freq_factors, np.float32)).astype(np.float32)
     s = config.rope_scaling
     if s is None:
         return inv_freq

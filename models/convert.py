@@ -34,6 +34,7 @@ class TensorSource(abc.ABC):
 
     config: ModelConfig
     tokenizer: Tokenizer
+    generation: dict = {}  # sampling defaults (models/generation.py)
 
     @abc.abstractmethod
     def has(self, role: str, layer: int | None = None) -> bool: ...
@@ -107,4 +108,5 @@ def convert(spec: str, out: str | Path, dtype: str = "float32", progress: bool =
     out = check_new_folder(out)  # fail before the slow part
     source = open_source(spec)
     params = build_params(source, DTYPES[dtype], progress=progress)
-    return save_checkpoint(out, source.config, params, source.tokenizer, source=spec.split(":", 1)[0])
+    return save_checkpoint(out, source.config, params, source.tokenizer, source=spec.split(":", 1)[0],
+                           generation=source.generation)

@@ -56,6 +56,7 @@ def default_gguf() -> Path:
 
 def default_checkpoint(dtype: str = "float32", progress: bool = True) -> Path:
     """The default model converted to a meshserve checkpoint in the cache (converted once)."""
+    from meshserve.models import generation
     from meshserve.models.convert import convert
     from meshserve.models.tokenizer import TOKENIZER_CONFIG_FILE, Tokenizer
 
@@ -66,6 +67,11 @@ def default_checkpoint(dtype: str = "float32", progress: bool = True) -> Path:
         except CheckpointError:
             if not out.is_dir():  # else another process converted it first
                 raise
-    elif "tokenizer_class" not in (out / TOKENIZER_CONFIG_FILE).read_text():  # converted before tools could read it
+        return out
+    if "tokenizer_class" not in (out / TOKENIZER_CONFIG_FILE).read_text():  # converted before tools could read it
         Tokenizer.load(out).save(out)
+    if not (out / generation.FILE).is_file():  # converted before checkpoints kept sampling defaults
+        from meshserve.models.gguf_import import GGUFSource
+
+        generation.save(out, GGUFSource(default_gguf()).generation)
     return out

@@ -13,16 +13,20 @@ from pathlib import Path
 
 import numpy as np
 from gguf import GGMLQuantizationType as Q, GGUFReader
+from gguf import quants as gguf_quants
 from gguf.quants import dequantize
 from tokenizers import AddedToken, Regex, Tokenizer as HFTokenizer, decoders, models, normalizers
 from tokenizers import pre_tokenizers
 
+from meshserve.models import generation
 from meshserve.models.config import ModelConfig
 from meshserve.models.convert import TensorSource
 from meshserve.models.errors import ConfigError, ConvertError
 from meshserve.models.tokenizer import Tokenizer, TokenizerConfig
 
-SUPPORTED_TYPES = (Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q4_K, Q.Q6_K)
+# Every type the gguf package dequantizes: the float ones, the legacy and K-quants, the IQ and ternary
+# formats (weights are dequantized at conversion).
+SUPPORTED_TYPES = (Q.F32, Q.F16, *gguf_quants._type_traits)
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
 
 _GLOBAL = {"embed": "token_embd.weight", "norm": "output_norm.weight", "lm_head": "output.weight"}
@@ -54,6 +58,8 @@ class GGUFSource(TensorSource):
         self._check_tensors()
         self.config = self._read_config()
         self.tokenizer = self._read_tokenizer()
+        self.generation = generation.from_gguf({k: self._field(k) for k in generation.GGUF_KEYS},
+                                               self._field("general.basename"), path.name)
 
     # ---- metadata ----------------------------------------------------------------------------
 
@@ -80,9 +86,6 @@ class GGUFSource(TensorSource):
         if arch not in SUPPORTED_ARCHITECTURES:
             raise ConvertError(f"unsupported architecture {arch!r} in {self._path.name}; "
                                f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
-        if "rope_freqs.weight" in self._tensors:
-            raise ConvertError("GGUF RoPE frequency factors (rope_freqs.weight, Llama 3.1 scaling) are "
-                               "not supported yet; convert this model from its HF folder instead")
         scaling_type = self._field(f"{arch}.rope.scaling.type")
         if scaling_type not in (None, "none"):
             raise ConvertError(f"unsupported RoPE scaling {scaling_type!r} in {self._path.name}")
@@ -117,9 +120,18 @@ class GGUFSource(TensorSource):
                 sliding_window=self._field(f"{arch}.attention.sliding_window"),
                 bos_token_id=self._field("tokenizer.ggml.bos_token_id"),
                 eos_token_ids=tuple(dict.fromkeys(int(e) for e in eos if e is not None)),
+                rope_freq_factors=self._rope_freq_factors(),
             )
         except ConfigError as e:
             raise ConvertError(f"{self._path.name}: {e}") from None
+
+    def _rope_freq_factors(self) -> tuple[float, ...] | None:
+        """Llama 3.1/3.2's RoPE scaling as llama.cpp stores it: a divisor per frequency."""
+        tensor = self._tensors.get("rope_freqs.weight")
+        if tensor is None:
+            return None
+        factors = dequantize(tensor.data, tensor.tensor_type).astype(np.float32).reshape(-1)
+        return tuple(float(f) for f in factors)
 
     # ---- tensors -----------------------------------------------------------------------------
 

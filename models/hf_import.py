@@ -15,6 +15,7 @@ import ml_dtypes
 import numpy as np
 from tokenizers import Tokenizer as HFTokenizer
 
+from meshserve.models import generation
 from meshserve.models.config import ModelConfig
 from meshserve.models.convert import TensorSource
 from meshserve.models.errors import ConfigError, ConvertError
@@ -87,6 +88,7 @@ class HFSource(TensorSource):
         self._files: dict[str, SafetensorsFile] = {}
         self._folder = folder
         self.tokenizer = self._read_tokenizer(folder)
+        self.generation = generation.read_hf_folder(folder)
 
     def _index(self, folder: Path) -> dict[str, str]:
         """tensor name → file name, from the shard index or the one model.safetensors."""

@@ -18,8 +18,9 @@ from meshserve.runtime.scheduler import SchedulerConfig
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
     page_size: int = 16
-    kv_cache_bytes: int | None = 256 * 2**20  # None: kv_cache_memory_fraction of free device memory
-    kv_cache_memory_fraction: float = 0.5
+    kv_cache_bytes: int | None = None  # the KV pool; None: what the device's memory leaves (kv_manager.kv_budget)
+    # the share of each GPU's memory the engine may take (weights, KV pool, activations), as vLLM's flag
+    gpu_memory_utilization: float = 0.9
     max_seq_len: int = 2048  # capped at the model's context
     max_num_seqs: int = 16
     max_num_batched_tokens: int = 512
@@ -53,8 +54,8 @@ class EngineConfig:
             raise ConfigError(f"page_size must be a power of two, got {self.page_size}")
         if self.kv_cache_bytes is not None and self.kv_cache_bytes <= 0:
             raise ConfigError(f"kv_cache_bytes must be positive or null, got {self.kv_cache_bytes}")
-        if not 0 < self.kv_cache_memory_fraction <= 1:
-            raise ConfigError("kv_cache_memory_fraction must be in (0, 1]")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ConfigError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.max_seq_len < self.page_size:
             raise ConfigError(f"max_seq_len must be >= page_size, got {self.max_seq_len}")
         if self.attention not in (None, *ATTENTION):

@@ -53,11 +53,12 @@ import jax
 
 from meshserve.models.checkpoint import Checkpoint
 from meshserve.models.errors import ConfigError, MeshserveError, RequestError
+from meshserve.runtime import progress
 from meshserve.runtime.clock import Seeds, clock_for
 from meshserve.runtime.config import EngineConfig
 from meshserve.runtime.identity import model_fingerprint
 from meshserve.runtime.kv_cache import POOL_AXES, page_bytes, pool_shape, sharded_zeros_pool
-from meshserve.runtime.kv_manager import KVManager, kv_pages
+from meshserve.runtime.kv_manager import KVManager, Memory, kv_budget, kv_pages
 from meshserve.runtime.kv_tiers import TRANSFER_PAGES, KVEvent, KVEvents, PageMover, lower_tiers
 from meshserve.runtime.kv_transfer import KVPages, TransferError
 from meshserve.runtime.outputs import (Completion, OutputProcessor, RequestOutput, TokenLogprob,  # noqa: F401
@@ -88,7 +89,9 @@ class Engine:
     one device."""
 
     def __init__(self, checkpoint: Checkpoint, config: EngineConfig = EngineConfig(),
-                 layout: Layout | None = None):
+                 layout: Layout | None = None, memory: Memory | None = None):
+        """`memory`: what one device gives the engine (default: what it reports); sizes the KV pool
+        when config.kv_cache_bytes is None."""
         self.checkpoint, self.config = checkpoint, config
         self.model_config = c = checkpoint.config
         self.layout = layout = (layout or Layout.single()).for_model(c)
@@ -103,7 +106,9 @@ class Engine:
         if config.compilation_cache_dir:
             enable_compilation_cache(os.path.expanduser(config.compilation_cache_dir))
         self.page_bytes = page_bytes(c, ps, checkpoint.dtype)  # one page, every layer, keys and values
-        num_pages = kv_pages(self.page_bytes, ps, self.max_seq_len, R, self._kv_budget())
+        num_pages = kv_pages(self.page_bytes, ps, self.max_seq_len, R, self._kv_budget(memory))
+        progress.stage(f"KV cache: {num_pages} pages of {ps} tokens ({num_pages * self.page_bytes / 2**30:.2f} GiB"
+                       f"{'' if config.kv_cache_bytes else ', sized from memory'}), context {self.max_seq_len}")
         self.fingerprint = model_fingerprint(c, checkpoint.params, checkpoint.dtype, ps,
                                              replicated=None if layout.mesh.size == 1 else layout.replicated())
         pool_sharding = layout.sharding(POOL_AXES, pool_shape(c, num_pages, ps))
@@ -136,16 +141,15 @@ class Engine:
         self.idle = True  # the last step had nothing to run: a driver may sleep until a new command
         self._pending: list | None = None  # the last step's calls, dispatched, not yet read back
 
-    def _kv_budget(self) -> int:
+    def _kv_budget(self, memory: Memory | None) -> int:
         if self.config.kv_cache_bytes is not None:
             return self.config.kv_cache_bytes
-        stats = self.layout.mesh.devices.flat[0].memory_stats() or {}
-        if "bytes_limit" not in stats:
-            raise ConfigError("this device reports no free memory: set kv_cache_bytes")
-        free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
         # the pool is split over data replicas and (when kv heads split) over tensor shards
         split = self.layout.size(self.layout.axis("pages")) * self.layout.size(self.layout.axis("kv_heads"))
-        return int(free * self.config.kv_cache_memory_fraction * split)
+        c = self.config
+        return kv_budget(memory or Memory.of(self.layout.mesh.devices.flat[0]), self.model_config, self.page_bytes,
+                         c.page_size, max_seq_len=self.max_seq_len, max_num_seqs=c.max_num_seqs,
+                         max_num_batched_tokens=c.max_num_batched_tokens, replicas=self.replicas, split=split)
 
     # ---- requests ------------------------------------------------------------------------------
 

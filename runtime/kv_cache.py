@@ -62,14 +62,6 @@ def page_bytes(config: ModelConfig, page_size: int, dtype) -> int:
     return 2 * config.num_layers * page_size * config.num_kv_heads * config.head_dim * np.dtype(dtype).itemsize
 
 
-def pages_for_budget(config: ModelConfig, page_size: int, dtype, kv_cache_bytes: int) -> int:
-    n = kv_cache_bytes // page_bytes(config, page_size, dtype)
-    if n < 2:
-        raise ConfigError(f"kv_cache_bytes={kv_cache_bytes} holds fewer than 2 pages of "
-                          f"{page_bytes(config, page_size, dtype)} bytes")
-    return int(n)
-
-
 def pool_shape(config: ModelConfig, num_pages: int, page_size: int) -> tuple[int, ...]:
     return (num_pages, page_size, config.num_kv_heads, config.head_dim)
 

@@ -26,6 +26,7 @@ import dataclasses
 import math
 from typing import Sequence as Seq
 
+from meshserve.models.config import ModelConfig
 from meshserve.models.errors import ConfigError
 from meshserve.runtime.block_manager import BlockManager, chain_hash
 
@@ -52,6 +53,66 @@ class ImportPlan:
     hashes: tuple[bytes, ...]
     tokens: tuple[int, ...]
     held: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Memory:
+    """What one device of the mesh gives the engine: its allocator's limit (on a GPU, the
+    gpu_memory_utilization share of the card: runtime/memory.py) and what is in use (the weights,
+    once loaded). A CPU reports none: `host_available` (bytes) stands in."""
+
+    limit: int | None
+    in_use: int = 0
+    host_available: int | None = None
+
+    @classmethod
+    def of(cls, device) -> "Memory":
+        stats = device.memory_stats() or {}
+        if "bytes_limit" in stats:
+            return cls(int(stats["bytes_limit"]), int(stats.get("bytes_in_use", 0)))
+        return cls(None, host_available=host_available_bytes())
+
+
+def host_available_bytes() -> int | None:
+    """MemAvailable of /proc/meminfo (None where there is none)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def activation_bytes(model: ModelConfig, max_num_batched_tokens: int) -> int:
+    """An upper estimate of what a step's programs take beside the weights and the pool on one device:
+    float32 logits and sampling buffers over the vocabulary, the hidden and MLP activations of the
+    largest batch, and 512 MiB of scratch (library workspaces)."""
+    per_token = 4 * (3 * model.vocab_size + 8 * model.hidden_size + 3 * model.intermediate_size)
+    return per_token * max_num_batched_tokens + (512 << 20)
+
+
+def kv_budget(memory: Memory, model: ModelConfig, page_bytes: int, page_size: int, *, max_seq_len: int,
+              max_num_seqs: int, max_num_batched_tokens: int, replicas: int, split: int) -> int:
+    """The KV pool's bytes (over the whole mesh) when kv_cache_bytes is not given: on a device that
+    reports its memory, what its limit leaves after the weights and the activations, times the devices
+    the pool is split over; on a CPU, what max_num_seqs requests of max_seq_len take, at most a quarter
+    of the host's available memory. ConfigError when the weights leave nothing."""
+    if memory.limit is not None:
+        free = memory.limit - memory.in_use - activation_bytes(model, max_num_batched_tokens)
+        if free < 2 * page_bytes // max(split, 1):
+            raise ConfigError(
+                f"no device memory left for the KV cache: {memory.in_use / 2**30:.2f} GiB in use (the weights) and "
+                f"~{activation_bytes(model, max_num_batched_tokens) / 2**30:.2f} GiB for activations of a "
+                f"{memory.limit / 2**30:.2f} GiB limit; raise gpu_memory_utilization, use more devices "
+                f"(tensor parallelism) or set kv_cache_bytes")
+        return int(free) * split
+    per_request = (math.ceil(max_seq_len / page_size) + 1) * page_bytes
+    need = max_num_seqs * per_request + replicas * page_bytes
+    if memory.host_available is None:
+        return need
+    return max(min(need, memory.host_available // 4), replicas * per_request)
 
 
 def kv_pages(page_bytes: int, page_size: int, max_seq_len: int, replicas: int, budget: int) -> int:

@@ -43,6 +43,7 @@ from jaxtyping import Array, Float, Int
 
 from meshserve.models.config import ModelConfig
 from meshserve.models.llama import Params, forward_hidden, head, param_axes
+from meshserve.runtime import progress
 from meshserve.runtime.kv_cache import POOL_AXES, AttentionShards, KVPool, PagedKVCache, RaggedKVCache
 from meshserve.runtime.sampling import Sampled, SamplingBatch, Scored, no_scores, sample, score
 from meshserve.runtime.target import CPU, Target
@@ -267,15 +268,23 @@ class Programs:
             saved = SavedPrograms(cache_dir, config, params, pool, buckets, attention)
             self.compiled = saved.load(list(layout.mesh.devices.flat))
             if self.compiled is not None:
+                progress.stage(f"{len(self.compiled)} programs read from the compilation cache")
                 self.loaded = True
                 self.batch_shardings = {}
                 return
         self.pool_sharding = jax.tree.map(lambda a: layout.sharding(POOL_AXES, a.shape), pool)
         lowered = lower_programs(config, _abstract(params), _abstract(pool), buckets, attention, layout)
         workers = threads or max(1, os.cpu_count() or 1)
+        counter = progress.Counter("compiling programs", len(lowered))
+
+        def compile_one(low):
+            done = low.compile()
+            counter.step()
+            return done
+
         with concurrent.futures.ThreadPoolExecutor(workers) as pool_exec, \
                 _without_jax_cache() if saved is not None else contextlib.nullcontext():
-            compiled = dict(zip(lowered, pool_exec.map(lambda low: low.compile(), lowered.values())))
+            compiled = dict(zip(lowered, pool_exec.map(compile_one, lowered.values())))
         self.compiled = compiled
         self.batch_shardings = {s: c.input_shardings[0][3] for s, c in compiled.items()}
         if saved is not None:

@@ -4,7 +4,8 @@
     meshserve generate [--model CKPT_DIR] [--mesh MESH.yaml] [--chat] [sampling flags] "prompt"
     meshserve generate --input prompts.jsonl --output results.jsonl [--chat] [sampling flags]
     meshserve generate --server HOST:PORT [--chat] [sampling flags] "prompt"   stream from a server
-    meshserve serve [--config FILE] [--host H] [--port P] [--model CKPT_DIR] [--mesh MESH.yaml] ...
+    meshserve serve [MODEL] [--config FILE] [--host H] [--port P] [--grpc-port P] [vLLM's engine flags] ...
+                                              MODEL: a GGUF file, a Hugging Face folder or a checkpoint
     meshserve fetch-default [--dtype ...]     fetch and convert the default model, print its folder
     meshserve --version                       meshserve's version and the libraries' it runs on
 
@@ -17,10 +18,12 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
 from meshserve.models.errors import MeshserveError, RequestError
+from meshserve.models.sources import DTYPES
 from meshserve.serving import versions
 
 EXIT_ERROR = 1
@@ -52,8 +55,10 @@ def _parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="stream a completion, or run a JSONL file of prompts")
     gen.add_argument("prompt", nargs="?")
-    gen.add_argument("--model", metavar="CKPT_DIR",
-                     help="checkpoint folder (default: the default model, fetched on first use)")
+    gen.add_argument("--model", metavar="MODEL",
+                     help="a GGUF file, a Hugging Face folder or a checkpoint (default: the default model)")
+    gen.add_argument("--dtype", default="auto", choices=DTYPES,
+                     help="what a GGUF file or HF folder is converted to (auto: bfloat16 stays bfloat16)")
     gen.add_argument("--chat", action="store_true", help="wrap prompts in the model's chat template")
     gen.add_argument("--input", metavar="JSONL", help='one {"prompt": ...} or {"messages": [...]} per line')
     gen.add_argument("--output", metavar="JSONL", help="results of --input, one line per prompt")
@@ -75,25 +80,39 @@ def _parser() -> argparse.ArgumentParser:
                      help="bearer token for --server (default: $MESHSERVE_TOKEN)")
     gen.add_argument("--tls-ca", metavar="PEM", help="CA certificate for a TLS --server")
 
-    srv = sub.add_parser("serve", help="run the gRPC and OpenAI-compatible HTTP servers")
+    srv = sub.add_parser("serve", help="run the OpenAI-compatible HTTP and gRPC servers")
+    srv.add_argument("model", nargs="?", metavar="MODEL",
+                     help="a GGUF file, a Hugging Face folder (converted once into the cache) or a meshserve "
+                          "checkpoint (default: the default model)")
     srv.add_argument("--config", default=str(DEFAULT_SERVING_CONFIG),
-                     help="serving config: 'server' and 'engine' sections")
+                     help="serving config: 'server' and 'engine' sections (flags win)")
     srv.add_argument("--host")
-    srv.add_argument("--grpc-port", "--port", dest="port", type=int,
-                     help="the gRPC API's port; 0: no gRPC (the OpenAI HTTP API alone)")
-    srv.add_argument("--model", metavar="CKPT_DIR", help="checkpoint folder (default: the default model)")
+    srv.add_argument("--port", dest="http_port", type=int,
+                     help="the OpenAI-compatible HTTP API's port (default 8000)")
+    srv.add_argument("--http-port", dest="http_port", type=int, help=argparse.SUPPRESS)
+    srv.add_argument("--grpc-port", dest="port", type=int,
+                     help="the gRPC API's port (default 50051); 0: no gRPC (the OpenAI HTTP API alone)")
+    srv.add_argument("--model", dest="model_flag", metavar="MODEL", help=argparse.SUPPRESS)
     srv.add_argument("--mesh", metavar="MESH_YAML")
     srv.add_argument("--metrics-port", type=int)
-    srv.add_argument("--http-port", type=int, help="the OpenAI-compatible HTTP API's port")
+    srv.add_argument("--served-model-name", help="the model's name on the APIs (default: the checkpoint's)")
+    srv.add_argument("--api-key", action="append", help="a bearer token clients must send (repeatable)")
+    srv.add_argument("--generation-config", choices=("auto", "none"),
+                     help="sampling defaults of requests: the model's (auto, the default) or the API's own (none)")
+    srv.add_argument("--override-generation-config", metavar="JSON",
+                     help='sampling defaults laid over those, e.g. \'{"temperature": 0.7}\'')
     srv.add_argument("--tls-cert", metavar="PEM")
     srv.add_argument("--tls-key", metavar="PEM")
-    srv.add_argument("--quiet", action="store_true", help="no progress bars")
+    _engine_flags(srv)
+    srv.add_argument("--quiet", action="store_true", help="no progress lines")
 
     wrk = sub.add_parser("worker", help="serve as an NVIDIA Dynamo backend worker (behind dynamo.frontend)")
     wrk.add_argument("--config", default=str(DEFAULT_SERVING_CONFIG), help="serving config: its 'engine' section")
-    wrk.add_argument("--model", metavar="CKPT_DIR", help="checkpoint folder (default: the default model)")
+    wrk.add_argument("--model", metavar="MODEL",
+                     help="a GGUF file, a Hugging Face folder or a checkpoint (default: the default model)")
     wrk.add_argument("--mesh", metavar="MESH_YAML")
-    wrk.add_argument("--model-name", help="the name the frontend serves it under (default: the checkpoint's)")
+    wrk.add_argument("--model-name", "--served-model-name", dest="model_name",
+                     help="the name the frontend serves it under (default: the checkpoint's)")
     wrk.add_argument("--namespace", default="dynamo", help="Dynamo namespace (default: dynamo)")
     wrk.add_argument("--component", default="backend", help="Dynamo component (default: backend)")
     wrk.add_argument("--metrics-port", type=int, help="meshserve's Prometheus metrics (default: off)")
@@ -111,7 +130,8 @@ def _parser() -> argparse.ArgumentParser:
                           "a kvstore both open, or auto (transfer, else the store when one is set)")
     wrk.add_argument("--kv-transfer-store", metavar="FOLDER|URL",
                      help="the kvstore of the store transport (default: the engine config's kv_store)")
-    wrk.add_argument("--quiet", action="store_true", help="no progress bars")
+    _engine_flags(wrk)
+    wrk.add_argument("--quiet", action="store_true", help="no progress lines")
 
     flt = sub.add_parser("fleet", help="Dynamo's frontend and N workers on this machine (loopback)")
     flt.add_argument("--workers", type=int, default=2, help="workers (decode workers with --prefill-workers)")
@@ -124,12 +144,72 @@ def _parser() -> argparse.ArgumentParser:
     flt.add_argument("--router", default="kv", choices=("kv", "round-robin", "random"))
     flt.add_argument("--port", type=int, default=8000, help="the frontend's HTTP port")
     flt.add_argument("--config", default=str(DEFAULT_SERVING_CONFIG))
-    flt.add_argument("--model", metavar="CKPT_DIR")
-    flt.add_argument("--model-name")
+    flt.add_argument("--model", metavar="MODEL", help="a GGUF file, a Hugging Face folder or a checkpoint")
+    flt.add_argument("--model-name", "--served-model-name", dest="model_name")
+    flt.add_argument("--dtype", default="auto", choices=DTYPES)
 
     fetch = sub.add_parser("fetch-default", help="fetch and convert the default model; print its folder")
     fetch.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     return p
+
+
+def _engine_flags(p: argparse.ArgumentParser) -> None:
+    """vLLM's engine flags, with its names and meanings; they win over the config file's engine section."""
+    g = p.add_argument_group("engine (vLLM's flags; they win over the config file)")
+    g.add_argument("--dtype", default="auto", choices=DTYPES,
+                   help="what a GGUF file or HF folder is converted to; auto: the source's (bfloat16 stays "
+                        "bfloat16, float16 and quantized blocks become bfloat16, float32 stays float32)")
+    g.add_argument("--max-model-len", type=int, help="the longest request, prompt and output (tokens)")
+    g.add_argument("--max-num-seqs", type=int, help="requests decoded at once")
+    g.add_argument("--gpu-memory-utilization", type=float,
+                   help="the share of each GPU's memory the engine may take; the KV cache gets what the weights "
+                        "and activations leave (default 0.9)")
+    g.add_argument("--kv-cache-memory", type=_bytes, metavar="BYTES",
+                   help="the KV cache's size instead, e.g. 4GiB (over the whole mesh)")
+    g.add_argument("--tensor-parallel-size", "-tp", type=int, help="without --mesh: split the model over N devices")
+    g.add_argument("--data-parallel-size", "-dp", type=int, help="without --mesh: N replicas of the model")
+
+
+_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "kb": 10**3, "mb": 10**6, "gb": 10**9,
+          "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def _bytes(text: str) -> int:
+    """"4GiB", "512MiB", "2g", "1073741824" → bytes."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    unit = match.group(2).lower() if match else None
+    if match is None or unit not in _UNITS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size (e.g. 4GiB, 512MiB, 1073741824)")
+    value = int(float(match.group(1)) * _UNITS[unit])
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: a size must be positive")
+    return value
+
+
+def _engine_config(args):
+    """The config file's engine section with the command line's engine flags laid over it; sets how
+    much of a GPU jax may take before jax starts."""
+    from meshserve.runtime.engine import EngineConfig
+
+    config = EngineConfig.from_yaml(args.config)
+    flags = {"max_seq_len": args.max_model_len, "max_num_seqs": args.max_num_seqs,
+             "gpu_memory_utilization": args.gpu_memory_utilization, "kv_cache_bytes": args.kv_cache_memory}
+    flags = {k: v for k, v in flags.items() if v is not None}
+    if "max_num_seqs" in flags and flags["max_num_seqs"] > config.max_num_batched_tokens:
+        flags["max_num_batched_tokens"] = flags["max_num_seqs"]  # a decode step of them all must fit a step
+    if flags:
+        config = dataclasses.replace(config, **flags)
+    # jax's GPU allocator takes this share of the card at start (its own default is 0.75)
+    os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", f"{config.gpu_memory_utilization:.3f}")
+    return config
+
+
+def _model(args, spec: str | None) -> str:
+    """The checkpoint folder to serve: the default model, a checkpoint, or a GGUF file / HF folder
+    converted once into the cache."""
+    from meshserve.models.sources import resolve_model
+
+    return str(resolve_model(spec, args.dtype, progress=not args.quiet))
 
 
 def _convert(args) -> None:
@@ -159,9 +239,8 @@ def _layout(args):
 
 def _load(args, layout):
     from meshserve.models.checkpoint import load_checkpoint, read_meta
-    from meshserve.models.default import default_checkpoint
 
-    folder = args.model or default_checkpoint(progress=not args.quiet)
+    folder = _model(args, args.model)
     if layout is None:
         return load_checkpoint(folder, progress=not args.quiet)
     from meshserve.sharding.mesh import load_sharded
@@ -171,6 +250,7 @@ def _load(args, layout):
 
 
 def _generate(args) -> None:
+    from meshserve.runtime import progress
     from meshserve.runtime.engine import EngineConfig
 
     if (args.input is None) == (args.prompt is None):
@@ -180,6 +260,7 @@ def _generate(args) -> None:
     if args.input is not None and args.output is None:
         raise RequestError("--input needs --output")
     params = _sampling(args)
+    progress.enable(not args.quiet and args.input is None)  # a batch run has its own progress bar
     config = EngineConfig.from_yaml(args.config)
     if args.max_seq_len:
         config = dataclasses.replace(config, max_seq_len=args.max_seq_len)
@@ -334,36 +415,45 @@ class ServerError(MeshserveError):
 def _serve(args) -> None:
     import logging
 
-    from meshserve.runtime.engine import EngineConfig
+    from meshserve.runtime import progress
     from meshserve.serving.config import ServerConfig
     from meshserve.serving.server import Server, build_engine
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
-    config = ServerConfig.from_yaml(args.config).override(
-        host=args.host, port=args.port, model=args.model, mesh=args.mesh, metrics_port=args.metrics_port,
-        http_port=args.http_port, tls_cert=args.tls_cert, tls_key=args.tls_key)
+    progress.enable(not args.quiet)
+    if args.model and args.model_flag and args.model != args.model_flag:
+        raise MeshserveError(f"two models given: {args.model} and --model {args.model_flag}")
+    overrides = None
+    if args.override_generation_config is not None:
+        try:
+            overrides = json.loads(args.override_generation_config)
+        except json.JSONDecodeError as e:
+            raise MeshserveError(f"--override-generation-config: not JSON: {e}") from None
+    config = ServerConfig.from_yaml(args.config)
+    config = config.override(
+        host=args.host, port=args.port, mesh=args.mesh, metrics_port=args.metrics_port, http_port=args.http_port,
+        tls_cert=args.tls_cert, tls_key=args.tls_key, served_model_name=args.served_model_name,
+        auth_tokens=(*config.auth_tokens, *args.api_key) if args.api_key else None,
+        generation_config=args.generation_config, override_generation_config=overrides,
+        tensor_parallel_size=args.tensor_parallel_size, data_parallel_size=args.data_parallel_size)
     if args.port == 0:  # on the command line 0 turns gRPC off (in the file: null; 0 there takes any free port)
         config = dataclasses.replace(config, port=None)
     if config.port is None and config.http_port is None:
         raise MeshserveError("no gRPC port and no HTTP port: nothing would serve requests")
-    engine_config = EngineConfig.from_yaml(args.config)
-    replicas = 1
-    if config.mesh:  # checked now: a bad mesh file fails before the server starts
-        from meshserve.sharding.mesh import MeshConfig
-
-        mesh = MeshConfig.from_yaml(config.mesh)
-        replicas = dict(mesh.axes).get("data", 1)  # -1: known once the devices are
+    engine_config = _engine_config(args)
+    mesh = config.mesh_config()  # checked now: a bad mesh fails before the model is converted or loaded
+    config = dataclasses.replace(config, model=_model(args, args.model or args.model_flag or config.model))
+    replicas = dict(mesh.axes).get("data", 1) if mesh is not None else 1  # -1: known once the devices are
     if engine_config.kv_cache_bytes is not None and replicas > 0:  # a pool too small fails before listening
         from meshserve.models.checkpoint import read_meta
-        from meshserve.models.default import default_checkpoint
         from meshserve.runtime.kv_cache import page_bytes
         from meshserve.runtime.kv_manager import kv_pages
 
-        _, model, dtype = read_meta(config.model or default_checkpoint(progress=not args.quiet))
+        _, model, dtype = read_meta(config.model)
         ps = engine_config.page_size
         kv_pages(page_bytes(model, ps, dtype), ps, min(engine_config.max_seq_len, model.max_position_embeddings),
                  replicas, engine_config.kv_cache_bytes)
-    build = build_engine(config, engine_config, progress=not args.quiet)
+    build = build_engine(config, engine_config, progress=False)
     mirror = _multihost(config, build)  # a mesh over several processes: process 0 serves, the others follow
     if mirror is False:
         return
@@ -373,18 +463,22 @@ def _serve(args) -> None:
 def _worker(args) -> None:
     import logging
 
-    from meshserve.runtime.engine import EngineConfig
+    from meshserve.runtime import progress
     from meshserve.serving.config import ServerConfig
     from meshserve.serving.handoff import HandoffConfig
     from meshserve.serving.server import build_engine
     from meshserve.serving.worker import Worker, run_worker
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
-    config = ServerConfig.from_yaml(args.config).override(model=args.model, mesh=args.mesh)
-    engine_config = EngineConfig.from_yaml(args.config)
+    progress.enable(not args.quiet)
+    config = ServerConfig.from_yaml(args.config).override(
+        mesh=args.mesh, tensor_parallel_size=args.tensor_parallel_size, data_parallel_size=args.data_parallel_size)
+    engine_config = _engine_config(args)
+    config.mesh_config()  # a bad mesh fails before the model is converted or loaded
+    config = dataclasses.replace(config, model=_model(args, args.model or config.model))
     if args.role != "both":  # the page export and import programs
         engine_config = dataclasses.replace(engine_config, kv_transfer=True)
-    build = build_engine(config, engine_config, progress=not args.quiet)
+    build = build_engine(config, engine_config, progress=False)
     mirror = _multihost(config, build)
     if mirror is False:
         return  # a following process: its part is done
@@ -400,12 +494,8 @@ def _multihost(config, build):
     """For a mesh over several processes (a `distributed` mesh file): jax.distributed is started;
     process 0 gets the StepMirror its engine loop publishes to, and the others follow it here
     (then False). None for one process."""
-    if not config.mesh:
-        return None
-    from meshserve.sharding.mesh import MeshConfig
-
-    mesh = MeshConfig.from_yaml(config.mesh)
-    if mesh.distributed is None:
+    mesh = config.mesh_config()
+    if mesh is None or mesh.distributed is None:
         return None
     import jax
 
@@ -437,8 +527,11 @@ def _fleet(args) -> None:
         frontend_args = ["--router-conditional-disagg"]
         if policy:
             frontend_args += ["--router-conditional-disagg-config", json.dumps(policy)]
-    worker_args = ["--config", args.config]
-    for flag, value in (("--model", args.model), ("--model-name", args.model_name)):
+    from meshserve.models.sources import resolve_model
+
+    model = resolve_model(args.model, args.dtype)  # converted once here, not by every worker at once
+    worker_args = ["--config", args.config, "--model", str(model)]
+    for flag, value in (("--model-name", args.model_name),):
         if value:
             worker_args += [flag, value]
     run_fleet(args.workers, args.router, args.port, worker_args, args.prefill_workers, frontend_args)

@@ -13,6 +13,7 @@ import dataclasses
 import os
 from typing import Any, Mapping
 
+from meshserve.models import generation
 from meshserve.models.config import config_from_dict, read_yaml_section
 from meshserve.models.errors import ConfigError
 
@@ -22,7 +23,9 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int | None = 50051  # gRPC; None: off (the OpenAI HTTP API alone); 0: any free port
     model: str | None = None  # checkpoint folder; None: the default model
-    mesh: str | None = None  # mesh file; None: one device
+    mesh: str | None = None  # mesh file; None: one device, or the two sizes below
+    tensor_parallel_size: int | None = None  # without a mesh file: a data × tensor mesh of these sizes
+    data_parallel_size: int | None = None
     metrics_port: int | None = 9464  # Prometheus /metrics over HTTP; None: off; 0: any free port
     http_port: int | None = None  # the OpenAI-compatible HTTP API; None: off; 0: any free port
     served_model_name: str | None = None  # the model's name in the HTTP API; None: the checkpoint's
@@ -38,6 +41,11 @@ class ServerConfig:
     http_header_timeout_s: float = 10.0
     http_body_timeout_s: float = 30.0
     http_max_connections: int = 2048
+    # sampling defaults of requests that leave a field unset: "auto", the model's (its
+    # generation_config.json, models/generation.py); "none", the API's own (OpenAI's temperature 1 on
+    # HTTP, greedy on gRPC); override_generation_config is laid over either (e.g. {"temperature": 0.7})
+    generation_config: str = "auto"
+    override_generation_config: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         for name in ("port", "metrics_port", "http_port"):
@@ -57,6 +65,17 @@ class ServerConfig:
                 raise ConfigError(f"server.{name} must be positive, got {getattr(self, name)}")
         if self.http_max_connections < 1:
             raise ConfigError(f"server.http_max_connections must be >= 1, got {self.http_max_connections}")
+        for name in ("tensor_parallel_size", "data_parallel_size"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ConfigError(f"server.{name} must be a positive integer, got {value!r}")
+        if self.mesh and (self.tensor_parallel_size or self.data_parallel_size):
+            raise ConfigError("a mesh file and tensor/data parallel sizes go apart: the mesh file says both")
+        if self.generation_config not in ("auto", "none"):
+            raise ConfigError(f"server.generation_config must be auto or none, got {self.generation_config!r}")
+        if not isinstance(self.override_generation_config, Mapping):
+            raise ConfigError("server.override_generation_config must be a mapping, e.g. {\"temperature\": 0.7}")
+        generation.check(self.override_generation_config, "server.override_generation_config", ConfigError)
         for t in self.auth_tokens:
             if not isinstance(t, str) or not t:
                 raise ConfigError("server.auth_tokens must be non-empty strings")
@@ -78,6 +97,25 @@ class ServerConfig:
             if values.get(key):
                 values[key] = os.path.expanduser(str(values[key]))
         return config_from_dict(cls, values, "server config")
+
+    def mesh_config(self):
+        """The mesh to run on (sharding.mesh.MeshConfig; validated, no device touched), or None for one
+        device: the mesh file, else the data × tensor sizes given."""
+        from meshserve.sharding.mesh import MeshConfig
+
+        if self.mesh:
+            return MeshConfig.from_yaml(self.mesh)
+        tp, dp = self.tensor_parallel_size or 1, self.data_parallel_size or 1
+        if tp * dp == 1:
+            return None
+        return MeshConfig(axes=(("data", dp), ("tensor", tp)), num_devices=tp * dp, require_split=("q_heads",),
+                          name=f"data={dp} × tensor={tp}")
+
+    def sampling_defaults(self, model_defaults: Mapping[str, Any]) -> dict[str, Any]:
+        """What a request's unset sampling fields take: the model's (or none), overridden."""
+        base = model_defaults if self.generation_config == "auto" else {}
+        return {**base, **generation.check(self.override_generation_config, "override_generation_config",
+                                           ConfigError)}
 
     def override(self, **flags) -> "ServerConfig":
         """Command-line flags (None = not given) over the file's values."""

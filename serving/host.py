@@ -22,11 +22,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import signal
 import time
 from typing import Callable
 
+from meshserve.models.errors import MeshserveError
 from meshserve.runtime.engine import Engine
 from meshserve.serving.config import ServerConfig
 from meshserve.serving.engine_loop import EngineLoop, State
@@ -39,6 +41,13 @@ log = logging.getLogger("meshserve.server")
 
 EXIT_ENGINE_FAILED = 3  # the process's exit code after an engine failure
 STOP_TIMEOUT_S = 600.0  # longest wait for the engine thread to persist the prefix cache and end
+
+
+def listen_error(flag: str, host: str, port: int, what: str, error: OSError) -> str:
+    """The one line a port that cannot be listened on gets, naming the flag that sets it."""
+    if error.errno == errno.EADDRINUSE:
+        return f"{flag} {port}: {host}:{port} is already in use ({what}); choose another port or stop what holds it"
+    return f"{flag} {port}: cannot listen on {host}:{port} ({what}): {error.strerror or error}"
 
 
 class ProcessHost:
@@ -92,7 +101,8 @@ class ProcessHost:
     # ---- the engine's thread -------------------------------------------------------------------------
 
     def _on_ready(self, engine: Engine) -> None:
-        self.info = EngineInfo.of(engine, self.config.served_model_name)
+        self.info = EngineInfo.of(engine, self.config.served_model_name,
+                                 self.config.sampling_defaults(engine.checkpoint.generation))
         self.preprocessor = Preprocessor(self.info)
         self._aio.call_soon_threadsafe(self._ready.set)
 
@@ -114,7 +124,11 @@ class ProcessHost:
         for transport in self.transports:
             await transport.start(self)
         if self.config.metrics_port is not None:
-            self.metrics_port = self.metrics.serve(self.config.host, self.config.metrics_port)
+            try:
+                self.metrics_port = self.metrics.serve(self.config.host, self.config.metrics_port)
+            except OSError as e:
+                raise MeshserveError(listen_error("--metrics-port", self.config.host, self.config.metrics_port,
+                                                  "metrics", e)) from None
         self.loop.start()
 
     def _count_compile(self, event: str, secs: float, **kw) -> None:
@@ -197,6 +211,7 @@ class ProcessHost:
             await self.shutdown(0)
             raise ready.exception()
         if ready.done() and self.loop.state is State.SERVING:
-            log.warning("meshserve serving %s", self.info.model.name)
+            where = [t.describe() for t in self.transports if getattr(t, "describe", None)]
+            log.warning("ready: %s", " · ".join([*filter(None, where), f"model {self.info.served_name}"]))
         await closed
         return self.exit_code

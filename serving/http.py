@@ -31,8 +31,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from meshserve.models.errors import MeshserveError, RequestError
 from meshserve.runtime.engine import RequestOutput
 from meshserve.runtime.request import Request
-from meshserve.serving.openai import (APIError, Choice, Generation, Shaper, _Body, invalid, parse_chat,
-                                     parse_completion)
+from meshserve.serving.host import listen_error
+from meshserve.serving.openai import (API_DEFAULTS, APIError, Choice, Generation, Shaper, _Body, invalid,
+                                     parse_chat, parse_completion)
 from meshserve.serving.preprocess import Prompt
 from meshserve.serving.session import Session, bearer_ok, outcome_of
 
@@ -103,6 +104,13 @@ class _Protocol(RequestHandler):
         return response
 
 
+def _url_host(host: str) -> str:
+    """A listening address as a client would write it in a URL."""
+    if host in ("0.0.0.0", "::", ""):
+        return "localhost"
+    return f"[{host}]" if ":" in host else host
+
+
 class HTTPTransport:
     def __init__(self):
         self.host: "ProcessHost | None" = None
@@ -129,10 +137,13 @@ class HTTPTransport:
             self._listener = await asyncio.get_running_loop().create_server(
                 self._connection, host.config.host, host.config.http_port, reuse_address=True)
         except OSError as e:
-            raise MeshserveError(f"cannot listen on {host.config.host}:{host.config.http_port} (HTTP): "
-                                 f"{e.strerror}") from None
+            raise MeshserveError(listen_error("--port", host.config.host, host.config.http_port, "the OpenAI API",
+                                              e)) from None
         self.port = self._listener.sockets[0].getsockname()[1]
-        log.warning("meshserve OpenAI API listening on %s:%d", host.config.host, self.port)
+        log.info("meshserve OpenAI API listening on %s:%d", host.config.host, self.port)
+
+    def describe(self) -> str:
+        return f"OpenAI API http://{_url_host(self.host.config.host)}:{self.port}/v1"
 
     async def ready(self, host: "ProcessHost") -> None:
         pass
@@ -191,8 +202,7 @@ class HTTPTransport:
     @property
     def model_name(self) -> str:
         """server.served_model_name, else the checkpoint folder's name (as vLLM names a model by its path)."""
-        info = self.host.info
-        return info.served_model_name or info.checkpoint_name or info.model.name
+        return self.host.info.served_name
 
     async def health_check(self, request: web.Request) -> web.Response:
         return web.Response(status=200 if self.host.serving() is not None else 503)
@@ -206,7 +216,8 @@ class HTTPTransport:
         name = self.model_name
         return _json({"object": "list", "data": [{"id": name, "object": "model", "created": self.started,
                                                   "owned_by": "meshserve", "root": name, "parent": None,
-                                                  "max_model_len": info.context_length}]})
+                                                  "max_model_len": info.context_length,
+                                                  "sampling_defaults": {**API_DEFAULTS, **info.sampling_defaults}}]})
 
     async def tokenizer_info(self, request: web.Request) -> web.Response:
         _, info = self._engine()
@@ -315,7 +326,7 @@ class HTTPTransport:
         for prompt in call.prompts:
             sampling = dict(call.sampling)
             first = await self._pre(pre.run(pre.prepare, prompt, sampling, arrival=arrival,
-                                            default_max_tokens=default))
+                                            default_max_tokens=default, api_defaults=API_DEFAULTS))
             requests.append(first)
             for i, seed in enumerate(call.seeds()[1:], 1):  # scored once: forks take the first's scores
                 params = dataclasses.replace(first.params, seed=seed)

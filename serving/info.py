@@ -34,16 +34,23 @@ class EngineInfo:
     replicas: int  # data replicas (Dynamo's dp ranks)
     max_num_seqs: int
     max_num_batched_tokens: int
+    sampling_defaults: dict  # what a request's unset sampling fields take (ServerConfig.sampling_defaults)
 
     @classmethod
-    def of(cls, engine, served_model_name: str | None = None) -> "EngineInfo":
+    def of(cls, engine, served_model_name: str | None = None, sampling_defaults: dict | None = None) -> "EngineInfo":
         path = engine.checkpoint.path
         return cls(engine.model_config, engine.tokenizer, served_model_name, path.name if path else None,
                    str(engine.checkpoint.dtype), engine.layout.describe(), engine.layout.mesh.devices.flat[0],
                    engine.max_seq_len, engine.config.priority_levels, engine.config.limits, engine.eos_ids,
                    engine.config.page_size, engine.kv.num_usable, engine.pool.page_shape, engine.pool.dtype,
                    engine.fingerprint.hex(), engine.kv_events is not None, engine.config.kv_store, engine.replicas,
-                   engine.config.max_num_seqs, engine.config.max_num_batched_tokens)
+                   engine.config.max_num_seqs, engine.config.max_num_batched_tokens, dict(sampling_defaults or {}))
+
+    @property
+    def served_name(self) -> str:
+        """The model's one name on every API: server.served_model_name, else the checkpoint folder's
+        (as vLLM names a model by its path), else the config's."""
+        return self.served_model_name or self.checkpoint_name or self.model.name
 
     @property
     def vocab_size(self) -> int:

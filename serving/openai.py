@@ -166,6 +166,10 @@ def _logit_bias(body: _Body) -> tuple[tuple[int, float], ...]:
     return tuple(out)
 
 
+# The API's own defaults, below the model's (Preprocessor.prepare): OpenAI samples, not greedy.
+API_DEFAULTS = {"temperature": 1.0}
+
+
 def _sampling(body: _Body) -> dict[str, Any]:
     """SamplingParams fields shared by both endpoints (the ones a request set)."""
     values: dict[str, Any] = {}
@@ -173,7 +177,6 @@ def _sampling(body: _Body) -> dict[str, Any]:
         value = body.get(name, (float, int))
         if value is not None:
             values[name] = value
-    values.setdefault("temperature", 1.0)  # OpenAI's default: sampling, not greedy
     for name in ("seed", "min_tokens"):
         value = body.get(name, (int,))
         if value is not None:

@@ -106,13 +106,15 @@ class Preprocessor:
 
     def prepare(self, prompt: Prompt, sampling: Mapping[str, Any], *, priority: int = 0,
                 request_id: str | None = None, arrival: float,
-                default_max_tokens: int | None = DEFAULT_MAX_TOKENS) -> Request:
-        """Raises RequestError naming the first problem. Without max_tokens: `default_max_tokens`
-        within the context (None: the whole rest of the context)."""
+                default_max_tokens: int | None = DEFAULT_MAX_TOKENS,
+                api_defaults: Mapping[str, Any] | None = None) -> Request:
+        """Raises RequestError naming the first problem. Unset sampling fields take the server's
+        sampling defaults (the model's), then the API's own (`api_defaults`). Without max_tokens:
+        `default_max_tokens` within the context (None: the whole rest of the context)."""
         if request_id is not None and (len(request_id) > MAX_REQUEST_ID or not request_id.isprintable()):
             raise RequestError(f"request_id must be printable and at most {MAX_REQUEST_ID} characters")
         ids = self.encode(prompt)
-        values = dict(sampling)
+        values = {**(api_defaults or {}), **self.info.sampling_defaults, **sampling}
         for name, value in values.items():  # text fields of the sampling options, checked like the prompt's
             if name == "stop":
                 values[name] = tuple(_unicode(s, "stop") for s in value)

@@ -17,7 +17,9 @@ EXIT_ENGINE_FAILED (see the failure contract in serving/engine_loop.py).
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
+import socket
 import threading
 import time
 from typing import Callable
@@ -28,10 +30,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from meshserve.models.errors import MeshserveError, RequestError
+from meshserve.runtime import progress as stages
 from meshserve.runtime.engine import Engine, EngineConfig, RequestOutput
 from meshserve.runtime.sampling import MAX_LOGPROBS
 from meshserve.serving.config import ServerConfig
-from meshserve.serving.host import EXIT_ENGINE_FAILED, ProcessHost  # noqa: F401  (the exit code, for callers)
+from meshserve.serving.host import EXIT_ENGINE_FAILED, ProcessHost, listen_error  # noqa: F401  (the exit code, for callers)
 from meshserve.serving.http import HTTPTransport
 from meshserve.serving.metrics import Metrics
 from meshserve.serving.preprocess import Preprocessor, Prompt
@@ -220,6 +223,18 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
                     response_serializer=handler.response_serializer)
 
 
+def _in_use(host: str, port: int) -> bool:
+    """Whether another socket listens on host:port (binding as a server would, then letting go)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as e:
+            return e.errno == errno.EADDRINUSE
+    return False
+
+
 class GrpcTransport:
     """meshserve.v1.Generation, health and reflection on `server.port` (a transport of the host)."""
 
@@ -244,15 +259,23 @@ class GrpcTransport:
                 creds = grpc.ssl_server_credentials([(open(cfg.tls_key, "rb").read(), open(cfg.tls_cert, "rb").read())])
             except OSError as e:
                 raise MeshserveError(f"cannot read the TLS certificate or key: {e}") from None
-            port = server.add_secure_port(address, creds)
-        else:
-            port = server.add_insecure_port(address)
+        if cfg.port and _in_use(cfg.host, cfg.port):  # gRPC's own error names neither the port nor the cause
+            raise MeshserveError(listen_error("--grpc-port", cfg.host, cfg.port, "gRPC",
+                                              OSError(errno.EADDRINUSE, "in use")))
+        try:
+            port = server.add_secure_port(address, creds) if cfg.tls_cert else server.add_insecure_port(address)
+        except RuntimeError:
+            port = 0
         if port == 0:
-            raise MeshserveError(f"cannot listen on {address}")
+            raise MeshserveError(f"--grpc-port {cfg.port}: cannot listen on {address} (gRPC)")
         self.port = port
         await server.start()
         self._server = server
-        log.warning("meshserve gRPC listening on %s:%d", cfg.host, port)
+        self._host = cfg.host
+        log.info("meshserve gRPC listening on %s:%d", cfg.host, port)
+
+    def describe(self) -> str:
+        return f"gRPC {self._host}:{self.port}"
 
     async def ready(self, host: ProcessHost) -> None:
         pass
@@ -278,8 +301,8 @@ class Server(ProcessHost):
 
     def __init__(self, config: ServerConfig, build: Callable[[], Engine], mirror=None):
         super().__init__(config, build, mirror=mirror)
-        self.grpc = self.register(GrpcTransport()) if config.port is not None else None
         self.http = self.register(HTTPTransport()) if config.http_port is not None else None
+        self.grpc = self.register(GrpcTransport()) if config.port is not None else None
 
     @property
     def port(self) -> int | None:
@@ -344,12 +367,10 @@ def build_engine(config: ServerConfig, engine_config: EngineConfig, progress: bo
         from meshserve.models.checkpoint import load_checkpoint, read_meta
         from meshserve.models.default import default_checkpoint
 
-        layout = None
-        if config.mesh:
-            from meshserve.sharding.mesh import MeshConfig
-
-            layout = MeshConfig.from_yaml(config.mesh).setup()
+        mesh = config.mesh_config()
+        layout = None if mesh is None else mesh.setup()
         folder = config.model or default_checkpoint(progress=progress)
+        stages.stage(f"loading {folder}" + (f" over {layout.describe()}" if layout is not None else ""))
         if layout is None:
             ckpt = load_checkpoint(folder, progress=progress)
         else:

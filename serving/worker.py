@@ -50,6 +50,7 @@ from meshserve.serving.engine_loop import EngineUnavailable
 from meshserve.serving.handoff import Handoff, HandoffConfig
 from meshserve.serving.host import ProcessHost
 from meshserve.serving.info import EngineInfo
+from meshserve.serving.openai import API_DEFAULTS
 
 log = logging.getLogger("meshserve.worker")
 
@@ -91,11 +92,14 @@ def _write_card(info: EngineInfo, folder: Path) -> None:
     tok.save(folder)
 
 
-def sampling_params(request: dict[str, Any], prompt_len: int, max_seq_len: int) -> SamplingParams:
+def sampling_params(request: dict[str, Any], prompt_len: int, max_seq_len: int,
+                    defaults: dict[str, Any] | None = None) -> SamplingParams:
     """Dynamo's token-in request (sampling_options, stop_conditions, output_options) as the engine's
-    SamplingParams. Stop strings stay with the frontend, which detokenizes; EOS ids come from the
-    frontend's list (empty when the client asked to ignore EOS)."""
-    so = request.get("sampling_options") or {}
+    SamplingParams; unset sampling options take the server's defaults (the model's), then OpenAI's.
+    Stop strings stay with the frontend, which detokenizes; EOS ids come from the frontend's list
+    (empty when the client asked to ignore EOS)."""
+    so = {**API_DEFAULTS, **(defaults or {}),
+          **{k: v for k, v in (request.get("sampling_options") or {}).items() if v is not None}}
     sc = request.get("stop_conditions") or {}
     oo = request.get("output_options") or {}
     given = lambda d, key, default: default if d.get(key) is None else d[key]
@@ -103,7 +107,7 @@ def sampling_params(request: dict[str, Any], prompt_len: int, max_seq_len: int) 
     eos = request.get("eos_token_ids")
     stop_ids = tuple(sc.get("stop_token_ids_hidden") or ()) + tuple(sc.get("stop_token_ids") or ())
     return SamplingParams(
-        max_tokens=int(max_tokens), temperature=float(given(so, "temperature", 1.0)),
+        max_tokens=int(max_tokens), temperature=float(so["temperature"]),
         top_k=max(0, int(given(so, "top_k", 0))), top_p=float(given(so, "top_p", 1.0)),
         min_p=float(given(so, "min_p", 0.0)), repetition_penalty=float(given(so, "repetition_penalty", 1.0)),
         presence_penalty=float(given(so, "presence_penalty", 0.0)),
@@ -217,7 +221,7 @@ class Worker:
         from dynamo.runtime import DistributedRuntime
 
         info = host.info
-        self.model_name = self.model_name or info.served_model_name or info.model.name
+        self.model_name = self.model_name or info.served_name
         if self.role != "both":
             self.handoff = Handoff(self.handoff_config, info, self.metrics)
         try:
@@ -285,7 +289,8 @@ class Worker:
             token_ids = [int(t) for t in request.get("token_ids") or ()]
             rid = str(context.id() or uuid.uuid4())
             try:
-                params = sampling_params(request, len(token_ids), self.host.info.context_length)
+                params = sampling_params(request, len(token_ids), self.host.info.context_length,
+                                         self.host.info.sampling_defaults)
                 if self.role == "prefill":  # the prompt's pages and one token: the decode worker does the rest
                     params = dataclasses.replace(params, max_tokens=1)
                 checked = pre.check(token_ids, params, request_id=rid, arrival=session.arrival)

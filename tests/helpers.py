@@ -91,24 +91,49 @@ def _llamacpp_permute(w: np.ndarray, heads: int) -> np.ndarray:
     return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+# Where each block's fp16 scales lie (byte offsets), for the types the gguf package cannot quantize.
+_BLOCK_SCALES = {"Q2_K": ((80, 0.004), (82, 0.002)), "Q3_K": ((108, 0.002),), "Q4_K": ((0, 0.004), (2, 0.002)),
+                 "Q5_K": ((0, 0.002), (2, 0.001)), "Q6_K": ((208, 0.0002),), "IQ4_NL": ((0, 0.0005),),
+                 "IQ4_XS": ((0, 0.0005),)}
+RANDOM_BLOCK_TYPES = tuple(_BLOCK_SCALES)
+
+
 def _random_kquant(rows: int, cols: int, qtype, rng: np.random.Generator) -> np.ndarray:
-    """Random K-quant blocks with sane fp16 scales (the gguf package cannot quantize K types)."""
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
+    """Random quantized blocks with sane fp16 scales (the gguf package cannot quantize these types)."""
+    from gguf import GGML_QUANT_SIZES
 
     block, nbytes = GGML_QUANT_SIZES[qtype]
     blocks = rng.integers(0, 256, size=(rows, cols // block, nbytes), dtype=np.uint8)
-    if qtype == Q.Q4_K:  # d, dmin (f16), 12 bytes of 6-bit scales, 128 bytes of nibbles
-        blocks[..., 0:2] = np.frombuffer(np.float16(0.004).tobytes(), np.uint8)
-        blocks[..., 2:4] = np.frombuffer(np.float16(0.002).tobytes(), np.uint8)
-    elif qtype == Q.Q6_K:  # ql[128], qh[64], int8 scales[16], d (f16) last
-        blocks[..., 208:210] = np.frombuffer(np.float16(0.0002).tobytes(), np.uint8)
-    else:
-        raise ValueError(qtype)
+    for offset, scale in _BLOCK_SCALES[qtype.name]:
+        blocks[..., offset:offset + 2] = np.frombuffer(np.float16(scale).tobytes(), np.uint8)
     return blocks.reshape(rows, -1)
 
 
-def write_gguf(path: Path, model, qtype, arch: str = "llama", seed: int = 0):
-    """Write the transformers `model` as a GGUF file with 2-D weights in `qtype`; norms stay F32."""
+def llamacpp_rope_factors(config) -> np.ndarray:
+    """llama.cpp's convert script's rope_freqs.weight for a Llama 3.1 `rope_parameters`: the divisor of
+    each inverse frequency."""
+    import math
+
+    rope = config.rope_parameters
+    dim = config.hidden_size // config.num_attention_heads
+    freqs = 1.0 / (rope["rope_theta"] ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
+    old, low, high = rope["original_max_position_embeddings"], rope["low_freq_factor"], rope["high_freq_factor"]
+    factors = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / freq
+        if wavelen < old / high:
+            factors.append(1.0)
+        elif wavelen > old / low:
+            factors.append(rope["factor"])
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            factors.append(1 / ((1 - smooth) / rope["factor"] + smooth))
+    return np.asarray(factors, np.float32)
+
+
+def write_gguf(path: Path, model, qtype, arch: str = "llama", seed: int = 0, rope_freqs: bool = False):
+    """Write the transformers `model` as a GGUF file with 2-D weights in `qtype`; norms stay F32.
+    rope_freqs: the model's Llama 3.1 RoPE scaling as llama.cpp writes it (rope_freqs.weight)."""
     import gguf
     from gguf import GGMLQuantizationType as Q
     from gguf.quants import quantize
@@ -164,12 +189,29 @@ def write_gguf(path: Path, model, qtype, arch: str = "llama", seed: int = 0):
             arr = _llamacpp_permute(arr, heads)
         if arr.ndim == 1 or qtype == Q.F32:
             w.add_tensor(name, arr.astype(np.float32))
-        elif qtype in (Q.Q4_K, Q.Q6_K):
+        elif qtype.name in RANDOM_BLOCK_TYPES:
             w.add_tensor(name, _random_kquant(*arr.shape, qtype, rng), raw_dtype=qtype)
         elif qtype == Q.F16:
             w.add_tensor(name, arr.astype(np.float16))
         else:
             w.add_tensor(name, quantize(arr, qtype), raw_dtype=qtype)
+    if rope_freqs:
+        w.add_tensor("rope_freqs.weight", llamacpp_rope_factors(c))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def write_unsupported_gguf(path: Path) -> None:
+    """A GGUF file whose one tensor is Q8_1 (llama.cpp's activation format: no dequantization exists)."""
+    import gguf
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
+
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(1)
+    block, nbytes = GGML_QUANT_SIZES[Q.Q8_1]
+    w.add_tensor("token_embd.weight", np.zeros((4, 64 // block * nbytes), np.uint8), raw_dtype=Q.Q8_1)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -1,6 +1,8 @@
 """GGUF import: every supported tensor type against transformers reading the same file; the Q/K
 un-permutation; bad files."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,7 +15,7 @@ from meshserve.models.convert import convert
 from meshserve.models.errors import CheckpointError, ConvertError
 from meshserve.models.gguf_import import unpermute_rope_rows
 from meshserve.models.llama import forward
-from tests.helpers import _llamacpp_permute, make_hf_model, write_gguf
+from tests.helpers import _llamacpp_permute, make_hf_model, write_gguf, write_unsupported_gguf
 
 # Row length 256 so the K-quants (256-wide blocks) apply to every matrix.
 GGUF_SHAPE = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
@@ -44,8 +46,8 @@ def _compare(ckpt_dir, reference):
     return ckpt
 
 
-@pytest.mark.parametrize("qtype", [Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q4_K, Q.Q6_K],
-                         ids=lambda q: q.name)
+@pytest.mark.parametrize("qtype", [Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q2_K, Q.Q3_K,
+                                   Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.IQ4_NL, Q.IQ4_XS], ids=lambda q: q.name)
 def test_tensor_type_matches_transformers(tmp_path, tiny_llama, qtype):
     path = tmp_path / f"tiny-{qtype.name}.gguf"
     write_gguf(path, tiny_llama, qtype)
@@ -61,6 +63,54 @@ def test_qwen2_gguf_with_biases_matches_transformers(tmp_path):
     write_gguf(path, model, Q.Q8_0, arch="qwen2")
     ckpt = _compare(convert(f"gguf:{path}", tmp_path / "ckpt", progress=False), _transformers_from_gguf(path))
     assert ckpt.config.attention_bias and ckpt.config.tie_word_embeddings
+
+
+def test_q5_k_tensor_equals_the_gguf_packages_dequantization(tmp_path, tiny_llama):
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    from meshserve.models.gguf_import import GGUFSource
+
+    path = tmp_path / "tiny-Q5_K.gguf"
+    write_gguf(path, tiny_llama, Q.Q5_K)
+    raw = {t.name: t for t in GGUFReader(path).tensors}["blk.1.ffn_down.weight"]
+    assert raw.tensor_type == Q.Q5_K
+    expected = dequantize(raw.data, Q.Q5_K)
+    assert expected.shape == (256, 512) and np.abs(expected).max() > 0
+    np.testing.assert_array_equal(GGUFSource(path).get("down", 1), expected)
+
+
+def test_llama31_rope_freqs_match_transformers(tmp_path):
+    """Llama 3.1/3.2 GGUF files carry their RoPE scaling as rope_freqs.weight (a divisor per frequency,
+    as llama.cpp's converter writes it): logits equal transformers' (its rope_scaling) within 1e-4,
+    at positions past the original context where the scaling matters."""
+    rope = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+    model = make_hf_model("llama", tmp_path / "hf", seed=5, **{**GGUF_SHAPE, "rope_scaling": rope,
+                                                                "num_attention_heads": 2, "num_key_value_heads": 1})
+    path = tmp_path / "llama31.gguf"
+    write_gguf(path, model, Q.F32, rope_freqs=True)
+    ckpt = load_checkpoint(convert(f"gguf:{path}", tmp_path / "ckpt", progress=False), progress=False)
+    factors = np.asarray(ckpt.config.rope_freq_factors)
+    assert factors.shape == (64,) and factors.min() == 1.0 and factors.max() == 8.0  # all three bands
+    ids = np.random.default_rng(1).integers(0, ckpt.config.vocab_size, (1, 200))
+    logits, _ = jax.jit(forward, static_argnames="config")(
+        ckpt.params, jnp.asarray(ids), jnp.arange(200)[None], config=ckpt.config)
+    with torch.no_grad():
+        ref = model(torch.tensor(ids)).logits.numpy()  # the HF model, scaled by its rope_scaling
+    err = np.abs(np.asarray(logits) - ref).max() / np.abs(ref).max()
+    assert err <= 1e-4, err
+    unscaled = load_checkpoint(convert(f"gguf:{_without_rope_freqs(tmp_path, model)}", tmp_path / "plain",
+                                       progress=False), progress=False)
+    plain, _ = jax.jit(forward, static_argnames="config")(
+        unscaled.params, jnp.asarray(ids), jnp.arange(200)[None], config=unscaled.config)
+    assert np.abs(np.asarray(plain) - ref).max() / np.abs(ref).max() > 1e-3  # the factors do matter
+
+
+def _without_rope_freqs(tmp_path, model):
+    path = tmp_path / "plain.gguf"
+    write_gguf(path, model, Q.F32)
+    return path
 
 
 def test_unpermute_inverts_llamacpp_permutation():
@@ -114,12 +164,23 @@ def test_unsupported_architecture(tmp_path):
         convert(f"gguf:{path}", tmp_path / "out", progress=False)
 
 
-def test_unsupported_tensor_type(tmp_path, tiny_llama):
-    path = tmp_path / "q5.gguf"
-    write_gguf(path, tiny_llama, Q.Q5_0)
-    with pytest.raises(ConvertError, match="unsupported type Q5_0"):
+def test_unsupported_tensor_type(tmp_path):
+    """A type the gguf package cannot dequantize (Q8_1: llama.cpp's activation format) is one error
+    naming the tensor and its type, on convert and on `meshserve serve`."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "q8_1.gguf"
+    write_unsupported_gguf(path)
+    with pytest.raises(ConvertError, match="tensor token_embd.weight has unsupported type Q8_1; supported: F32, "):
         convert(f"gguf:{path}", tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
+    run = subprocess.run([sys.executable, "-m", "meshserve.serving.cli", "serve", str(path), "--quiet"],
+                         capture_output=True, text=True, timeout=120, env={**os.environ, "MESHSERVE_CACHE": str(tmp_path)})
+    assert run.returncode == 1
+    [line] = run.stderr.strip().splitlines()
+    assert line.startswith(
+        "meshserve: error: tensor token_embd.weight has unsupported type Q8_1; supported: F32, F16, BF16, Q4_0")
 
 
 def test_existing_output_folder(tmp_path, tiny_llama):

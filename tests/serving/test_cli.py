@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from gguf import GGMLQuantizationType as Q
 
-from tests.helpers import make_hf_model, write_gguf
+from tests.helpers import make_hf_model, write_gguf, write_unsupported_gguf
 
 
 def meshserve(*args, timeout=300):
@@ -34,7 +34,7 @@ def sources(tmp_path_factory):
     write_gguf(root / "good.gguf", model, Q.Q8_0)
     full = (root / "good.gguf").read_bytes()
     (root / "cut.gguf").write_bytes(full[: len(full) // 2])
-    write_gguf(root / "q5.gguf", model, Q.Q5_1)
+    write_unsupported_gguf(root / "q8_1.gguf")
     missing = root / "hf-missing-shard"
     import shutil
     shutil.copytree(root / "hf", missing)
@@ -45,7 +45,7 @@ def sources(tmp_path_factory):
 @pytest.mark.parametrize("source,fragments", [
     ("gguf:{root}/absent.gguf", ["absent.gguf does not exist"]),
     ("gguf:{root}/cut.gguf", ["truncated"]),
-    ("gguf:{root}/q5.gguf", ["unsupported type Q5_1"]),
+    ("gguf:{root}/q8_1.gguf", ["tensor token_embd.weight has unsupported type Q8_1"]),
     ("hf:{root}/hf-missing-shard", ["missing shard", ".safetensors"]),
     ("hf:{root}/nothing-here", ["does not exist"]),
     ("onnx:{root}/model.onnx", ["--from must be gguf:FILE or hf:DIR"]),
@@ -74,7 +74,7 @@ def test_convert_then_generate(sources, tmp_path):
     (["--temperature", "-1"], "temperature must be >= 0"),
     (["--top-p", "0"], "top_p must be in (0, 1]"),
     (["--max-tokens", "0"], "max_tokens must be a positive integer"),
-    (["--model", "/nonexistent/ckpt"], "not a meshserve checkpoint"),
+    (["--model", "/nonexistent/ckpt"], "model /nonexistent/ckpt does not exist"),
 ])
 def test_generate_bad_input(smollm_ckpt, flags, fragment):
     args = ["--model", smollm_ckpt.path] if "--model" not in flags else []
