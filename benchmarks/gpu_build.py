@@ -17,7 +17,8 @@ For each target it builds
            one device (configs/meshes/h100x1.yaml); the Llama-3-8B and 70B shapes in bf16
            tensor-parallel over an 8-device topology (configs/meshes/h100x8.yaml; 70B does not fit
            one card); every program for the H100, the largest prefill and decode of each for the H200
-           (FULL_ENGINE_TARGET).
+           (FULL_ENGINE_TARGET); and the 8B shape under the shipped config alone, its KV pool sized
+           from the card's memory as the engine sizes it (largest prefill and decode, both cards).
 One line per program as it is built; a table last; exit 1 naming every program that failed and the
 compiler's message. --broken adds a kernel known not to lower (a 3-element array), to show a
 failure is caught and named.
@@ -248,10 +249,30 @@ def engine_setups():
     served = EngineConfig.from_yaml(ROOT / "configs" / "serving" / "default.yaml")
     suite = engine_gpu.engine_config(engine_gpu.parse_args(["engine"]))
     tp = dataclasses.replace(suite, kv_cache_bytes=suite.kv_cache_bytes * 8)  # the pool splits over 8 cards
-    yield "default model, shipped config", default, "float32", served, meshes / "h100x1.yaml"
-    yield "GPU suite: Llama-3-8B shape", llama8, "bfloat16", suite, meshes / "h100x1.yaml"
-    yield "Llama-3-8B shape, tensor 8", llama8, "bfloat16", tp, meshes / "h100x8.yaml"
-    yield "Llama-3-70B shape, tensor 8", llama70, "bfloat16", tp, meshes / "h100x8.yaml"
+    yield "default model, shipped config", default, "float32", served, meshes / "h100x1.yaml", False
+    yield "GPU suite: Llama-3-8B shape", llama8, "bfloat16", suite, meshes / "h100x1.yaml", False
+    yield "Llama-3-8B shape, tensor 8", llama8, "bfloat16", tp, meshes / "h100x8.yaml", False
+    yield "Llama-3-70B shape, tensor 8", llama70, "bfloat16", tp, meshes / "h100x8.yaml", False
+    # `meshserve serve llama-3-8b/` with no YAML of the user's: the shipped config, the pool sized from
+    # the card's memory as the engine sizes it (its largest prefill and decode program)
+    yield "Llama-3-8B shape, shipped config", llama8, "bfloat16", served, meshes / "h100x1.yaml", True
+
+
+def pool_bytes(model, dtype, config, card, layout) -> int:
+    """The KV pool's bytes over the mesh: the config's, else what the engine takes from the card's
+    memory at gpu_memory_utilization once the weights (split over the tensor axis) are in."""
+    from meshserve.runtime.kv_cache import page_bytes
+    from meshserve.runtime.kv_manager import Memory, kv_budget
+
+    split = layout.size(layout.axis("pages")) * layout.size(layout.axis("kv_heads"))
+    if config.kv_cache_bytes is not None:
+        return config.kv_cache_bytes // split * split
+    weights = model.num_params() * jnp.dtype(dtype).itemsize // layout.size(layout.axis("q_heads"))
+    memory = Memory(int(card.memory_bytes * config.gpu_memory_utilization), in_use=weights)
+    return kv_budget(memory, model, page_bytes(model, config.page_size, jnp.dtype(dtype)), config.page_size,
+                     max_seq_len=min(config.max_seq_len, model.max_position_embeddings),
+                     max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
+                     replicas=layout.replicas, split=split)
 
 
 def build_engine(builder: Builder, target: Target) -> None:
@@ -263,7 +284,7 @@ def build_engine(builder: Builder, target: Target) -> None:
     from meshserve.sharding.mesh import MeshConfig
 
     topologies_by_count = {1: target}
-    for name, model, dtype, config, mesh_file in engine_setups():
+    for name, model, dtype, config, mesh_file, largest_only in engine_setups():
         mesh_config = MeshConfig.from_yaml(mesh_file)
         count = dict(mesh_config.axes)["data"] * dict(mesh_config.axes)["tensor"]
         if count not in topologies_by_count:
@@ -272,23 +293,22 @@ def build_engine(builder: Builder, target: Target) -> None:
         layout = mesh_config.build(devices).for_model(model)
         config = dataclasses.replace(config, attention="pallas")
         max_pages = -(-min(config.max_seq_len, model.max_position_embeddings) // config.page_size)
-        split = layout.size(layout.axis("pages")) * layout.size(layout.axis("kv_heads"))
         pages = kv_pages(page_bytes(model, config.page_size, jnp.dtype(dtype)), config.page_size,
                          min(config.max_seq_len, model.max_position_embeddings), layout.replicas,
-                         config.kv_cache_bytes // split * split)
+                         pool_bytes(model, dtype, config, target.card, layout))
         buckets = config.buckets(max_pages, layout.replicas)
         params = abstract_params(model, jnp.dtype(dtype))
         pool = abstract_pool(model, pages, config.page_size, jnp.dtype(dtype))
         mesh = target.abstract_mesh(tuple(layout.mesh.shape.values()), tuple(layout.mesh.axis_names))
         shapes = list(buckets.shapes(config.page_size))
-        if target.key != FULL_ENGINE_TARGET:  # the same chip: its largest prefill and decode programs
+        if target.key != FULL_ENGINE_TARGET or largest_only:  # the same chip: its largest prefill and decode
             shapes = [max((s for s in shapes if s[0] == family), key=lambda s: s[1] * s[2]) for family in
                       ("prefill", "decode")]
         for shape in shapes:
             family, rows, tokens, ctx = shape
             one = dataclasses.replace(buckets, prefill_tokens=(tokens,) if family == "prefill" else (),
                                       decode_batch=(rows,) if family == "decode" else (), context_pages=(ctx,))
-            label = f"{name} ({layout.describe()}): {family} rows={rows} tokens={tokens} pages={ctx}"
+            label = f"{name} ({layout.describe()}, {pages} KV pages): {family} rows={rows} tokens={tokens} pages={ctx}"
             builder.add(target, "engine", label, lambda one=one: lower_programs(
                 model, params, pool, one, config.attention, layout)[shape], mesh=mesh)
 

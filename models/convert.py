@@ -100,13 +100,19 @@ def open_source(spec: str) -> TensorSource:
 
 
 def convert(spec: str, out: str | Path, dtype: str = "float32", progress: bool = True) -> Path:
-    """Import `spec` and write a checkpoint folder at `out` (which must not exist yet)."""
+    """Import `spec` and write a checkpoint folder at `out` (which must not exist yet); dtype "auto":
+    the source's (models/sources.py)."""
     from meshserve.models.checkpoint import save_checkpoint, check_new_folder
 
-    if dtype not in DTYPES:
-        raise ConvertError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if dtype not in (*DTYPES, "auto"):
+        raise ConvertError(f"--dtype must be one of auto, {', '.join(DTYPES)}, got {dtype!r}")
     out = check_new_folder(out)  # fail before the slow part
     source = open_source(spec)
+    if dtype == "auto":
+        from meshserve.models.sources import source_dtype
+
+        kind, _, location = spec.partition(":")
+        dtype = source_dtype(kind, Path(location).expanduser())
     params = build_params(source, DTYPES[dtype], progress=progress)
     return save_checkpoint(out, source.config, params, source.tokenizer, source=spec.split(":", 1)[0],
                            generation=source.generation)

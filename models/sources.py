@@ -80,6 +80,19 @@ def source_dtype(kind: str, path: Path) -> str:
     return "float32" if types <= {Q.F32} else "bfloat16"
 
 
+def source_name(spec: str | None) -> str | None:
+    """The name a GGUF file or HF folder is served under (the file's stem, the folder's name), as the
+    user gave it rather than its cached conversion's; None for a checkpoint (its folder names it)."""
+    if spec is None:
+        return None
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return path.stem
+    if path.is_dir() and (path / "config.json").is_file():
+        return path.name
+    return None
+
+
 def resolve_model(spec: str | None, dtype: str = "auto", progress: bool = True) -> Path:
     """The checkpoint folder to serve for `spec` (None: the default model), converting a GGUF file or
     HF folder into the cache the first time."""

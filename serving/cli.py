@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 from meshserve.models.errors import MeshserveError, RequestError
-from meshserve.models.sources import DTYPES
+from meshserve.models.sources import DTYPES, source_name
 from meshserve.serving import versions
 
 EXIT_ERROR = 1
@@ -51,7 +51,9 @@ def _parser() -> argparse.ArgumentParser:
     conv = sub.add_parser("convert", help="import a GGUF file or HF folder into a checkpoint")
     conv.add_argument("--from", dest="source", required=True, metavar="gguf:FILE|hf:DIR")
     conv.add_argument("--out", required=True, metavar="CKPT_DIR")
-    conv.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    conv.add_argument("--dtype", default="auto", choices=DTYPES,
+                      help="auto: the source's (bfloat16 stays bfloat16, float16 and quantized blocks become "
+                           "bfloat16, float32 stays float32)")
 
     gen = sub.add_parser("generate", help="stream a completion, or run a JSONL file of prompts")
     gen.add_argument("prompt", nargs="?")
@@ -239,8 +241,10 @@ def _layout(args):
 
 def _load(args, layout):
     from meshserve.models.checkpoint import load_checkpoint, read_meta
+    from meshserve.runtime import progress
 
     folder = _model(args, args.model)
+    progress.stage(f"loading {folder}")
     if layout is None:
         return load_checkpoint(folder, progress=not args.quiet)
     from meshserve.sharding.mesh import load_sharded
@@ -442,7 +446,9 @@ def _serve(args) -> None:
         raise MeshserveError("no gRPC port and no HTTP port: nothing would serve requests")
     engine_config = _engine_config(args)
     mesh = config.mesh_config()  # checked now: a bad mesh fails before the model is converted or loaded
-    config = dataclasses.replace(config, model=_model(args, args.model or args.model_flag or config.model))
+    spec = args.model or args.model_flag or config.model
+    config = dataclasses.replace(config, model=_model(args, spec),
+                                 served_model_name=config.served_model_name or source_name(spec))
     replicas = dict(mesh.axes).get("data", 1) if mesh is not None else 1  # -1: known once the devices are
     if engine_config.kv_cache_bytes is not None and replicas > 0:  # a pool too small fails before listening
         from meshserve.models.checkpoint import read_meta
@@ -475,7 +481,9 @@ def _worker(args) -> None:
         mesh=args.mesh, tensor_parallel_size=args.tensor_parallel_size, data_parallel_size=args.data_parallel_size)
     engine_config = _engine_config(args)
     config.mesh_config()  # a bad mesh fails before the model is converted or loaded
-    config = dataclasses.replace(config, model=_model(args, args.model or config.model))
+    spec = args.model or config.model
+    config = dataclasses.replace(config, model=_model(args, spec),
+                                 served_model_name=config.served_model_name or source_name(spec))
     if args.role != "both":  # the page export and import programs
         engine_config = dataclasses.replace(engine_config, kv_transfer=True)
     build = build_engine(config, engine_config, progress=False)
@@ -531,7 +539,7 @@ def _fleet(args) -> None:
 
     model = resolve_model(args.model, args.dtype)  # converted once here, not by every worker at once
     worker_args = ["--config", args.config, "--model", str(model)]
-    for flag, value in (("--model-name", args.model_name),):
+    for flag, value in (("--model-name", args.model_name or source_name(args.model)),):
         if value:
             worker_args += [flag, value]
     run_fleet(args.workers, args.router, args.port, worker_args, args.prefill_workers, frontend_args)

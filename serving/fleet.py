@@ -69,8 +69,9 @@ class LocalFleet:
         return proc
 
     def _start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
-        with open(self.folder / f"{name}.log", "w") as log:
-            return subprocess.Popen(argv, env={**self.env, **(env or {})}, stdout=log, stderr=subprocess.STDOUT)
+        with open(self.folder / f"{name}.log", "w") as log:  # its own session: a terminal's Ctrl-C reaches only
+            return subprocess.Popen(argv, env={**self.env, **(env or {})}, stdout=log,  # the fleet, which stops it
+                                    stderr=subprocess.STDOUT, start_new_session=True)
 
     def start_worker(self, name: str, args: list[str], timeout: float = 600, env: dict[str, str] | None = None,
                      wait: bool = True, metrics: bool = False) -> subprocess.Popen:

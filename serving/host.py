@@ -121,14 +121,23 @@ class ProcessHost:
         self._aio = asyncio.get_running_loop()
         self._stopped, self._ready, self._health_lock = asyncio.Event(), asyncio.Event(), asyncio.Lock()
         jax.monitoring.register_event_duration_secs_listener(self._count_compile)
-        for transport in self.transports:
-            await transport.start(self)
-        if self.config.metrics_port is not None:
-            try:
-                self.metrics_port = self.metrics.serve(self.config.host, self.config.metrics_port)
-            except OSError as e:
-                raise MeshserveError(listen_error("--metrics-port", self.config.host, self.config.metrics_port,
-                                                  "metrics", e)) from None
+        started = []
+        try:
+            if self.config.metrics_port is not None:
+                try:
+                    self.metrics_port = self.metrics.serve(self.config.host, self.config.metrics_port)
+                except OSError as e:
+                    raise MeshserveError(listen_error("--metrics-port", self.config.host, self.config.metrics_port,
+                                                      "metrics", e)) from None
+            for transport in self.transports:
+                await transport.start(self)
+                started.append(transport)
+        except BaseException:  # a port that cannot be had: close what was opened, then say which
+            for transport in reversed(started):
+                await transport.stop(0)
+            self.metrics.close()
+            jax.monitoring.unregister_event_duration_listener(self._count_compile)
+            raise
         self.loop.start()
 
     def _count_compile(self, event: str, secs: float, **kw) -> None:

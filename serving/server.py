@@ -159,7 +159,7 @@ class GenerationService:
         await self._ready(context, request)
         info = self.host.info
         return pb.ModelInfoResponse(
-            name=info.model.name, architecture=info.model.architecture, context_length=info.context_length,
+            name=info.served_name, architecture=info.model.architecture, context_length=info.context_length,
             vocab_size=info.vocab_size, dtype=info.dtype, mesh=info.mesh, max_logprobs=MAX_LOGPROBS,
             priority_levels=info.priority_levels, page_size=info.page_size, kv_fingerprint=info.kv_fingerprint)
 

@@ -41,7 +41,7 @@ import uuid
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable
 
-from meshserve.models.errors import MeshserveError
+from meshserve.models.errors import MeshserveError, RequestError
 from meshserve.runtime.engine import Engine, QueueFullError
 from meshserve.runtime.kv_tiers import KVEvent
 from meshserve.runtime.sampling import SamplingParams
@@ -115,6 +115,23 @@ def sampling_params(request: dict[str, Any], prompt_len: int, max_seq_len: int,
         stop_token_ids=stop_ids, ignore_eos=bool(sc.get("ignore_eos")) or eos == [],
         logprobs=oo.get("logprobs"), min_tokens=int(given(sc, "min_tokens", 0)),
         detokenize=False)  # the frontend detokenizes: the engine's text would go nowhere
+
+
+def refuse_unservable(request: dict[str, Any]) -> None:
+    """RequestError for what Dynamo's frontend forwards and a meshserve worker cannot honour (as
+    `meshserve serve` refuses it), never silently ignored: several choices per request, and guided
+    decoding (response_format json_object / json_schema, guided_regex, guided_choice, guided_grammar)."""
+    so = request.get("sampling_options") or {}
+    for field in ("n", "best_of"):
+        if (so.get(field) or 1) > 1:
+            raise RequestError(f"{field}={so[field]}: a meshserve Dynamo worker returns one choice per request; "
+                               f"send {so[field]} requests (meshserve serve honours n)")
+    if so.get("use_beam_search"):
+        raise RequestError("use_beam_search is not supported")
+    guided = {k: v for k, v in (so.get("guided_decoding") or {}).items() if v is not None}
+    if guided:
+        raise RequestError(f"structured output ({', '.join(sorted(guided))}: response_format or guided decoding) is "
+                           f"not supported by meshserve yet")
 
 
 def signed64(page_hash: bytes) -> int:
@@ -289,6 +306,7 @@ class Worker:
             token_ids = [int(t) for t in request.get("token_ids") or ()]
             rid = str(context.id() or uuid.uuid4())
             try:
+                refuse_unservable(request)
                 params = sampling_params(request, len(token_ids), self.host.info.context_length,
                                          self.host.info.sampling_defaults)
                 if self.role == "prefill":  # the prompt's pages and one token: the decode worker does the rest
@@ -301,6 +319,11 @@ class Worker:
             except QueueFullError as e:  # Dynamo retries another worker on an unavailable one
                 session.fail(e)
                 raise EngineUnavailable(str(e)) from None
+            except RequestError as e:  # the frontend answers 400 with the message
+                session.fail(e)
+                from dynamo.llm.exceptions import InvalidArgument
+
+                raise InvalidArgument(str(e)) from None
             except Exception as e:
                 session.fail(e)
                 raise

@@ -135,7 +135,7 @@ class Layout:
                 continue
             if n % self.size(target):
                 raise ConfigError(f"{name}: {n} cannot be split over mesh axis {target!r} of size "
-                                  f"{self.size(target)} (the mesh file requires it to be split)")
+                                  f"{self.size(target)} (the mesh requires it to be split: choose a size that divides it)")
         if self.replicas > 1 and self.axis("pages") != self.axis("batch"):
             raise ConfigError("rules: 'pages' must map to the same mesh axis as 'batch' (each data "
                               "replica owns its batch slots and its share of the page pool)")
@@ -155,7 +155,7 @@ class Layout:
             q_split = (H // K) % per_shard == 0
         if not q_split and "q_heads" in self.require_split and q_axis is not None:
             raise ConfigError(f"q_heads: {H} q heads over {K} kv heads cannot be split over mesh axis "
-                              f"{q_axis!r} of size {self.size(q_axis)} (the mesh file requires it)")
+                              f"{q_axis!r} of size {self.size(q_axis)} (the mesh requires it)")
         rules = {**self.rules, "q_heads": q_axis if q_split else None, "kv_heads": kv_axis if kv_split else None}
         return dataclasses.replace(self, rules=rules)
 

@@ -145,3 +145,94 @@ def test_only_the_kv_manager_writes_page_tables_and_their_names():
     writes = [w for folder in ("runtime", "serving") for f in sorted((ROOT / folder).rglob("*.py"))
               for w in _page_table_writes(f)]
     assert writes and all(w.startswith("runtime/kv_manager.py:") for w in writes), writes
+
+
+# ---- the pool sized from memory (no kv_cache_bytes) ------------------------------------------------
+
+def _llama3_8b():
+    from meshserve.models.config import ModelConfig
+
+    return ModelConfig.named("llama3-8b")
+
+
+def test_llama3_8b_on_one_h100_gets_what_the_weights_leave():
+    """Llama-3-8B in bfloat16 on an 80 GiB H100 at gpu_memory_utilization 0.9: the allocator's limit
+    less the weights less the activation estimate, in 2 MiB pages of 16 tokens."""
+    import numpy as np
+
+    from meshserve.runtime.kv_cache import page_bytes
+    from meshserve.runtime.kv_manager import Memory, activation_bytes, kv_budget
+
+    model = _llama3_8b()
+    weights = model.num_params() * 2
+    assert weights == 16_060_522_496
+    per_page = page_bytes(model, 16, np.dtype("bfloat16"))
+    assert per_page == 2 << 20  # 128 KiB a token: 32 layers × 2 × 8 kv heads × 128 × 2 bytes
+    limit = int(0.9 * 80 * 2**30)
+    budget = kv_budget(Memory(limit, in_use=weights), model, per_page, 16, max_seq_len=8192, max_num_seqs=256,
+                       max_num_batched_tokens=8192, replicas=1, split=1)
+    assert activation_bytes(model, 8192) == 4 * (3 * 128256 + 8 * 4096 + 3 * 14336) * 8192 + (512 << 20)
+    assert budget == limit - weights - activation_bytes(model, 8192)
+    pages = kv_pages(per_page, 16, 8192, 1, budget)
+    assert pages * 16 > 300_000  # tokens: ~37 requests of the full 8,192 context at once
+    # over 8 devices with the kv heads split, each device's share is as large again
+    split = kv_budget(Memory(limit, in_use=weights // 8), model, per_page, 16, max_seq_len=8192, max_num_seqs=256,
+                      max_num_batched_tokens=8192, replicas=1, split=8)
+    assert split == 8 * (limit - weights // 8 - activation_bytes(model, 8192))
+
+
+def test_weights_that_leave_nothing_are_named():
+    from meshserve.runtime.kv_manager import Memory, kv_budget
+
+    model = _llama3_8b()
+    with pytest.raises(ConfigError, match=r"no device memory left for the KV cache: 14\.96 GiB in use .* "
+                                          r"raise gpu_memory_utilization"):
+        kv_budget(Memory(16 * 2**30, in_use=model.num_params() * 2), model, 2 << 20, 16, max_seq_len=8192,
+                  max_num_seqs=16, max_num_batched_tokens=512, replicas=1, split=1)
+
+
+def test_a_cpu_pool_holds_max_num_seqs_requests_within_a_quarter_of_the_host():
+    from meshserve.runtime.kv_manager import Memory, kv_budget
+
+    model = _llama3_8b()
+    page = 2 << 20
+    need = 4 * (2048 // 16 + 1) * page + page
+    args = dict(max_seq_len=2048, max_num_seqs=4, max_num_batched_tokens=512, replicas=1, split=1)
+    assert kv_budget(Memory(None, host_available=64 << 30), model, page, 16, **args) == need
+    assert kv_budget(Memory(None, host_available=4 << 30), model, page, 16, **args) == 1 << 30  # a quarter
+    # never less than one max_seq_len request per replica, however little is free
+    assert kv_budget(Memory(None, host_available=1 << 20), model, page, 16, **args) == (2048 // 16 + 1) * page
+    assert kv_budget(Memory(None), model, page, 16, **args) == need
+
+
+def test_an_8b_shaped_engine_sizes_its_pool_from_the_memory_it_is_given(tiny_ckpt):
+    """The Llama-3-8B shapes (2 of its 32 layers, its whole vocabulary), bfloat16, no kv_cache_bytes and
+    no YAML: the engine's pool is what the injected device memory leaves, and it serves a request."""
+    import dataclasses
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from meshserve.models.checkpoint import Checkpoint
+    from meshserve.models.llama import abstract_params
+    from meshserve.runtime.engine import Engine, EngineConfig
+    from meshserve.runtime.kv_cache import page_bytes
+    from meshserve.runtime.kv_manager import Memory, activation_bytes
+    from meshserve.runtime.sampling import SamplingParams
+
+    model = dataclasses.replace(_llama3_8b(), num_layers=2)
+    dtype = np.dtype(jnp.bfloat16)
+    params = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), abstract_params(model, dtype))
+    ckpt = Checkpoint(None, model, tiny_ckpt.tokenizer, dtype, params)  # token ids only: any tokenizer
+    config = EngineConfig(max_seq_len=8192, max_num_seqs=2, max_num_batched_tokens=256, max_prefill_chunk=256,
+                          prefill_buckets=(256,), decode_buckets=(2,), enable_prefix_caching=False,
+                          async_scheduling=False)
+    assert config.kv_cache_bytes is None  # the default: sized from memory
+    weights = model.num_params() * 2
+    pool = 256 << 20
+    memory = Memory(weights + activation_bytes(model, 256) + pool, in_use=weights)
+    engine = Engine(ckpt, config, memory=memory)
+    assert engine.kv.blocks.num_pages == pool // page_bytes(model, 16, dtype) == 2048
+    [out] = engine.generate([[1, 2, 3]], SamplingParams(max_tokens=2, ignore_eos=True))
+    assert len(out.token_ids) == 2

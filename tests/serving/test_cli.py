@@ -166,3 +166,80 @@ def test_bad_serving_config(smollm_ckpt, tmp_path):
     (tmp_path / "serving.yaml").write_text("engine:\n  pages: 12\n")
     result = meshserve("generate", "--model", smollm_ckpt.path, "--config", tmp_path / "serving.yaml", "hi")
     assert_one_error_line(result, "unknown field(s) pages")
+
+
+def test_engine_flags_win_over_the_config_file(monkeypatch):
+    import os
+
+    from meshserve.serving import cli
+
+    monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "unset")
+    monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION")
+    args = cli._parser().parse_args(["serve", "m.gguf", "--max-model-len", "4096", "--max-num-seqs", "600",
+                                     "--gpu-memory-utilization", "0.8", "--kv-cache-memory", "2GiB"])
+    config = cli._engine_config(args)
+    assert (config.max_seq_len, config.max_num_seqs, config.gpu_memory_utilization, config.kv_cache_bytes) == (
+        4096, 600, 0.8, 2 << 30)
+    assert config.max_num_batched_tokens == 600  # a decode step of every sequence must fit a step
+    assert os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.800"  # jax's GPU allocator takes that share
+    shipped = cli._engine_config(cli._parser().parse_args(["serve"]))
+    assert (shipped.max_seq_len, shipped.kv_cache_bytes, shipped.gpu_memory_utilization) == (2048, None, 0.9)
+
+
+@pytest.mark.parametrize("text,size", [("4GiB", 4 << 30), ("512MiB", 512 << 20), ("1073741824", 1 << 30),
+                                       ("2g", 2 * 10**9), ("1.5 GiB", 3 << 29)])
+def test_sizes(text, size):
+    from meshserve.serving.cli import _bytes
+
+    assert _bytes(text) == size
+
+
+@pytest.mark.parametrize("text", ["4 parsecs", "-1GiB", "0", "GiB", ""])
+def test_bad_sizes(text):
+    import argparse
+
+    from meshserve.serving.cli import _bytes
+
+    with pytest.raises(argparse.ArgumentTypeError):
+        _bytes(text)
+
+
+def test_parallel_sizes_make_a_mesh_without_a_file():
+    from meshserve.models.errors import ConfigError
+    from meshserve.serving.config import ServerConfig
+
+    assert ServerConfig().mesh_config() is None
+    assert ServerConfig(tensor_parallel_size=1, data_parallel_size=1).mesh_config() is None
+    mesh = ServerConfig(tensor_parallel_size=4, data_parallel_size=2).mesh_config()
+    assert dict(mesh.axes) == {"data": 2, "tensor": 4} and mesh.num_devices == 8
+    layout = mesh.setup()  # the tests' 8 simulated CPU devices
+    assert layout.describe() == "data=2 × tensor=4"
+    with pytest.raises(ConfigError, match="a mesh file and tensor/data parallel sizes go apart"):
+        ServerConfig(mesh="configs/meshes/cpu-8.yaml", tensor_parallel_size=2)
+    with pytest.raises(ConfigError, match="tensor_parallel_size must be a positive integer"):
+        ServerConfig(tensor_parallel_size=0)
+
+
+def test_sampling_defaults_of_the_server():
+    from meshserve.models.errors import ConfigError
+    from meshserve.serving.config import ServerConfig
+
+    model = {"temperature": 0.6, "top_p": 0.9}
+    assert ServerConfig().sampling_defaults(model) == model
+    assert ServerConfig(generation_config="none").sampling_defaults(model) == {}
+    over = ServerConfig(override_generation_config={"temperature": 0.2, "top_k": 5})
+    assert over.sampling_defaults(model) == {"temperature": 0.2, "top_p": 0.9, "top_k": 5}
+    with pytest.raises(ConfigError, match="server.override_generation_config: temperature must be a finite number"):
+        ServerConfig(override_generation_config={"temperature": "warm"})
+    with pytest.raises(ConfigError, match="generation_config must be auto or none"):
+        ServerConfig(generation_config="vllm")
+
+
+def test_serve_flag_mistakes_are_one_line(tmp_path):
+    result = meshserve("serve", "--override-generation-config", "{temperature: 1}", "--quiet")
+    assert_one_error_line(result, "--override-generation-config: not JSON")
+    result = meshserve("serve", "--override-generation-config", '{"temprature": 1}', "--quiet")
+    assert_one_error_line(result, "'temprature' is not a sampling default")
+    result = meshserve("serve", "--tensor-parallel-size", "2", "--quiet", "--port", "0", "--grpc-port", "0",
+                       "--metrics-port", "0")  # over 2 of the tests' 8 simulated devices: 9 heads do not split
+    assert_one_error_line(result, "q_heads: 9 cannot be split over mesh axis 'tensor' of size 2")

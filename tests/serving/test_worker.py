@@ -9,8 +9,11 @@ model registers beside them and gets that model's requests alone.
 """
 
 import asyncio
+import os
 import random
 import signal
+import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -298,6 +301,42 @@ def test_dynamo_request_to_sampling_params():
     # nothing given: OpenAI's defaults, up to the context; ignore_eos arrives as an empty EOS list
     p = sampling_params({"token_ids": [1] * 30, "eos_token_ids": []}, prompt_len=30, max_seq_len=100)
     assert (p.max_tokens, p.temperature, p.top_k, p.ignore_eos, p.logprobs) == (70, 1.0, 0, True, None)
+    # the server's sampling defaults (the model's) fill what the client left unset (null), not what it set
+    defaults = {"temperature": 0.0, "top_k": 20}
+    p = sampling_params({"sampling_options": {"temperature": None, "top_k": None}}, 3, 100, defaults)
+    assert (p.temperature, p.top_k) == (0.0, 20)
+    p = sampling_params({"sampling_options": {"temperature": 0.7}}, 3, 100, defaults)
+    assert (p.temperature, p.top_k) == (0.7, 20)
+
+
+@pytest.mark.parametrize("options,message", [
+    ({"n": 2}, "n=2: a meshserve Dynamo worker returns one choice per request"),
+    ({"best_of": 3}, "best_of=3: a meshserve Dynamo worker"),
+    ({"guided_decoding": {"json": {"type": "object"}}}, r"structured output \(json: response_format"),
+    ({"guided_decoding": {"regex": "a+", "choice": None}}, r"structured output \(regex:"),
+])
+def test_what_a_worker_cannot_honour_is_refused(options, message):
+    from meshserve.models.errors import RequestError
+    from meshserve.serving.worker import refuse_unservable
+
+    with pytest.raises(RequestError, match=message):
+        refuse_unservable({"sampling_options": options})
+    refuse_unservable({"sampling_options": {"n": None, "best_of": 1, "guided_decoding": None}})  # all served
+
+
+def test_the_frontend_answers_what_a_worker_cannot_honour_with_a_400_naming_it(fleet):
+    """Through Dynamo's real frontend: n > 1, JSON mode, guided decoding and an over-long prompt are
+    400s with the worker's message, not silently ignored or a bare "Invalid request"."""
+    messages = [{"role": "user", "content": "hi"}]
+    cases = [(dict(n=2), "n=2: a meshserve Dynamo worker returns one choice per request"),
+             (dict(response_format={"type": "json_object"}), "structured output (json: response_format"),
+             (dict(extra_body={"guided_regex": "a+"}), "structured output (regex:")]
+    for kw, message in cases:
+        with pytest.raises(openai.BadRequestError) as refused:
+            fleet.client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, **kw)
+        assert message in str(refused.value)
+    with pytest.raises(openai.BadRequestError, match="does not fit the context of 512 tokens"):
+        complete(fleet, "hi " * 600, 4)
 
 
 class Recorder:
@@ -331,3 +370,34 @@ def test_a_page_is_published_while_any_tier_holds_it():
     kv.publish([KVEvent(6, "removed", "host", a), KVEvent(7, "removed", "store", c)])
     assert r1.calls[2:] == [("removed", {"block_hashes": [signed64(a)]})] and (kv.stored, kv.removed) == (2, 1)
     assert signed64(bytes([255] * 8)) == -1 and signed64(bytes([1] + [0] * 7)) == 1
+
+
+def test_meshserve_fleet_serves_under_the_checkpoints_name_and_stops_on_ctrl_c(tiny_ckpt_dir, tmp_path):
+    """`meshserve fleet` as a user runs it: the model listed under the name `serve` gives it (the
+    checkpoint folder's), answering; Ctrl-C (SIGINT to the terminal's process group) stops every
+    process, exit 0, no error line."""
+    config = yaml.safe_load((ROOT / "configs/serving/default.yaml").read_text())
+    config["engine"].update(max_seq_len=256, max_num_seqs=2, max_num_batched_tokens=64, max_prefill_chunk=64,
+                            prefill_buckets=[64], decode_buckets=[2], kv_cache_bytes=2**20, host_kv_bytes=0,
+                            compilation_cache_dir=str(tmp_path / "xla"))
+    (tmp_path / "serving.yaml").write_text(yaml.safe_dump(config))
+    port = free_port()
+    fleet = subprocess.Popen([sys.executable, "-m", "meshserve.serving.cli", "fleet", "--workers", "1", "--port",
+                              str(port), "--model", str(tiny_ckpt_dir), "--config", str(tmp_path / "serving.yaml")],
+                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             start_new_session=True)  # as a shell runs it: its own process group
+    try:
+        line = fleet.stdout.readline()
+        assert "Ctrl-C stops it" in line and f"serving {tiny_ckpt_dir.name};" in line, (line, fleet.stderr.read()
+                                                                                           if not line else "")
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+        out = client.completions.create(model=tiny_ckpt_dir.name, prompt="hello", max_tokens=3,
+                                        extra_body={"ignore_eos": True})
+        assert out.usage.completion_tokens == 3
+        os.killpg(fleet.pid, signal.SIGINT)
+        assert fleet.wait(timeout=90) == 0
+        assert "error" not in fleet.stderr.read().lower()
+    finally:
+        if fleet.poll() is None:
+            os.killpg(fleet.pid, signal.SIGKILL)
+            fleet.wait()
