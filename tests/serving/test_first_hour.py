@@ -62,7 +62,9 @@ def test_the_readmes_examples_answer_paris_every_time():
     model's sampling defaults), 10 times each: Paris every time; the stage lines and the ready line."""
     server = Serve(*SMALL)
     try:
-        assert re.search(r"meshserve: compiling programs 1/\d+ \(", server.log)
+        assert re.search(r"meshserve: (compiling programs 1/\d+ \(|\d+ programs read from the compilation cache)",
+                         server.log), server.log
+        assert "meshserve: KV cache: 35 pages of 16 tokens" in server.log  # 2 requests of 256 tokens, sized
         ready = server.log.strip().splitlines()[-1]
         assert ready.endswith(f"ready: OpenAI API http://127.0.0.1:{server.http}/v1 · "
                               f"model smollm2-135m-instruct-float32"), ready

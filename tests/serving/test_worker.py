@@ -111,6 +111,21 @@ def test_completions_and_chat_through_the_frontend(fleet):
     assert chunks[-1].usage.completion_tokens == 12
 
 
+def test_the_frontend_answers_what_a_worker_cannot_honour_with_a_400_naming_it(fleet):
+    """Through Dynamo's real frontend: n > 1, JSON mode, guided decoding and an over-long prompt are
+    400s with the worker's message, not silently ignored or a bare "Invalid request"."""
+    messages = [{"role": "user", "content": "hi"}]
+    cases = [(dict(n=2), "n=2: a meshserve Dynamo worker returns one choice per request"),
+             (dict(response_format={"type": "json_object"}), "structured output (json: response_format"),
+             (dict(extra_body={"guided_regex": "a+"}), "structured output (regex:")]
+    for kw, message in cases:
+        with pytest.raises(openai.BadRequestError) as refused:
+            fleet.client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, **kw)
+        assert message in str(refused.value)
+    with pytest.raises(openai.BadRequestError, match="does not fit the context of 512 tokens"):
+        complete(fleet, "hi " * 600, 4)
+
+
 def test_dynamo_health_checks_the_workers(fleet):
     """Dynamo's system server says ready once a worker answered; idle, Dynamo sends its canary (the
     worker's health_check_payload: one greedy token) and the worker answers it too."""
@@ -144,8 +159,11 @@ def test_requests_sharing_a_prefix_land_on_the_worker_that_holds_it(fleet):
 
 
 def test_cancelled_streams_free_every_page(fleet):
+    """100 streams closed by their clients after a few chunks: every page is freed. Most are aborted
+    on their worker (400 tokens asked, so a stream cannot finish before its client's close arrives);
+    how many depends on when Dynamo's frontend notices a closed connection (44 to 99 of 100 seen)."""
     async def one(client, rng):
-        stream = await client.completions.create(model=MODEL, prompt=f"stream {rng.random()}", max_tokens=64,
+        stream = await client.completions.create(model=MODEL, prompt=f"stream {rng.random()}", max_tokens=400,
                                                  temperature=0, stream=True, extra_body={"ignore_eos": True})
         stop_after = rng.randrange(0, 8)
         async for i, _ in aenumerate(stream):
@@ -163,7 +181,7 @@ def test_cancelled_streams_free_every_page(fleet):
     for worker in fleet.workers:
         wait_for(lambda: fleet.metric(worker, "meshserve_requests_running") == 0
                  and fleet.metric(worker, "meshserve_kv_pages_used") == 0, 60, f"worker {worker} to free its pages")
-    assert sum(fleet.metric(w, 'meshserve_requests_total{outcome="abort"}') for w in fleet.workers) > 50
+    assert sum(fleet.metric(w, 'meshserve_requests_total{outcome="abort"}') for w in fleet.workers) > 25
 
 
 async def aenumerate(stream):
@@ -322,21 +340,6 @@ def test_what_a_worker_cannot_honour_is_refused(options, message):
     with pytest.raises(RequestError, match=message):
         refuse_unservable({"sampling_options": options})
     refuse_unservable({"sampling_options": {"n": None, "best_of": 1, "guided_decoding": None}})  # all served
-
-
-def test_the_frontend_answers_what_a_worker_cannot_honour_with_a_400_naming_it(fleet):
-    """Through Dynamo's real frontend: n > 1, JSON mode, guided decoding and an over-long prompt are
-    400s with the worker's message, not silently ignored or a bare "Invalid request"."""
-    messages = [{"role": "user", "content": "hi"}]
-    cases = [(dict(n=2), "n=2: a meshserve Dynamo worker returns one choice per request"),
-             (dict(response_format={"type": "json_object"}), "structured output (json: response_format"),
-             (dict(extra_body={"guided_regex": "a+"}), "structured output (regex:")]
-    for kw, message in cases:
-        with pytest.raises(openai.BadRequestError) as refused:
-            fleet.client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, **kw)
-        assert message in str(refused.value)
-    with pytest.raises(openai.BadRequestError, match="does not fit the context of 512 tokens"):
-        complete(fleet, "hi " * 600, 4)
 
 
 class Recorder:
