@@ -12,8 +12,8 @@ import time
 import grpc
 import openai
 import pytest
+from dynamo.llm.exceptions import InvalidArgument
 
-from meshserve.models.errors import RequestError
 from meshserve.runtime.engine import Engine, EngineConfig
 from meshserve.runtime.request import RequestLimits
 from meshserve.serving.client import Client
@@ -263,7 +263,8 @@ WORKER = {  # outcome → (the request, stop after this many chunks, what the ha
     "abort": (worker_request(SLOW), 1, lambda r: r[-1]["finish_reason"] == "cancelled" and len(r) < SLOW),
     "error": (worker_request(FAULTY), None, RequestFailed),
     "rejected": (worker_request(2), None, RequestRejected),
-    "invalid": ({**worker_request(2), "token_ids": [VOCAB + 5]}, None, RequestError),
+    # Dynamo's InvalidArgument: the frontend answers 400 with the message
+    "invalid": ({**worker_request(2), "token_ids": [VOCAB + 5]}, None, InvalidArgument),
 }
 
 
