@@ -258,28 +258,20 @@ def engine_setups():
     yield "Llama-3-8B shape, shipped config", llama8, "bfloat16", served, meshes / "h100x1.yaml", True
 
 
-def pool_bytes(model, dtype, config, card, layout) -> int:
-    """The KV pool's bytes over the mesh: the config's, else what the engine takes from the card's
-    memory at gpu_memory_utilization once the weights (split over the tensor axis) are in."""
-    from meshserve.runtime.kv_cache import page_bytes
-    from meshserve.runtime.kv_manager import Memory, kv_budget
+def device_memory(model, dtype, config, card, layout):
+    """What one card gives the engine once the weights (split over the tensor axis) are in: its
+    memory at gpu_memory_utilization (the share jax's allocator is set to take)."""
+    from meshserve.runtime.kv_manager import Memory
 
-    split = layout.size(layout.axis("pages")) * layout.size(layout.axis("kv_heads"))
-    if config.kv_cache_bytes is not None:
-        return config.kv_cache_bytes // split * split
     weights = model.num_params() * jnp.dtype(dtype).itemsize // layout.size(layout.axis("q_heads"))
-    memory = Memory(int(card.memory_bytes * config.gpu_memory_utilization), in_use=weights)
-    return kv_budget(memory, model, page_bytes(model, config.page_size, jnp.dtype(dtype)), config.page_size,
-                     max_seq_len=min(config.max_seq_len, model.max_position_embeddings),
-                     max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
-                     replicas=layout.replicas, split=split)
+    return Memory(int(card.memory_bytes * config.gpu_memory_utilization), in_use=weights)
 
 
 def build_engine(builder: Builder, target: Target) -> None:
     from meshserve.models.llama import abstract_params
-    from meshserve.runtime.kv_cache import page_bytes
+    from meshserve.runtime.engine import kv_pool_bytes
+    from meshserve.runtime.kv_cache import abstract_pool, page_bytes
     from meshserve.runtime.kv_manager import kv_pages
-    from meshserve.runtime.kv_cache import abstract_pool
     from meshserve.runtime.programs import lower_programs
     from meshserve.sharding.mesh import MeshConfig
 
@@ -292,10 +284,12 @@ def build_engine(builder: Builder, target: Target) -> None:
         devices = topologies_by_count[count].devices
         layout = mesh_config.build(devices).for_model(model)
         config = dataclasses.replace(config, attention="pallas")
-        max_pages = -(-min(config.max_seq_len, model.max_position_embeddings) // config.page_size)
-        pages = kv_pages(page_bytes(model, config.page_size, jnp.dtype(dtype)), config.page_size,
-                         min(config.max_seq_len, model.max_position_embeddings), layout.replicas,
-                         pool_bytes(model, dtype, config, target.card, layout))
+        max_seq_len = min(config.max_seq_len, model.max_position_embeddings)
+        max_pages = -(-max_seq_len // config.page_size)
+        per_page = page_bytes(model, config.page_size, jnp.dtype(dtype))
+        pages = kv_pages(per_page, config.page_size, max_seq_len, layout.replicas,
+                         kv_pool_bytes(config, model, per_page, max_seq_len, layout,
+                                       device_memory(model, dtype, config, target.card, layout)))
         buckets = config.buckets(max_pages, layout.replicas)
         params = abstract_params(model, jnp.dtype(dtype))
         pool = abstract_pool(model, pages, config.page_size, jnp.dtype(dtype))

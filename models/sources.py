@@ -18,7 +18,7 @@ import json
 import sys
 from pathlib import Path
 
-from meshserve.models.errors import CheckpointError, ConvertError
+from meshserve.models.errors import ConvertError
 
 DTYPES = ("auto", "float32", "bfloat16")
 HEAD_BYTES = 8 << 20
@@ -102,17 +102,15 @@ def resolve_model(spec: str | None, dtype: str = "auto", progress: bool = True) 
         raise ConvertError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if spec is None:
         return default_checkpoint(dtype="float32" if dtype == "auto" else dtype, progress=progress)
-    from meshserve.models.checkpoint import FORMAT, META_FILE
-
     path = Path(spec).expanduser().absolute()
     kind = _kind(path)
     if kind == "checkpoint":
-        meta = json.loads((path / META_FILE).read_text())
-        if meta.get("format") != FORMAT:
-            raise CheckpointError(f"{path}: unsupported checkpoint format {meta.get('format')!r}")
-        if dtype != "auto" and meta.get("dtype") != dtype:
-            raise ConvertError(f"checkpoint {path} holds {meta.get('dtype')}, not {dtype}: convert its source "
-                               f"again with --dtype {dtype}")
+        from meshserve.models.checkpoint import read_meta
+
+        held = read_meta(path)[2].name
+        if dtype != "auto" and held != dtype:
+            raise ConvertError(f"checkpoint {path} holds {held}, not {dtype}: convert its source again with "
+                               f"--dtype {dtype}")
         return path
     if dtype == "auto":
         dtype = source_dtype(kind, path)

@@ -52,6 +52,7 @@ from typing import Any, Sequence as Seq
 import jax
 
 from meshserve.models.checkpoint import Checkpoint
+from meshserve.models.config import ModelConfig
 from meshserve.models.errors import ConfigError, MeshserveError, RequestError
 from meshserve.runtime import progress
 from meshserve.runtime.clock import Seeds, clock_for
@@ -77,6 +78,20 @@ log = logging.getLogger("meshserve.engine")
 
 class QueueFullError(MeshserveError):
     """The waiting queue is full (gRPC: RESOURCE_EXHAUSTED)."""
+
+
+def kv_pool_bytes(config: EngineConfig, model: ModelConfig, page_bytes: int, max_seq_len: int, layout: Layout,
+                  memory: Memory | None = None) -> int:
+    """The KV pool's bytes over the mesh: config.kv_cache_bytes, else what `memory` (one device's;
+    default: what the layout's first device reports) leaves (kv_manager.kv_budget), times the devices
+    the pool is split over (data replicas, and tensor shards when kv heads split)."""
+    if config.kv_cache_bytes is not None:
+        return config.kv_cache_bytes
+    memory = memory or Memory.of(layout.mesh.devices.flat[0])
+    split = layout.size(layout.axis("pages")) * layout.size(layout.axis("kv_heads"))
+    return kv_budget(memory, model, page_bytes, config.page_size, max_seq_len=max_seq_len,
+                     max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
+                     replicas=layout.replicas, split=split)
 
 
 class EngineFault(MeshserveError):
@@ -106,7 +121,8 @@ class Engine:
         if config.compilation_cache_dir:
             enable_compilation_cache(os.path.expanduser(config.compilation_cache_dir))
         self.page_bytes = page_bytes(c, ps, checkpoint.dtype)  # one page, every layer, keys and values
-        num_pages = kv_pages(self.page_bytes, ps, self.max_seq_len, R, self._kv_budget(memory))
+        num_pages = kv_pages(self.page_bytes, ps, self.max_seq_len, R,
+                             kv_pool_bytes(config, c, self.page_bytes, self.max_seq_len, layout, memory))
         progress.stage(f"KV cache: {num_pages} pages of {ps} tokens ({num_pages * self.page_bytes / 2**30:.2f} GiB"
                        f"{'' if config.kv_cache_bytes else ', sized from memory'}), context {self.max_seq_len}")
         self.fingerprint = model_fingerprint(c, checkpoint.params, checkpoint.dtype, ps,
@@ -140,16 +156,6 @@ class Engine:
         self._ids = itertools.count()
         self.idle = True  # the last step had nothing to run: a driver may sleep until a new command
         self._pending: list | None = None  # the last step's calls, dispatched, not yet read back
-
-    def _kv_budget(self, memory: Memory | None) -> int:
-        if self.config.kv_cache_bytes is not None:
-            return self.config.kv_cache_bytes
-        # the pool is split over data replicas and (when kv heads split) over tensor shards
-        split = self.layout.size(self.layout.axis("pages")) * self.layout.size(self.layout.axis("kv_heads"))
-        c = self.config
-        return kv_budget(memory or Memory.of(self.layout.mesh.devices.flat[0]), self.model_config, self.page_bytes,
-                         c.page_size, max_seq_len=self.max_seq_len, max_num_seqs=c.max_num_seqs,
-                         max_num_batched_tokens=c.max_num_batched_tokens, replicas=self.replicas, split=split)
 
     # ---- requests ------------------------------------------------------------------------------
 

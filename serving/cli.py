@@ -214,6 +214,13 @@ def _model(args, spec: str | None) -> str:
     return str(resolve_model(spec, args.dtype, progress=not args.quiet))
 
 
+def _serving(args, config, spec: str | None):
+    """The server config with `spec` resolved to the checkpoint it serves, named after the source
+    unless a name is set."""
+    return dataclasses.replace(config, model=_model(args, spec),
+                               served_model_name=config.served_model_name or source_name(spec))
+
+
 def _convert(args) -> None:
     from meshserve.models.convert import convert
 
@@ -446,9 +453,7 @@ def _serve(args) -> None:
         raise MeshserveError("no gRPC port and no HTTP port: nothing would serve requests")
     engine_config = _engine_config(args)
     mesh = config.mesh_config()  # checked now: a bad mesh fails before the model is converted or loaded
-    spec = args.model or args.model_flag or config.model
-    config = dataclasses.replace(config, model=_model(args, spec),
-                                 served_model_name=config.served_model_name or source_name(spec))
+    config = _serving(args, config, args.model or args.model_flag or config.model)
     replicas = dict(mesh.axes).get("data", 1) if mesh is not None else 1  # -1: known once the devices are
     if engine_config.kv_cache_bytes is not None and replicas > 0:  # a pool too small fails before listening
         from meshserve.models.checkpoint import read_meta
@@ -481,9 +486,7 @@ def _worker(args) -> None:
         mesh=args.mesh, tensor_parallel_size=args.tensor_parallel_size, data_parallel_size=args.data_parallel_size)
     engine_config = _engine_config(args)
     config.mesh_config()  # a bad mesh fails before the model is converted or loaded
-    spec = args.model or config.model
-    config = dataclasses.replace(config, model=_model(args, spec),
-                                 served_model_name=config.served_model_name or source_name(spec))
+    config = _serving(args, config, args.model or config.model)
     if args.role != "both":  # the page export and import programs
         engine_config = dataclasses.replace(engine_config, kv_transfer=True)
     build = build_engine(config, engine_config, progress=False)
@@ -539,9 +542,9 @@ def _fleet(args) -> None:
 
     model = resolve_model(args.model, args.dtype)  # converted once here, not by every worker at once
     worker_args = ["--config", args.config, "--model", str(model)]
-    for flag, value in (("--model-name", args.model_name or source_name(args.model)),):
-        if value:
-            worker_args += [flag, value]
+    name = args.model_name or source_name(args.model)
+    if name:
+        worker_args += ["--model-name", name]
     run_fleet(args.workers, args.router, args.port, worker_args, args.prefill_workers, frontend_args)
 
 

@@ -108,10 +108,10 @@ def sampling_params(request: dict[str, Any], prompt_len: int, max_seq_len: int,
     stop_ids = tuple(sc.get("stop_token_ids_hidden") or ()) + tuple(sc.get("stop_token_ids") or ())
     return SamplingParams(
         max_tokens=int(max_tokens), temperature=float(so["temperature"]),
-        top_k=max(0, int(given(so, "top_k", 0))), top_p=float(given(so, "top_p", 1.0)),
-        min_p=float(given(so, "min_p", 0.0)), repetition_penalty=float(given(so, "repetition_penalty", 1.0)),
-        presence_penalty=float(given(so, "presence_penalty", 0.0)),
-        frequency_penalty=float(given(so, "frequency_penalty", 0.0)), seed=so.get("seed"),
+        top_k=max(0, int(so.get("top_k", 0))), top_p=float(so.get("top_p", 1.0)),
+        min_p=float(so.get("min_p", 0.0)), repetition_penalty=float(so.get("repetition_penalty", 1.0)),
+        presence_penalty=float(so.get("presence_penalty", 0.0)),
+        frequency_penalty=float(so.get("frequency_penalty", 0.0)), seed=so.get("seed"),
         stop_token_ids=stop_ids, ignore_eos=bool(sc.get("ignore_eos")) or eos == [],
         logprobs=oo.get("logprobs"), min_tokens=int(given(sc, "min_tokens", 0)),
         detokenize=False)  # the frontend detokenizes: the engine's text would go nowhere
