@@ -221,6 +221,6 @@ class ProcessHost:
             raise ready.exception()
         if ready.done() and self.loop.state is State.SERVING:
             where = [t.describe() for t in self.transports if getattr(t, "describe", None)]
-            log.warning("ready: %s", " · ".join([*filter(None, where), f"model {self.info.served_name}"]))
+            log.warning("ready: %s", " · ".join([*where, f"model {self.info.served_name}"]))
         await closed
         return self.exit_code

@@ -201,7 +201,7 @@ class HTTPTransport:
 
     @property
     def model_name(self) -> str:
-        """server.served_model_name, else the checkpoint folder's name (as vLLM names a model by its path)."""
+        """The model's one name on every API (EngineInfo.served_name)."""
         return self.host.info.served_name
 
     async def health_check(self, request: web.Request) -> web.Response:
