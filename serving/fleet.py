@@ -109,18 +109,20 @@ class LocalFleet:
         with urllib.request.urlopen(f"http://127.0.0.1:{http_port or self.http_port}/v1/models", timeout=5) as r:
             return [m["id"] for m in json.load(r)["data"]]
 
-    def wait_for_model(self, name: str, http_port: int | None = None, timeout: float = 60) -> None:
-        """Until a frontend (the first, by default) lists model `name` (a frontend still starting
-        does not answer yet); MeshserveError after `timeout`."""
+    def wait_for_model(self, name: str | None = None, http_port: int | None = None, timeout: float = 60) -> list[str]:
+        """Until a frontend (the first, by default) lists model `name` (None: any model; a frontend
+        still starting does not answer yet); returns what it lists. MeshserveError after `timeout`."""
         deadline = time.monotonic() + timeout
         while True:
             try:
-                if name in self.models(http_port):
-                    return
+                listed = self.models(http_port)
+                if (name in listed) if name is not None else listed:
+                    return listed
             except OSError:
                 pass
             if time.monotonic() > deadline:
-                raise MeshserveError(f"no frontend listed model {name!r} within {timeout:.0f} s: see {self.folder}")
+                what = f"model {name!r}" if name is not None else "a model"
+                raise MeshserveError(f"no frontend listed {what} within {timeout:.0f} s: see {self.folder}")
             time.sleep(0.2)
 
     def check(self) -> list[str]:
@@ -171,7 +173,8 @@ def run_fleet(workers: int, router: str, port: int, worker_args: list[str], pref
             fleet.start_worker(f"worker{i}", [*worker_args, "--role", "decode"] if prefill_workers else worker_args)
         kind = f"{prefill_workers} prefill + {workers} decode worker(s)" if prefill_workers else f"{workers} worker(s)"
         print(f"meshserve fleet: {kind} behind Dynamo's frontend ({router} routing) at "
-              f"http://127.0.0.1:{port}/v1 serving {', '.join(fleet.models())}; logs in {folder}; Ctrl-C stops it",
+              f"http://127.0.0.1:{port}/v1 serving {', '.join(fleet.wait_for_model())}; logs in {folder}; "
+              f"Ctrl-C stops it",
               flush=True)
         while not stop:  # a worker that exits is named, and the others serve on
             fleet.check()

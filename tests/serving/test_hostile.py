@@ -357,7 +357,8 @@ def test_a_small_request_passes_one_that_does_not_fit_the_free_pages(tiny_ckpt):
         hog = on_engine(lambda e: e.kv.blocks.grow([], 5 * 8))  # 4 pages left
         with concurrent.futures.ThreadPoolExecutor(1) as ex:
             big = ex.submit(request, s, "POST", "/v1/completions",
-                            {"model": "tiny", "prompt": list(range(1, 51)), "max_tokens": 4}, token=None)
+                            {"model": "tiny", "prompt": list(range(1, 51)), "max_tokens": 4, "ignore_eos": True},
+                            token=None)  # sampled: without ignore_eos an early EOS would cut it short
             deadline = time.monotonic() + 20
             while not on_engine(lambda e: len(e.scheduler.waiting)):
                 assert time.monotonic() < deadline
