@@ -71,7 +71,7 @@ def random_checkpoint(config, dtype, seed: int = 0):
     import jax.numpy as jnp
 
     from meshserve.models.checkpoint import Checkpoint
-    from meshserve.models.llama import init_params
+    from meshserve.models.decoder import init_params
 
     eos = tuple(i for i in config.eos_token_ids if i < config.vocab_size)
     return Checkpoint(path=None, config=config, dtype=np.dtype(dtype),
@@ -338,7 +338,7 @@ def run_parity(args) -> None:
     import jax.numpy as jnp
 
     from meshserve.models.config import ModelConfig
-    from meshserve.models.llama import forward
+    from meshserve.models.decoder import forward
     from meshserve.runtime.engine import Engine
     from meshserve.runtime.sampling import SamplingParams
 

@@ -268,7 +268,7 @@ def device_memory(model, dtype, config, card, layout):
 
 
 def build_engine(builder: Builder, target: Target) -> None:
-    from meshserve.models.llama import abstract_params
+    from meshserve.models.decoder import abstract_params
     from meshserve.runtime.engine import kv_pool_bytes
     from meshserve.runtime.kv_cache import abstract_pool, page_bytes
     from meshserve.runtime.kv_manager import kv_pages

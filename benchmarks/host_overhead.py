@@ -45,7 +45,7 @@ def tiny_checkpoint():
     from meshserve.models.checkpoint import Checkpoint
     from meshserve.models.config import ModelConfig
     from meshserve.models.default import default_checkpoint
-    from meshserve.models.llama import init_params
+    from meshserve.models.decoder import init_params
     from meshserve.models.tokenizer import Tokenizer
 
     config = ModelConfig(name="tiny", architecture="llama", vocab_size=512, hidden_size=64, intermediate_size=128,

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from meshserve.models.config import ModelConfig
 from meshserve.models.errors import CheckpointError, ConfigError, ConvertError
 from meshserve.models.generation import load as load_generation, save as save_generation
-from meshserve.models.llama import Params, abstract_params, param_axes
+from meshserve.models.decoder import Params, abstract_params, param_axes
 from meshserve.models.tokenizer import Tokenizer
 
 FORMAT = 1

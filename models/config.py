@@ -16,7 +16,9 @@ import yaml
 
 from meshserve.models.errors import ConfigError
 
-ARCHITECTURES = ("llama", "mistral", "qwen2")
+# Dense families, then the mixture-of-experts ones (models/moe.py).
+ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "mixtral")
+MOE_ARCHITECTURES = ("qwen2_moe", "qwen3_moe", "mixtral")
 
 # The folder of shipped model configs (`configs/models/*.yaml`), found beside the package.
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "models"
@@ -61,10 +63,19 @@ class ModelConfig:
     # (llama.cpp's rope_freqs.weight, [head_dim // 2]); exclusive with rope_scaling
     rope_freq_factors: tuple[float, ...] | None = None
     attention_bias: bool = False  # q/k/v projections carry a bias (Qwen2)
+    qk_norm: bool = False  # an RMSNorm over head_dim on each q and k head before RoPE (Qwen3)
     tie_word_embeddings: bool = False
     sliding_window: int | None = None  # Mistral v0.1: keys older than this many positions are masked
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    # Mixture of experts (0 experts: a dense model). Each token's router picks `num_experts_per_tok`
+    # experts by softmax probability; `norm_topk_prob` renormalises the picked probabilities to sum to 1.
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0  # each expert's MLP width
+    norm_topk_prob: bool = True
+    shared_expert_intermediate_size: int = 0  # Qwen2-MoE: one always-on expert, scaled by a sigmoid gate
+    dense_layers: tuple[int, ...] = ()  # layers with a plain MLP (of `intermediate_size`) in an MoE model
 
     def __post_init__(self):
         if self.architecture not in ARCHITECTURES:
@@ -94,27 +105,62 @@ class ModelConfig:
                 raise ConfigError("rope_freq_factors must be positive finite numbers")
         if self.sliding_window is not None and self.sliding_window <= 0:
             raise ConfigError(f"sliding_window must be positive or null, got {self.sliding_window}")
+        self._check_moe()
         for tok in ((self.bos_token_id,) if self.bos_token_id is not None else ()) + self.eos_token_ids:
             if not 0 <= tok < self.vocab_size:
                 raise ConfigError(f"special token id {tok} is outside the vocabulary (size {self.vocab_size})")
+
+    def _check_moe(self) -> None:
+        moe = self.architecture in MOE_ARCHITECTURES
+        if not moe:
+            if self.num_experts or self.num_experts_per_tok or self.shared_expert_intermediate_size:
+                raise ConfigError(f"architecture {self.architecture!r} has no experts: num_experts, "
+                                  "num_experts_per_tok and shared_expert_intermediate_size must be 0")
+            return
+        for field in ("num_experts", "num_experts_per_tok", "moe_intermediate_size"):
+            value = getattr(self, field)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"{field} must be a positive integer for {self.architecture}, got {value!r}")
+        if self.num_experts_per_tok > self.num_experts:
+            raise ConfigError(f"num_experts_per_tok ({self.num_experts_per_tok}) exceeds num_experts "
+                              f"({self.num_experts})")
+        if self.shared_expert_intermediate_size < 0:
+            raise ConfigError("shared_expert_intermediate_size must be >= 0")
+        bad = [i for i in self.dense_layers if not 0 <= i < self.num_layers]
+        if bad:
+            raise ConfigError(f"dense_layers {bad} are outside the model's {self.num_layers} layers")
 
     @property
     def q_per_kv(self) -> int:
         return self.num_heads // self.num_kv_heads
 
-    def num_params(self) -> int:
+    def is_moe_layer(self, layer: int) -> bool:
+        return self.num_experts > 0 and layer not in self.dense_layers
+
+    def num_params(self, active: bool = False) -> int:
+        """Parameters in all; `active`: those one token uses (its top-k experts, not all of them)."""
         d, f, h, kv, hd = (self.hidden_size, self.intermediate_size, self.num_heads,
                            self.num_kv_heads, self.head_dim)
         attn = d * hd * (2 * h + 2 * kv) + (hd * (h + 2 * kv) if self.attention_bias else 0)
-        layer = attn + 3 * d * f + 2 * d
+        attn += 2 * hd if self.qk_norm else 0
+        experts = self.num_experts_per_tok if active else self.num_experts
+        moe = (d * self.num_experts + experts * 3 * d * self.moe_intermediate_size
+               + (3 * d * self.shared_expert_intermediate_size + d if self.shared_expert_intermediate_size else 0))
+        mlps = sum(moe if self.is_moe_layer(i) else 3 * d * f for i in range(self.num_layers))
         head = 0 if self.tie_word_embeddings else d * self.vocab_size
-        return self.vocab_size * d + self.num_layers * layer + d + head
+        return self.vocab_size * d + self.num_layers * (attn + 2 * d) + mlps + d + head
 
     # ---- (de)serialisation -------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["eos_token_ids"] = list(self.eos_token_ids)
+        out["dense_layers"] = list(self.dense_layers)
+        if self.num_experts == 0:  # a dense model's file reads as it did before experts existed
+            for field in _MOE_FIELDS:
+                del out[field]
+        if not self.qk_norm:
+            del out["qk_norm"]
         if self.rope_freq_factors is not None:
             out["rope_freq_factors"] = list(self.rope_freq_factors)
         else:
@@ -141,6 +187,7 @@ class ModelConfig:
             except TypeError as e:
                 raise ConfigError(f"{source}: rope_scaling: {e}") from None
         values["eos_token_ids"] = tuple(values.get("eos_token_ids") or ())
+        values["dense_layers"] = tuple(values.get("dense_layers") or ())
         if values.get("rope_freq_factors") is not None:
             values["rope_freq_factors"] = tuple(float(f) for f in values["rope_freq_factors"])
         return cls(**values)
@@ -169,7 +216,7 @@ class ModelConfig:
 
     @classmethod
     def from_hf(cls, hf: Mapping[str, Any], name: str = "") -> "ModelConfig":
-        """From a Hugging Face config.json (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM)."""
+        """From a Hugging Face config.json: Llama, Mistral, Qwen2, Qwen3, Qwen2-MoE, Qwen3-MoE, Mixtral."""
         model_type = hf.get("model_type")
         if model_type not in ARCHITECTURES:
             raise ConfigError(
@@ -192,8 +239,22 @@ class ModelConfig:
             eos = hf.get("eos_token_id")
             eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
             sliding = hf.get("sliding_window")
-            if model_type == "qwen2" and not hf.get("use_sliding_window", False):
+            if model_type.startswith("qwen") and not hf.get("use_sliding_window", False):
                 sliding = None
+            moe = {}
+            if model_type in MOE_ARCHITECTURES:
+                experts = int(hf.get("num_experts") or hf["num_local_experts"])  # the names vary by version
+                step = int(hf.get("decoder_sparse_step") or 1)
+                only = set(hf.get("mlp_only_layers") or ())
+                layers = int(hf["num_hidden_layers"])
+                moe = dict(
+                    num_experts=experts, num_experts_per_tok=int(hf["num_experts_per_tok"]),
+                    moe_intermediate_size=int(hf["intermediate_size"] if model_type == "mixtral"
+                                              else hf["moe_intermediate_size"]),
+                    # Mixtral always renormalises; the Qwen MoE configs say so (transformers' default: no)
+                    norm_topk_prob=True if model_type == "mixtral" else bool(hf.get("norm_topk_prob", False)),
+                    shared_expert_intermediate_size=int(hf.get("shared_expert_intermediate_size") or 0),
+                    dense_layers=tuple(i for i in range(layers) if i in only or (i + 1) % step))
             return cls(
                 name=name or hf.get("_name_or_path", "") or model_type,
                 architecture=model_type,
@@ -208,14 +269,20 @@ class ModelConfig:
                 rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
                 rope_theta=rope_theta,
                 rope_scaling=scaling,
-                attention_bias=bool(hf.get("attention_bias", model_type == "qwen2")),
+                attention_bias=bool(hf.get("attention_bias", hf.get("qkv_bias", model_type in ("qwen2", "qwen2_moe")))),
+                qk_norm=model_type in ("qwen3", "qwen3_moe"),
                 tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
                 sliding_window=int(sliding) if sliding else None,
                 bos_token_id=hf.get("bos_token_id"),
                 eos_token_ids=eos_ids,
+                **moe,
             )
         except KeyError as e:
             raise ConfigError(f"config.json: missing field {e.args[0]!r}") from None
+
+
+_MOE_FIELDS = ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob",
+               "shared_expert_intermediate_size", "dense_layers")
 
 
 def rope_inv_freq(config: ModelConfig):

@@ -2,7 +2,7 @@
 
 Both importers present their tensors through one small interface, `TensorSource`, in Hugging Face
 layout (`[out_features, in_features]`, RoPE halves not interleaved). `build_params` maps that layout
-onto the params tree of models/llama.py, one tensor at a time so peak host memory stays near one
+onto the params tree of models/decoder.py, one tensor at a time so peak host memory stays near one
 copy of the model.
 """
 
@@ -18,15 +18,17 @@ from tqdm.auto import tqdm
 
 from meshserve.models.config import ModelConfig
 from meshserve.models.errors import ConvertError
-from meshserve.models.llama import Params
+from meshserve.models.decoder import Params
 from meshserve.models.tokenizer import Tokenizer
 
 DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
 
-# Tensor roles, per layer unless global. Names follow HF's Llama naming.
+# Tensor roles, per layer unless global. Names follow HF's Llama naming; the expert roles are stacked
+# over a leading expert axis ([X, F, D] for experts_gate/experts_up, [X, D, F] for experts_down).
 GLOBAL_ROLES = ("embed", "norm", "lm_head")
 LAYER_ROLES = ("input_norm", "post_attn_norm", "q", "k", "v", "o", "q_bias", "k_bias", "v_bias",
-               "gate", "up", "down")
+               "q_norm", "k_norm", "gate", "up", "down", "router", "experts_gate", "experts_up",
+               "experts_down", "shared_gate", "shared_up", "shared_down", "shared_expert_gate")
 
 
 class TensorSource(abc.ABC):
@@ -42,6 +44,10 @@ class TensorSource(abc.ABC):
     @abc.abstractmethod
     def get(self, role: str, layer: int | None = None) -> np.ndarray: ...
 
+    def tensor_name(self, role: str, layer: int | None = None) -> str:
+        """The source's own name of a role's tensor, for error messages."""
+        return role if layer is None else f"layer {layer} {role}"
+
 
 def build_params(source: TensorSource, dtype: np.dtype, progress: bool = True) -> Params:
     c = source.config
@@ -50,8 +56,8 @@ def build_params(source: TensorSource, dtype: np.dtype, progress: bool = True) -
     def fetch(role, layer=None, shape=None, transform: Callable = lambda w: w):
         w = source.get(role, layer)
         if shape is not None and tuple(w.shape) != shape:
-            where = role if layer is None else f"layer {layer} {role}"
-            raise ConvertError(f"tensor {where} has shape {tuple(w.shape)}, expected {shape} from the config")
+            raise ConvertError(f"tensor {source.tensor_name(role, layer)} has shape {tuple(w.shape)}, "
+                               f"expected {shape} from the config")
         return np.ascontiguousarray(transform(w)).astype(dtype)
 
     params: Params = {"embed": fetch("embed", shape=(c.vocab_size, D))}
@@ -69,21 +75,44 @@ def build_params(source: TensorSource, dtype: np.dtype, progress: bool = True) -
             attn["q_bias"] = fetch("q_bias", i, (H * E,), lambda b: b.reshape(H, E))
             attn["k_bias"] = fetch("k_bias", i, (K * E,), lambda b: b.reshape(K, E))
             attn["v_bias"] = fetch("v_bias", i, (K * E,), lambda b: b.reshape(K, E))
+        if c.qk_norm:
+            attn["q_norm"] = {"weight": fetch("q_norm", i, (E,))}
+            attn["k_norm"] = {"weight": fetch("k_norm", i, (E,))}
         layers[i] = {
             "input_norm": {"weight": fetch("input_norm", i, (D,))},
             "attn": attn,
             "post_attn_norm": {"weight": fetch("post_attn_norm", i, (D,))},
-            "mlp": {
-                "gate_proj": fetch("gate", i, (c.intermediate_size, D), np.transpose),
-                "up_proj": fetch("up", i, (c.intermediate_size, D), np.transpose),
-                "down_proj": fetch("down", i, (D, c.intermediate_size), np.transpose),
-            },
+            "mlp": _moe(fetch, c, i) if c.is_moe_layer(i) else _mlp(fetch, c, i, ("gate", "up", "down")),
         }
     params["layers"] = layers
     params["norm"] = {"weight": fetch("norm", shape=(D,))}
     if not c.tie_word_embeddings:
         params["lm_head"] = fetch("lm_head", shape=(c.vocab_size, D), transform=np.transpose)
     return params
+
+
+def _mlp(fetch, c: ModelConfig, i: int, roles: tuple[str, str, str], width: int | None = None) -> dict:
+    D, F = c.hidden_size, width or c.intermediate_size
+    gate, up, down = roles
+    return {"gate_proj": fetch(gate, i, (F, D), np.transpose), "up_proj": fetch(up, i, (F, D), np.transpose),
+            "down_proj": fetch(down, i, (D, F), np.transpose)}
+
+
+def _moe(fetch, c: ModelConfig, i: int) -> dict:
+    D, F, X = c.hidden_size, c.moe_intermediate_size, c.num_experts
+
+    def experts(w):  # [X, out, in] → [X, in, out]
+        return w.transpose(0, 2, 1)
+
+    out = {"router": fetch("router", i, (X, D), np.transpose),
+           "gate_proj": fetch("experts_gate", i, (X, F, D), experts),
+           "up_proj": fetch("experts_up", i, (X, F, D), experts),
+           "down_proj": fetch("experts_down", i, (X, D, F), experts)}
+    if c.shared_expert_intermediate_size:
+        out["shared"] = _mlp(fetch, c, i, ("shared_gate", "shared_up", "shared_down"),
+                             c.shared_expert_intermediate_size)
+        out["shared_gate"] = fetch("shared_expert_gate", i, (1, D), np.transpose)
+    return out
 
 
 def open_source(spec: str) -> TensorSource:

@@ -4,7 +4,7 @@ a `tokenizers` tokenizer.json.
 Two llama.cpp conventions are undone here:
 - GGUF stores dims innermost-first; the `gguf` reader already gives numpy (row-major) shapes.
 - For the "llama" architecture, llama.cpp permutes the rows of Q and K so RoPE rotates adjacent
-  pairs (x[2i], x[2i+1]); HF checkpoints (and models/llama.py) rotate halves (x[i], x[i+E/2]).
+  pairs (x[2i], x[2i+1]); HF checkpoints (and models/decoder.py) rotate halves (x[i], x[i+E/2]).
 """
 
 from __future__ import annotations

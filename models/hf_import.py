@@ -31,6 +31,21 @@ _LAYER = {
     "o": "self_attn.o_proj.weight", "q_bias": "self_attn.q_proj.bias",
     "k_bias": "self_attn.k_proj.bias", "v_bias": "self_attn.v_proj.bias",
     "gate": "mlp.gate_proj.weight", "up": "mlp.up_proj.weight", "down": "mlp.down_proj.weight",
+    "q_norm": "self_attn.q_norm.weight", "k_norm": "self_attn.k_norm.weight",
+    "shared_gate": "mlp.shared_expert.gate_proj.weight", "shared_up": "mlp.shared_expert.up_proj.weight",
+    "shared_down": "mlp.shared_expert.down_proj.weight", "shared_expert_gate": "mlp.shared_expert_gate.weight",
+}
+# Experts, in the layouts checkpoints come in: transformers 5's fused 3-D tensors, and one tensor per
+# expert (what published checkpoints hold: Qwen's `mlp.experts.E.gate_proj`, Mixtral's
+# `block_sparse_moe.experts.E.w1`, with w1 the gate, w3 the up and w2 the down projection).
+_FUSED = {"gate_up": "mlp.experts.gate_up_proj", "down": "mlp.experts.down_proj"}
+_PER_EXPERT = {
+    "mlp": {"router": "mlp.gate.weight", "experts_gate": "mlp.experts.{e}.gate_proj.weight",
+            "experts_up": "mlp.experts.{e}.up_proj.weight", "experts_down": "mlp.experts.{e}.down_proj.weight"},
+    "block_sparse_moe": {"router": "block_sparse_moe.gate.weight",
+                         "experts_gate": "block_sparse_moe.experts.{e}.w1.weight",
+                         "experts_up": "block_sparse_moe.experts.{e}.w3.weight",
+                         "experts_down": "block_sparse_moe.experts.{e}.w2.weight"},
 }
 
 
@@ -107,19 +122,51 @@ class HFSource(TensorSource):
         return {name: files[0].name for name in SafetensorsFile(files[0]).names()}
 
     def _name(self, role, layer):
-        return _GLOBAL[role] if layer is None else f"model.layers.{layer}.{_LAYER[role]}"
+        if layer is None:
+            return _GLOBAL[role]
+        prefix = f"model.layers.{layer}."
+        if role in _LAYER:
+            return prefix + _LAYER[role]
+        if role in ("experts_gate", "experts_up") and prefix + _FUSED["gate_up"] in self._where:
+            return prefix + _FUSED["gate_up"]
+        if role == "experts_down" and prefix + _FUSED["down"] in self._where:
+            return prefix + _FUSED["down"]
+        block = "block_sparse_moe" if prefix + _PER_EXPERT["block_sparse_moe"]["router"] in self._where else "mlp"
+        return prefix + _PER_EXPERT[block][role]
 
     def has(self, role, layer=None):
-        return self._name(role, layer) in self._where
+        return self._name(role, layer).format(e=0) in self._where
+
+    def tensor_name(self, role, layer=None):
+        return self._name(role, layer).format(e="E")
 
     def get(self, role, layer=None):
         name = self._name(role, layer)
+        if "{e}" in name:
+            return self._experts(name)
+        w = self._tensor(name)
+        if name.endswith(_FUSED["gate_up"]):  # [X, 2F, D]: the gate's rows, then the up projection's
+            half = w.shape[1] // 2
+            w = w[:, :half] if role == "experts_gate" else w[:, half:]
+        return w.astype(np.float32)
+
+    def _experts(self, pattern: str) -> np.ndarray:
+        """One tensor per expert stacked on a leading axis; their count must be the config's."""
+        X, found = self.config.num_experts, 0
+        while pattern.format(e=found) in self._where:
+            found += 1
+        if found != X:
+            raise ConvertError(f"{self._folder}: {pattern.format(e='E')} holds {found} experts, "
+                               f"the config says {X}")
+        return np.stack([self._tensor(pattern.format(e=e)).astype(np.float32) for e in range(X)])
+
+    def _tensor(self, name: str) -> np.ndarray:
         if name not in self._where:
             raise ConvertError(f"{self._folder} has no tensor {name}")
         file = self._where[name]
         if file not in self._files:
             self._files[file] = SafetensorsFile(self._folder / file)
-        return self._files[file].get(name).astype(np.float32)
+        return self._files[file].get(name)
 
     def _read_tokenizer(self, folder: Path) -> Tokenizer:
         path = folder / "tokenizer.json"

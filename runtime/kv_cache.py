@@ -113,7 +113,7 @@ class AttentionShards:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class PagedKVCache:
-    """The pool plus this call's metadata; implements models.llama.KVCache.
+    """The pool plus this call's metadata; implements models.decoder.KVCache.
 
     page_tables:  i32[B, P]  the pages of each row's sequence, in order
     write_pages:  i32[B, T]  where each new token's K/V goes (NULL_PAGE for padding)
@@ -370,7 +370,7 @@ def _ragged_pallas(q, k_pages, v_pages, ctx_pages, ctx_row, token_row, positions
 
 
 ATTENTION = ("reference", "pallas")
-_MASKED = -1e30  # finite, as in models.llama.attention
+_MASKED = -1e30  # finite, as in models.decoder.attention
 
 
 def _attend_local(q, k_pages, v_pages, tables, start, query_lens, *, attention: str,

@@ -42,7 +42,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
 from meshserve.models.config import ModelConfig
-from meshserve.models.llama import Params, forward_hidden, head, param_axes
+from meshserve.models.decoder import Params, forward_hidden, head, param_axes
 from meshserve.runtime import progress
 from meshserve.runtime.kv_cache import POOL_AXES, AttentionShards, KVPool, PagedKVCache, RaggedKVCache
 from meshserve.runtime.sampling import Sampled, SamplingBatch, Scored, no_scores, sample, score

@@ -1,6 +1,6 @@
 """Logical axis names → mesh axes → PartitionSpecs.
 
-Every array meshserve places on devices names its axes: parameters (models/llama.py: "vocab",
+Every array meshserve places on devices names its axes: parameters (models/decoder.py: "vocab",
 "embed", "q_heads", …), the KV pool ("pages", "page_slots", "kv_heads", "head_dim") and the per-step
 batch arrays ("batch", …). A rule table maps each logical name to a mesh axis, or to None
 (replicated). A dimension the mesh axis does not divide is replicated rather than split unevenly —
@@ -36,6 +36,8 @@ DEFAULT_RULES: Rules = {
     "kv_heads": "tensor",
     "head_dim": None,
     "mlp": "tensor",
+    "expert": "expert",  # a mixture of experts' experts (replicated on meshes without the axis)
+    "router": None,  # the router's per-expert scores: every shard routes every token
     "layers": None,
     "batch": "data",
     "tokens": None,
@@ -161,7 +163,7 @@ class Layout:
 
     def place(self, params, config: ModelConfig):
         """In-memory params (a test's, a converter's) onto this layout."""
-        from meshserve.models.llama import param_axes
+        from meshserve.models.decoder import param_axes
 
         layout = self.for_model(config)
 

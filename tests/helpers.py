@@ -58,6 +58,20 @@ def hf_config(family: str, vocab_size: int, **overrides):
     elif family == "qwen2":
         cls = transformers.Qwen2Config
         common.update(tie_word_embeddings=True, use_sliding_window=False)
+    elif family == "qwen3":
+        cls = transformers.Qwen3Config
+        common.update(head_dim=16, rope_theta=1e6)
+    elif family in ("qwen2_moe", "qwen3_moe"):  # 8 experts, top-2
+        cls = transformers.Qwen2MoeConfig if family == "qwen2_moe" else transformers.Qwen3MoeConfig
+        common.update(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+                      norm_topk_prob=family == "qwen3_moe")
+        if family == "qwen2_moe":
+            common.update(shared_expert_intermediate_size=48)
+        else:
+            common.update(head_dim=16)
+    elif family == "mixtral":
+        cls = transformers.MixtralConfig
+        common.update(num_local_experts=8, num_experts_per_tok=2, intermediate_size=48)
     else:
         raise ValueError(family)
     common.update(overrides)
@@ -226,7 +240,7 @@ def random_checkpoint(config, folder: Path, seed: int):
     from tokenizers import Tokenizer as HFTokenizer
 
     from meshserve.models.checkpoint import Checkpoint
-    from meshserve.models.llama import init_params
+    from meshserve.models.decoder import init_params
     from meshserve.models.tokenizer import Tokenizer, TokenizerConfig
 
     folder.mkdir(parents=True, exist_ok=True)

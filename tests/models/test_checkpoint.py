@@ -9,7 +9,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 from meshserve.models.checkpoint import load_checkpoint, save_checkpoint
 from meshserve.models.config import ModelConfig
 from meshserve.models.errors import CheckpointError
-from meshserve.models.llama import init_params
+from meshserve.models.decoder import init_params
 from meshserve.sharding.rules import sharding_fn
 
 # Head counts, vocabulary and MLP all divide 8, so every kind of axis really gets split.

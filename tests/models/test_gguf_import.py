@@ -14,7 +14,7 @@ from meshserve.models.checkpoint import load_checkpoint
 from meshserve.models.convert import convert
 from meshserve.models.errors import CheckpointError, ConvertError
 from meshserve.models.gguf_import import unpermute_rope_rows
-from meshserve.models.llama import forward
+from meshserve.models.decoder import forward
 from tests.helpers import _llamacpp_permute, make_hf_model, write_gguf, write_unsupported_gguf
 
 # Row length 256 so the K-quants (256-wide blocks) apply to every matrix.

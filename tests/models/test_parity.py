@@ -9,7 +9,7 @@ import torch
 
 from meshserve.models.checkpoint import load_checkpoint
 from meshserve.models.convert import convert
-from meshserve.models.llama import forward
+from meshserve.models.decoder import forward
 from meshserve.runtime.engine import Engine, EngineConfig
 from meshserve.runtime.sampling import SamplingParams
 from tests.helpers import make_hf_model

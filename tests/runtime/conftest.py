@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from meshserve.models.checkpoint import Checkpoint
-from meshserve.models.llama import forward
+from meshserve.models.decoder import forward
 
 _forward = jax.jit(forward, static_argnames="config")
 

@@ -512,7 +512,7 @@ def test_requests_without_a_seed_get_one_from_the_engine_and_their_id(engine):
 def test_prompt_scores_equal_the_dense_reference(engine, tiny_ckpt):
     """Scores of every prompt token, computed chunk by chunk (16 tokens here), beside a request that
     asks for none."""
-    from meshserve.models.llama import forward
+    from meshserve.models.decoder import forward
 
     prompt = np.random.default_rng(8).integers(0, 260, 41).tolist()
     out = engine.generate([prompt, [5, 6, 7]], [SamplingParams(max_tokens=3, prompt_logprobs=3, ignore_eos=True),
@@ -625,7 +625,7 @@ def test_logit_bias_and_min_tokens_match_a_host_reference(engine, tiny_ckpt):
 def test_prompt_scores_survive_chunking_and_preemption(engine, tiny_ckpt):
     """Every request scores its prompt while the tight pool preempts some of them part-way (their
     prompts are then recomputed in other chunks); the scores still equal the dense reference."""
-    from meshserve.models.llama import forward
+    from meshserve.models.decoder import forward
 
     rng = np.random.default_rng(4)
     prompts = [rng.integers(0, 260, n).tolist() for n in (33, 17, 45, 24, 29, 40)]

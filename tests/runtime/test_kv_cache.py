@@ -1,11 +1,11 @@
 """The engine's jnp attention over paged KV (tiled online softmax, looping over real pages only) and
-the ragged prefill layout, each against the dense reference attention of models/llama.py."""
+the ragged prefill layout, each against the dense reference attention of models/decoder.py."""
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from meshserve.models.llama import attention
+from meshserve.models.decoder import attention
 from meshserve.runtime import kv_cache
 from meshserve.runtime.kv_cache import _decode_tiled, _ragged_pallas, _ragged_tiled
 

@@ -215,7 +215,7 @@ def test_an_8b_shaped_engine_sizes_its_pool_from_the_memory_it_is_given(tiny_ckp
     import numpy as np
 
     from meshserve.models.checkpoint import Checkpoint
-    from meshserve.models.llama import abstract_params
+    from meshserve.models.decoder import abstract_params
     from meshserve.runtime.engine import Engine, EngineConfig
     from meshserve.runtime.kv_cache import page_bytes
     from meshserve.runtime.kv_manager import Memory, activation_bytes

@@ -32,7 +32,7 @@ def main(folder: str, mode: str) -> None:
     import orbax.checkpoint  # noqa: F401  (imported before the baseline)
 
     from meshserve.models.checkpoint import PARAMS_DIR, read_meta
-    from meshserve.models.llama import param_axes
+    from meshserve.models.decoder import param_axes
     from meshserve.sharding.mesh import MeshConfig, load_sharded
 
     layout = MeshConfig.from_dict({"axes": {"data": 1, "tensor": 8}}).build()
@@ -44,7 +44,7 @@ def main(folder: str, mode: str) -> None:
     else:  # the naive way, for contrast: the whole tree on the host, then placed
         import orbax.checkpoint as ocp
 
-        from meshserve.models.llama import abstract_params
+        from meshserve.models.decoder import abstract_params
 
         target = abstract_params(config, dtype)
         args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)

@@ -9,7 +9,7 @@ import pytest
 
 from meshserve.models.checkpoint import Checkpoint
 from meshserve.models.config import ModelConfig
-from meshserve.models.llama import forward, init_params
+from meshserve.models.decoder import forward, init_params
 from meshserve.runtime.engine import Engine, EngineConfig
 from meshserve.runtime.sampling import SamplingParams
 from meshserve.sharding.mesh import MeshConfig

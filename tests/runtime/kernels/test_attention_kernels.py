@@ -178,7 +178,7 @@ def test_block_list_cuts_every_chunk_and_nothing_else():
 
 def test_reference_agrees_with_the_model_attention():
     """The kernel reference and the model's dense attention are the same function of positions."""
-    from meshserve.models.llama import attention
+    from meshserve.models.decoder import attention
 
     rng = np.random.default_rng(2)
     k_pages, v_pages = _pool(rng, 10, 4, 2, 8, jnp.float32)

@@ -1,6 +1,12 @@
-"""The Llama-family decoder (Llama 2/3/3.1, Mistral, Qwen2) as Flax NNX modules and one pure forward.
+"""The decoder of every supported family as Flax NNX modules and one pure forward.
 
-    forward(params, tokens, positions, cache=None, *, config, logits_at=None) -> (logits, cache)
+    forward(params, tokens, positions, cache=None, *, config, logits_at=None, experts=ExpertPlan())
+        -> (logits, cache)
+
+One decoder, composed from the config: attention (with q/k/v biases for Qwen2, a q/k RMSNorm for
+Qwen3, a sliding window for Mistral), then per layer a SwiGLU MLP or a mixture of experts
+(models/moe.py; a shared expert for Qwen2-MoE). Llama 2/3/3.1, Mistral, Qwen2 and Qwen3 are dense;
+Qwen2-MoE, Qwen3-MoE and Mixtral mix experts.
 
 `params` is a plain nested dict of arrays (what the Orbax checkpoint holds); the NNX modules only give
 it structure, initialisation and logical axis names. Every parameter carries `axes`, the logical axis
@@ -8,7 +14,7 @@ names that sharding/rules.py maps onto a device mesh. Layers are a Python list, 
 no `lax.scan` over stacked weights (see DESIGN.md, decision 2).
 
 Shapes: B batch, T new tokens, S cache slots, D hidden, H q heads, K kv heads, G = H // K, E head_dim,
-F mlp, V vocab.
+F mlp, V vocab, X experts.
 """
 
 from __future__ import annotations
@@ -22,7 +28,9 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
+from meshserve.models import moe
 from meshserve.models.config import ModelConfig, rope_inv_freq
+from meshserve.models.moe import ExpertPlan
 
 Params = dict[str, Any]  # nested dict of arrays, the pure form of `nnx.State` (see `abstract_params`)
 
@@ -43,8 +51,8 @@ def _param(rngs: nnx.Rngs | None, shape, dtype, axes, init: str = "normal") -> n
 
 
 class RMSNorm(nnx.Module):
-    def __init__(self, dim: int, eps: float, *, dtype):
-        self.weight = _param(None, (dim,), dtype, ("embed",), init="ones")
+    def __init__(self, dim: int, eps: float, *, dtype, axis: str = "embed"):
+        self.weight = _param(None, (dim,), dtype, (axis,), init="ones")
         self.eps = eps
 
     def __call__(self, x: Float[Array, "... d"]) -> Float[Array, "... d"]:
@@ -64,6 +72,9 @@ class Attention(nnx.Module):
             self.q_bias = _param(rngs, (H, E), dtype, ("q_heads", "head_dim"))
             self.k_bias = _param(rngs, (K, E), dtype, ("kv_heads", "head_dim"))
             self.v_bias = _param(rngs, (K, E), dtype, ("kv_heads", "head_dim"))
+        if c.qk_norm:
+            self.q_norm = RMSNorm(E, c.rms_norm_eps, dtype=dtype, axis="head_dim")
+            self.k_norm = RMSNorm(E, c.rms_norm_eps, dtype=dtype, axis="head_dim")
         self.sliding_window = c.sliding_window
 
     def __call__(self, x: Float[Array, "b t d"], rope: tuple[Array, Array],
@@ -73,6 +84,8 @@ class Attention(nnx.Module):
         v = _project(x, self.v_proj[...])
         if hasattr(self, "q_bias"):
             q, k, v = q + self.q_bias[...], k + self.k_bias[...], v + self.v_bias[...]
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is None:  # no cache: attend within this call
             out = attention(q, k, v, positions, positions, self.sliding_window)
@@ -83,52 +96,79 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-    def __init__(self, c: ModelConfig, *, dtype, rngs: nnx.Rngs):
-        D, F = c.hidden_size, c.intermediate_size
+    def __init__(self, c: ModelConfig, *, dtype, rngs: nnx.Rngs, width: int | None = None):
+        D, F = c.hidden_size, width or c.intermediate_size
         self.gate_proj = _param(rngs, (D, F), dtype, ("embed", "mlp"))
         self.up_proj = _param(rngs, (D, F), dtype, ("embed", "mlp"))
         self.down_proj = _param(rngs, (F, D), dtype, ("mlp", "embed"))
 
-    def __call__(self, x: Float[Array, "b t d"]) -> Float[Array, "b t d"]:
+    def __call__(self, x: Float[Array, "b t d"], experts: ExpertPlan | None = None) -> Float[Array, "b t d"]:
         gate = jax.nn.silu(x @ self.gate_proj[...])
         return (gate * (x @ self.up_proj[...])) @ self.down_proj[...]
 
 
-class DecoderLayer(nnx.Module):
+class MoE(nnx.Module):
+    """A router, X SwiGLU experts stacked on a leading `expert` axis, and (Qwen2-MoE) a shared expert
+    every token passes through, scaled by a sigmoid gate."""
+
     def __init__(self, c: ModelConfig, *, dtype, rngs: nnx.Rngs):
+        D, F, X = c.hidden_size, c.moe_intermediate_size, c.num_experts
+        self.router = _param(rngs, (D, X), dtype, ("embed", "router"))
+        self.gate_proj = _param(rngs, (X, D, F), dtype, ("expert", "embed", "mlp"))
+        self.up_proj = _param(rngs, (X, D, F), dtype, ("expert", "embed", "mlp"))
+        self.down_proj = _param(rngs, (X, F, D), dtype, ("expert", "mlp", "embed"))
+        if c.shared_expert_intermediate_size:
+            self.shared = MLP(c, dtype=dtype, rngs=rngs, width=c.shared_expert_intermediate_size)
+            self.shared_gate = _param(rngs, (D, 1), dtype, ("embed", "router"))
+        self.top_k, self.normalize = c.num_experts_per_tok, c.norm_topk_prob
+
+    def __call__(self, x: Float[Array, "b t d"], experts: ExpertPlan) -> Float[Array, "b t d"]:
+        flat = x.reshape(-1, x.shape[-1])  # [B * T, D]
+        ids, weights = moe.route(flat, self.router[...], self.top_k, self.normalize)
+        out = moe.experts_mlp(flat, ids, weights, self.gate_proj[...], self.up_proj[...],
+                              self.down_proj[...], experts)
+        if hasattr(self, "shared"):
+            out = out + jax.nn.sigmoid(flat @ self.shared_gate[...]) * self.shared(flat)
+        return out.reshape(x.shape)
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, c: ModelConfig, layer: int, *, dtype, rngs: nnx.Rngs):
         self.input_norm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype=dtype)
         self.attn = Attention(c, dtype=dtype, rngs=rngs)
         self.post_attn_norm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype=dtype)
-        self.mlp = MLP(c, dtype=dtype, rngs=rngs)
+        self.mlp = MoE(c, dtype=dtype, rngs=rngs) if c.is_moe_layer(layer) else MLP(c, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x, rope, positions, cache, layer: int):
+    def __call__(self, x, rope, positions, cache, layer: int, experts: ExpertPlan):
         h, cache = self.attn(self.input_norm(x), rope, positions, cache, layer)
         x = x + h
-        return x + self.mlp(self.post_attn_norm(x)), cache
+        return x + self.mlp(self.post_attn_norm(x), experts), cache
 
 
-class Llama(nnx.Module):
+class Decoder(nnx.Module):
     def __init__(self, c: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
         self.config = c
         self.embed = _param(rngs, (c.vocab_size, c.hidden_size), dtype, ("vocab", "embed"))
-        self.layers = nnx.List([DecoderLayer(c, dtype=dtype, rngs=rngs) for _ in range(c.num_layers)])
+        self.layers = nnx.List([DecoderLayer(c, i, dtype=dtype, rngs=rngs) for i in range(c.num_layers)])
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype=dtype)
         if not c.tie_word_embeddings:
             self.lm_head = _param(rngs, (c.hidden_size, c.vocab_size), dtype, ("embed", "vocab"))
 
     def __call__(self, tokens: Int[Array, "b t"], positions: Int[Array, "b t"],
-                 cache: "KVCache | None" = None, logits_at: Int[Array, "b"] | None = None):
-        x, cache = self.hidden(tokens, positions, cache)
+                 cache: "KVCache | None" = None, logits_at: Int[Array, "b"] | None = None,
+                 experts: ExpertPlan = ExpertPlan()):
+        x, cache = self.hidden(tokens, positions, cache, experts)
         if logits_at is not None:  # only these tokens' logits: the vocabulary head is costly
             x = x[jnp.arange(x.shape[0]), logits_at][:, None]  # [B, 1, D]
         return self.head(x), cache
 
-    def hidden(self, tokens: Int[Array, "b t"], positions: Int[Array, "b t"], cache: "KVCache | None" = None):
+    def hidden(self, tokens: Int[Array, "b t"], positions: Int[Array, "b t"], cache: "KVCache | None" = None,
+               experts: ExpertPlan = ExpertPlan()):
         """The last layer's output, normed: f32-or-params-dtype[B, T, D] (the head's input)."""
         x = jnp.take(self.embed[...], tokens, axis=0)  # [B, T, D]
         rope = rope_tables(self.config, positions)
         for i, layer in enumerate(self.layers):
-            x, cache = layer(x, rope, positions, cache, i)
+            x, cache = layer(x, rope, positions, cache, i, experts)
         return self.norm(x), cache
 
     def head(self, x: Float[Array, "b t d"]) -> Float[Array, "b t v"]:
@@ -222,24 +262,25 @@ class DenseKVCache:
 
 @functools.lru_cache(maxsize=16)
 def _abstract_model(config: ModelConfig, dtype) -> tuple[nnx.GraphDef, nnx.State]:
-    return nnx.split(nnx.eval_shape(lambda: Llama(config, dtype=dtype, rngs=nnx.Rngs(0))))
+    return nnx.split(nnx.eval_shape(lambda: Decoder(config, dtype=dtype, rngs=nnx.Rngs(0))))
 
 
 def forward(params: Params, tokens: Int[Array, "b t"], positions: Int[Array, "b t"],
             cache: KVCache | None = None, *, config: ModelConfig,
-            logits_at: Int[Array, "b"] | None = None):
+            logits_at: Int[Array, "b"] | None = None, experts: ExpertPlan = ExpertPlan()):
     """Logits f32[B, T, V] for `tokens` at `positions` (f32[B, 1, V] at index `logits_at[b]` of each
-    row when given), and the updated cache (None without one)."""
+    row when given), and the updated cache (None without one). `experts`: how an MoE model's experts
+    run (their shards, the grouped matmul)."""
     graphdef, _ = _abstract_model(config, jnp.float32)
-    return nnx.merge(graphdef, params)(tokens, positions, cache, logits_at)
+    return nnx.merge(graphdef, params)(tokens, positions, cache, logits_at, experts)
 
 
 def forward_hidden(params: Params, tokens: Int[Array, "b t"], positions: Int[Array, "b t"],
-                   cache: KVCache | None = None, *, config: ModelConfig):
+                   cache: KVCache | None = None, *, config: ModelConfig, experts: ExpertPlan = ExpertPlan()):
     """The normed hidden states [B, T, D] feeding the vocabulary head, and the updated cache:
     `head(params, x)` of any of them gives their logits."""
     graphdef, _ = _abstract_model(config, jnp.float32)
-    return nnx.merge(graphdef, params).hidden(tokens, positions, cache)
+    return nnx.merge(graphdef, params).hidden(tokens, positions, cache, experts)
 
 
 def head(params: Params, x: Float[Array, "b t d"], *, config: ModelConfig) -> Float[Array, "b t v"]:
@@ -264,4 +305,4 @@ def param_axes(config: ModelConfig) -> dict[str, Any]:
 
 def init_params(config: ModelConfig, seed: int = 0, dtype=jnp.float32) -> Params:
     """Random weights (normal, std 0.02; norms at one) — for tests and benchmarks of large shapes."""
-    return nnx.to_pure_dict(nnx.state(Llama(config, dtype=dtype, rngs=nnx.Rngs(seed))))
+    return nnx.to_pure_dict(nnx.state(Decoder(config, dtype=dtype, rngs=nnx.Rngs(seed))))

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from meshserve.models.config import ModelConfig
-from meshserve.models.llama import DenseKVCache, abstract_params, attention, forward, init_params, param_axes
+from meshserve.models.decoder import DenseKVCache, abstract_params, attention, forward, init_params, param_axes
 
 CONFIG = ModelConfig(name="tiny", architecture="llama", vocab_size=97, hidden_size=48,
                      intermediate_size=96, num_layers=3, num_heads=6, num_kv_heads=2, head_dim=8,
