@@ -27,7 +27,9 @@ from meshserve.models.tokenizer import Tokenizer, TokenizerConfig
 # Every type the gguf package dequantizes: the float ones, the legacy and K-quants, the IQ and ternary
 # formats (weights are dequantized at conversion).
 SUPPORTED_TYPES = (Q.F32, Q.F16, *gguf_quants._type_traits)
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
+# GGUF's architecture names and ours; Mixtral is "llama" with experts.
+SUPPORTED_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "qwen2moe": "qwen2_moe",
+                           "qwen3moe": "qwen3_moe"}
 
 _GLOBAL = {"embed": "token_embd.weight", "norm": "output_norm.weight", "lm_head": "output.weight"}
 _LAYER = {
@@ -35,6 +37,12 @@ _LAYER = {
     "q": "attn_q.weight", "k": "attn_k.weight", "v": "attn_v.weight", "o": "attn_output.weight",
     "q_bias": "attn_q.bias", "k_bias": "attn_k.bias", "v_bias": "attn_v.bias",
     "gate": "ffn_gate.weight", "up": "ffn_up.weight", "down": "ffn_down.weight",
+    "q_norm": "attn_q_norm.weight", "k_norm": "attn_k_norm.weight",
+    # experts stacked in one tensor each, numpy shapes [X, F, D] / [X, D, F] as HF's
+    "router": "ffn_gate_inp.weight", "experts_gate": "ffn_gate_exps.weight",
+    "experts_up": "ffn_up_exps.weight", "experts_down": "ffn_down_exps.weight",
+    "shared_gate": "ffn_gate_shexp.weight", "shared_up": "ffn_up_shexp.weight",
+    "shared_down": "ffn_down_shexp.weight", "shared_expert_gate": "ffn_gate_inp_shexp.weight",
 }
 
 # Pre-tokenizer split patterns by `tokenizer.ggml.pre`, as in the models' own tokenizer.json files.
@@ -86,6 +94,9 @@ class GGUFSource(TensorSource):
         if arch not in SUPPORTED_ARCHITECTURES:
             raise ConvertError(f"unsupported architecture {arch!r} in {self._path.name}; "
                                f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+        if "blk.0.ffn_gate.0.weight" in self._tensors:
+            raise ConvertError(f"{self._path.name} stores one tensor per expert (an old llama.cpp layout); "
+                               "convert it again with a current llama.cpp, which stacks them (ffn_*_exps)")
         scaling_type = self._field(f"{arch}.rope.scaling.type")
         if scaling_type not in (None, "none"):
             raise ConvertError(f"unsupported RoPE scaling {scaling_type!r} in {self._path.name}")
@@ -98,16 +109,30 @@ class GGUFSource(TensorSource):
 
         heads = int(get("attention.head_count"))
         hidden = int(get("embedding_length"))
+        experts = int(self._field(f"{arch}.expert_count") or 0)
+        ours = "mixtral" if arch == "llama" and experts else SUPPORTED_ARCHITECTURES[arch]
+        moe = {}
+        if experts:
+            moe = dict(num_experts=experts, num_experts_per_tok=int(get("expert_used_count")),
+                       # llama.cpp: Mixtral's and Qwen3-MoE's picked weights are renormalised, Qwen2-MoE's not
+                       norm_topk_prob=ours != "qwen2_moe",
+                       moe_intermediate_size=int(get("expert_feed_forward_length") if ours != "mixtral"
+                                                 else get("feed_forward_length")),
+                       shared_expert_intermediate_size=int(
+                           self._field(f"{arch}.expert_shared_feed_forward_length") or 0),
+                       dense_layers=tuple(i for i in range(int(get("block_count")))
+                                          if f"blk.{i}.ffn_gate_inp.weight" not in self._tensors))
         tokens = self._field("tokenizer.ggml.tokens") or []
         eos = [self._field(k) for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id",
                                         "tokenizer.ggml.eom_token_id")]
         try:
             return ModelConfig(
                 name=str(self._field("general.name") or self._path.stem),
-                architecture=arch,
+                architecture=ours,
                 vocab_size=int(get("vocab_size", len(tokens) or None)),
                 hidden_size=hidden,
-                intermediate_size=int(get("feed_forward_length")),
+                # an MoE model without dense layers may omit the dense width
+                intermediate_size=int(get("feed_forward_length", moe.get("moe_intermediate_size"))),
                 num_layers=int(get("block_count")),
                 num_heads=heads,
                 num_kv_heads=int(get("attention.head_count_kv", heads)),
@@ -116,11 +141,13 @@ class GGUFSource(TensorSource):
                 rms_norm_eps=float(get("attention.layer_norm_rms_epsilon")),
                 rope_theta=float(get("rope.freq_base", 10000.0)),
                 attention_bias="blk.0.attn_q.bias" in self._tensors,
+                qk_norm="blk.0.attn_q_norm.weight" in self._tensors,
                 tie_word_embeddings="output.weight" not in self._tensors,
                 sliding_window=self._field(f"{arch}.attention.sliding_window"),
                 bos_token_id=self._field("tokenizer.ggml.bos_token_id"),
                 eos_token_ids=tuple(dict.fromkeys(int(e) for e in eos if e is not None)),
                 rope_freq_factors=self._rope_freq_factors(),
+                **moe,
             )
         except ConfigError as e:
             raise ConvertError(f"{self._path.name}: {e}") from None
@@ -141,13 +168,18 @@ class GGUFSource(TensorSource):
     def has(self, role, layer=None):
         return self._name(role, layer) in self._tensors
 
+    def tensor_name(self, role, layer=None):
+        return self._name(role, layer)
+
     def get(self, role, layer=None):
         name = self._name(role, layer)
         tensor = self._tensors.get(name)
         if tensor is None:
             raise ConvertError(f"{self._path.name} has no tensor {name}")
         w = dequantize(tensor.data, tensor.tensor_type).astype(np.float32, copy=False)
-        if self.config.architecture == "llama" and role in ("q", "k", "q_bias", "k_bias"):
+        if role == "shared_expert_gate":  # [D] in GGUF, HF's [1, D]
+            w = w.reshape(1, -1)
+        if self.config.architecture in ("llama", "mixtral") and role in ("q", "k", "q_bias", "k_bias"):
             heads = self.config.num_heads if role.startswith("q") else self.config.num_kv_heads
             w = unpermute_rope_rows(w, heads)
         return w

@@ -43,6 +43,7 @@ from jaxtyping import Array, Float, Int
 
 from meshserve.models.config import ModelConfig
 from meshserve.models.decoder import Params, forward_hidden, head, param_axes
+from meshserve.models.moe import ExpertPlan
 from meshserve.runtime import progress
 from meshserve.runtime.kv_cache import POOL_AXES, AttentionShards, KVPool, PagedKVCache, RaggedKVCache
 from meshserve.runtime.sampling import Sampled, SamplingBatch, Scored, no_scores, sample, score
@@ -103,27 +104,27 @@ def _sample_and_score(params, x, last_x, sampling, history, prompt_len, targets,
 
 
 def decode_step(params: Params, pool: KVPool, last: Int[Array, "s"], batch: DecodeBatch, *, config: ModelConfig,
-                attention: str = "reference", shards: AttentionShards | None = None, target: Target = CPU
-                ) -> tuple[KVPool, Int[Array, "s"], Sampled, Scored]:
+                attention: str = "reference", shards: AttentionShards | None = None, target: Target = CPU,
+                experts: ExpertPlan = ExpertPlan()) -> tuple[KVPool, Int[Array, "s"], Sampled, Scored]:
     tokens, positions, write_pages, write_slots, prompt_len, slots = (batch.ints[:, i] for i in range(DECODE_INTS))
     tokens = jnp.where(tokens < 0, last[slots], tokens)  # -1: the token the last call sampled for it
     cache = PagedKVCache(pool, batch.page_tables, write_pages[:, None], write_slots[:, None],
                          jnp.ones_like(tokens), attention, shards, target)
-    x, cache = forward_hidden(params, tokens[:, None], positions[:, None], cache, config=config)
+    x, cache = forward_hidden(params, tokens[:, None], positions[:, None], cache, config=config, experts=experts)
     sampling = SamplingBatch.unpack(batch.ints[:, DECODE_INTS:], batch.floats)
     sampled, scored = _sample_and_score(params, x, x[:, 0], sampling, batch.history, prompt_len, None, config)
     return cache.pool, last.at[slots].set(sampled.tokens), sampled, scored
 
 
 def prefill_step(params: Params, pool: KVPool, last: Int[Array, "s"], batch: PrefillBatch, *, config: ModelConfig,
-                 attention: str = "reference", shards: AttentionShards | None = None, target: Target = CPU
-                 ) -> tuple[KVPool, Int[Array, "s"], Sampled, Scored]:
+                 attention: str = "reference", shards: AttentionShards | None = None, target: Target = CPU,
+                 experts: ExpertPlan = ExpertPlan()) -> tuple[KVPool, Int[Array, "s"], Sampled, Scored]:
     tokens, positions, write_pages, write_slots, token_row, targets = (batch.tokens[i] for i in range(6))
     ctx_pages, ctx_row, ctx_index = batch.ctx[0], batch.ctx[1], batch.ctx[2]
     final, prompt_len, slots = batch.rows[:, 0], batch.rows[:, 1], batch.rows[:, 2]
     cache = RaggedKVCache(pool, write_pages[None], write_slots[None], token_row, ctx_pages, ctx_row, ctx_index,
                           final.shape[0], attention, shards, target)
-    x, cache = forward_hidden(params, tokens[None], positions[None], cache, config=config)
+    x, cache = forward_hidden(params, tokens[None], positions[None], cache, config=config, experts=experts)
     sampling = SamplingBatch.unpack(batch.rows[:, PREFILL_ROW_INTS:], batch.floats)
     sampled, scored = _sample_and_score(params, x, x[0, final], sampling, batch.history, prompt_len,
                                         targets[None], config)
@@ -231,7 +232,7 @@ def lower_programs(config: ModelConfig, params, pool: KVPool, buckets: Buckets, 
                                       is_leaf=lambda x: isinstance(x, tuple))
         batch = placed(batch, batch_sharding)
         fn = functools.partial(prefill_step if family == "prefill" else decode_step, config=config,
-                               attention=attention, target=target,
+                               attention=attention, target=target, experts=layout.experts(config, target.platform),
                                shards=_shards(layout, 1 if family == "prefill" else shape[1], pool.num_pages))
         if layout.mesh.size == 1:  # one device: no partitioning pass (it only slows the compile)
             jitted = jax.jit(fn, donate_argnums=(1, 2))

@@ -22,6 +22,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from meshserve.models.config import ModelConfig
 from meshserve.models.errors import ConfigError
+from meshserve.models.moe import ExpertPlan
 
 Rules = Mapping[str, str | None]
 
@@ -81,7 +82,8 @@ def check_rules(rules: Rules, mesh_axes: tuple[str, ...]) -> None:
     for name, target in rules.items():
         if name not in LOGICAL_AXES:
             raise ConfigError(f"rules: unknown logical axis {name!r} (known: {', '.join(LOGICAL_AXES)})")
-        if target is not None and target not in mesh_axes:
+        # the default rules may name an axis a mesh leaves out ("expert"): it is then replicated
+        if target is not None and target not in mesh_axes and DEFAULT_RULES.get(name) != target:
             raise ConfigError(f"rules: {name!r} maps to mesh axis {target!r}, which the mesh does not "
                               f"have (axes: {', '.join(mesh_axes)})")
 
@@ -138,6 +140,14 @@ class Layout:
             if n % self.size(target):
                 raise ConfigError(f"{name}: {n} cannot be split over mesh axis {target!r} of size "
                                   f"{self.size(target)} (the mesh requires it to be split: choose a size that divides it)")
+        expert_axis = self.axis("expert")
+        if expert_axis is not None and self.size(expert_axis) > 1:
+            if not config.num_experts:
+                raise ConfigError(f"the mesh splits experts over {expert_axis!r} (size {self.size(expert_axis)}) "
+                                  f"but {config.name or 'the model'} has no experts")
+            if config.num_experts % self.size(expert_axis):
+                raise ConfigError(f"expert: {config.num_experts} experts cannot be split over mesh axis "
+                                  f"{expert_axis!r} of size {self.size(expert_axis)} (choose a size that divides it)")
         if self.replicas > 1 and self.axis("pages") != self.axis("batch"):
             raise ConfigError("rules: 'pages' must map to the same mesh axis as 'batch' (each data "
                               "replica owns its batch slots and its share of the page pool)")
@@ -160,6 +170,13 @@ class Layout:
                               f"{q_axis!r} of size {self.size(q_axis)} (the mesh requires it)")
         rules = {**self.rules, "q_heads": q_axis if q_split else None, "kv_heads": kv_axis if kv_split else None}
         return dataclasses.replace(self, rules=rules)
+
+    def experts(self, config: ModelConfig, platform: str) -> ExpertPlan:
+        """How programs on this layout run an MoE model's experts: split over the `expert` rule's mesh
+        axis (replicate the tokens, run the local experts, sum), with the platform's grouped matmul."""
+        axis = self.axis("expert")
+        shards = self.size(axis) if config.num_experts and axis is not None else 1
+        return ExpertPlan(shards=shards, grouped_matmul="gather" if platform == "cpu" else "ragged_dot")
 
     def place(self, params, config: ModelConfig):
         """In-memory params (a test's, a converter's) onto this layout."""

@@ -147,7 +147,8 @@ def llamacpp_rope_factors(config) -> np.ndarray:
 
 def write_gguf(path: Path, model, qtype, arch: str = "llama", seed: int = 0, rope_freqs: bool = False):
     """Write the transformers `model` as a GGUF file with 2-D weights in `qtype`; norms stay F32.
-    rope_freqs: the model's Llama 3.1 RoPE scaling as llama.cpp writes it (rope_freqs.weight)."""
+    rope_freqs: the model's Llama 3.1 RoPE scaling as llama.cpp writes it (rope_freqs.weight).
+    arch: GGUF's name ("llama" for Mixtral too); experts are written stacked, as llama.cpp does."""
     import gguf
     from gguf import GGMLQuantizationType as Q
     from gguf.quants import quantize
@@ -167,6 +168,15 @@ def write_gguf(path: Path, model, qtype, arch: str = "llama", seed: int = 0, rop
     w.add_layer_norm_rms_eps(c.rms_norm_eps)
     w.add_rope_dimension_count(c.hidden_size // c.num_attention_heads)
     w.add_vocab_size(c.vocab_size)
+    w.add_key_length(getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads)
+    experts = getattr(c, "num_local_experts", None) or getattr(c, "num_experts", None)
+    if experts:
+        w.add_expert_count(experts)
+        w.add_expert_used_count(c.num_experts_per_tok)
+        if getattr(c, "moe_intermediate_size", None):
+            w.add_expert_feed_forward_length(c.moe_intermediate_size)
+        if getattr(c, "shared_expert_intermediate_size", None):
+            w.add_expert_shared_feed_forward_length(c.shared_expert_intermediate_size)
     tokens, merges = byte_level_vocab()
     tokens = tokens + [f"<extra_{i}>" for i in range(c.vocab_size - len(tokens))]
     types = [1] * len(tokens)
@@ -190,14 +200,28 @@ def write_gguf(path: Path, model, qtype, arch: str = "llama", seed: int = 0, rop
                  "self_attn.v_proj.weight": "attn_v.weight", "self_attn.o_proj.weight": "attn_output.weight",
                  "self_attn.q_proj.bias": "attn_q.bias", "self_attn.k_proj.bias": "attn_k.bias",
                  "self_attn.v_proj.bias": "attn_v.bias", "mlp.gate_proj.weight": "ffn_gate.weight",
-                 "mlp.up_proj.weight": "ffn_up.weight", "mlp.down_proj.weight": "ffn_down.weight"}
+                 "mlp.up_proj.weight": "ffn_up.weight", "mlp.down_proj.weight": "ffn_down.weight",
+                 "self_attn.q_norm.weight": "attn_q_norm.weight", "self_attn.k_norm.weight": "attn_k_norm.weight",
+                 "mlp.gate.weight": "ffn_gate_inp.weight", "mlp.experts.down_proj": "ffn_down_exps.weight",
+                 "mlp.shared_expert.gate_proj.weight": "ffn_gate_shexp.weight",
+                 "mlp.shared_expert.up_proj.weight": "ffn_up_shexp.weight",
+                 "mlp.shared_expert.down_proj.weight": "ffn_down_shexp.weight",
+                 "mlp.shared_expert_gate.weight": "ffn_gate_inp_shexp.weight"}
     for i in range(c.num_hidden_layers):
         for hf, gg in per_layer.items():
             names[f"model.layers.{i}.{hf}"] = f"blk.{i}.{gg}"
     if getattr(c, "tie_word_embeddings", False):
         sd.pop("lm_head.weight", None)
+    for key in [k for k in sd if k.endswith("mlp.experts.gate_up_proj")]:  # [X, 2F, D]: gate, then up
+        fused, layer = sd.pop(key), key.split(".")[2]
+        half = fused.shape[1] // 2
+        sd[f"blk.{layer}.ffn_gate_exps.weight"], sd[f"blk.{layer}.ffn_up_exps.weight"] = fused[:, :half], fused[:, half:]
+        names[f"blk.{layer}.ffn_gate_exps.weight"] = f"blk.{layer}.ffn_gate_exps.weight"
+        names[f"blk.{layer}.ffn_up_exps.weight"] = f"blk.{layer}.ffn_up_exps.weight"
     for hf_name, arr in sd.items():
         name = names[hf_name]
+        if name.endswith("ffn_gate_inp_shexp.weight"):
+            arr = arr.reshape(-1)
         if arch == "llama" and (".attn_q." in name or ".attn_k." in name):
             heads = c.num_attention_heads if ".attn_q." in name else c.num_key_value_heads
             arr = _llamacpp_permute(arr, heads)

@@ -12,7 +12,7 @@ from meshserve.models.convert import convert
 from meshserve.models.decoder import forward
 from meshserve.runtime.engine import Engine, EngineConfig
 from meshserve.runtime.sampling import SamplingParams
-from tests.helpers import make_hf_model
+from tests.helpers import make_hf_model, write_gguf
 
 _forward = jax.jit(forward, static_argnames="config")
 
@@ -87,6 +87,69 @@ def test_random_hf_model_matches_transformers(tmp_path, family, sharded):
         ids = rng.integers(0, ckpt.config.vocab_size, (1, length))
         assert_logits_close(ours_logits(ckpt, ids), ref_logits(model, ids))
     prompt = rng.integers(0, ckpt.config.vocab_size, 11).tolist()
+    assert engine_greedy(ckpt, [prompt], 32)[0] == ref_greedy(model, prompt, 32)
+
+
+# Qwen3 (q/k norm) and the mixtures of experts: hidden 64, 2 layers, 8 experts, top-2.
+GGUF_ARCH = {"qwen3": "qwen3", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe", "mixtral": "llama"}
+
+
+def write_fused_layout(model, folder):
+    """The model's tensors as transformers 5 holds them (experts fused into 3-D gate_up_proj and
+    down_proj), in place of the per-expert tensors save_pretrained writes."""
+    from safetensors.torch import save_file
+
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    (folder / "model.safetensors").unlink()
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    return state
+
+
+def decode_logits(ckpt, ids: np.ndarray, prompt: int) -> np.ndarray:
+    """Logits of positions prompt.. of `ids`, one token per call after a prefill of `prompt` tokens
+    into a dense cache: the decode path, not the whole-sequence one."""
+    from meshserve.models.decoder import DenseKVCache
+
+    step = jax.jit(forward, static_argnames="config")
+    cache = DenseKVCache.zeros(ckpt.config, 1, ids.shape[1])
+    positions = jnp.arange(ids.shape[1], dtype=jnp.int32)[None]
+    logits, cache = step(ckpt.params, jnp.asarray(ids[:, :prompt]), positions[:, :prompt], cache, config=ckpt.config)
+    out = [np.asarray(logits)[:, -1]]
+    for t in range(prompt, ids.shape[1] - 1):
+        logits, cache = step(ckpt.params, jnp.asarray(ids[:, t:t + 1]), positions[:, t:t + 1], cache,
+                             config=ckpt.config)
+        out.append(np.asarray(logits)[:, -1])
+    return np.stack(out, axis=1)  # the logits of positions prompt - 1 … len - 2
+
+
+@pytest.mark.parametrize("family", list(GGUF_ARCH))
+def test_qwen3_and_moe_families_match_transformers(tmp_path, family):
+    """Prefill and decode logits, and 32 greedy tokens through the engine, from the per-expert
+    safetensors layout of published checkpoints; logits from transformers 5's fused layout and from
+    GGUF (stacked `ffn_*_exps` tensors, Q/K rows permuted for Mixtral's "llama")."""
+    from gguf import GGMLQuantizationType as Q
+
+    model = make_hf_model(family, tmp_path / "hf", seed=2)
+    rng = np.random.default_rng(1)
+    ids = rng.integers(0, model.config.vocab_size, (1, 24))
+    ref = ref_logits(model, ids)
+    ckpts = {"per-expert": convert(f"hf:{tmp_path / 'hf'}", tmp_path / "a", progress=False)}
+    write_gguf(tmp_path / "m.gguf", model, Q.F32, arch=GGUF_ARCH[family])
+    ckpts["gguf"] = convert(f"gguf:{tmp_path / 'm.gguf'}", tmp_path / "b", progress=False)
+    if family != "qwen3":
+        state = write_fused_layout(model, tmp_path / "hf")
+        assert any(k.endswith("mlp.experts.gate_up_proj") for k in state)
+        ckpts["fused"] = convert(f"hf:{tmp_path / 'hf'}", tmp_path / "c", progress=False)
+    for layout, path in ckpts.items():
+        ckpt = load_checkpoint(path, progress=False)
+        c = ckpt.config
+        assert c.architecture == family, layout
+        assert (c.num_experts, c.num_experts_per_tok) == ((0, 0) if family == "qwen3" else (8, 2))
+        assert c.qk_norm == family.startswith("qwen3")
+        assert_logits_close(ours_logits(ckpt, ids), ref)
+        assert_logits_close(decode_logits(ckpt, ids, 16), ref[:, 15:23])
+    ckpt = load_checkpoint(ckpts["per-expert"], progress=False)
+    prompt = rng.integers(0, c.vocab_size, 11).tolist()
     assert engine_greedy(ckpt, [prompt], 32)[0] == ref_greedy(model, prompt, 32)
 
 
