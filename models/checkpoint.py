@@ -74,12 +74,28 @@ def save_checkpoint(out: str | Path, config: ModelConfig, params: Params, tokeni
         tokenizer.save(tmp)
         save_generation(tmp, generation or {})
         with ocp.PyTreeCheckpointer() as saver:
-            saver.save(tmp / PARAMS_DIR, params)
+            saver.save(tmp / PARAMS_DIR, params, save_args=_save_args(config, params))
         os.rename(tmp, out)  # atomic: the folder appears whole or not at all
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _save_args(config: ModelConfig, params: Params):
+    """Expert arrays are stored one expert per chunk (several small ones together, up to 1 MiB: smaller
+    chunks cost more than they save), so a process restoring its shard of the experts reads only those
+    (tensorstore reads whole chunks); everything else as Orbax chooses."""
+    import orbax.checkpoint as ocp
+
+    def args(names, a):
+        if "expert" not in names:
+            return ocp.SaveArgs()
+        axis = names.index("expert")
+        return ocp.SaveArgs(chunk_byte_size=max(a.nbytes // a.shape[axis], 2**20), shard_axes=(axis,))
+
+    return jax.tree.map(args, _subtree(param_axes(config), params), params,
+                        is_leaf=lambda x: isinstance(x, tuple))
 
 
 def read_meta(folder: str | Path) -> tuple[Path, ModelConfig, np.dtype]:
@@ -116,6 +132,7 @@ def load_checkpoint(folder: str | Path, sharding: ShardingSpec = None, progress:
         s = sharding(names, spec.shape) if callable(sharding) else sharding
         return ocp.ArrayRestoreArgs(sharding=s, global_shape=spec.shape, dtype=spec.dtype)
 
+    _check_stored_shapes(folder, target)
     groups = [{k: v for k, v in target.items() if k != "layers"}]
     groups += [{"layers": {i: layer}} for i, layer in target["layers"].items()]
     params: Params = {"layers": {}}
@@ -134,6 +151,31 @@ def load_checkpoint(folder: str | Path, sharding: ShardingSpec = None, progress:
             params["layers"].update(layers)
             params.update(part)
     return Checkpoint(folder, config, tokenizer, dtype, params, generation)
+
+
+def _check_stored_shapes(folder: Path, target: Params) -> None:
+    """CheckpointError naming the first array whose stored shape is not the config's (an expert count,
+    a width), or that the checkpoint lacks, before anything is read."""
+    import orbax.checkpoint as ocp
+
+    try:
+        with ocp.PyTreeCheckpointer() as reader:
+            stored = reader.metadata(folder / PARAMS_DIR)
+        stored = getattr(stored, "item_metadata", stored)
+        stored = getattr(stored, "tree", stored)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        raise CheckpointError(f"cannot read {folder / PARAMS_DIR}: {e}") from None
+    flat = {tuple(str(getattr(k, "key", k)) for k in path): leaf
+            for path, leaf in jax.tree_util.tree_flatten_with_path(stored)[0]}
+    for path, spec in jax.tree_util.tree_flatten_with_path(target)[0]:
+        key = tuple(str(getattr(k, "key", k)) for k in path)
+        name = "/".join(key)
+        if key not in flat:
+            raise CheckpointError(f"{folder}: the checkpoint has no array {name} (its config.yaml expects one)")
+        shape = tuple(getattr(flat[key], "shape", ()) or ())
+        if shape != tuple(spec.shape):
+            raise CheckpointError(f"{folder}: array {name} has shape {shape}, its config.yaml expects "
+                                  f"{tuple(spec.shape)}")
 
 
 def _subtree(tree: dict, like: dict) -> dict:

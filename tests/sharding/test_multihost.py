@@ -1,5 +1,6 @@
 """Two processes × 4 CPU devices, coordinated by jax.distributed over loopback (gloo collectives),
-give the tokens of one process with 8 devices, and agree on what they decide alone (seeds, time)."""
+give the tokens of one process with 8 devices, and agree on what they decide alone (seeds, time); with
+a mixture of experts split over them, each restores only its own experts."""
 
 import json
 import os
@@ -10,9 +11,13 @@ from pathlib import Path
 
 import pytest
 
+import dataclasses
+
 from meshserve.models.checkpoint import save_checkpoint
 from tests.helpers import random_checkpoint
-from tests.sharding.test_sharded_engine import WIDE, engine_tokens, layout
+from tests.sharding.test_expert_parallel import MOE
+from tests.sharding.test_sharded_engine import WIDE, engine_tokens
+from meshserve.sharding.mesh import MeshConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 TIMEOUT_S = 420
@@ -24,16 +29,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("data,tensor", [(1, 8), (2, 4)], ids=["tensor=8", "data=2,tensor=4"])
-def test_two_processes_equal_one(tmp_path, data, tensor):
-    ckpt = random_checkpoint(WIDE, tmp_path / "tok", seed=3)
+# Experts big enough that what a process holds dwarfs the rest of the model and the allocator's noise:
+# 8 layers × 8 experts × 3 × 256 × 1024 f32 = 201 MiB of experts, 100 MiB in each process.
+BIG_MOE = dataclasses.replace(MOE, name="big-moe", hidden_size=256, num_heads=4, num_kv_heads=4, head_dim=16,
+                              num_layers=8, moe_intermediate_size=1024, dense_layers=())
+
+
+def run_two(tmp_path, config, axes: dict) -> tuple[list, list[dict]]:
+    """Tokens of one process holding all 8 devices, and the two processes' reports."""
+    ckpt = random_checkpoint(config, tmp_path / "tok", seed=3)
     folder = save_checkpoint(tmp_path / "ckpt", ckpt.config, ckpt.params, ckpt.tokenizer)
-    expected, _ = engine_tokens(ckpt, layout(data, tensor))
+    expected, _ = engine_tokens(ckpt, MeshConfig.from_dict({"axes": axes, "num_devices": 8}).build())
+    del ckpt
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("XLA_FLAGS", None)
     procs = [subprocess.Popen([sys.executable, "-m", "tests.sharding.multihost_worker", str(port), str(i),
-                               str(data), str(tensor), str(folder)],
+                               json.dumps(axes), str(folder)],
                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for i in range(2)]
     try:
@@ -47,8 +59,29 @@ def test_two_processes_equal_one(tmp_path, data, tensor):
         assert p.returncode == 0, err[-3000:]
     results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
     assert sorted(r["process"] for r in results) == [0, 1]
+    return expected, results
+
+
+@pytest.mark.parametrize("data,tensor", [(1, 8), (2, 4)], ids=["tensor=8", "data=2,tensor=4"])
+def test_two_processes_equal_one(tmp_path, data, tensor):
+    expected, results = run_two(tmp_path, WIDE, {"data": data, "tensor": tensor})
     for r in results:
         assert r["tokens"] == expected
     # one mesh, one set of decisions: the same seeds for unseeded requests, the same clock
     assert results[0]["sampled"] == results[1]["sampled"]
     assert results[0]["clock"] == results[1]["clock"] and results[0]["clock"] == sorted(results[0]["clock"])
+
+
+def test_two_processes_split_the_experts_and_restore_only_their_own(tmp_path):
+    """expert=8 over 2 processes × 4 devices: each process's devices hold half the experts, and its
+    host memory while restoring stays under 1.3× the bytes of the experts it holds (the expert arrays
+    are stored one expert per chunk, and tensorstore reads only the chunks asked for)."""
+    expected, results = run_two(tmp_path, BIG_MOE, {"data": 1, "tensor": 1, "expert": 8})
+    experts_total = BIG_MOE.num_layers * BIG_MOE.num_experts * 3 * BIG_MOE.hidden_size * BIG_MOE.moe_intermediate_size * 4
+    for r in results:
+        assert r["tokens"] == expected
+        held = r["held_bytes"]
+        assert held["experts"] == experts_total // 2
+        print(f"process {r['process']}: restore {r['restore_bytes'] / 2**20:.1f} MiB for "
+              f"{held['experts'] / 2**20:.1f} MiB of experts ({held['all'] / 2**20:.1f} MiB in all)")
+        assert r["restore_bytes"] < 1.3 * held["experts"]

@@ -1,0 +1,129 @@
+"""models/moe.py: routing, both forms of the expert computation against a per-token loop, dropless
+routing, padding rows, and experts split over shards."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from meshserve.models import moe
+from meshserve.models.moe import ExpertPlan
+
+N, D, F, X, K = 37, 16, 24, 8, 2
+
+
+@pytest.fixture(scope="module")
+def weights():
+    rng = np.random.default_rng(0)
+    return {"router": rng.normal(size=(D, X)).astype(np.float32),
+            "gate": rng.normal(size=(X, D, F)).astype(np.float32) / 4,
+            "up": rng.normal(size=(X, D, F)).astype(np.float32) / 4,
+            "down": rng.normal(size=(X, F, D)).astype(np.float32) / 4}
+
+
+def reference(x, w, normalize=True):
+    """Each token through its top-k experts one at a time, in float64."""
+    x64 = x.astype(np.float64)
+    logits = x64 @ w["router"]
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    out = np.zeros_like(x64)
+    for n in range(x.shape[0]):
+        top = np.argsort(-probs[n], kind="stable")[:K]
+        p = probs[n, top] / (probs[n, top].sum() if normalize else 1)
+        for e, weight in zip(top, p):
+            g, u = x64[n] @ w["gate"][e], x64[n] @ w["up"][e]
+            out[n] += weight * ((g / (1 + np.exp(-g)) * u) @ w["down"][e])
+    return out
+
+
+def run(x, w, plan=ExpertPlan(), normalize=True):
+    @jax.jit
+    def f(x, router, gate, up, down):
+        ids, weights = moe.route(x, router, K, normalize)
+        return moe.experts_mlp(x, ids, weights, gate, up, down, plan)
+    return np.asarray(f(x, w["router"], w["gate"], w["up"], w["down"]))
+
+
+@pytest.mark.parametrize("method", ["all_experts", "grouped"])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_both_forms_equal_a_per_token_loop(weights, method, normalize):
+    x = np.random.default_rng(1).normal(size=(N, D)).astype(np.float32)
+    np.testing.assert_allclose(run(x, weights, ExpertPlan(method=method), normalize), reference(x, weights, normalize),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_route_renormalises_the_top_k():
+    x = jnp.asarray([[1.0, 0.0], [0.0, 1.0]])
+    router = jnp.asarray([[3.0, 2.0, 0.0], [0.0, 1.0, 2.0]])  # token 0 prefers 0 then 1; token 1: 2 then 1
+    ids, w = moe.route(x, router, 2, normalize=True)
+    assert ids.tolist() == [[0, 1], [2, 1]]
+    np.testing.assert_allclose(w.sum(-1), 1.0, rtol=1e-6)
+    _, raw = moe.route(x, router, 2, normalize=False)
+    assert float(raw[0].sum()) < 1.0
+
+
+@pytest.mark.parametrize("method", ["all_experts", "grouped"])
+def test_dropless_when_every_token_picks_expert_0(weights, method):
+    """A router biased so that all tokens send their first choice to expert 0: nothing is dropped."""
+    biased = dict(weights, router=weights["router"].copy())
+    x = np.abs(np.random.default_rng(2).normal(size=(64, D)).astype(np.float32))
+    biased["router"][:, 0] += 50.0  # x >= 0, so expert 0's logit dominates for every token
+    ids, _ = moe.route(jnp.asarray(x), jnp.asarray(biased["router"]), K, True)
+    assert (np.asarray(ids)[:, 0] == 0).all()
+    np.testing.assert_allclose(run(x, biased, ExpertPlan(method=method)), reference(x, biased), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["all_experts", "grouped"])
+def test_padding_rows_never_change_valid_rows(weights, method):
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(N, D)).astype(np.float32)
+    padded = np.concatenate([x, rng.normal(size=(27, D)).astype(np.float32) * 100])  # any junk
+    np.testing.assert_array_equal(run(padded, weights, ExpertPlan(method=method))[:N],
+                                  run(np.concatenate([x, np.zeros((27, D), np.float32)]), weights,
+                                      ExpertPlan(method=method))[:N])
+
+
+@pytest.mark.parametrize("shards", [2, 4, 8])
+@pytest.mark.parametrize("method", ["all_experts", "grouped"])
+def test_experts_split_over_shards_sum_to_the_same(weights, shards, method):
+    x = np.random.default_rng(4).normal(size=(N, D)).astype(np.float32)
+    np.testing.assert_allclose(run(x, weights, ExpertPlan(shards=shards, method=method)), reference(x, weights),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_grouped_matmul_ragged_dot_equals_gather(weights):
+    """The two grouped matmuls agree on the sorted, block-padded layout."""
+    b = 8
+    sizes = jnp.asarray([16, 0, 8, 8, 0, 0, 24, 0], jnp.int32)  # whole blocks, 56 of 64 rows used
+    block_expert = jnp.asarray([0, 0, 2, 3, 6, 6, 6, 7], jnp.int32)
+    rows = jnp.asarray(np.random.default_rng(5).normal(size=(64, D)), jnp.float32)
+    gather = moe.grouped_matmul(rows, weights["gate"], sizes, block_expert, b, "gather")
+    ragged = moe.grouped_matmul(rows, weights["gate"], sizes, block_expert, b, "ragged_dot")
+    np.testing.assert_allclose(np.asarray(gather)[:56], np.asarray(ragged)[:56], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("assignments,experts", [(1, 1), (32, 8), (4096, 8), (16384, 128), (7, 64)])
+def test_block_layout_holds_any_routing(assignments, experts):
+    """ceil(n_e / b) blocks per group fit in the static count for every split of the assignments,
+    the worst being all groups one row past a whole block."""
+    b, blocks = moe.block_layout(assignments, experts)
+    assert b % 8 == 0 and 8 <= b <= 256
+    worst = sum(-(-n // b) for n in np.diff(np.linspace(0, assignments, experts + 1).astype(int)))
+    assert worst <= blocks and assignments // b + min(experts, assignments) <= blocks
+
+
+def test_tokens_per_expert_counts_only_valid_rows():
+    ids = jnp.asarray([[0, 1], [1, 2], [0, 3]])
+    counts = moe.tokens_per_expert(ids, jnp.asarray([True, True, False]), 4)
+    assert counts.tolist() == [1, 2, 1, 0]
+
+
+def test_plan_is_checked():
+    with pytest.raises(ValueError, match="grouped_matmul"):
+        ExpertPlan(grouped_matmul="magic")
+    with pytest.raises(ValueError, match="cannot be split over 3 shards"):
+        run(np.zeros((4, D), np.float32), {"router": np.zeros((D, X), np.float32),
+                                            "gate": np.zeros((X, D, F), np.float32),
+                                            "up": np.zeros((X, D, F), np.float32),
+                                            "down": np.zeros((X, F, D), np.float32)}, ExpertPlan(shards=3))
