@@ -29,23 +29,29 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-# Experts big enough that what a process holds dwarfs the rest of the model and the allocator's noise:
-# 8 layers × 8 experts × 3 × 256 × 1024 f32 = 201 MiB of experts, 100 MiB in each process.
-BIG_MOE = dataclasses.replace(MOE, name="big-moe", hidden_size=256, num_heads=4, num_kv_heads=4, head_dim=16,
-                              num_layers=8, moe_intermediate_size=1024, dense_layers=())
+# Experts big enough that what a process holds dwarfs the rest of the model and the allocator's noise,
+# in many layers (a restore holds one layer's arrays twice for a moment: read, then placed):
+# 16 layers × 8 experts × 3 × 256 × 512 f32 = 201 MiB of experts, 100 MiB in each process.
+BIG_MOE = dataclasses.replace(MOE, name="big-moe", hidden_size=256, num_heads=4, num_kv_heads=2, head_dim=8,
+                              num_layers=16, moe_intermediate_size=512, dense_layers=())
 
 
-def run_two(tmp_path, config, axes: dict) -> tuple[list, list[dict]]:
-    """Tokens of one process holding all 8 devices, and the two processes' reports."""
+def run_two(tmp_path, config, axes: dict, warm: bool = False) -> tuple[list, list[dict]]:
+    """Tokens of one process holding all 8 devices, and the two processes' reports; warm: the workers
+    restore a small checkpoint before the one measured."""
     ckpt = random_checkpoint(config, tmp_path / "tok", seed=3)
     folder = save_checkpoint(tmp_path / "ckpt", ckpt.config, ckpt.params, ckpt.tokenizer)
+    extra = []
+    if warm:
+        small = random_checkpoint(WIDE, tmp_path / "tok-warm", seed=4)
+        extra = [str(save_checkpoint(tmp_path / "warm", small.config, small.params, small.tokenizer))]
     expected, _ = engine_tokens(ckpt, MeshConfig.from_dict({"axes": axes, "num_devices": 8}).build())
     del ckpt
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("XLA_FLAGS", None)
     procs = [subprocess.Popen([sys.executable, "-m", "tests.sharding.multihost_worker", str(port), str(i),
-                               json.dumps(axes), str(folder)],
+                               json.dumps(axes), str(folder), *extra],
                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for i in range(2)]
     try:
@@ -76,12 +82,13 @@ def test_two_processes_split_the_experts_and_restore_only_their_own(tmp_path):
     """expert=8 over 2 processes × 4 devices: each process's devices hold half the experts, and its
     host memory while restoring stays under 1.3× the bytes of the experts it holds (the expert arrays
     are stored one expert per chunk, and tensorstore reads only the chunks asked for)."""
-    expected, results = run_two(tmp_path, BIG_MOE, {"data": 1, "tensor": 1, "expert": 8})
+    expected, results = run_two(tmp_path, BIG_MOE, {"data": 1, "tensor": 1, "expert": 8}, warm=True)
     experts_total = BIG_MOE.num_layers * BIG_MOE.num_experts * 3 * BIG_MOE.hidden_size * BIG_MOE.moe_intermediate_size * 4
     for r in results:
         assert r["tokens"] == expected
         held = r["held_bytes"]
         assert held["experts"] == experts_total // 2
-        print(f"process {r['process']}: restore {r['restore_bytes'] / 2**20:.1f} MiB for "
+        print(f"process {r['process']}: restore {r['restore_bytes'] / 2**20:.1f} MiB at its peak, "
+              f"{r['kept_bytes'] / 2**20:.1f} MiB after, for "
               f"{held['experts'] / 2**20:.1f} MiB of experts ({held['all'] / 2**20:.1f} MiB in all)")
         assert r["restore_bytes"] < 1.3 * held["experts"]
