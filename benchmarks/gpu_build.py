@@ -18,7 +18,8 @@ For each target it builds
            tensor-parallel over an 8-device topology (configs/meshes/h100x8.yaml; 70B does not fit
            one card); every program for the H100, the largest prefill and decode of each for the H200
            (FULL_ENGINE_TARGET); and the 8B shape under the shipped config alone, its KV pool sized
-           from the card's memory as the engine sizes it (largest prefill and decode, both cards).
+           from the card's memory as the engine sizes it (largest prefill and decode, both cards); and
+           the Qwen3 mixtures of experts in their shipped mesh files (largest two, both cards).
 One line per program as it is built; a table last; exit 1 naming every program that failed and the
 compiler's message. --broken adds a kernel known not to lower (a 3-element array), to show a
 failure is caught and named.
@@ -30,6 +31,7 @@ import argparse
 import concurrent.futures
 import dataclasses
 import json
+import math
 import os
 import sys
 import threading
@@ -256,6 +258,12 @@ def engine_setups():
     # `meshserve serve llama-3-8b/` with no YAML of the user's: the shipped config, the pool sized from
     # the card's memory as the engine sizes it (its largest prefill and decode program)
     yield "Llama-3-8B shape, shipped config", llama8, "bfloat16", served, meshes / "h100x1.yaml", True
+    # mixtures of experts in their shipped mesh files, grouped matmuls by XLA's ragged_dot: Qwen3-30B-A3B
+    # on one card, Qwen3-235B-A22B with its experts split over eight (largest prefill and decode)
+    qwen30 = ModelConfig.from_yaml(models / "qwen3-30b-a3b.yaml")
+    qwen235 = ModelConfig.from_yaml(models / "qwen3-235b-a22b.yaml")
+    yield "Qwen3-30B-A3B, shipped config", qwen30, "bfloat16", served, meshes / "qwen3-30b-a3b-h100x1.yaml", True
+    yield "Qwen3-235B-A22B, experts 8", qwen235, "bfloat16", served, meshes / "qwen3-235b-a22b-h100x8.yaml", True
 
 
 def device_memory(model, dtype, config, card, layout):
@@ -278,7 +286,7 @@ def build_engine(builder: Builder, target: Target) -> None:
     topologies_by_count = {1: target}
     for name, model, dtype, config, mesh_file, largest_only in engine_setups():
         mesh_config = MeshConfig.from_yaml(mesh_file)
-        count = dict(mesh_config.axes)["data"] * dict(mesh_config.axes)["tensor"]
+        count = math.prod(dict(mesh_config.axes).values())
         if count not in topologies_by_count:
             topologies_by_count[count] = Target(target.key, count)
         devices = topologies_by_count[count].devices

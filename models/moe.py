@@ -7,12 +7,12 @@ turned away for lack of room, whatever the router does.
 
 Two ways to run the experts, chosen per call from its static token count:
 - all experts: every token through every (local) expert, combined by the router's weights (zeros for
-  experts it did not pick). Each expert's weights are read once, so this is the fastest form when there
-  are few tokens (decode) and costs num_experts / k times the FLOPs otherwise.
+  experts it did not pick): one batched matmul, each expert's weights read once. Chosen when that
+  costs at most twice the FLOPs the picks need (few experts, many tokens each).
 - grouped: the (token, expert) pairs sorted by expert into blocks of `b` rows, each block one
-  expert's, each group padded to whole blocks; one grouped matmul over the blocks (`grouped_matmul`);
-  the results scattered back to their tokens. The padding is bounded statically (a group of n rows
-  takes ceil(n / b) blocks), so any routing fits.
+  expert's, each group padded to whole blocks; one grouped MLP over the blocks (`grouped_mlp`); the
+  results scattered back to their tokens. The blocks are bounded statically (a group of n rows takes
+  ceil(n / b) blocks), so any routing fits; only the blocks in use are computed on CPUs.
 
 Expert parallelism, replicate and sum: with the experts split over S shards (the mesh's `expert` axis),
 every shard sees all tokens, runs only its own experts and the shards' outputs are summed. Both forms
@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
-GROUPED_MATMULS = ("gather", "ragged_dot")
+GROUPED_MLPS = ("loop", "ragged_dot")
 METHODS = ("auto", "all_experts", "grouped")
 
 
@@ -40,20 +40,21 @@ class ExpertPlan:
     """How a program runs its experts: a property of where they are placed, not of the model.
 
     shards: the size of the mesh axis the experts are split over (1: all on each device).
-    grouped_matmul: "gather" (each block gathers its expert's weights; any platform, fastest on CPUs) or
-      "ragged_dot" (`jax.lax.ragged_dot`, which GPU and TPU compilers lower to their own grouped GEMM).
+    grouped: "loop" (a loop over the blocks in use, each a matmul against its expert's weights: reads
+      only the experts picked; CPUs) or "ragged_dot" (`jax.lax.ragged_dot`, which GPU and TPU compilers
+      lower to their own grouped GEMM).
     method: "auto" chooses by token count; tests force one form.
     """
 
     shards: int = 1
-    grouped_matmul: str = "gather"
+    grouped: str = "loop"
     method: str = "auto"
 
     def __post_init__(self):
         if self.shards < 1:
             raise ValueError(f"expert shards must be >= 1, got {self.shards}")
-        if self.grouped_matmul not in GROUPED_MATMULS:
-            raise ValueError(f"grouped_matmul must be one of {', '.join(GROUPED_MATMULS)}")
+        if self.grouped not in GROUPED_MLPS:
+            raise ValueError(f"grouped must be one of {', '.join(GROUPED_MLPS)}")
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(METHODS)}")
 
@@ -81,26 +82,26 @@ def experts_mlp(x: Float[Array, "n d"], ids: Int[Array, "n k"], weights: Float[A
         raise ValueError(f"{X} experts cannot be split over {S} shards")
     XL = X // S
     shard_weights = [w.reshape(S, XL, *w.shape[1:]) for w in (gate, up, down)]
-    b, blocks = block_layout(N * k, XL)
     method = plan.method
-    if method == "auto":  # rows each shard computes: N per local expert, or its padded blocks
-        method = "all_experts" if N * XL <= 2 * blocks * b else "grouped"
+    if method == "auto":  # all experts: N rows through each local expert, against the N·k picked
+        method = "all_experts" if N * XL <= 2 * N * k else "grouped"
     if method == "all_experts":
         out = _all_experts(x, ids, weights, *shard_weights)
     else:
-        out = _grouped(x, ids, weights, *shard_weights, b, blocks, plan.grouped_matmul)
+        out = _grouped(x, ids, weights, *shard_weights, *block_layout(N * k, XL), plan.grouped)
     return out.astype(x.dtype)
 
 
 def block_layout(assignments: int, local_experts: int) -> tuple[int, int]:
     """(rows per block, blocks) for `assignments` (token, expert) pairs over `local_experts` groups.
 
-    Blocks of about a quarter of an even group keep the padding near a quarter of the rows and the
-    gathered weights near five copies of a shard's experts; a group of n rows takes ceil(n / b)
-    blocks, so ceil(A / b) + XL blocks hold any routing."""
-    b = -(-assignments // (4 * local_experts))
-    b = min(256, max(8, -(-b // 8) * 8))
-    return b, -(-assignments // b) + local_experts
+    A block holds about twice an even group's rows (a power of two, 1 to 256): one row per block when a
+    decode step's few tokens spread over many experts, larger blocks for a prefill's many (measured on
+    CPUs: the loop's cost per block against the padding's). G groups in use of n_e rows take
+    Σ ceil(n_e / b) <= (A + G (b - 1)) / b blocks, G <= min(A, XL)."""
+    even = -(-2 * assignments // local_experts)
+    b = min(256, 1 << (even - 1).bit_length())
+    return b, -(-(assignments + min(assignments, local_experts) * (b - 1)) // b)
 
 
 def _all_experts(x, ids, weights, gate, up, down):
@@ -120,7 +121,7 @@ def _all_experts(x, ids, weights, gate, up, down):
 
 
 def _grouped(x, ids, weights, gate, up, down, b, blocks, how):
-    """The (token, expert) pairs sorted by expert into blocks, one grouped matmul, scattered back."""
+    """The (token, expert) pairs sorted by expert into blocks, one grouped MLP, scattered back."""
     N, D = x.shape
     k = ids.shape[1]
     S, XL = gate.shape[:2]
@@ -141,33 +142,38 @@ def _grouped(x, ids, weights, gate, up, down, b, blocks, how):
         row_weight = jnp.zeros(rows, jnp.float32).at[dest].set(flat_w[order], mode="drop")
         block_expert = jnp.searchsorted(jnp.cumsum(padded), jnp.arange(blocks) * b, side="right")
         block_expert = jnp.minimum(block_expert, XL - 1).astype(jnp.int32)  # spare blocks: zero weight
-        xs = x[row_token]
-
-        def matmul(rows_, w, out_dtype=None):
-            return grouped_matmul(rows_, w, padded, block_expert, b, how, out_dtype)
-
-        h = jax.nn.silu(matmul(xs, gate)) * matmul(xs, up)
-        y = matmul(h, down, jnp.float32) * row_weight[:, None]
-        return jnp.zeros((N, D), jnp.float32).at[row_token].add(y)
+        y = grouped_mlp(x[row_token], gate, up, down, padded, block_expert, jnp.sum(padded) // b, b, how)
+        return jnp.zeros((N, D), jnp.float32).at[row_token].add(y * row_weight[:, None])
 
     return jnp.sum(jax.vmap(shard)(jnp.arange(S), gate, up, down), axis=0)
 
 
-def grouped_matmul(rows: Float[Array, "m d"], w: Float[Array, "x d f"], group_sizes: Int[Array, "x"],
-                   block_expert: Int[Array, "m_over_b"], b: int, how: str = "gather",
-                   out_dtype=None) -> Float[Array, "m f"]:
-    """rows[i] @ w[group of row i], for rows sorted by group into blocks of `b` (each group a whole
-    number of blocks; rows past the groups give zeros or are weighted out by the caller).
+def grouped_mlp(rows: Float[Array, "m d"], gate: Float[Array, "x d f"], up: Float[Array, "x d f"],
+                down: Float[Array, "x f d"], group_sizes: Int[Array, "x"], block_expert: Int[Array, "blocks"],
+                used_blocks: Int[Array, ""], b: int, how: str = "loop") -> Float[Array, "m d"]:
+    """SwiGLU expert e (rows[i]) in f32 for the rows sorted by group into blocks of `b` (each group a
+    whole number of blocks, `block_expert` naming each block's expert, the first `used_blocks` in use;
+    rows past them are zeros or are weighted out by the caller).
 
-    The one place the grouped matmul lives, so a platform can get its own kernel: "gather" (a batched
-    matmul of each block against its expert's gathered weights) or "ragged_dot" (XLA's op)."""
-    out_dtype = out_dtype or rows.dtype
+    The one place the grouped computation lives, so a platform can get its own kernel:
+    "loop" runs the blocks in use one after another, each three matmuls against its expert's weights
+    (reads only the experts picked, computes only the blocks in use: XLA:CPU has no grouped GEMM);
+    "ragged_dot" is XLA's grouped matmul (GPU and TPU compilers lower it to their own)."""
     if how == "ragged_dot":
-        return jax.lax.ragged_dot(rows, w, group_sizes, preferred_element_type=out_dtype)
-    m, d = rows.shape
-    blocks = rows.reshape(m // b, b, d)
-    out = jnp.einsum("nbd,ndf->nbf", blocks, w[block_expert], preferred_element_type=out_dtype)
-    return out.reshape(m, -1)
+        def matmul(a, w):
+            return jax.lax.ragged_dot(a, w, group_sizes, preferred_element_type=jnp.float32)
+
+        h = jax.nn.silu(matmul(rows, gate)) * matmul(rows, up)
+        return matmul(h.astype(rows.dtype), down)
+
+    def block(i, out):
+        e = block_expert[i]
+        x = jax.lax.dynamic_slice_in_dim(rows, i * b, b)
+        h = jax.nn.silu(x @ gate[e]) * (x @ up[e])
+        y = jnp.dot(h, down[e], preferred_element_type=jnp.float32)
+        return jax.lax.dynamic_update_slice_in_dim(out, y, i * b, axis=0)
+
+    return jax.lax.fori_loop(0, used_blocks, block, jnp.zeros((rows.shape[0], down.shape[2]), jnp.float32))
 
 
 def tokens_per_expert(ids: Int[Array, "n k"], valid: Array, experts: int) -> Int[Array, "x"]:

@@ -88,8 +88,10 @@ def host_available_bytes() -> int | None:
 def activation_bytes(model: ModelConfig, max_num_batched_tokens: int) -> int:
     """An upper estimate of what a step's programs take beside the weights and the pool on one device:
     float32 logits and sampling buffers over the vocabulary, the hidden and MLP activations of the
-    largest batch, and 512 MiB of scratch (library workspaces)."""
-    per_token = 4 * (3 * model.vocab_size + 8 * model.hidden_size + 3 * model.intermediate_size)
+    largest batch (with a mixture of experts: each token's k experts' activations, twice over for the
+    grouped form's padding), and 512 MiB of scratch (library workspaces)."""
+    per_token = 4 * (3 * model.vocab_size + 8 * model.hidden_size + 3 * model.intermediate_size
+                     + 6 * model.num_experts_per_tok * model.moe_intermediate_size)
     return per_token * max_num_batched_tokens + (512 << 20)
 
 

@@ -176,7 +176,7 @@ class Layout:
         axis (replicate the tokens, run the local experts, sum), with the platform's grouped matmul."""
         axis = self.axis("expert")
         shards = self.size(axis) if config.num_experts and axis is not None else 1
-        return ExpertPlan(shards=shards, grouped_matmul="gather" if platform == "cpu" else "ragged_dot")
+        return ExpertPlan(shards=shards, grouped="loop" if platform == "cpu" else "ragged_dot")
 
     def place(self, params, config: ModelConfig):
         """In-memory params (a test's, a converter's) onto this layout."""

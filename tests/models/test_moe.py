@@ -92,25 +92,39 @@ def test_experts_split_over_shards_sum_to_the_same(weights, shards, method):
                                rtol=1e-5, atol=1e-5)
 
 
-def test_grouped_matmul_ragged_dot_equals_gather(weights):
-    """The two grouped matmuls agree on the sorted, block-padded layout."""
+def test_grouped_mlp_loop_equals_ragged_dot_and_a_per_row_loop(weights):
+    """Both grouped MLPs agree with each row through its block's expert on the sorted, block-padded
+    layout; the loop leaves the blocks past the used ones at zero."""
     b = 8
-    sizes = jnp.asarray([16, 0, 8, 8, 0, 0, 24, 0], jnp.int32)  # whole blocks, 56 of 64 rows used
+    sizes = jnp.asarray([16, 0, 8, 8, 0, 0, 24, 0], jnp.int32)  # whole blocks: 7 of the 8 in use
     block_expert = jnp.asarray([0, 0, 2, 3, 6, 6, 6, 7], jnp.int32)
-    rows = jnp.asarray(np.random.default_rng(5).normal(size=(64, D)), jnp.float32)
-    gather = moe.grouped_matmul(rows, weights["gate"], sizes, block_expert, b, "gather")
-    ragged = moe.grouped_matmul(rows, weights["gate"], sizes, block_expert, b, "ragged_dot")
-    np.testing.assert_allclose(np.asarray(gather)[:56], np.asarray(ragged)[:56], rtol=1e-5, atol=1e-5)
+    rows = np.random.default_rng(5).normal(size=(64, D)).astype(np.float32)
+    w = tuple(jnp.asarray(weights[n]) for n in ("gate", "up", "down"))
+    loop = np.asarray(moe.grouped_mlp(jnp.asarray(rows), *w, sizes, block_expert, jnp.int32(7), b, "loop"))
+    ragged = np.asarray(moe.grouped_mlp(jnp.asarray(rows), *w, sizes, block_expert, jnp.int32(7), b, "ragged_dot"))
+    expected = np.zeros((64, D))
+    for i in range(56):
+        e = int(block_expert[i // b])
+        g, u = rows[i] @ weights["gate"][e], rows[i] @ weights["up"][e]
+        expected[i] = (g / (1 + np.exp(-g)) * u) @ weights["down"][e]
+    np.testing.assert_allclose(loop, expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(ragged[:56], expected[:56], rtol=1e-5, atol=1e-5)
+    assert not loop[56:].any()
 
 
-@pytest.mark.parametrize("assignments,experts", [(1, 1), (32, 8), (4096, 8), (16384, 128), (7, 64)])
+@pytest.mark.parametrize("assignments,experts", [(1, 1), (8, 64), (32, 8), (128, 64), (4096, 8), (16384, 128)])
 def test_block_layout_holds_any_routing(assignments, experts):
-    """ceil(n_e / b) blocks per group fit in the static count for every split of the assignments,
-    the worst being all groups one row past a whole block."""
+    """Σ ceil(n_e / b) blocks fit in the static count for the worst splits of the assignments: as
+    many groups as can be one row past a whole block, the rest in one group."""
     b, blocks = moe.block_layout(assignments, experts)
-    assert b % 8 == 0 and 8 <= b <= 256
-    worst = sum(-(-n // b) for n in np.diff(np.linspace(0, assignments, experts + 1).astype(int)))
-    assert worst <= blocks and assignments // b + min(experts, assignments) <= blocks
+    assert b & (b - 1) == 0 and 1 <= b <= 256  # a power of two
+    groups = min(experts, assignments)
+    for g in range(1, groups + 1):
+        for extra in (1, b + 1):  # g - 1 groups of `extra` rows, the rest in one
+            if (g - 1) * extra >= assignments:
+                continue
+            sizes = [extra] * (g - 1) + [assignments - (g - 1) * extra]
+            assert sum(-(-n // b) for n in sizes) <= blocks, (g, extra)
 
 
 def test_tokens_per_expert_counts_only_valid_rows():
@@ -120,8 +134,8 @@ def test_tokens_per_expert_counts_only_valid_rows():
 
 
 def test_plan_is_checked():
-    with pytest.raises(ValueError, match="grouped_matmul"):
-        ExpertPlan(grouped_matmul="magic")
+    with pytest.raises(ValueError, match="grouped must be one of loop, ragged_dot"):
+        ExpertPlan(grouped="magic")
     with pytest.raises(ValueError, match="cannot be split over 3 shards"):
         run(np.zeros((4, D), np.float32), {"router": np.zeros((D, X), np.float32),
                                             "gate": np.zeros((X, D, F), np.float32),

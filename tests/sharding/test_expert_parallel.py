@@ -13,13 +13,14 @@ from meshserve.sharding.mesh import MeshConfig
 from tests.runtime.conftest import greedy_reference
 from tests.sharding.test_sharded_engine import SMALL, engine_tokens, prompts, random_ckpt
 
-# Qwen3-MoE-shaped: q/k norm, 8 experts, top-2 renormalised; a dense first layer as Qwen's
-# mlp_only_layers make.
+# Qwen3-MoE-shaped: q/k norm, 16 experts, top-2 renormalised; a dense first layer as Qwen's
+# mlp_only_layers make. With 8 or more experts per shard the experts run grouped, with fewer all at
+# once (models/moe.py): the meshes below take both paths.
 MOE = ModelConfig(name="tiny-moe", architecture="qwen3_moe", vocab_size=296, hidden_size=64,
                   intermediate_size=96, num_layers=3, num_heads=8, num_kv_heads=4, head_dim=8,
-                  max_position_embeddings=512, qk_norm=True, num_experts=8, num_experts_per_tok=2,
+                  max_position_embeddings=512, qk_norm=True, num_experts=16, num_experts_per_tok=2,
                   moe_intermediate_size=32, norm_topk_prob=True, dense_layers=(0,))
-MESHES = {"expert=2": (1, 1, 2), "expert=4": (1, 1, 4), "expert=8": (1, 1, 8),
+MESHES = {"expert=2": (1, 1, 2), "expert=4": (1, 1, 4), "expert=8": (1, 1, 8), "tensor=2,expert=2": (1, 2, 2),
           "tensor=2,expert=4": (1, 2, 4), "data=2,expert=4": (2, 1, 4)}
 
 
@@ -47,8 +48,8 @@ def test_expert_parallel_tokens_equal_one_device(moe_ckpt, one_device, mesh):
     assert tokens == one_device
     gate = engine.checkpoint.params["layers"][1]["mlp"]["gate_proj"]
     expert = MESHES[mesh][2]
-    assert gate.sharding.spec[0] == "expert"  # the experts really are split: each device holds 8 / expert
-    assert {s.data.shape[0] for s in gate.addressable_shards} == {8 // expert}
+    assert gate.sharding.spec[0] == "expert"  # the experts really are split: each device holds 16 / expert
+    assert {s.data.shape[0] for s in gate.addressable_shards} == {16 // expert}
     assert engine.layout.experts(MOE, "cpu").shards == expert
 
 

@@ -25,11 +25,18 @@ def write(tmp_path, text: str) -> Path:
 
 def test_shipped_mesh_files_load():
     names = sorted(p.stem for p in MESHES.glob("*.yaml"))
-    assert names == ["cpu-1", "cpu-8", "cpu-8-decode", "cpu-8-prefill", "h100x1", "h100x8", "h100x8-2hosts"]
+    assert names == ["cpu-1", "cpu-8", "cpu-8-decode", "cpu-8-experts", "cpu-8-prefill", "h100x1", "h100x8",
+                     "h100x8-2hosts", "qwen3-235b-a22b-h100x8", "qwen3-235b-a22b-h100x8-2hosts",
+                     "qwen3-30b-a3b-h100x1"]
     loaded = {n: MeshConfig.from_yaml(MESHES / f"{n}.yaml") for n in names}
     assert dict(loaded["h100x8-2hosts"].axes) == {"data": 2, "tensor": 8}
     assert loaded["h100x8-2hosts"].distributed.num_processes == 2
     assert loaded["h100x8"].require_split == ("q_heads",)
+    for n in ("qwen3-235b-a22b-h100x8", "qwen3-235b-a22b-h100x8-2hosts"):  # experts over the node's 8 cards
+        assert dict(loaded[n].rules) == {"expert": "tensor"}
+    experts = loaded["cpu-8-experts"].build().for_model(ModelConfig.named("qwen3-30b-a3b"))
+    assert experts.experts(ModelConfig.named("qwen3-30b-a3b"), "cpu").shards == 4
+    assert experts.spec(("expert", "embed", "mlp"), (128, 2048, 768)) == P("expert", None, "tensor")
     for n in ("cpu-1", "cpu-8"):  # these build here
         layout = loaded[n].build()
         assert layout.mesh.size == (1 if n == "cpu-1" else 8)

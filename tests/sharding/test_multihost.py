@@ -33,7 +33,7 @@ def free_port() -> int:
 # in many layers (a restore holds one layer's arrays twice for a moment: read, then placed):
 # 16 layers × 8 experts × 3 × 256 × 512 f32 = 201 MiB of experts, 100 MiB in each process.
 BIG_MOE = dataclasses.replace(MOE, name="big-moe", hidden_size=256, num_heads=4, num_kv_heads=2, head_dim=8,
-                              num_layers=16, moe_intermediate_size=512, dense_layers=())
+                              num_layers=16, num_experts=8, moe_intermediate_size=512, dense_layers=())
 
 
 def run_two(tmp_path, config, axes: dict, warm: bool = False) -> tuple[list, list[dict]]:
