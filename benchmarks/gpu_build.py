@@ -150,8 +150,9 @@ class Builder:
         self.results: list[Built] = []
         self.lock = threading.Lock()
 
-    def add(self, target: Target, part: str, name: str, lower, mesh=None) -> None:
-        """lower() → a Lowered, run under the target's abstract mesh (Pallas reads the GPU's kind)."""
+    def add(self, target: Target, part: str, name: str, lower, mesh=None, options=None) -> None:
+        """lower() → a Lowered, run under the target's abstract mesh (Pallas reads the GPU's kind), then
+        compiled with the XLA `options` the engine gives it."""
         if self.match and self.match not in name:
             return
         t = time.perf_counter()
@@ -162,12 +163,12 @@ class Builder:
         except Exception as e:  # a failure is the finding: name the program, keep the compiler's words
             self._done(entry, time.perf_counter() - t, e)
             return
-        self.pending.append(self.pool.submit(self._compile, entry, lowered, time.perf_counter() - t))
+        self.pending.append(self.pool.submit(self._compile, entry, lowered, time.perf_counter() - t, options))
 
-    def _compile(self, entry: Built, lowered, seconds: float) -> None:
+    def _compile(self, entry: Built, lowered, seconds: float, options=None) -> None:
         t = time.perf_counter()
         try:
-            lowered.compile()
+            lowered.compile(options)
         except Exception as e:
             self._done(entry, seconds + time.perf_counter() - t, e)
         else:
@@ -267,11 +268,17 @@ def engine_setups():
 
 
 def device_memory(model, dtype, config, card, layout):
-    """What one card gives the engine once the weights (split over the tensor axis) are in: its
-    memory at gpu_memory_utilization (the share jax's allocator is set to take)."""
+    """What one card gives the engine once its shard of the weights is in: its memory at
+    gpu_memory_utilization (the share jax's allocator is set to take)."""
+    from meshserve.models.decoder import abstract_params, param_axes
     from meshserve.runtime.kv_manager import Memory
 
-    weights = model.num_params() * jnp.dtype(dtype).itemsize // layout.size(layout.axis("q_heads"))
+    def shard_bytes(names, a):
+        split = math.prod(layout.size(axis) for axis in layout.spec(names, a.shape) if axis is not None)
+        return math.prod(a.shape) * jnp.dtype(dtype).itemsize // split
+
+    weights = sum(jax.tree.leaves(jax.tree.map(shard_bytes, param_axes(model), abstract_params(model, dtype),
+                                               is_leaf=lambda x: isinstance(x, tuple))))
     return Memory(int(card.memory_bytes * config.gpu_memory_utilization), in_use=weights)
 
 
@@ -280,7 +287,8 @@ def build_engine(builder: Builder, target: Target) -> None:
     from meshserve.runtime.engine import kv_pool_bytes
     from meshserve.runtime.kv_cache import abstract_pool, page_bytes
     from meshserve.runtime.kv_manager import kv_pages
-    from meshserve.runtime.programs import lower_programs
+    from meshserve.runtime.programs import compiler_options, lower_programs
+    from meshserve.runtime.target import Target as Platform
     from meshserve.sharding.mesh import MeshConfig
 
     topologies_by_count = {1: target}
@@ -312,7 +320,8 @@ def build_engine(builder: Builder, target: Target) -> None:
                                       decode_batch=(rows,) if family == "decode" else (), context_pages=(ctx,))
             label = f"{name} ({layout.describe()}, {pages} KV pages): {family} rows={rows} tokens={tokens} pages={ctx}"
             builder.add(target, "engine", label, lambda one=one: lower_programs(
-                model, params, pool, one, config.attention, layout)[shape], mesh=mesh)
+                model, params, pool, one, config.attention, layout)[shape], mesh=mesh,
+                options=compiler_options(Platform("gpu"), model))
 
 
 def main(argv=None) -> int:

@@ -32,8 +32,9 @@ def test_shipped_mesh_files_load():
     assert dict(loaded["h100x8-2hosts"].axes) == {"data": 2, "tensor": 8}
     assert loaded["h100x8-2hosts"].distributed.num_processes == 2
     assert loaded["h100x8"].require_split == ("q_heads",)
-    for n in ("qwen3-235b-a22b-h100x8", "qwen3-235b-a22b-h100x8-2hosts"):  # experts over the node's 8 cards
-        assert dict(loaded[n].rules) == {"expert": "tensor"}
+    for n in ("qwen3-235b-a22b-h100x8", "qwen3-235b-a22b-h100x8-2hosts"):  # experts over 2 × width over 4
+        assert {a: s for a, s in loaded[n].axes if a != "data"} == {"expert": 2, "tensor": 4}
+        assert loaded[n].require_split == ("q_heads", "kv_heads")
     experts = loaded["cpu-8-experts"].build().for_model(ModelConfig.named("qwen3-30b-a3b"))
     assert experts.experts(ModelConfig.named("qwen3-30b-a3b"), "cpu").shards == 4
     assert experts.spec(("expert", "embed", "mlp"), (128, 2048, 768)) == P("expert", None, "tensor")
