@@ -19,6 +19,10 @@ from meshserve.models.errors import ConfigError
 # Dense families, then the mixture-of-experts ones (models/moe.py).
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "mixtral")
 MOE_ARCHITECTURES = ("qwen2_moe", "qwen3_moe", "mixtral")
+# The transformers class of each, as a Hugging Face config.json names it.
+HF_CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+              "qwen3": "Qwen3ForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
+              "mixtral": "MixtralForCausalLM"}
 
 # The folder of shipped model configs (`configs/models/*.yaml`), found beside the package.
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "models"

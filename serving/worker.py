@@ -41,6 +41,7 @@ import uuid
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable
 
+from meshserve.models.config import HF_CLASSES
 from meshserve.models.errors import MeshserveError, RequestError
 from meshserve.runtime.engine import Engine, QueueFullError
 from meshserve.runtime.kv_tiers import KVEvent
@@ -82,12 +83,15 @@ def model_card(info: EngineInfo, parent: Path) -> Path:
 
 def _write_card(info: EngineInfo, folder: Path) -> None:
     c, tok = info.model, info.tokenizer
-    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": c.vocab_size,
+    config = {"architectures": [HF_CLASSES[c.architecture]], "model_type": c.architecture, "vocab_size": c.vocab_size,
               "hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,
               "num_hidden_layers": c.num_layers, "num_attention_heads": c.num_heads,
               "num_key_value_heads": c.num_kv_heads, "head_dim": c.head_dim,
               "max_position_embeddings": info.context_length, "bos_token_id": tok.bos_id,
               "eos_token_id": sorted(info.eos_ids)}
+    if c.num_experts:
+        config.update(num_experts=c.num_experts, num_experts_per_tok=c.num_experts_per_tok,
+                      moe_intermediate_size=c.moe_intermediate_size)
     (folder / "config.json").write_text(json.dumps(config, indent=1))
     tok.save(folder)
 

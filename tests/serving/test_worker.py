@@ -5,7 +5,8 @@ One fleet for the module, in this order: two workers answer; requests sharing a 
 worker holding it; 100 cancelled streams leave every page free; a worker SIGKILLed mid-stream loses
 nothing (the frontend migrates the request, greedy output unchanged); a third worker joins and takes
 requests; a SIGTERMed worker finishes what it has, takes nothing new and exits 0; a worker of another
-model registers beside them and gets that model's requests alone.
+model registers beside them and gets that model's requests alone, and so does a worker of a mixture of
+experts (Qwen3-MoE).
 """
 
 import asyncio
@@ -59,10 +60,10 @@ class Fleet(LocalFleet):
         self.client = openai.OpenAI(base_url=f"http://127.0.0.1:{self.http_port}/v1", api_key="none",
                                     max_retries=0, timeout=120)
 
-    def add_worker(self, name: str, model: str = MODEL, *more: str, env=None, wait=True) -> None:
+    def add_worker(self, name: str, model: str = MODEL, *more: str, env=None, wait=True, model_dir=None) -> None:
         self.system_ports[name] = system = free_port(below=2**15)  # Dynamo's own /health of the worker
         env = {"DYN_SYSTEM_PORT": str(system), "DYN_HEALTH_CHECK_ENABLED": "true", **(env or {})}
-        self.start_worker(name, ["--model", str(self.model_dir), "--config", str(self.tmp / "serving.yaml"),
+        self.start_worker(name, ["--model", str(model_dir or self.model_dir), "--config", str(self.tmp / "serving.yaml"),
                                  "--model-name", model, *more], timeout=240, env=env, wait=wait, metrics=True)
 
     def prompt_tokens(self) -> dict[str, float]:
@@ -250,6 +251,31 @@ def test_workers_of_another_model_serve_it_beside(fleet):
     assert out.model == "tiny-b" and {w for w in after if after[w] > before.get(w, 0)} == {"other"}
     with pytest.raises(openai.NotFoundError):
         fleet.client.completions.create(model="tiny-c", prompt="nobody serves this", max_tokens=3)
+
+
+def test_a_worker_serves_a_mixture_of_experts(fleet, tmp_path):
+    """A Qwen3-MoE checkpoint, converted from a random transformers model, served by a worker through
+    Dynamo's frontend: the text of the engine's own greedy tokens for the same prompt."""
+    from meshserve.models.checkpoint import load_checkpoint
+    from meshserve.models.convert import convert
+    from meshserve.runtime.engine import Engine, EngineConfig
+    from meshserve.runtime.sampling import SamplingParams
+    from tests.helpers import make_hf_model
+
+    make_hf_model("qwen3_moe", tmp_path / "hf", seed=3)
+    folder = convert(f"hf:{tmp_path / 'hf'}", tmp_path / "moe", progress=False)
+    fleet.add_worker("moe", "tiny-moe", "--component", "moe", model_dir=folder)
+    wait_for(lambda: "tiny-moe" in [m.id for m in fleet.client.models.list().data], 60, "the MoE model to be listed")
+    prompt = "experts, route this"
+    out = fleet.client.completions.create(model="tiny-moe", prompt=prompt, max_tokens=16, temperature=0,
+                                          extra_body={"ignore_eos": True})
+    ckpt = load_checkpoint(folder, progress=False)
+    ids = ckpt.tokenizer.encode(prompt)
+    engine = Engine(ckpt, EngineConfig(max_seq_len=128, max_num_seqs=2, max_num_batched_tokens=64,
+                                       max_prefill_chunk=64, decode_buckets=(2,), prefill_buckets=(64,)))
+    [expected] = engine.generate([ids], SamplingParams(max_tokens=16, ignore_eos=True))
+    assert out.usage.prompt_tokens == len(ids) and out.usage.completion_tokens == 16
+    assert out.choices[0].text == ckpt.tokenizer.decode(list(expected.token_ids))
 
 
 def test_a_worker_of_two_processes_gives_a_single_process_workers_tokens(fleet):
