@@ -102,9 +102,10 @@ class MLP(nnx.Module):
         self.up_proj = _param(rngs, (D, F), dtype, ("embed", "mlp"))
         self.down_proj = _param(rngs, (F, D), dtype, ("mlp", "embed"))
 
-    def __call__(self, x: Float[Array, "b t d"], experts: ExpertPlan | None = None) -> Float[Array, "b t d"]:
+    def __call__(self, x: Float[Array, "b t d"], experts: ExpertPlan | None = None):
+        """The output, and (as an MoE block's) the experts each token picked: none here."""
         gate = jax.nn.silu(x @ self.gate_proj[...])
-        return (gate * (x @ self.up_proj[...])) @ self.down_proj[...]
+        return (gate * (x @ self.up_proj[...])) @ self.down_proj[...], None
 
 
 class MoE(nnx.Module):
@@ -122,14 +123,15 @@ class MoE(nnx.Module):
             self.shared_gate = _param(rngs, (D, 1), dtype, ("embed", "router"))
         self.top_k, self.normalize = c.num_experts_per_tok, c.norm_topk_prob
 
-    def __call__(self, x: Float[Array, "b t d"], experts: ExpertPlan) -> Float[Array, "b t d"]:
+    def __call__(self, x: Float[Array, "b t d"], experts: ExpertPlan) -> tuple[Array, Int[Array, "bt k"]]:
+        """The output, and the experts each token picked."""
         flat = x.reshape(-1, x.shape[-1])  # [B * T, D]
         ids, weights = moe.route(flat, self.router[...], self.top_k, self.normalize)
         out = moe.experts_mlp(flat, ids, weights, self.gate_proj[...], self.up_proj[...],
                               self.down_proj[...], experts)
         if hasattr(self, "shared"):
-            out = out + jax.nn.sigmoid(flat @ self.shared_gate[...]) * self.shared(flat)
-        return out.reshape(x.shape)
+            out = out + jax.nn.sigmoid(flat @ self.shared_gate[...]) * self.shared(flat)[0]
+        return out.reshape(x.shape), ids
 
 
 class DecoderLayer(nnx.Module):
@@ -142,7 +144,8 @@ class DecoderLayer(nnx.Module):
     def __call__(self, x, rope, positions, cache, layer: int, experts: ExpertPlan):
         h, cache = self.attn(self.input_norm(x), rope, positions, cache, layer)
         x = x + h
-        return x + self.mlp(self.post_attn_norm(x), experts), cache
+        h, picked = self.mlp(self.post_attn_norm(x), experts)
+        return x + h, cache, picked
 
 
 class Decoder(nnx.Module):
@@ -157,19 +160,26 @@ class Decoder(nnx.Module):
     def __call__(self, tokens: Int[Array, "b t"], positions: Int[Array, "b t"],
                  cache: "KVCache | None" = None, logits_at: Int[Array, "b"] | None = None,
                  experts: ExpertPlan = ExpertPlan()):
-        x, cache = self.hidden(tokens, positions, cache, experts)
+        x, cache, _ = self.hidden(tokens, positions, cache, experts)
         if logits_at is not None:  # only these tokens' logits: the vocabulary head is costly
             x = x[jnp.arange(x.shape[0]), logits_at][:, None]  # [B, 1, D]
         return self.head(x), cache
 
     def hidden(self, tokens: Int[Array, "b t"], positions: Int[Array, "b t"], cache: "KVCache | None" = None,
-               experts: ExpertPlan = ExpertPlan()):
-        """The last layer's output, normed: f32-or-params-dtype[B, T, D] (the head's input)."""
+               experts: ExpertPlan = ExpertPlan(), valid: Array | None = None):
+        """The last layer's output, normed: f32-or-params-dtype[B, T, D] (the head's input); the cache;
+        and the router's statistics: i32[MoE layers, X], how many of the `valid` tokens (all when
+        None) each layer sent to each expert (i32[0, 0] for a dense model)."""
         x = jnp.take(self.embed[...], tokens, axis=0)  # [B, T, D]
         rope = rope_tables(self.config, positions)
+        valid = jnp.ones(tokens.shape, bool) if valid is None else valid
+        routing = []
         for i, layer in enumerate(self.layers):
-            x, cache = layer(x, rope, positions, cache, i, experts)
-        return self.norm(x), cache
+            x, cache, picked = layer(x, rope, positions, cache, i, experts)
+            if picked is not None:
+                routing.append(moe.tokens_per_expert(picked, valid.reshape(-1), self.config.num_experts))
+        routing = jnp.stack(routing) if routing else jnp.zeros((0, 0), jnp.int32)
+        return self.norm(x), cache, routing
 
     def head(self, x: Float[Array, "b t d"]) -> Float[Array, "b t v"]:
         if self.config.tie_word_embeddings:  # contract with embed [V, D] as stored: no transposed copy
@@ -276,11 +286,13 @@ def forward(params: Params, tokens: Int[Array, "b t"], positions: Int[Array, "b 
 
 
 def forward_hidden(params: Params, tokens: Int[Array, "b t"], positions: Int[Array, "b t"],
-                   cache: KVCache | None = None, *, config: ModelConfig, experts: ExpertPlan = ExpertPlan()):
-    """The normed hidden states [B, T, D] feeding the vocabulary head, and the updated cache:
-    `head(params, x)` of any of them gives their logits."""
+                   cache: KVCache | None = None, *, config: ModelConfig, experts: ExpertPlan = ExpertPlan(),
+                   valid: Array | None = None):
+    """The normed hidden states [B, T, D] feeding the vocabulary head (`head(params, x)` of any of
+    them gives their logits), the updated cache, and the router's statistics of the `valid` tokens:
+    i32[MoE layers, X] tokens per expert."""
     graphdef, _ = _abstract_model(config, jnp.float32)
-    return nnx.merge(graphdef, params).hidden(tokens, positions, cache, experts)
+    return nnx.merge(graphdef, params).hidden(tokens, positions, cache, experts, valid)
 
 
 def head(params: Params, x: Float[Array, "b t d"], *, config: ModelConfig) -> Float[Array, "b t v"]:

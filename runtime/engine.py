@@ -50,6 +50,7 @@ import time
 from typing import Any, Sequence as Seq
 
 import jax
+import numpy as np
 
 from meshserve.models.checkpoint import Checkpoint
 from meshserve.models.config import ModelConfig
@@ -156,6 +157,9 @@ class Engine:
         self._ids = itertools.count()
         self.idle = True  # the last step had nothing to run: a driver may sleep until a new command
         self._pending: list | None = None  # the last step's calls, dispatched, not yet read back
+        # tokens each MoE layer's router sent to each expert, since start-up (router_statistics)
+        self.moe_layers = tuple(i for i in range(c.num_layers) if c.is_moe_layer(i))
+        self.routing = np.zeros((len(self.moe_layers), c.num_experts), np.int64)
 
     # ---- requests ------------------------------------------------------------------------------
 
@@ -323,7 +327,7 @@ class Engine:
         self.pool, launched = self.runner.run(self.checkpoint.params, self.pool, calls)
         if self.host_tier is not None:
             self._copies.finish_offload()
-        for call, _, _ in launched:
+        for call, *_ in launched:
             for _, seq in call.rows:
                 self.scheduler.sampling(seq)
         return launched
@@ -331,7 +335,7 @@ class Engine:
     def _awaited(self, launched: list) -> bool:
         """Whether a dispatched step has a result anyone still waits for (a step that ran only for
         requests that ended meanwhile is dropped unread)."""
-        return self.outputs.awaited([seq for call, _, _ in launched
+        return self.outputs.awaited([seq for call, *_ in launched
                                      for seq in (*(seq for _, seq in call.rows), *(s[1] for s in call.scored))])
 
     def _needs_tokens(self, plan) -> bool:
@@ -346,8 +350,11 @@ class Engine:
         """Read a dispatched step's results back (waiting for the device) and act on them: tokens,
         prompt scores, stop conditions."""
         outputs = []
-        results = jax.device_get([(sampled, scored if call.scored else None) for call, sampled, scored in launched])
-        for (call, _, _), (sampled, scored) in zip(launched, results):
+        results = jax.device_get([(sampled, scored if call.scored else None, routing)
+                                  for call, sampled, scored, routing in launched])
+        for (call, *_), (sampled, scored, routing) in zip(launched, results):
+            if routing.size:
+                self.routing += routing
             tokens = sampled.tokens.tolist()  # Python ints at once, not one numpy scalar per row
             for at, seq, start, count in call.scored:
                 self.outputs.scored(seq, scored, at, start, count)
@@ -439,6 +446,12 @@ class Engine:
         cached = set(self.kv.cached_hashes()) | {h for h, _ in tiers.host.items()}
         tiers.persist(push_down=self.evict_prefix_cache)
         return sum(tiers.store.holds(h) for h in cached)
+
+    def router_statistics(self) -> tuple[tuple[int, ...], np.ndarray]:
+        """(the MoE layers' indices, int64[layers, experts]): how many tokens each layer's router has
+        sent to each expert since start-up, prompts and generated tokens alike (each token counts once
+        per expert it picked). What to look at before placing experts."""
+        return self.moe_layers, self.routing.copy()
 
     def stats(self) -> dict[str, Any]:
         tiers = {}

@@ -5,8 +5,10 @@ pool donated, so serving never traces or compiles:
           T (a bucket of the call's total), their contexts into one list of pages;
   decode (batch B): one token for each of B requests.
 
-    prefill_step(params, pool, last, PrefillBatch) -> (pool, last, Sampled, Scored)
-    decode_step(params, pool, last, DecodeBatch)   -> (pool, last, Sampled, Scored)
+    prefill_step(params, pool, last, PrefillBatch) -> (pool, last, Sampled, Scored, routing)
+    decode_step(params, pool, last, DecodeBatch)   -> (pool, last, Sampled, Scored, routing)
+
+(routing: i32[MoE layers, experts], tokens each layer's router sent to each expert in this call.)
 
 Sampled holds each row's next token (from its last position's logits); Scored the prompt scores of
 every position, computed only when a row of the call asks for them (`targets`), else zeros.
@@ -45,6 +47,7 @@ from meshserve.models.config import ModelConfig
 from meshserve.models.decoder import Params, forward_hidden, head, param_axes
 from meshserve.models.moe import ExpertPlan
 from meshserve.runtime import progress
+from meshserve.runtime.block_manager import NULL_PAGE
 from meshserve.runtime.kv_cache import POOL_AXES, AttentionShards, KVPool, PagedKVCache, RaggedKVCache
 from meshserve.runtime.sampling import Sampled, SamplingBatch, Scored, no_scores, sample, score
 from meshserve.runtime.target import CPU, Target
@@ -105,30 +108,32 @@ def _sample_and_score(params, x, last_x, sampling, history, prompt_len, targets,
 
 def decode_step(params: Params, pool: KVPool, last: Int[Array, "s"], batch: DecodeBatch, *, config: ModelConfig,
                 attention: str = "reference", shards: AttentionShards | None = None, target: Target = CPU,
-                experts: ExpertPlan = ExpertPlan()) -> tuple[KVPool, Int[Array, "s"], Sampled, Scored]:
+                experts: ExpertPlan = ExpertPlan()) -> tuple[KVPool, Int[Array, "s"], Sampled, Scored, Array]:
     tokens, positions, write_pages, write_slots, prompt_len, slots = (batch.ints[:, i] for i in range(DECODE_INTS))
     tokens = jnp.where(tokens < 0, last[slots], tokens)  # -1: the token the last call sampled for it
     cache = PagedKVCache(pool, batch.page_tables, write_pages[:, None], write_slots[:, None],
                          jnp.ones_like(tokens), attention, shards, target)
-    x, cache = forward_hidden(params, tokens[:, None], positions[:, None], cache, config=config, experts=experts)
+    x, cache, routing = forward_hidden(params, tokens[:, None], positions[:, None], cache, config=config,
+                                       experts=experts, valid=(write_pages != NULL_PAGE)[:, None])
     sampling = SamplingBatch.unpack(batch.ints[:, DECODE_INTS:], batch.floats)
     sampled, scored = _sample_and_score(params, x, x[:, 0], sampling, batch.history, prompt_len, None, config)
-    return cache.pool, last.at[slots].set(sampled.tokens), sampled, scored
+    return cache.pool, last.at[slots].set(sampled.tokens), sampled, scored, routing
 
 
 def prefill_step(params: Params, pool: KVPool, last: Int[Array, "s"], batch: PrefillBatch, *, config: ModelConfig,
                  attention: str = "reference", shards: AttentionShards | None = None, target: Target = CPU,
-                 experts: ExpertPlan = ExpertPlan()) -> tuple[KVPool, Int[Array, "s"], Sampled, Scored]:
+                 experts: ExpertPlan = ExpertPlan()) -> tuple[KVPool, Int[Array, "s"], Sampled, Scored, Array]:
     tokens, positions, write_pages, write_slots, token_row, targets = (batch.tokens[i] for i in range(6))
     ctx_pages, ctx_row, ctx_index = batch.ctx[0], batch.ctx[1], batch.ctx[2]
     final, prompt_len, slots = batch.rows[:, 0], batch.rows[:, 1], batch.rows[:, 2]
     cache = RaggedKVCache(pool, write_pages[None], write_slots[None], token_row, ctx_pages, ctx_row, ctx_index,
                           final.shape[0], attention, shards, target)
-    x, cache = forward_hidden(params, tokens[None], positions[None], cache, config=config, experts=experts)
+    x, cache, routing = forward_hidden(params, tokens[None], positions[None], cache, config=config,
+                                       experts=experts, valid=(token_row >= 0)[None])
     sampling = SamplingBatch.unpack(batch.rows[:, PREFILL_ROW_INTS:], batch.floats)
     sampled, scored = _sample_and_score(params, x, x[0, final], sampling, batch.history, prompt_len,
                                         targets[None], config)
-    return cache.pool, last.at[slots].set(sampled.tokens), sampled, scored
+    return cache.pool, last.at[slots].set(sampled.tokens), sampled, scored, routing
 
 
 # Logical axes of every batch field, for the sharding rules.
@@ -239,7 +244,7 @@ def lower_programs(config: ModelConfig, params, pool: KVPool, buckets: Buckets, 
         else:
             jitted = jax.jit(fn, donate_argnums=(1, 2),
                              in_shardings=(param_shardings, pool_sharding, rep, batch_sharding),
-                             out_shardings=(pool_sharding, rep, rep, rep))
+                             out_shardings=(pool_sharding, rep, rep, rep, rep))
         lowered[shape] = jitted.trace(params, pool, last, batch).lower()
     return lowered
 

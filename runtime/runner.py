@@ -317,7 +317,7 @@ class ModelRunner:
 
     def run(self, params, pool: KVPool, calls: list[Call]) -> tuple[KVPool, list]:
         """Dispatch every call back to back (no host sync between them); returns the new pool and
-        each call's (call, Sampled, Scored) on the device. The pool and `last` are donated: an
+        each call's (call, Sampled, Scored, routing) on the device. The pool and `last` are donated: an
         exception here leaves them unknown."""
         launched = []
         for call in calls:
@@ -327,6 +327,7 @@ class ModelRunner:
                     lambda host, sharding: jax.make_array_from_callback(host.shape, sharding,
                                                                         lambda i: host[i]),
                     batch, self.programs.batch_shardings[call.shape])
-            pool, self.last, sampled, scored = self.programs.compiled[call.shape](params, pool, self.last, batch)
-            launched.append((call, sampled, scored))
+            pool, self.last, sampled, scored, routing = self.programs.compiled[call.shape](params, pool, self.last,
+                                                                                          batch)
+            launched.append((call, sampled, scored, routing))
         return pool, launched

@@ -459,6 +459,7 @@ class EngineLoop:
             m.pages_total.set(stats["pages_total"])
             m.pages_cached.set(stats["pages_cached"])
             m.programs.set(stats["programs"])
+            m.router.update(*engine.router_statistics())
             counts = [(m.prefix_queried.labels("all"), stats["prefix_queried_tokens"]),
                       (m.prefix_hits.labels("device"), stats["prefix_hit_tokens"])]
             if "pages_host" in stats:

@@ -5,11 +5,18 @@ Latencies are observed by the engine thread as outputs come out of a step, count
 request's arrival at the server (before tokenization): time to first token (arrival → first
 token), inter-token latency (between a request's consecutive tokens, the first excluded),
 end-to-end latency (arrival → last token) and queue time (arrival → first scheduled).
+
+A mixture-of-experts model adds its router's statistics: `meshserve_moe_expert_tokens{layer}`, a
+histogram per MoE layer over expert ids (bucket `le="e"` counts the tokens sent to experts 0…e, so
+each expert's share is the difference of two buckets; each token counts once per expert it picked):
+what to look at before deciding where experts go.
 """
 
 from __future__ import annotations
 
+import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import HistogramMetricFamily
 
 # meshserve_requests_total's labels: a finish reason, or why the call ended without one (serving/session.py)
 OUTCOMES = ("stop", "length", "abort", "error", "rejected", "invalid", "too_large", "unavailable", "unauthenticated")
@@ -19,9 +26,36 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.
                    2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 120.0)
 
 
+class RouterStatistics:
+    """The router histograms, from the engine's latest totals (`update` on the engine thread; Prometheus
+    collects on its own: each reads one snapshot, replaced whole)."""
+
+    def __init__(self):
+        self._snapshot: tuple[tuple[int, ...], np.ndarray] | None = None
+
+    def update(self, layers: tuple[int, ...], counts: np.ndarray) -> None:
+        if len(layers):
+            self._snapshot = (layers, counts)
+
+    def collect(self):
+        if self._snapshot is None:
+            return
+        layers, counts = self._snapshot
+        family = HistogramMetricFamily("meshserve_moe_expert_tokens", "Tokens each MoE layer's router sent to "
+                                       "each expert, as a histogram over expert ids", labels=["layer"])
+        ids = np.arange(counts.shape[1])
+        for layer, row in zip(layers, counts):
+            cumulative = np.cumsum(row)
+            buckets = [(str(e), float(c)) for e, c in zip(ids, cumulative)] + [("+Inf", float(cumulative[-1]))]
+            family.add_metric([str(layer)], buckets, sum_value=float(ids @ row))
+        yield family
+
+
 class Metrics:
     def __init__(self):
         self.registry = r = CollectorRegistry()
+        self.router = RouterStatistics()
+        r.register(self.router)
         self.requests = Counter("meshserve_requests", f"Finished requests by outcome ({', '.join(OUTCOMES)})",
                                 ["outcome"], registry=r)
         self.ttft = Histogram("meshserve_time_to_first_token_seconds", "Arrival to first token",

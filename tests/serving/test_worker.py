@@ -255,7 +255,8 @@ def test_workers_of_another_model_serve_it_beside(fleet):
 
 def test_a_worker_serves_a_mixture_of_experts(fleet, tmp_path):
     """A Qwen3-MoE checkpoint, converted from a random transformers model, served by a worker through
-    Dynamo's frontend: the text of the engine's own greedy tokens for the same prompt."""
+    Dynamo's frontend: the text of the engine's own greedy tokens for the same prompt, and the router's
+    statistics on the worker's /metrics (each layer: its tokens, top-2)."""
     from meshserve.models.checkpoint import load_checkpoint
     from meshserve.models.convert import convert
     from meshserve.runtime.engine import Engine, EngineConfig
@@ -267,10 +268,14 @@ def test_a_worker_serves_a_mixture_of_experts(fleet, tmp_path):
     fleet.add_worker("moe", "tiny-moe", "--component", "moe", model_dir=folder)
     wait_for(lambda: "tiny-moe" in [m.id for m in fleet.client.models.list().data], 60, "the MoE model to be listed")
     prompt = "experts, route this"
+    routed = lambda: [fleet.metric("moe", f'meshserve_moe_expert_tokens_count{{layer="{i}"}}') for i in (0, 1)]
+    before = routed()
     out = fleet.client.completions.create(model="tiny-moe", prompt=prompt, max_tokens=16, temperature=0,
                                           extra_body={"ignore_eos": True})
     ckpt = load_checkpoint(folder, progress=False)
     ids = ckpt.tokenizer.encode(prompt)
+    fed = len(ids) + 15  # the last token sampled is never fed
+    wait_for(lambda: [a - b for a, b in zip(routed(), before)] == [2 * fed] * 2, 10, "the router statistics")
     engine = Engine(ckpt, EngineConfig(max_seq_len=128, max_num_seqs=2, max_num_batched_tokens=64,
                                        max_prefill_chunk=64, decode_buckets=(2,), prefill_buckets=(64,)))
     [expected] = engine.generate([ids], SamplingParams(max_tokens=16, ignore_eos=True))
