@@ -81,3 +81,20 @@ def test_default_model_on_eight_devices(smollm_ckpt):
 def test_not_a_checkpoint(tmp_path):
     with pytest.raises(CheckpointError, match="not a meshserve checkpoint"):
         load_checkpoint(tmp_path, progress=False)
+
+
+def test_arrays_disagreeing_with_the_config_fail_at_load_naming_the_array(tmp_path, tokenizer):
+    """A checkpoint whose config.yaml says 4 experts over arrays of 8: refused before anything is read."""
+    import yaml
+
+    moe = ModelConfig(name="moe", architecture="qwen3_moe", vocab_size=128, hidden_size=64, intermediate_size=128,
+                      num_layers=2, num_heads=8, num_kv_heads=8, head_dim=8, max_position_embeddings=64,
+                      qk_norm=True, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32)
+    folder = save_checkpoint(tmp_path / "ckpt", moe, init_params(moe), tokenizer)
+    _assert_bitwise_equal(load_checkpoint(folder, progress=False).params, init_params(moe))
+    config = yaml.safe_load((folder / "config.yaml").read_text())
+    config["num_experts"] = 4
+    (folder / "config.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(CheckpointError, match=r"array layers/0/mlp/down_proj has shape \(8, 32, 64\), its "
+                                              r"config\.yaml expects \(4, 32, 64\)"):
+        load_checkpoint(folder, progress=False)
