@@ -749,11 +749,12 @@ def test_an_abort_while_the_next_step_runs_frees_pages_at_once(tiny_ckpt):
     assert engine.kv.num_free == engine.kv.num_usable
 
 
-def test_a_mixture_of_experts_is_served_like_a_dense_model(tiny_ckpt):
-    """Qwen3-MoE-shaped, in the tight pool (chunked prefill, preemption), then in a roomy one with a
-    prompt sharing a cached prefix: the no-cache reference's greedy tokens, no compile after start-up,
-    and router statistics that count exactly the tokens fed (each once per expert it picked, padding
-    and cached tokens never)."""
+def test_a_mixture_of_experts_is_served_like_a_dense_model(tiny_ckpt, tmp_path):
+    """Qwen3-MoE-shaped, in the tight pool (chunked prefill, preemption); then in a roomy one with host
+    and store tiers: a prompt sharing a prefix evicted to the host, and a prompt whose pages another
+    engine computed (disaggregated prefill). Always the no-cache reference's greedy tokens, no compile
+    after start-up, and router statistics that count exactly the tokens fed (each once per expert it
+    picked; padding and cached tokens never)."""
     import dataclasses
 
     from tests.sharding.test_expert_parallel import MOE
@@ -763,24 +764,37 @@ def test_a_mixture_of_experts_is_served_like_a_dense_model(tiny_ckpt):
     rng = np.random.default_rng(0)
     prompts = [rng.integers(0, 256, n).tolist() for n in (3, 17, 30, 9)]
     expected = [greedy_reference(ckpt, p, 8) for p in prompts]
+    params = SamplingParams(max_tokens=8, ignore_eos=True)
     tight = Engine(ckpt, dataclasses.replace(TIGHT, kv_cache_bytes=16 * 3 * 2 * 4 * 4 * 8 * 4))
     assert tight.kv.num_usable * 4 < sum(len(p) + 8 for p in prompts)  # the pool cannot hold them all
-    assert [list(c.token_ids) for c in tight.generate(prompts, SamplingParams(max_tokens=8, ignore_eos=True))] == expected
+    assert [list(c.token_ids) for c in tight.generate(prompts, params)] == expected
 
-    engine = Engine(ckpt, dataclasses.replace(TIGHT, kv_cache_bytes=None, max_num_batched_tokens=32))
+    roomy = dataclasses.replace(TIGHT, kv_cache_bytes=None, max_num_batched_tokens=32, host_kv_bytes=2**20,
+                                kv_store=str(tmp_path / "kv"), kv_transfer=True)
+    engine = Engine(ckpt, roomy)
     compiles = []
     jax.monitoring.register_event_duration_secs_listener(
         lambda event, secs, **kw: compiles.append(event) if event == "/jax/core/compile/backend_compile_duration" else None)
-    out = engine.generate(prompts, SamplingParams(max_tokens=8, ignore_eos=True))
-    assert [list(c.token_ids) for c in out] == expected
+    assert [list(c.token_ids) for c in engine.generate(prompts, params)] == expected
     layers, counts = engine.router_statistics()
     assert layers == (1, 2) and counts.shape == (2, 16)  # layer 0 is dense
     fed = sum(len(p) + 8 - 1 for p in prompts)  # the last token sampled is never fed
     assert (counts.sum(axis=1) == 2 * fed).all()
-    shared = prompts[2] + [7, 7, 7]  # prompts[2]'s full pages are cached
-    hits = engine.stats()["prefix_hit_tokens"]
+
+    assert engine.evict_prefix_cache() > 0  # the cached pages leave the device for the host
+    shared = prompts[2] + [7, 7, 7]  # prompts[2]'s 7 full pages come back from the host
     [again] = engine.generate([shared], SamplingParams(max_tokens=4, ignore_eos=True))
-    cached = engine.stats()["prefix_hit_tokens"] - hits
-    assert cached == 28 and list(again.token_ids) == greedy_reference(ckpt, shared, 4)
-    assert (engine.router_statistics()[1].sum(axis=1) == 2 * (fed + len(shared) - cached + 4 - 1)).all()
+    assert list(again.token_ids) == greedy_reference(ckpt, shared, 4)
+    stats = engine.stats()
+    assert stats["prefix_lower_hit_tokens"] == 28 and stats["host_pages_in"] == 7
+    fed += len(shared) - 28 + 4 - 1
+    assert (engine.router_statistics()[1].sum(axis=1) == 2 * fed).all()
+    ids = rng.integers(0, 256, 21).tolist()
+    engine.generate([ids], SamplingParams(max_tokens=1))  # as a prefill worker: the prompt's pages, for another
     assert compiles == []
+
+    decode = Engine(ckpt, dataclasses.replace(roomy, host_kv_bytes=0, kv_store=None))
+    assert decode.import_prompt(ids, engine.export_prompt(ids).to(jax.devices()[0])) == 5
+    [moved] = decode.generate([ids], params)
+    assert list(moved.token_ids) == greedy_reference(ckpt, ids, 8)
+    assert (decode.router_statistics()[1].sum(axis=1) == 2 * (21 - 20 + 8 - 1)).all()  # only the tail fed
