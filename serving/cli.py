@@ -170,6 +170,9 @@ def _engine_flags(p: argparse.ArgumentParser) -> None:
                    help="the KV cache's size instead, e.g. 4GiB (over the whole mesh)")
     g.add_argument("--tensor-parallel-size", "-tp", type=int, help="without --mesh: split the model over N devices")
     g.add_argument("--data-parallel-size", "-dp", type=int, help="without --mesh: N replicas of the model")
+    g.add_argument("--enable-expert-parallel", action="store_true", default=None,
+                   help="without --mesh: split a mixture's experts over the tensor-parallel devices (each holds "
+                        "1/N of the experts, whole) instead of splitting every expert's width")
 
 
 _UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "kb": 10**3, "mb": 10**6, "gb": 10**9,
@@ -446,7 +449,8 @@ def _serve(args) -> None:
         tls_cert=args.tls_cert, tls_key=args.tls_key, served_model_name=args.served_model_name,
         auth_tokens=(*config.auth_tokens, *args.api_key) if args.api_key else None,
         generation_config=args.generation_config, override_generation_config=overrides,
-        tensor_parallel_size=args.tensor_parallel_size, data_parallel_size=args.data_parallel_size)
+        tensor_parallel_size=args.tensor_parallel_size, data_parallel_size=args.data_parallel_size,
+        enable_expert_parallel=args.enable_expert_parallel)
     if args.port == 0:  # on the command line 0 turns gRPC off (in the file: null; 0 there takes any free port)
         config = dataclasses.replace(config, port=None)
     if config.port is None and config.http_port is None:
@@ -483,7 +487,8 @@ def _worker(args) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     progress.enable(not args.quiet)
     config = ServerConfig.from_yaml(args.config).override(
-        mesh=args.mesh, tensor_parallel_size=args.tensor_parallel_size, data_parallel_size=args.data_parallel_size)
+        mesh=args.mesh, tensor_parallel_size=args.tensor_parallel_size, data_parallel_size=args.data_parallel_size,
+        enable_expert_parallel=args.enable_expert_parallel)
     engine_config = _engine_config(args)
     config.mesh_config()  # a bad mesh fails before the model is converted or loaded
     config = _serving(args, config, args.model or config.model)

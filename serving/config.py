@@ -26,6 +26,7 @@ class ServerConfig:
     mesh: str | None = None  # mesh file; None: one device, or the two sizes below
     tensor_parallel_size: int | None = None  # without a mesh file: a data × tensor mesh of these sizes
     data_parallel_size: int | None = None
+    enable_expert_parallel: bool = False  # with those sizes: a mixture's experts split over tensor's devices
     metrics_port: int | None = 9464  # Prometheus /metrics over HTTP; None: off; 0: any free port
     http_port: int | None = None  # the OpenAI-compatible HTTP API; None: off; 0: any free port
     served_model_name: str | None = None  # the model's name in the HTTP API; None: the checkpoint's
@@ -69,8 +70,9 @@ class ServerConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ConfigError(f"server.{name} must be a positive integer, got {value!r}")
-        if self.mesh and (self.tensor_parallel_size or self.data_parallel_size):
-            raise ConfigError("a mesh file and tensor/data parallel sizes go apart: the mesh file says both")
+        if self.mesh and (self.tensor_parallel_size or self.data_parallel_size or self.enable_expert_parallel):
+            raise ConfigError("a mesh file and tensor/data/expert parallel settings go apart: the mesh file says "
+                              "them all (rules: {expert: tensor} for experts over the tensor axis)")
         if self.generation_config not in ("auto", "none"):
             raise ConfigError(f"server.generation_config must be auto or none, got {self.generation_config!r}")
         if not isinstance(self.override_generation_config, Mapping):
@@ -100,7 +102,8 @@ class ServerConfig:
 
     def mesh_config(self):
         """The mesh to run on (sharding.mesh.MeshConfig; validated, no device touched), or None for one
-        device: the mesh file, else the data × tensor sizes given."""
+        device: the mesh file, else the data × tensor sizes given (a mixture's experts split over the
+        tensor axis's devices with enable_expert_parallel, as vLLM's flag does, else their width)."""
         from meshserve.sharding.mesh import MeshConfig
 
         if self.mesh:
@@ -108,8 +111,9 @@ class ServerConfig:
         tp, dp = self.tensor_parallel_size or 1, self.data_parallel_size or 1
         if tp * dp == 1:
             return None
+        rules = (("expert", "tensor"),) if self.enable_expert_parallel else ()
         return MeshConfig(axes=(("data", dp), ("tensor", tp)), num_devices=tp * dp, require_split=("q_heads",),
-                          name=f"data={dp} × tensor={tp}")
+                          rules=rules, name=f"data={dp} × tensor={tp}" + (", experts over tensor" if rules else ""))
 
     def sampling_defaults(self, model_defaults: Mapping[str, Any]) -> dict[str, Any]:
         """What a request's unset sampling fields take: the model's (or none), overridden."""

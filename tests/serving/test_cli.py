@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from gguf import GGMLQuantizationType as Q
+from jax.sharding import PartitionSpec as P
 
 from tests.helpers import make_hf_model, write_gguf, write_unsupported_gguf
 
@@ -214,8 +215,19 @@ def test_parallel_sizes_make_a_mesh_without_a_file():
     assert dict(mesh.axes) == {"data": 2, "tensor": 4} and mesh.num_devices == 8
     layout = mesh.setup()  # the tests' 8 simulated CPU devices
     assert layout.describe() == "data=2 × tensor=4"
-    with pytest.raises(ConfigError, match="a mesh file and tensor/data parallel sizes go apart"):
+    with pytest.raises(ConfigError, match="a mesh file and tensor/data/expert parallel settings go apart"):
         ServerConfig(mesh="configs/meshes/cpu-8.yaml", tensor_parallel_size=2)
+    with pytest.raises(ConfigError, match="a mesh file and tensor/data/expert parallel settings go apart"):
+        ServerConfig(mesh="configs/meshes/cpu-8.yaml", enable_expert_parallel=True)
+    # vLLM's --enable-expert-parallel: a mixture's experts over the tensor axis's devices, whole
+    from meshserve.models.config import ModelConfig
+
+    qwen = ModelConfig.named("qwen3-30b-a3b")
+    ep = ServerConfig(tensor_parallel_size=8, enable_expert_parallel=True).mesh_config().setup().for_model(qwen)
+    assert ep.experts(qwen, "cpu").shards == 8
+    assert ep.spec(("expert", "embed", "mlp"), (128, 2048, 768)) == P("tensor", None, None)
+    tp = ServerConfig(tensor_parallel_size=8).mesh_config().setup().for_model(qwen)
+    assert tp.experts(qwen, "cpu").shards == 1 and tp.spec(("expert", "embed", "mlp"), (128, 2048, 768)) == P(None, None, "tensor")
     with pytest.raises(ConfigError, match="tensor_parallel_size must be a positive integer"):
         ServerConfig(tensor_parallel_size=0)
 
