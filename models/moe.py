@@ -83,12 +83,14 @@ def experts_mlp(x: Float[Array, "n d"], ids: Int[Array, "n k"], weights: Float[A
     XL = X // S
     shard_weights = [w.reshape(S, XL, *w.shape[1:]) for w in (gate, up, down)]
     method = plan.method
-    if method == "auto":  # all experts: N rows through each local expert, against the N·k picked
-        method = "all_experts" if N * XL <= 2 * N * k else "grouped"
+    if method == "auto":  # all of a shard's experts on every token: at most twice the picks' FLOPs
+        method = "all_experts" if XL <= 2 * k else "grouped"
     if method == "all_experts":
         out = _all_experts(x, ids, weights, *shard_weights)
     else:
-        out = _grouped(x, ids, weights, *shard_weights, *block_layout(N * k, XL), plan.grouped)
+        # ragged_dot takes groups of any size: no padding, one row a block
+        b, blocks = block_layout(N * k, XL) if plan.grouped == "loop" else (1, N * k)
+        out = _grouped(x, ids, weights, *shard_weights, b, blocks, plan.grouped)
     return out.astype(x.dtype)
 
 

@@ -1,6 +1,8 @@
 """models/moe.py: routing, both forms of the expert computation against a per-token loop, dropless
 routing, padding rows, and experts split over shards."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -45,11 +47,15 @@ def run(x, w, plan=ExpertPlan(), normalize=True):
     return np.asarray(f(x, w["router"], w["gate"], w["up"], w["down"]))
 
 
-@pytest.mark.parametrize("method", ["all_experts", "grouped"])
+PLANS = {"all experts": ExpertPlan(method="all_experts"), "grouped, loop": ExpertPlan(method="grouped"),
+         "grouped, ragged_dot": ExpertPlan(method="grouped", grouped="ragged_dot")}
+
+
+@pytest.mark.parametrize("plan", list(PLANS))
 @pytest.mark.parametrize("normalize", [True, False])
-def test_both_forms_equal_a_per_token_loop(weights, method, normalize):
+def test_every_form_equals_a_per_token_loop(weights, plan, normalize):
     x = np.random.default_rng(1).normal(size=(N, D)).astype(np.float32)
-    np.testing.assert_allclose(run(x, weights, ExpertPlan(method=method), normalize), reference(x, weights, normalize),
+    np.testing.assert_allclose(run(x, weights, PLANS[plan], normalize), reference(x, weights, normalize),
                                rtol=1e-5, atol=1e-5)
 
 
@@ -85,11 +91,11 @@ def test_padding_rows_never_change_valid_rows(weights, method):
 
 
 @pytest.mark.parametrize("shards", [2, 4, 8])
-@pytest.mark.parametrize("method", ["all_experts", "grouped"])
-def test_experts_split_over_shards_sum_to_the_same(weights, shards, method):
+@pytest.mark.parametrize("plan", list(PLANS))
+def test_experts_split_over_shards_sum_to_the_same(weights, shards, plan):
     x = np.random.default_rng(4).normal(size=(N, D)).astype(np.float32)
-    np.testing.assert_allclose(run(x, weights, ExpertPlan(shards=shards, method=method)), reference(x, weights),
-                               rtol=1e-5, atol=1e-5)
+    split = dataclasses.replace(PLANS[plan], shards=shards)
+    np.testing.assert_allclose(run(x, weights, split), reference(x, weights), rtol=1e-5, atol=1e-5)
 
 
 def test_grouped_mlp_loop_equals_ragged_dot_and_a_per_row_loop(weights):
