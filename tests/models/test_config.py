@@ -5,7 +5,8 @@ import pytest
 from meshserve.models.config import CONFIG_DIR, ModelConfig, RopeScaling, rope_inv_freq
 from meshserve.models.errors import ConfigError
 
-SHIPPED = ["smollm2-135m", "llama3-8b", "llama3-70b", "qwen2-7b", "mistral-7b"]
+SHIPPED = ["smollm2-135m", "llama3-8b", "llama3-70b", "qwen2-7b", "mistral-7b", "qwen3-8b", "qwen3-30b-a3b",
+           "qwen3-235b-a22b", "mixtral-8x7b"]
 
 
 @pytest.mark.parametrize("name", SHIPPED)
@@ -23,6 +24,47 @@ def test_shipped_parameter_counts():
     assert counts["llama3-70b"] == 70_553_706_496
     assert counts["qwen2-7b"] == 7_615_616_512
     assert counts["mistral-7b"] == 7_248_023_552
+    # Qwen3-8B 8.2B; Qwen3-30B-A3B 30.5B, 3.3B active; Qwen3-235B-A22B 235B, 22B; Mixtral-8x7B 46.7B, 12.9B
+    assert counts["qwen3-8b"] == 8_190_735_360
+    active = {n: ModelConfig.named(n).num_params(active=True) for n in SHIPPED}
+    assert (counts["qwen3-30b-a3b"], active["qwen3-30b-a3b"]) == (30_532_122_624, 3_353_032_704)
+    assert (counts["qwen3-235b-a22b"], active["qwen3-235b-a22b"]) == (235_093_634_560, 22_190_763_520)
+    assert (counts["mixtral-8x7b"], active["mixtral-8x7b"]) == (46_702_792_704, 12_879_925_248)
+    assert active["qwen3-8b"] == counts["qwen3-8b"]  # dense: every parameter is active
+
+
+def test_expert_settings_are_checked_and_round_trip(tmp_path):
+    moe = ModelConfig.named("qwen3-30b-a3b")
+    moe.to_yaml(tmp_path / "moe.yaml")
+    assert ModelConfig.from_yaml(tmp_path / "moe.yaml") == moe
+    dense = ModelConfig.named("llama3-8b")
+    assert "num_experts" not in dense.to_dict() and "qk_norm" not in dense.to_dict()  # files read as before
+    with pytest.raises(ConfigError, match=r"num_experts_per_tok \(9\) exceeds num_experts \(8\)"):
+        dataclasses.replace(moe, num_experts=8, num_experts_per_tok=9)
+    with pytest.raises(ConfigError, match="num_experts must be a positive integer for qwen3_moe"):
+        dataclasses.replace(moe, num_experts=0)
+    with pytest.raises(ConfigError, match="architecture 'llama' has no experts"):
+        dataclasses.replace(dense, num_experts=8)
+    with pytest.raises(ConfigError, match=r"dense_layers \[48\] are outside the model's 48 layers"):
+        dataclasses.replace(moe, dense_layers=(48,))
+    assert [moe.is_moe_layer(i) for i in (0, 47)] == [True, True]
+    assert [dataclasses.replace(moe, dense_layers=(0,)).is_moe_layer(i) for i in (0, 1)] == [False, True]
+
+
+def test_moe_configs_from_hf():
+    """Qwen's mlp_only_layers and decoder_sparse_step become dense_layers; Mixtral's experts are
+    num_local_experts of intermediate_size, always renormalised."""
+    common = dict(vocab_size=100, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, num_experts_per_tok=2)
+    qwen = ModelConfig.from_hf({**common, "model_type": "qwen2_moe", "num_experts": 8, "moe_intermediate_size": 32,
+                                "decoder_sparse_step": 2, "mlp_only_layers": [3], "shared_expert_intermediate_size": 48})
+    assert (qwen.dense_layers, qwen.norm_topk_prob, qwen.attention_bias, qwen.qk_norm) == ((0, 2, 3), False, True, False)
+    assert qwen.shared_expert_intermediate_size == 48
+    mixtral = ModelConfig.from_hf({**common, "model_type": "mixtral", "num_local_experts": 8})
+    assert (mixtral.num_experts, mixtral.moe_intermediate_size, mixtral.norm_topk_prob) == (8, 96, True)
+    qwen3 = ModelConfig.from_hf({**common, "model_type": "qwen3_moe", "num_experts": 8, "moe_intermediate_size": 32,
+                                 "norm_topk_prob": True})
+    assert qwen3.qk_norm and qwen3.norm_topk_prob and not qwen3.attention_bias and qwen3.dense_layers == ()
 
 
 def test_smollm2_matches_its_gguf(smollm_ckpt):
