@@ -130,8 +130,8 @@ def decode_steps(engine, ckpt, batch: int, context: int, iters: int) -> dict:
     alone = []
     for _ in range(iters):
         t = time.perf_counter()
-        engine.pool, engine.runner.last, sampled, _ = program(ckpt.params, engine.pool, engine.runner.last,
-                                                              batch_arrays)
+        engine.pool, engine.runner.last, sampled, *_ = program(ckpt.params, engine.pool, engine.runner.last,
+                                                               batch_arrays)
         jax.block_until_ready(sampled.tokens)
         alone.append(time.perf_counter() - t)
     for rid in ids:

@@ -166,6 +166,9 @@ def run_fleet(workers: int, router: str, port: int, worker_args: list[str], pref
     fleet = LocalFleet(folder, port, router, frontend_args=frontend_args)
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+    # Ctrl-C stops it as it stops `meshserve serve`, even when started with SIGINT ignored (a shell's
+    # background job), where Python would otherwise leave it ignored
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         for i in range(prefill_workers):
             fleet.start_worker(f"prefill{i}", [*worker_args, "--role", "prefill", "--component", "prefill"])

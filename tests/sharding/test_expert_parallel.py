@@ -20,8 +20,8 @@ MOE = ModelConfig(name="tiny-moe", architecture="qwen3_moe", vocab_size=296, hid
                   intermediate_size=96, num_layers=3, num_heads=8, num_kv_heads=4, head_dim=8,
                   max_position_embeddings=512, qk_norm=True, num_experts=16, num_experts_per_tok=2,
                   moe_intermediate_size=32, norm_topk_prob=True, dense_layers=(0,))
-MESHES = {"expert=2": (1, 1, 2), "expert=4": (1, 1, 4), "expert=8": (1, 1, 8), "tensor=2,expert=2": (1, 2, 2),
-          "tensor=2,expert=4": (1, 2, 4), "data=2,expert=4": (2, 1, 4)}
+MESHES = {"expert=2": (1, 1, 2), "expert=4": (1, 1, 4), "tensor=2,expert=2": (1, 2, 2), "tensor=2,expert=4": (1, 2, 4),
+          "data=2,expert=4": (2, 1, 4)}
 
 
 def layout(data: int, tensor: int, expert: int):
