@@ -28,6 +28,12 @@ def peak_rss() -> int:
         return int(next(l for l in f if l.startswith("VmHWM:")).split()[1]) * 1024
 
 
+def read_bytes() -> int:
+    """Bytes this process has read from files and sockets so far (rchar)."""
+    with open("/proc/self/io") as f:
+        return int(next(l for l in f if l.startswith("rchar:")).split()[1])
+
+
 def main(port: int, process_id: int, axes: dict, folder: str, warm: str | None = None) -> None:
     from meshserve.sharding.mesh import MeshConfig
 
@@ -51,10 +57,10 @@ def main(port: int, process_id: int, axes: dict, folder: str, warm: str | None =
         jax.block_until_ready(load_sharded(warm, warm_layout, progress=False).params)
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # peak RSS (VmHWM) starts again from the RSS now
-    before = rss()
+    before, read_before = rss(), read_bytes()
     ckpt = load_sharded(folder, layout, progress=False)  # each process restores its own shards
     jax.block_until_ready(ckpt.params)
-    peak, after = peak_rss(), rss()
+    peak, after, read = peak_rss(), rss(), read_bytes() - read_before
     shards = ckpt.params["layers"][0]["attn"]["q_proj"].addressable_shards
     assert len(shards) == 4  # only this process's devices
     held = {"experts": 0, "all": 0}
@@ -69,7 +75,7 @@ def main(port: int, process_id: int, axes: dict, folder: str, warm: str | None =
     clock = [engine.clock.now() for _ in range(3)]  # process 0's readings, in every process
     print(json.dumps({"process": jax.process_index(), "tokens": tokens,
                       "sampled": [list(c.token_ids) for c in sampled], "clock": clock,
-                      "restore_bytes": peak - before, "kept_bytes": after - before,
+                      "restore_bytes": peak - before, "kept_bytes": after - before, "read_bytes": read,
                       "held_bytes": held}), flush=True)
     jax.distributed.shutdown()
 

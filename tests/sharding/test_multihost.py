@@ -79,16 +79,22 @@ def test_two_processes_equal_one(tmp_path, data, tensor):
 
 
 def test_two_processes_split_the_experts_and_restore_only_their_own(tmp_path):
-    """expert=8 over 2 processes × 4 devices: each process's devices hold half the experts, and its
-    host memory while restoring stays under 1.3× the bytes of the experts it holds (the expert arrays
-    are stored one expert per chunk, and tensorstore reads only the chunks asked for)."""
+    """expert=8 over 2 processes × 4 devices: each process's devices hold half the experts, it reads
+    from the checkpoint little more than half of what is stored (the expert arrays are stored one
+    expert per chunk, and tensorstore reads only the chunks asked for), and its host memory while
+    restoring stays under 1.5× the bytes its devices hold (reading every expert would be 2×). The read
+    bytes are the exact measure; the RSS one carries the allocator's and thread pools' noise, which
+    grows with the machine's core count (+23 MiB on a many-core runner)."""
     expected, results = run_two(tmp_path, BIG_MOE, {"data": 1, "tensor": 1, "expert": 8}, warm=True)
+    stored = sum(f.stat().st_size for f in (tmp_path / "ckpt").rglob("*") if f.is_file())
     experts_total = BIG_MOE.num_layers * BIG_MOE.num_experts * 3 * BIG_MOE.hidden_size * BIG_MOE.moe_intermediate_size * 4
     for r in results:
         assert r["tokens"] == expected
         held = r["held_bytes"]
         assert held["experts"] == experts_total // 2
-        print(f"process {r['process']}: restore {r['restore_bytes'] / 2**20:.1f} MiB at its peak, "
+        print(f"process {r['process']}: read {r['read_bytes'] / 2**20:.1f} MiB, restore {r['restore_bytes'] / 2**20:.1f} MiB at its peak, "
               f"{r['kept_bytes'] / 2**20:.1f} MiB after, for "
-              f"{held['experts'] / 2**20:.1f} MiB of experts ({held['all'] / 2**20:.1f} MiB in all)")
-        assert r["restore_bytes"] < 1.3 * held["experts"]
+              f"{held['experts'] / 2**20:.1f} MiB of experts ({held['all'] / 2**20:.1f} MiB in all, "
+              f"{stored / 2**20:.1f} MiB stored)")
+        assert r["read_bytes"] < 0.6 * stored
+        assert r["restore_bytes"] < 1.5 * held["all"]
