@@ -80,6 +80,9 @@ class ModelConfig:
     norm_topk_prob: bool = True
     shared_expert_intermediate_size: int = 0  # Qwen2-MoE: one always-on expert, scaled by a sigmoid gate
     dense_layers: tuple[int, ...] = ()  # layers with a plain MLP (of `intermediate_size`) in an MoE model
+    # The linear layers' weights in a quantized format of models/quant.py ("int8", "fp8", "int4-g32", …);
+    # None: float, in the checkpoint's dtype. Embeddings, the vocabulary head, norms and routers stay float.
+    quantization: str | None = None
 
     def __post_init__(self):
         if self.architecture not in ARCHITECTURES:
@@ -110,6 +113,12 @@ class ModelConfig:
         if self.sliding_window is not None and self.sliding_window <= 0:
             raise ConfigError(f"sliding_window must be positive or null, got {self.sliding_window}")
         self._check_moe()
+        if self.quantization is not None:
+            from meshserve.models.quant import FORMATS
+
+            if self.quantization not in FORMATS:
+                raise ConfigError(f"quantization must be one of {', '.join(FORMATS)} or null, "
+                                  f"got {self.quantization!r}")
         for tok in ((self.bos_token_id,) if self.bos_token_id is not None else ()) + self.eos_token_ids:
             if not 0 <= tok < self.vocab_size:
                 raise ConfigError(f"special token id {tok} is outside the vocabulary (size {self.vocab_size})")
@@ -165,6 +174,8 @@ class ModelConfig:
                 del out[field]
         if not self.qk_norm:
             del out["qk_norm"]
+        if self.quantization is None:
+            del out["quantization"]
         if self.rope_freq_factors is not None:
             out["rope_freq_factors"] = list(self.rope_freq_factors)
         else:

@@ -25,10 +25,11 @@ from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
-from meshserve.models import moe
+from meshserve.models import moe, quant
 from meshserve.models.config import ModelConfig, rope_inv_freq
 from meshserve.models.moe import ExpertPlan
 
@@ -50,6 +51,47 @@ def _param(rngs: nnx.Rngs | None, shape, dtype, axes, init: str = "normal") -> n
     return nnx.Param(value, axes=axes)
 
 
+class QuantizedWeight(nnx.Module):
+    """A linear layer's weight in a quantized format (models/quant.py): the values `q`, their `scale`
+    (and `zero`), each with the weight's logical axes, so they shard with it."""
+
+    def __init__(self, rngs: nnx.Rngs, shape, axes, geometry: quant.Geometry):
+        self.geometry = geometry
+        w = _INIT_STD * jax.random.normal(rngs.params(), shape, jnp.float32)
+        for name, value in quant.quantize(w, geometry).items():
+            setattr(self, name, nnx.Param(value, axes=axes))
+
+    def parts(self) -> dict[str, Array]:
+        return {name: getattr(self, name)[...] for name in ("q", "scale", "zero") if hasattr(self, name)}
+
+    def dequantized(self, dtype) -> Array:
+        return quant.dequantize(self.parts(), self.geometry, dtype)
+
+
+def _weight(rngs: nnx.Rngs, shape, dtype, axes, c: ModelConfig, batch: int = 0, contract: int = 1):
+    """A linear layer's weight: float, or quantized when the config says so."""
+    if c.quantization is None:
+        return _param(rngs, shape, dtype, axes)
+    return QuantizedWeight(rngs, shape, axes, quant.Geometry(tuple(shape), batch, contract,
+                                                             quant.get_format(c.quantization)))
+
+
+def _matmul(x: Float[Array, "... k"], w) -> Float[Array, "... n"]:
+    """x times a weight whose leading axes are its inputs (flattened to x's last): [..., N] with the
+    weight's output axes flattened. A plain 2-D matmul over free reshapes: XLA:CPU otherwise copies
+    [D, H, E] weights per call."""
+    if isinstance(w, QuantizedWeight):
+        return quant.dot(x, w.parts(), w.geometry)
+    w = w[...]
+    K = x.shape[-1]
+    return x @ w.reshape(K, w.size // K)
+
+
+def _experts_weight(w, dtype) -> Array:
+    """An MoE's stacked expert weights as floats (quantized ones dequantized inside the program)."""
+    return w.dequantized(dtype) if isinstance(w, QuantizedWeight) else w[...]
+
+
 class RMSNorm(nnx.Module):
     def __init__(self, dim: int, eps: float, *, dtype, axis: str = "embed"):
         self.weight = _param(None, (dim,), dtype, (axis,), init="ones")
@@ -64,10 +106,10 @@ class RMSNorm(nnx.Module):
 class Attention(nnx.Module):
     def __init__(self, c: ModelConfig, *, dtype, rngs: nnx.Rngs):
         D, H, K, E = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
-        self.q_proj = _param(rngs, (D, H, E), dtype, ("embed", "q_heads", "head_dim"))
-        self.k_proj = _param(rngs, (D, K, E), dtype, ("embed", "kv_heads", "head_dim"))
-        self.v_proj = _param(rngs, (D, K, E), dtype, ("embed", "kv_heads", "head_dim"))
-        self.o_proj = _param(rngs, (H, E, D), dtype, ("q_heads", "head_dim", "embed"))
+        self.q_proj = _weight(rngs, (D, H, E), dtype, ("embed", "q_heads", "head_dim"), c)
+        self.k_proj = _weight(rngs, (D, K, E), dtype, ("embed", "kv_heads", "head_dim"), c)
+        self.v_proj = _weight(rngs, (D, K, E), dtype, ("embed", "kv_heads", "head_dim"), c)
+        self.o_proj = _weight(rngs, (H, E, D), dtype, ("q_heads", "head_dim", "embed"), c, contract=2)
         if c.attention_bias:
             self.q_bias = _param(rngs, (H, E), dtype, ("q_heads", "head_dim"))
             self.k_bias = _param(rngs, (K, E), dtype, ("kv_heads", "head_dim"))
@@ -75,13 +117,14 @@ class Attention(nnx.Module):
         if c.qk_norm:
             self.q_norm = RMSNorm(E, c.rms_norm_eps, dtype=dtype, axis="head_dim")
             self.k_norm = RMSNorm(E, c.rms_norm_eps, dtype=dtype, axis="head_dim")
-        self.sliding_window = c.sliding_window
+        self.sliding_window, self.head_dim = c.sliding_window, E
 
     def __call__(self, x: Float[Array, "b t d"], rope: tuple[Array, Array],
                  positions: Int[Array, "b t"], cache: "KVCache | None", layer: int):
-        q = _project(x, self.q_proj[...])  # [B, T, H, E]
-        k = _project(x, self.k_proj[...])  # [B, T, K, E]
-        v = _project(x, self.v_proj[...])
+        B, T, _ = x.shape
+        q = _matmul(x, self.q_proj).reshape(B, T, -1, self.head_dim)  # [B, T, H, E]
+        k = _matmul(x, self.k_proj).reshape(B, T, -1, self.head_dim)  # [B, T, K, E]
+        v = _matmul(x, self.v_proj).reshape(B, T, -1, self.head_dim)
         if hasattr(self, "q_bias"):
             q, k, v = q + self.q_bias[...], k + self.k_bias[...], v + self.v_bias[...]
         if hasattr(self, "q_norm"):
@@ -91,21 +134,20 @@ class Attention(nnx.Module):
             out = attention(q, k, v, positions, positions, self.sliding_window)
         else:
             out, cache = cache.attend(layer, q, k, v, positions, self.sliding_window)
-        B, T, H, E = out.shape
-        return (out.reshape(B, T, H * E) @ self.o_proj[...].reshape(H * E, -1)), cache
+        return _matmul(out.reshape(B, T, -1), self.o_proj), cache
 
 
 class MLP(nnx.Module):
     def __init__(self, c: ModelConfig, *, dtype, rngs: nnx.Rngs, width: int | None = None):
         D, F = c.hidden_size, width or c.intermediate_size
-        self.gate_proj = _param(rngs, (D, F), dtype, ("embed", "mlp"))
-        self.up_proj = _param(rngs, (D, F), dtype, ("embed", "mlp"))
-        self.down_proj = _param(rngs, (F, D), dtype, ("mlp", "embed"))
+        self.gate_proj = _weight(rngs, (D, F), dtype, ("embed", "mlp"), c)
+        self.up_proj = _weight(rngs, (D, F), dtype, ("embed", "mlp"), c)
+        self.down_proj = _weight(rngs, (F, D), dtype, ("mlp", "embed"), c)
 
     def __call__(self, x: Float[Array, "b t d"], experts: ExpertPlan | None = None):
         """The output, and (as an MoE block's) the experts each token picked: none here."""
-        gate = jax.nn.silu(x @ self.gate_proj[...])
-        return (gate * (x @ self.up_proj[...])) @ self.down_proj[...], None
+        gate = jax.nn.silu(_matmul(x, self.gate_proj))
+        return _matmul(gate * _matmul(x, self.up_proj), self.down_proj), None
 
 
 class MoE(nnx.Module):
@@ -115,9 +157,9 @@ class MoE(nnx.Module):
     def __init__(self, c: ModelConfig, *, dtype, rngs: nnx.Rngs):
         D, F, X = c.hidden_size, c.moe_intermediate_size, c.num_experts
         self.router = _param(rngs, (D, X), dtype, ("embed", "router"))
-        self.gate_proj = _param(rngs, (X, D, F), dtype, ("expert", "embed", "mlp"))
-        self.up_proj = _param(rngs, (X, D, F), dtype, ("expert", "embed", "mlp"))
-        self.down_proj = _param(rngs, (X, F, D), dtype, ("expert", "mlp", "embed"))
+        self.gate_proj = _weight(rngs, (X, D, F), dtype, ("expert", "embed", "mlp"), c, batch=1)
+        self.up_proj = _weight(rngs, (X, D, F), dtype, ("expert", "embed", "mlp"), c, batch=1)
+        self.down_proj = _weight(rngs, (X, F, D), dtype, ("expert", "mlp", "embed"), c, batch=1)
         if c.shared_expert_intermediate_size:
             self.shared = MLP(c, dtype=dtype, rngs=rngs, width=c.shared_expert_intermediate_size)
             self.shared_gate = _param(rngs, (D, 1), dtype, ("embed", "router"))
@@ -127,8 +169,10 @@ class MoE(nnx.Module):
         """The output, and the experts each token picked."""
         flat = x.reshape(-1, x.shape[-1])  # [B * T, D]
         ids, weights = moe.route(flat, self.router[...], self.top_k, self.normalize)
-        out = moe.experts_mlp(flat, ids, weights, self.gate_proj[...], self.up_proj[...],
-                              self.down_proj[...], experts)
+        # quantized experts: dequantized whole in the program, weight only (a grouped quantized matmul
+        # that reads only the experts picked is not built yet)
+        gate, up, down = (_experts_weight(w, x.dtype) for w in (self.gate_proj, self.up_proj, self.down_proj))
+        out = moe.experts_mlp(flat, ids, weights, gate, up, down, experts)
         if hasattr(self, "shared"):
             out = out + jax.nn.sigmoid(flat @ self.shared_gate[...]) * self.shared(flat)[0]
         return out.reshape(x.shape), ids
@@ -200,12 +244,6 @@ class KVCache(Protocol):
 
 
 # ---- pure functions -----------------------------------------------------------------------------
-
-def _project(x: Float[Array, "b t d"], w: Float[Array, "d h e"]) -> Float[Array, "b t h e"]:
-    # A plain 2-D matmul over free reshapes: XLA:CPU otherwise copies [D, H, E] weights per call.
-    D, H, E = w.shape
-    return (x @ w.reshape(D, H * E)).reshape(*x.shape[:-1], H, E)
-
 
 def rope_tables(c: ModelConfig, positions: Int[Array, "b t"]) -> tuple[Array, Array]:
     """cos and sin, f32[B, T, E // 2], for the rotate-half RoPE layout used by HF checkpoints."""
@@ -318,3 +356,25 @@ def param_axes(config: ModelConfig) -> dict[str, Any]:
 def init_params(config: ModelConfig, seed: int = 0, dtype=jnp.float32) -> Params:
     """Random weights (normal, std 0.02; norms at one) — for tests and benchmarks of large shapes."""
     return nnx.to_pure_dict(nnx.state(Decoder(config, dtype=dtype, rngs=nnx.Rngs(seed))))
+
+
+def quantized_geometries(config: ModelConfig) -> dict[tuple, quant.Geometry]:
+    """The path in the params tree of each quantized weight of `config` → its geometry."""
+    graphdef, state = _abstract_model(config, jnp.float32)
+    model = nnx.merge(graphdef, state)
+    return {tuple(path): node.geometry for path, node in nnx.iter_graph(model)
+            if isinstance(node, QuantizedWeight)}
+
+
+def quantize_params(params: Params, config: ModelConfig) -> Params:
+    """Float params (numpy, the converter's) → the params of `config`, whose `quantization` names the
+    format: each linear weight replaced by its quantized parts, one at a time (the float weight is
+    dropped as soon as it is quantized). ValueError when the format cannot lay out a weight."""
+    out = jax.tree.map(lambda a: a, params)  # a new tree of the same leaves
+    for path, geometry in quantized_geometries(config).items():
+        parent = functools.reduce(lambda d, k: d[k], path[:-1], out)
+        w = parent[path[-1]]
+        if tuple(w.shape) != geometry.shape:
+            raise ValueError(f"{'/'.join(map(str, path))}: shape {tuple(w.shape)}, expected {geometry.shape}")
+        parent[path[-1]] = quant.quantize(np.asarray(w, np.float32), geometry)
+    return out
