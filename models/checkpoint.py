@@ -62,7 +62,9 @@ def save_checkpoint(out: str | Path, config: ModelConfig, params: Params, tokeni
     import orbax.checkpoint as ocp
 
     out = check_new_folder(out)
-    dtypes = {np.dtype(a.dtype).name for a in jax.tree.leaves(params)}
+    # the float arrays share one dtype; a quantized weight's parts (q, scale, zero) have their own
+    dtypes = {np.dtype(a.dtype).name for path, a in jax.tree_util.tree_leaves_with_path(params)
+              if getattr(path[-1], "key", None) not in ("q", "scale", "zero")}
     if len(dtypes) != 1:
         raise CheckpointError(f"params must share one dtype, got {sorted(dtypes)}")
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -24,6 +24,9 @@ HF_CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwe
               "qwen3": "Qwen3ForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
               "mixtral": "MixtralForCausalLM"}
 
+# The linear layers' weight formats of models/quant.py (named here so reading a config needs no jax).
+QUANTIZATIONS = ("int8", "w8a8", "fp8", "fp8-block", "w8a8-fp8", "int4-g32", "int4-g128", "q8_0", "q4_1")
+
 # The folder of shipped model configs (`configs/models/*.yaml`), found beside the package.
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "models"
 
@@ -113,12 +116,9 @@ class ModelConfig:
         if self.sliding_window is not None and self.sliding_window <= 0:
             raise ConfigError(f"sliding_window must be positive or null, got {self.sliding_window}")
         self._check_moe()
-        if self.quantization is not None:
-            from meshserve.models.quant import FORMATS
-
-            if self.quantization not in FORMATS:
-                raise ConfigError(f"quantization must be one of {', '.join(FORMATS)} or null, "
-                                  f"got {self.quantization!r}")
+        if self.quantization is not None and self.quantization not in QUANTIZATIONS:
+            raise ConfigError(f"quantization must be one of {', '.join(QUANTIZATIONS)} or null, "
+                              f"got {self.quantization!r}")
         for tok in ((self.bos_token_id,) if self.bos_token_id is not None else ()) + self.eos_token_ids:
             if not 0 <= tok < self.vocab_size:
                 raise ConfigError(f"special token id {tok} is outside the vocabulary (size {self.vocab_size})")

@@ -31,6 +31,11 @@ LAYER_ROLES = ("input_norm", "post_attn_norm", "q", "k", "v", "o", "q_bias", "k_
                "experts_down", "shared_gate", "shared_up", "shared_down", "shared_expert_gate")
 
 
+# The linear layers' weights: what a quantized model holds quantized (models/decoder.py's _weight).
+LINEAR_ROLES = ("q", "k", "v", "o", "gate", "up", "down", "experts_gate", "experts_up", "experts_down",
+                "shared_gate", "shared_up", "shared_down")
+
+
 class TensorSource(abc.ABC):
     """A model's config, tokenizer and tensors, in HF layout, as float32 numpy arrays."""
 
@@ -44,16 +49,27 @@ class TensorSource(abc.ABC):
     @abc.abstractmethod
     def get(self, role: str, layer: int | None = None) -> np.ndarray: ...
 
+    def get_blocks(self, role: str, layer: int | None = None, fmt: str | None = None) -> dict | None:
+        """The tensor as the source stores it, when that is `fmt` of models/quant.py: its quantized
+        parts in HF layout ([out, in] values, [out, in / group] scales), else None (the default)."""
+        return None
+
     def tensor_name(self, role: str, layer: int | None = None) -> str:
         """The source's own name of a role's tensor, for error messages."""
         return role if layer is None else f"layer {layer} {role}"
 
 
-def build_params(source: TensorSource, dtype: np.dtype, progress: bool = True) -> Params:
+def build_params(source: TensorSource, dtype: np.dtype, progress: bool = True, keep: str | None = None) -> Params:
+    """The params tree of the source's tensors in `dtype`; `keep`: a quantized format the source may
+    store tensors in (models/quant.py), whose tensors are taken as stored, not dequantized."""
     c = source.config
     D, H, K, E = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
 
     def fetch(role, layer=None, shape=None, transform: Callable = lambda w: w):
+        # transforms reshape with -1 on the input axis: they apply to a weight's quantized parts too
+        blocks = source.get_blocks(role, layer, keep) if keep and role in LINEAR_ROLES else None
+        if blocks is not None:
+            return {k: np.ascontiguousarray(transform(v)) for k, v in blocks.items()}
         w = source.get(role, layer)
         if shape is not None and tuple(w.shape) != shape:
             raise ConvertError(f"tensor {source.tensor_name(role, layer)} has shape {tuple(w.shape)}, "
@@ -66,10 +82,10 @@ def build_params(source: TensorSource, dtype: np.dtype, progress: bool = True) -
     bar = tqdm(range(c.num_layers), desc="converting", unit="layer", disable=None if progress else True)
     for i in bar:
         attn = {
-            "q_proj": fetch("q", i, (H * E, D), lambda w: w.T.reshape(D, H, E)),
-            "k_proj": fetch("k", i, (K * E, D), lambda w: w.T.reshape(D, K, E)),
-            "v_proj": fetch("v", i, (K * E, D), lambda w: w.T.reshape(D, K, E)),
-            "o_proj": fetch("o", i, (D, H * E), lambda w: w.T.reshape(H, E, D)),
+            "q_proj": fetch("q", i, (H * E, D), lambda w: w.T.reshape(-1, H, E)),
+            "k_proj": fetch("k", i, (K * E, D), lambda w: w.T.reshape(-1, K, E)),
+            "v_proj": fetch("v", i, (K * E, D), lambda w: w.T.reshape(-1, K, E)),
+            "o_proj": fetch("o", i, (D, H * E), lambda w: w.T.reshape(H, -1, D)),
         }
         if c.attention_bias:
             attn["q_bias"] = fetch("q_bias", i, (H * E,), lambda b: b.reshape(H, E))
@@ -128,13 +144,20 @@ def open_source(spec: str) -> TensorSource:
     return HFSource(path)
 
 
-def convert(spec: str, out: str | Path, dtype: str = "float32", progress: bool = True) -> Path:
+def convert(spec: str, out: str | Path, dtype: str = "float32", progress: bool = True,
+            quantize: str | None = None) -> Path:
     """Import `spec` and write a checkpoint folder at `out` (which must not exist yet); dtype "auto":
-    the source's (models/sources.py)."""
+    the source's (models/sources.py); `quantize`: the linear layers' weights in that format of
+    models/quant.py (the rest in `dtype`)."""
+    import dataclasses
+
     from meshserve.models.checkpoint import save_checkpoint, check_new_folder
+    from meshserve.models.config import QUANTIZATIONS
 
     if dtype not in (*DTYPES, "auto"):
         raise ConvertError(f"--dtype must be one of auto, {', '.join(DTYPES)}, got {dtype!r}")
+    if quantize is not None and quantize not in QUANTIZATIONS:
+        raise ConvertError(f"--quantize must be one of {', '.join(QUANTIZATIONS)}, got {quantize!r}")
     out = check_new_folder(out)  # fail before the slow part
     source = open_source(spec)
     if dtype == "auto":
@@ -142,18 +165,28 @@ def convert(spec: str, out: str | Path, dtype: str = "float32", progress: bool =
 
         kind, _, location = spec.partition(":")
         dtype = source_dtype(kind, Path(location).expanduser())
-    params = build_params(source, DTYPES[dtype], progress=progress)
-    return save_checkpoint(out, source.config, params, source.tokenizer, source=spec.split(":", 1)[0],
+    params = build_params(source, DTYPES[dtype], progress=progress, keep=quantize)
+    config = source.config
+    if quantize is not None:
+        from meshserve.models.decoder import quantize_params
+
+        config = dataclasses.replace(config, quantization=quantize)
+        try:
+            params = quantize_params(params, config)
+        except ValueError as e:
+            raise ConvertError(f"--quantize {quantize}: {e}") from None
+    return save_checkpoint(out, config, params, source.tokenizer, source=spec.split(":", 1)[0],
                            generation=source.generation)
 
 
-def convert_into_cache(spec: str, out: Path, dtype: str, progress: bool = True) -> Path:
+def convert_into_cache(spec: str, out: Path, dtype: str, progress: bool = True,
+                       quantize: str | None = None) -> Path:
     """`convert` into a cache folder that other processes may be filling with the same conversion at
     the same time: the first to finish renames it into place, the others use theirs."""
     from meshserve.models.errors import CheckpointError
 
     try:
-        return convert(spec, out, dtype=dtype, progress=progress)
+        return convert(spec, out, dtype=dtype, progress=progress, quantize=quantize)
     except CheckpointError:
         if not out.is_dir():
             raise

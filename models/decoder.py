@@ -195,11 +195,19 @@ class DecoderLayer(nnx.Module):
 class Decoder(nnx.Module):
     def __init__(self, c: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
         self.config = c
-        self.embed = _param(rngs, (c.vocab_size, c.hidden_size), dtype, ("vocab", "embed"))
+        V, D = c.vocab_size, c.hidden_size
+        if c.quantization and quant.get_format(c.quantization).activations:
+            # the speed formats quantize the vocabulary too (at batch 1 its head is a fifth of a small
+            # model's bytes): a scale per vocabulary row, read by the lookup and by the tied head
+            self.embed = QuantizedWeight(rngs, (V, D), ("vocab", "embed"),
+                                         quant.Geometry((V, D), 1, 1, quant.get_format(c.quantization)))
+        else:
+            self.embed = _param(rngs, (V, D), dtype, ("vocab", "embed"))
         self.layers = nnx.List([DecoderLayer(c, i, dtype=dtype, rngs=rngs) for i in range(c.num_layers)])
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype=dtype)
         if not c.tie_word_embeddings:
-            self.lm_head = _param(rngs, (c.hidden_size, c.vocab_size), dtype, ("embed", "vocab"))
+            self.lm_head = (_weight(rngs, (D, V), dtype, ("embed", "vocab"), c) if isinstance(self.embed, QuantizedWeight)
+                            else _param(rngs, (D, V), dtype, ("embed", "vocab")))
 
     def __call__(self, tokens: Int[Array, "b t"], positions: Int[Array, "b t"],
                  cache: "KVCache | None" = None, logits_at: Int[Array, "b"] | None = None,
@@ -214,7 +222,7 @@ class Decoder(nnx.Module):
         """The last layer's output, normed: f32-or-params-dtype[B, T, D] (the head's input); the cache;
         and the router's statistics: i32[MoE layers, X], how many of the `valid` tokens (all when
         None) each layer sent to each expert (i32[0, 0] for a dense model)."""
-        x = jnp.take(self.embed[...], tokens, axis=0)  # [B, T, D]
+        x = self.embedding(tokens)  # [B, T, D]
         rope = rope_tables(self.config, positions)
         valid = jnp.ones(tokens.shape, bool) if valid is None else valid
         routing = []
@@ -225,7 +233,18 @@ class Decoder(nnx.Module):
         routing = jnp.stack(routing) if routing else jnp.zeros((0, 0), jnp.int32)
         return self.norm(x), cache, routing
 
+    def embedding(self, tokens: Int[Array, "b t"]) -> Float[Array, "b t d"]:
+        if not isinstance(self.embed, QuantizedWeight):
+            return jnp.take(self.embed[...], tokens, axis=0)
+        rows = jnp.take(self.embed.q[...], tokens, axis=0).astype(jnp.float32)
+        return (rows * jnp.take(self.embed.scale[...], tokens, axis=0)).astype(self.norm.weight[...].dtype)
+
     def head(self, x: Float[Array, "b t d"]) -> Float[Array, "b t v"]:
+        if isinstance(self.embed, QuantizedWeight):  # the speed formats: one low-precision matmul
+            if self.config.tie_word_embeddings:
+                w = self.embed
+                return quant.dot_transposed(x, w.q[...], w.scale[...], w.geometry.format)
+            return _matmul(x, self.lm_head).astype(jnp.float32)
         if self.config.tie_word_embeddings:  # contract with embed [V, D] as stored: no transposed copy
             return jnp.einsum("btd,vd->btv", x, self.embed[...], preferred_element_type=jnp.float32)
         return jnp.einsum("btd,dv->btv", x, self.lm_head[...], preferred_element_type=jnp.float32)
@@ -368,12 +387,16 @@ def quantized_geometries(config: ModelConfig) -> dict[tuple, quant.Geometry]:
 
 def quantize_params(params: Params, config: ModelConfig) -> Params:
     """Float params (numpy, the converter's) → the params of `config`, whose `quantization` names the
-    format: each linear weight replaced by its quantized parts, one at a time (the float weight is
+    format: each linear weight replaced by its quantized parts (those already quantized are checked),
+    one at a time (the float weight is
     dropped as soon as it is quantized). ValueError when the format cannot lay out a weight."""
     out = jax.tree.map(lambda a: a, params)  # a new tree of the same leaves
     for path, geometry in quantized_geometries(config).items():
         parent = functools.reduce(lambda d, k: d[k], path[:-1], out)
         w = parent[path[-1]]
+        if isinstance(w, dict):  # kept as the source stored it (a GGUF's blocks)
+            quant.check_parts(w, geometry, "/".join(map(str, path)))
+            continue
         if tuple(w.shape) != geometry.shape:
             raise ValueError(f"{'/'.join(map(str, path))}: shape {tuple(w.shape)}, expected {geometry.shape}")
         parent[path[-1]] = quant.quantize(np.asarray(w, np.float32), geometry)

@@ -184,6 +184,29 @@ class GGUFSource(TensorSource):
             w = unpermute_rope_rows(w, heads)
         return w
 
+    def get_blocks(self, role, layer=None, fmt=None):
+        """The tensor as stored, when its GGML type is `fmt` of models/quant.py (Q8_0 → "q8_0", Q4_0 →
+        "int4-g32", Q4_1 → "q4_1"), else None: {"q", "scale"[, "zero"]} in HF layout, [out, in] (4-bit
+        values two to a byte: [out, in / 2]) and scales [out, in / 32], rows un-permuted as `get`'s."""
+        tensor = self._tensors.get(self._name(role, layer))
+        if tensor is None or _KEPT.get(tensor.tensor_type) != fmt or len(tensor.shape) != 2:
+            return None
+        blocks = np.asarray(tensor.data).reshape(-1, tensor.data.shape[-1])  # [out, in / 32 × block bytes]
+        out_features = blocks.shape[0]
+        blocks = blocks.reshape(out_features, -1, _BLOCK_BYTES[fmt])  # [out, in / 32, block bytes]
+        half = lambda a: a.view(np.float16).astype(np.float32)[..., 0]
+        if fmt == "q8_0":
+            parts = {"q": blocks[..., 2:].view(np.int8).reshape(out_features, -1), "scale": half(blocks[..., :2])}
+        elif fmt == "int4-g32":
+            parts = {"q": blocks[..., 2:].reshape(out_features, -1), "scale": half(blocks[..., :2])}
+        else:
+            parts = {"q": blocks[..., 4:].reshape(out_features, -1), "scale": half(blocks[..., :2]),
+                     "zero": half(blocks[..., 2:4])}
+        if self.config.architecture in ("llama", "mixtral") and role in ("q", "k"):
+            heads = self.config.num_heads if role == "q" else self.config.num_kv_heads
+            parts = {k: unpermute_rope_rows(v, heads) for k, v in parts.items()}
+        return {k: np.ascontiguousarray(v) for k, v in parts.items()}
+
     # ---- tokenizer ---------------------------------------------------------------------------
 
     def _read_tokenizer(self) -> Tokenizer:
@@ -216,6 +239,12 @@ class GGUFSource(TensorSource):
             add_bos_token=bool(self._field("tokenizer.ggml.add_bos_token", kind == "llama")),
             chat_template=self._field("tokenizer.chat_template"))
         return Tokenizer(backend, config)
+
+
+# GGML types kept as stored by `get_blocks`: the format of models/quant.py each is, and its block's bytes
+# (an f16 scale, an f16 minimum for Q4_1, then 32 values)
+_KEPT = {Q.Q8_0: "q8_0", Q.Q4_0: "int4-g32", Q.Q4_1: "q4_1"}
+_BLOCK_BYTES = {"q8_0": 34, "int4-g32": 18, "q4_1": 20}
 
 
 def unpermute_rope_rows(w: np.ndarray, heads: int) -> np.ndarray:

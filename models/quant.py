@@ -36,6 +36,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
+from meshserve.models.config import QUANTIZATIONS
+
 
 @dataclasses.dataclass(frozen=True)
 class Format:
@@ -75,6 +77,9 @@ FORMATS = {f.name: f for f in (
     Format("q4_1", "int4", group=32, zero=True,
            about="GGUF Q4_1 as stored: 4-bit, a scale and a minimum per 32 inputs"),
 )}
+
+
+assert tuple(FORMATS) == QUANTIZATIONS, "models/config.py names the formats too"
 
 
 def get_format(name: str) -> Format:
@@ -149,6 +154,20 @@ class Geometry:
         if self.format.packed and block[self.pack_axis] % 2:
             raise ValueError(f"{self.format.name}: a group's part of the last input axis must be even "
                              f"to pack 4-bit values (shape {self.shape}, blocks {block})")
+
+
+def check_parts(parts: dict, geometry: Geometry, name: str) -> None:
+    """ValueError naming the weight when its parts are not `geometry`'s (a scale of another shape)."""
+    want = {"q": (geometry.q_shape, geometry.q_dtype), "scale": (geometry.scale_shape, np.float32)}
+    if geometry.format.zero:
+        want["zero"] = (geometry.scale_shape, np.float32)
+    if set(parts) != set(want):
+        raise ValueError(f"{name}: parts {sorted(parts)}, expected {sorted(want)} for {geometry.format.name}")
+    for key, (shape, dtype) in want.items():
+        a = parts[key]
+        if tuple(a.shape) != tuple(shape) or np.dtype(a.dtype) != np.dtype(dtype):
+            raise ValueError(f"{name}: {key} is {np.dtype(a.dtype).name}{list(a.shape)}, expected "
+                             f"{np.dtype(dtype).name}{list(shape)} for {geometry.format.name}")
 
 
 def _blocked(shape: tuple[int, ...], block: tuple[int, ...]) -> tuple[int, ...]:
@@ -237,7 +256,15 @@ def dot(x: Float[Array, "... k"], weight: dict[str, Array], geometry: Geometry) 
     return y.astype(x.dtype).reshape(*x.shape[:-1], N)
 
 
-def _dynamic_dot(rows: Array, q: Array, w_scale: Array, f: Format) -> Array:
+def dot_transposed(x: Float[Array, "... k"], q: Array, scale: Array, f: Format) -> Float[Array, "... n"]:
+    """x times the transpose of a weight stored [N, K] with a scale per row (a tied vocabulary head
+    reading the embedding as stored), with a dynamic format's activations → f32 [..., N]."""
+    rows = x.reshape(-1, x.shape[-1])
+    y = _dynamic_dot(rows, q, scale.reshape(1, -1), f, transposed=True)
+    return y.reshape(*x.shape[:-1], q.shape[0])
+
+
+def _dynamic_dot(rows: Array, q: Array, w_scale: Array, f: Format, transposed: bool = False) -> Array:
     """Per-row activation scales, one low-precision matmul, both scales on the f32 result."""
     M = rows.shape[0]
     if M == 1:  # XLA:CPU's int8 matrix-vector product is a slow scalar loop; two rows take its GEMM
@@ -246,12 +273,13 @@ def _dynamic_dot(rows: Array, q: Array, w_scale: Array, f: Format) -> Array:
     amax = jnp.max(jnp.abs(x32), axis=-1, keepdims=True)
     x_scale = jnp.where(amax == 0, 1.0, amax / f.qmax)
     scaled = x32 / x_scale
+    dims = (((1,), (1 if transposed else 0,)), ((), ()))
     if f.activations == "int8":
         xq = jnp.clip(jnp.round(scaled), -127, 127).astype(jnp.int8)
-        acc = jax.lax.dot(xq, q, preferred_element_type=jnp.int32).astype(jnp.float32)
+        acc = jax.lax.dot_general(xq, q, dims, preferred_element_type=jnp.int32).astype(jnp.float32)
     else:
         xq = scaled.astype(jnp.float8_e4m3fn)
-        acc = jax.lax.dot(xq, q, preferred_element_type=jnp.float32)
+        acc = jax.lax.dot_general(xq, q, dims, preferred_element_type=jnp.float32)
     return (acc * x_scale * w_scale)[:M]
 
 

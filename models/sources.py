@@ -93,36 +93,48 @@ def source_name(spec: str | None) -> str | None:
     return None
 
 
-def resolve_model(spec: str | None, dtype: str = "auto", progress: bool = True) -> Path:
+def resolve_model(spec: str | None, dtype: str = "auto", progress: bool = True,
+                  quantization: str | None = None) -> Path:
     """The checkpoint folder to serve for `spec` (None: the default model), converting a GGUF file or
-    HF folder into the cache the first time."""
-    from meshserve.models.default import cache_dir, default_checkpoint
+    HF folder into the cache the first time; `quantization`: with the linear layers' weights in that
+    format (models/quant.py), converted so once too."""
+    from meshserve.models.default import cache_dir, default_checkpoint, default_gguf
+    from meshserve.models.config import QUANTIZATIONS
 
     if dtype not in DTYPES:
         raise ConvertError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if quantization is not None and quantization not in QUANTIZATIONS:
+        raise ConvertError(f"--quantization must be one of {', '.join(QUANTIZATIONS)}, got {quantization!r}")
     if spec is None:
-        return default_checkpoint(dtype="float32" if dtype == "auto" else dtype, progress=progress)
+        if quantization is None:
+            return default_checkpoint(dtype="float32" if dtype == "auto" else dtype, progress=progress)
+        spec, dtype = str(default_gguf()), "float32" if dtype == "auto" else dtype
     path = Path(spec).expanduser().absolute()
     kind = _kind(path)
     if kind == "checkpoint":
         from meshserve.models.checkpoint import read_meta
 
-        held = read_meta(path)[2].name
-        if dtype != "auto" and held != dtype:
-            raise ConvertError(f"checkpoint {path} holds {held}, not {dtype}: convert its source again with "
+        _, config, held = read_meta(path)
+        if dtype != "auto" and held.name != dtype:
+            raise ConvertError(f"checkpoint {path} holds {held.name}, not {dtype}: convert its source again with "
                                f"--dtype {dtype}")
+        if quantization is not None and config.quantization != quantization:
+            raise ConvertError(f"checkpoint {path} holds {config.quantization or 'float'} weights, not "
+                               f"{quantization}: convert its source again with --quantize {quantization}")
         return path
     if dtype == "auto":
         dtype = source_dtype(kind, path)
     files = [path] if kind == "gguf" else sorted(p for p in path.iterdir() if p.is_file() and (
         p.suffix in (".safetensors", ".json", ".jinja")))
     name = path.stem if kind == "gguf" else path.name
-    out = cache_dir() / "checkpoints" / f"{name}-{content_key(files)}-{dtype}"
+    suffix = f"-{quantization}" if quantization else ""
+    out = cache_dir() / "checkpoints" / f"{name}-{content_key(files)}-{dtype}{suffix}"
     say = (lambda line: print(f"meshserve: {line}", file=sys.stderr, flush=True)) if progress else (lambda line: None)
     if out.is_dir():
         say(f"model {path.name}: converted before, at {out}")
         return out
     from meshserve.models.convert import convert_into_cache
 
-    say(f"model {path.name}: converting ({kind}) to {dtype} into {out} (once; later starts reuse it)")
-    return convert_into_cache(f"{kind}:{path}", out, dtype, progress)
+    say(f"model {path.name}: converting ({kind}) to {dtype}{' with ' + quantization + ' weights' if quantization else ''} "
+        f"into {out} (once; later starts reuse it)")
+    return convert_into_cache(f"{kind}:{path}", out, dtype, progress, quantize=quantization)

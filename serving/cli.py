@@ -1,6 +1,6 @@
 """The `meshserve` command line.
 
-    meshserve convert --from gguf:FILE | hf:DIR --out CKPT_DIR [--dtype bfloat16|float32]
+    meshserve convert --from gguf:FILE | hf:DIR --out CKPT_DIR [--dtype bfloat16|float32] [--quantize FORMAT]
     meshserve generate [--model CKPT_DIR] [--mesh MESH.yaml] [--chat] [sampling flags] "prompt"
     meshserve generate --input prompts.jsonl --output results.jsonl [--chat] [sampling flags]
     meshserve generate --server HOST:PORT [--chat] [sampling flags] "prompt"   stream from a server
@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 
 from meshserve.models.errors import MeshserveError, RequestError
+from meshserve.models.config import QUANTIZATIONS
 from meshserve.models.sources import DTYPES, source_name
 from meshserve.serving import versions
 
@@ -54,6 +55,9 @@ def _parser() -> argparse.ArgumentParser:
     conv.add_argument("--dtype", default="auto", choices=DTYPES,
                       help="auto: the source's (bfloat16 stays bfloat16, float16 and quantized blocks become "
                            "bfloat16, float32 stays float32)")
+    conv.add_argument("--quantize", choices=QUANTIZATIONS, metavar="FORMAT",
+                      help="the linear layers' weights in this format: " + ", ".join(QUANTIZATIONS)
+                           + " (embeddings, head and norms stay in --dtype)")
 
     gen = sub.add_parser("generate", help="stream a completion, or run a JSONL file of prompts")
     gen.add_argument("prompt", nargs="?")
@@ -149,6 +153,7 @@ def _parser() -> argparse.ArgumentParser:
     flt.add_argument("--model", metavar="MODEL", help="a GGUF file, a Hugging Face folder or a checkpoint")
     flt.add_argument("--model-name", "--served-model-name", dest="model_name")
     flt.add_argument("--dtype", default="auto", choices=DTYPES)
+    flt.add_argument("--quantization", "-q", choices=QUANTIZATIONS, metavar="FORMAT")
 
     fetch = sub.add_parser("fetch-default", help="fetch and convert the default model; print its folder")
     fetch.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
@@ -161,6 +166,9 @@ def _engine_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", default="auto", choices=DTYPES,
                    help="what a GGUF file or HF folder is converted to; auto: the source's (bfloat16 stays "
                         "bfloat16, float16 and quantized blocks become bfloat16, float32 stays float32)")
+    g.add_argument("--quantization", "-q", choices=QUANTIZATIONS, metavar="FORMAT",
+                   help="serve the linear layers' weights in this format (" + ", ".join(QUANTIZATIONS)
+                        + "): a GGUF file or HF folder is converted so once; a checkpoint must hold it")
     g.add_argument("--max-model-len", type=int, help="the longest request, prompt and output (tokens)")
     g.add_argument("--max-num-seqs", type=int, help="requests decoded at once")
     g.add_argument("--gpu-memory-utilization", type=float,
@@ -214,7 +222,8 @@ def _model(args, spec: str | None) -> str:
     converted once into the cache."""
     from meshserve.models.sources import resolve_model
 
-    return str(resolve_model(spec, args.dtype, progress=not args.quiet))
+    return str(resolve_model(spec, args.dtype, progress=not args.quiet,
+                             quantization=getattr(args, "quantization", None)))
 
 
 def _serving(args, config, spec: str | None):
@@ -227,7 +236,7 @@ def _serving(args, config, spec: str | None):
 def _convert(args) -> None:
     from meshserve.models.convert import convert
 
-    out = convert(args.source, args.out, dtype=args.dtype)
+    out = convert(args.source, args.out, dtype=args.dtype, quantize=args.quantize)
     print(f"wrote {out}", file=sys.stderr)
 
 
@@ -545,7 +554,8 @@ def _fleet(args) -> None:
             frontend_args += ["--router-conditional-disagg-config", json.dumps(policy)]
     from meshserve.models.sources import resolve_model
 
-    model = resolve_model(args.model, args.dtype)  # converted once here, not by every worker at once
+    # converted once here, not by every worker at once
+    model = resolve_model(args.model, args.dtype, quantization=args.quantization)
     worker_args = ["--config", args.config, "--model", str(model)]
     name = args.model_name or source_name(args.model)
     if name:

@@ -229,3 +229,46 @@ def test_sentencepiece_vocabulary_rebuilds_its_merges():
     for text in ["the theory of the lazy fox", "hello there", "Pack five jugs, 12345!", "everything"]:
         assert rebuilt.encode(text).ids == trained.encode(text).ids, text
         assert rebuilt.decode(rebuilt.encode(text).ids) == text
+
+
+@pytest.mark.parametrize("qtype,fmt", [(Q.Q8_0, "q8_0"), (Q.Q4_0, "int4-g32"), (Q.Q4_1, "q4_1")],
+                         ids=["Q8_0", "Q4_0", "Q4_1"])
+def test_blocks_kept_quantized_dequantize_to_the_gguf_packages_values(tmp_path, tiny_llama, qtype, fmt):
+    """`convert --quantize` with the file's own format keeps its blocks as stored (the bytes are the
+    file's), and each weight dequantized inside a program equals the gguf package's dequantization
+    exactly; the quantized checkpoint's logits equal the float32 checkpoint's (converted from the
+    same file) within 1e-5."""
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    from meshserve.models import quant
+    from meshserve.models.decoder import quantized_geometries
+
+    path = tmp_path / f"tiny-{qtype.name}.gguf"
+    write_gguf(path, tiny_llama, qtype)
+    ckpt = load_checkpoint(convert(f"gguf:{path}", tmp_path / "q", quantize=fmt, progress=False), progress=False)
+    assert ckpt.config.quantization == fmt
+    raw = {t.name: t for t in GGUFReader(path).tensors}
+    geometries = quantized_geometries(ckpt.config)
+    down = ckpt.params["layers"][1]["mlp"]["down_proj"]
+    assert np.asarray(down["q"]).tobytes() != b"" and down["q"].dtype == (jnp.int8 if fmt == "q8_0" else jnp.uint8)
+    for name, path_ in (("blk.1.ffn_down.weight", (1, "mlp", "down_proj")),
+                        ("blk.0.attn_output.weight", (0, "attn", "o_proj")),
+                        ("blk.0.attn_v.weight", (0, "attn", "v_proj"))):
+        layer, block, weight = path_
+        parts = ckpt.params["layers"][layer][block][weight]
+        g = geometries[("layers", layer, block, weight)]
+        got = np.asarray(jax.jit(lambda p: quant.dequantize(p, g))(parts))
+        expected = dequantize(raw[name].data, qtype)  # [out, in]
+        np.testing.assert_array_equal(got.reshape(-1, expected.shape[0]).T, expected)
+        if weight != "o_proj":  # ([in, out] as stored here: the file's values bytes, transposed)
+            offset, block_bytes = {"q8_0": (2, 34), "int4-g32": (2, 18), "q4_1": (4, 20)}[fmt]
+            stored = np.asarray(raw[name].data).reshape(expected.shape[0], -1, block_bytes)[..., offset:]
+            held = np.asarray(parts["q"]).reshape(-1, expected.shape[0]).T
+            assert held.tobytes() == np.ascontiguousarray(stored.reshape(expected.shape[0], -1)).tobytes()
+    float_ckpt = load_checkpoint(convert(f"gguf:{path}", tmp_path / "f32", progress=False), progress=False)
+    ids = jnp.asarray(np.random.default_rng(1).integers(0, ckpt.config.vocab_size, (1, 12)))
+    run = jax.jit(forward, static_argnames="config")
+    got, _ = run(ckpt.params, ids, jnp.arange(12)[None], config=ckpt.config)
+    want, _ = run(float_ckpt.params, ids, jnp.arange(12)[None], config=float_ckpt.config)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=1e-5)

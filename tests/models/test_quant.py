@@ -154,3 +154,100 @@ def test_tensor_parallel_equals_one_device(fmt, tensor):
         assert len({str(s.index) for s in q["scale"].addressable_shards}) == tensor
     split, _ = jax.jit(lambda p: decoder.forward(p, tokens, positions, config=qconfig))(placed)
     np.testing.assert_allclose(np.asarray(split), np.asarray(one), rtol=0, atol=1e-5)
+
+
+# ---- checkpoints --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fmt", ["w8a8", "fp8-block", "q4_1"])
+def test_a_quantized_checkpoint_restores_its_parts_into_their_shardings(tmp_path, fmt):
+    """Orbax holds q (int8, fp8, packed uint8), scales and zeros as they are; restored straight into
+    a tensor=2 layout, the logits equal the in-memory model's."""
+    from meshserve.models.checkpoint import load_checkpoint, save_checkpoint
+    from meshserve.sharding.mesh import load_sharded
+    from tests.helpers import random_checkpoint
+
+    base = random_checkpoint(LLAMA, tmp_path / "tok", seed=5)
+    qconfig = dataclasses.replace(LLAMA, quantization=fmt)
+    params = decoder.quantize_params(jax.tree.map(np.asarray, base.params), qconfig)
+    folder = save_checkpoint(tmp_path / "ckpt", qconfig, params, base.tokenizer)
+    one = load_checkpoint(folder, progress=False)
+    assert one.config.quantization == fmt
+    for got, want in zip(jax.tree.leaves(one.params), jax.tree.leaves(params)):
+        assert got.dtype == want.dtype and np.array_equal(np.asarray(got).view(np.uint8), np.asarray(want).view(np.uint8))
+    layout = MeshConfig.from_dict({"axes": {"data": 1, "tensor": 2}, "num_devices": 2}).build()
+    split = load_sharded(folder, layout, progress=False)
+    up = split.params["layers"][1]["mlp"]["up_proj"]
+    assert up["q"].sharding.spec[1] == "tensor" and len(up["scale"].addressable_shards) == 2
+    tokens = jnp.asarray([[3, 1, 4, 1, 5]])
+    positions = jnp.arange(5)[None]
+    run = jax.jit(decoder.forward, static_argnames="config")
+    want = np.asarray(run(params, tokens, positions, config=qconfig)[0])
+    np.testing.assert_allclose(np.asarray(run(split.params, tokens, positions, config=qconfig)[0]), want,
+                               rtol=0, atol=1e-5 * np.abs(want).max())  # (the weights are scaled up 20×)
+
+
+def test_scales_of_the_wrong_shape_fail_at_load_naming_the_array(tmp_path):
+    from meshserve.models.checkpoint import load_checkpoint, save_checkpoint
+    from meshserve.models.errors import CheckpointError
+    from tests.helpers import random_checkpoint
+
+    base = random_checkpoint(LLAMA, tmp_path / "tok", seed=5)
+    qconfig = dataclasses.replace(LLAMA, quantization="int4-g32")
+    params = decoder.quantize_params(jax.tree.map(np.asarray, base.params), qconfig)
+    down = params["layers"][1]["mlp"]["down_proj"]
+    down["scale"] = down["scale"][:4]  # groups of 64, where the format says 32
+    folder = save_checkpoint(tmp_path / "ckpt", qconfig, params, base.tokenizer)
+    with pytest.raises(CheckpointError, match=r"layers/1/mlp/down_proj/scale has shape \(4, 128\), its "
+                                              r"config.yaml expects \(8, 128\)"):
+        load_checkpoint(folder, progress=False)
+
+
+def test_a_format_that_cannot_lay_out_the_model_fails_conversion_naming_the_weight():
+    config = dataclasses.replace(LLAMA, hidden_size=192, num_heads=6, num_kv_heads=3)
+    params = jax.tree.map(np.asarray, decoder.init_params(config, seed=0))
+    with pytest.raises(ValueError, match="blocks of 128 do not tile axes of sizes \\(192,\\)"):
+        decoder.quantize_params(params, dataclasses.replace(config, quantization="int4-g128"))
+
+
+def test_the_speed_formats_quantize_the_vocabulary():
+    """w8a8: the tied embedding is int8 with a scale per vocabulary row; a lookup dequantizes its rows
+    exactly, and the head is the dynamic int8 matmul against it."""
+    config = dataclasses.replace(LLAMA, tie_word_embeddings=True, quantization="w8a8")
+    float_params = jax.tree.map(np.asarray, decoder.init_params(dataclasses.replace(config, quantization=None), seed=4))
+    params = jax.tree.map(jnp.asarray, decoder.quantize_params(float_params, config))
+    embed = params["embed"]
+    assert embed["q"].dtype == jnp.int8 and embed["scale"].shape == (LLAMA.vocab_size, 1)
+    g = decoder.quantized_geometries(config)[("embed",)]
+    table = quant.dequantize(embed, g)
+    model = nnx_model(config, params)
+    tokens = jnp.asarray([[5, 9, 0]])
+    np.testing.assert_array_equal(np.asarray(model.embedding(tokens)), np.asarray(table[tokens]))
+    x = jnp.asarray(RNG.standard_normal((1, 3, LLAMA.hidden_size)), jnp.float32)
+    want = np.asarray(quant.reference_activations(x, g.format)) @ np.asarray(table).T
+    np.testing.assert_allclose(np.asarray(model.head(x)), want, rtol=0, atol=1e-5 * np.abs(want).max())
+
+
+def nnx_model(config, params):
+    from flax import nnx
+
+    graphdef, _ = decoder._abstract_model(config, jnp.float32)
+    return nnx.merge(graphdef, params)
+
+
+@pytest.mark.parametrize("fmt", ["w8a8", "q4_1", "fp8-block"])
+def test_the_engine_serves_a_quantized_model_as_its_dense_forward_does(tmp_path, fmt):
+    """Paged KV, continuous batching and the AOT programs over quantized weights: greedy tokens equal
+    the no-cache forward pass of the same quantized params."""
+    from meshserve.runtime.engine import Engine
+    from meshserve.runtime.sampling import SamplingParams
+    from tests.helpers import random_checkpoint
+    from tests.runtime.conftest import greedy_reference
+    from tests.sharding.test_sharded_engine import SMALL
+
+    base = random_checkpoint(LLAMA, tmp_path / "tok", seed=6)
+    qconfig = dataclasses.replace(LLAMA, quantization=fmt)
+    params = jax.tree.map(jnp.asarray, decoder.quantize_params(jax.tree.map(np.asarray, base.params), qconfig))
+    ckpt = dataclasses.replace(base, config=qconfig, params=params)
+    prompts = [RNG.integers(0, 90, n).tolist() for n in (5, 11, 3)]
+    out = Engine(ckpt, SMALL).generate(prompts, SamplingParams(max_tokens=6, ignore_eos=True))
+    assert [list(c.token_ids) for c in out] == [greedy_reference(ckpt, p, 6) for p in prompts]

@@ -1,0 +1,127 @@
+"""Quantized weights on CPU: accuracy and speed of each format against float32, on the default model,
+in one run.
+
+Accuracy: the model scores 1,000 tokens of this repository's own English (README.md and docs/) in
+one forward per format; top-1 agreement of the next-token predictions with float32's, and the mean
+KL divergence KL(float32 ‖ format) of the next-token distributions.
+Speed: the engine's batch-1 decode tokens/s (64-token prompt; time of 64 new tokens minus time of
+1) and the aggregate tokens/s of 16 concurrent requests (64-token prompts, 64 new tokens, greedy,
+prefill included); each the median of --repeats runs; ratios against float32 measured in this run.
+Weights are quantized from the float32 checkpoint of the default model (itself the GGUF's Q4_1
+blocks, dequantized: so q4_1 recovers them exactly).
+
+    .venv/bin/python benchmarks/quant_cpu.py [--formats int8,w8a8,...] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+
+import source_tree  # noqa: F401  (meshserve from this checkout when not installed)
+
+ROOT = Path(__file__).resolve().parents[1]
+SCORED, PROMPT, NEW, CONCURRENT = 1000, 64, 64, 16
+DEFAULT_FORMATS = "int8,w8a8,fp8,w8a8-fp8,int4-g32,q8_0,q4_1"
+
+
+def corpus_tokens(tokenizer, n: int) -> list[int]:
+    text = "\n\n".join(p.read_text() for p in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))])
+    ids = tokenizer.encode(text)
+    assert len(ids) > n, "not enough text to score"
+    return ids[:n + 1]
+
+
+def accuracy(params, config, reference_logp, tokens) -> tuple[float, float]:
+    import jax
+    import jax.numpy as jnp
+
+    logits = _scores(params, config, tokens)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    agree = float(jnp.mean(jnp.argmax(logp, -1) == jnp.argmax(reference_logp, -1)))
+    kl = float(jnp.mean(jnp.sum(jnp.exp(reference_logp) * (reference_logp - logp), axis=-1)))
+    return agree, kl
+
+
+def _scores(params, config, tokens):
+    import jax
+    import jax.numpy as jnp
+
+    from meshserve.models.decoder import forward
+
+    ids = jnp.asarray([tokens[:-1]])
+    positions = jnp.arange(ids.shape[1])[None]
+    return jax.jit(lambda p: forward(p, ids, positions, config=config)[0][0])(params)
+
+
+def speed(ckpt, repeats: int) -> tuple[float, float, float]:
+    from meshserve.models.default import cache_dir
+    from meshserve.runtime.engine import Engine, EngineConfig
+    from meshserve.runtime.sampling import SamplingParams
+
+    config = EngineConfig(max_seq_len=PROMPT + NEW + 8, max_num_seqs=CONCURRENT, max_prefill_chunk=256,
+                          max_num_batched_tokens=512, decode_buckets=(1, CONCURRENT), prefill_buckets=(64, 256),
+                          compilation_cache_dir=str(cache_dir() / "xla"))
+    engine = Engine(ckpt, config)
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(100, ckpt.config.vocab_size - 100, PROMPT).tolist() for _ in range(CONCURRENT)]
+
+    def run(batch, new):
+        t = time.perf_counter()
+        out = engine.generate(batch, SamplingParams(max_tokens=new, ignore_eos=True))
+        assert all(len(c.token_ids) == new for c in out)
+        return time.perf_counter() - t
+
+    run(prompts[:1], 2)
+    decode = [(NEW - 1) / (run(prompts[:1], NEW) - run(prompts[:1], 1)) for _ in range(repeats)]
+    agg = [CONCURRENT * NEW / run(prompts, NEW) for _ in range(repeats)]
+    compile_s = engine.compile_seconds
+    return statistics.median(decode), statistics.median(agg), compile_s
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--formats", default=DEFAULT_FORMATS, help="comma-separated, of models/quant.py's")
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+
+    import jax
+
+    from meshserve.models.checkpoint import load_checkpoint
+    from meshserve.models.decoder import quantize_params
+    from meshserve.models.default import default_checkpoint
+
+    base = load_checkpoint(default_checkpoint(), progress=False)
+    tokens = corpus_tokens(base.tokenizer, SCORED)
+    reference = jax.nn.log_softmax(_scores(base.params, base.config, tokens), axis=-1)
+    host = jax.tree.map(np.asarray, base.params)
+    rows = {"float32": (1.0, 0.0, *speed(base, args.repeats), _weight_bytes(base.params))}
+    for fmt in args.formats.split(","):
+        config = dataclasses.replace(base.config, quantization=fmt)
+        params = jax.tree.map(jax.numpy.asarray, quantize_params(host, config))
+        ckpt = dataclasses.replace(base, config=config, params=params)
+        rows[fmt] = (*accuracy(params, config, reference, tokens), *speed(ckpt, args.repeats), _weight_bytes(params))
+        print(f"{fmt}: done", flush=True)
+
+    print(f"machine: {os.cpu_count()} CPU cores; jax {jax.__version__}; default model; {SCORED} tokens scored")
+    print(f"{'format':12}{'weights MB':>11}{'top-1':>8}{'mean KL':>9}{'batch 1 tok/s':>15}{'ratio':>7}"
+          f"{'16 conc. tok/s':>16}{'ratio':>7}")
+    f32 = rows["float32"]
+    for name, (agree, kl, d, a, _, nbytes) in rows.items():
+        print(f"{name:12}{nbytes / 1e6:11.0f}{agree:8.3f}{kl:9.4f}{d:15.1f}{d / f32[2]:7.2f}{a:16.1f}{a / f32[3]:7.2f}")
+
+
+def _weight_bytes(params) -> int:
+    import jax
+
+    return sum(a.nbytes for a in jax.tree.leaves(params))
+
+
+if __name__ == "__main__":
+    main()
