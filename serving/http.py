@@ -216,7 +216,7 @@ class HTTPTransport:
         name = self.model_name
         return _json({"object": "list", "data": [{"id": name, "object": "model", "created": self.started,
                                                   "owned_by": "meshserve", "root": name, "parent": None,
-                                                  "max_model_len": info.context_length,
+                                                  "max_model_len": info.context_length, **info.numerics,
                                                   "sampling_defaults": {**API_DEFAULTS, **info.sampling_defaults}}]})
 
     async def tokenizer_info(self, request: web.Request) -> web.Response:

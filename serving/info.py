@@ -53,5 +53,14 @@ class EngineInfo:
         return self.served_model_name or self.checkpoint_name or self.model.name
 
     @property
+    def numerics(self) -> dict[str, Any]:
+        """How the model computes, as the APIs describe it: the float dtype, the linear layers'
+        quantization (None: float) and the KV cache's dtype."""
+        import numpy as np
+
+        return {"dtype": self.dtype, "quantization": self.model.quantization,
+                "kv_cache_dtype": np.dtype(self.kv_page_dtype).name}
+
+    @property
     def vocab_size(self) -> int:
         return self.model.vocab_size

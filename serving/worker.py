@@ -89,6 +89,10 @@ def _write_card(info: EngineInfo, folder: Path) -> None:
               "num_key_value_heads": c.num_kv_heads, "head_dim": c.head_dim,
               "max_position_embeddings": info.context_length, "bos_token_id": tok.bos_id,
               "eos_token_id": sorted(info.eos_ids)}
+    numerics = info.numerics
+    config.update(torch_dtype=numerics["dtype"], kv_cache_dtype=numerics["kv_cache_dtype"])
+    if c.quantization:  # models/quant.py's format (not one of transformers' quant methods)
+        config["quantization_config"] = {"quant_method": "meshserve", "format": c.quantization}
     if c.num_experts:
         config.update(num_experts=c.num_experts, num_experts_per_tok=c.num_experts_per_tok,
                       moe_intermediate_size=c.moe_intermediate_size)

@@ -3,6 +3,7 @@ bound, 4-bit packing, and a quantized decoder against the float decoder of its d
 on one device and split over tensor-parallel meshes."""
 
 import dataclasses
+import json
 
 import jax
 import jax.numpy as jnp
@@ -249,5 +250,14 @@ def test_the_engine_serves_a_quantized_model_as_its_dense_forward_does(tmp_path,
     params = jax.tree.map(jnp.asarray, decoder.quantize_params(jax.tree.map(np.asarray, base.params), qconfig))
     ckpt = dataclasses.replace(base, config=qconfig, params=params)
     prompts = [RNG.integers(0, 90, n).tolist() for n in (5, 11, 3)]
-    out = Engine(ckpt, SMALL).generate(prompts, SamplingParams(max_tokens=6, ignore_eos=True))
+    engine = Engine(ckpt, SMALL)
+    out = engine.generate(prompts, SamplingParams(max_tokens=6, ignore_eos=True))
     assert [list(c.token_ids) for c in out] == [greedy_reference(ckpt, p, 6) for p in prompts]
+    # what the APIs say of it: /v1/models, and the model card a Dynamo worker publishes
+    from meshserve.serving.info import EngineInfo
+    from meshserve.serving.worker import model_card
+
+    info = EngineInfo.of(engine)
+    assert info.numerics == {"dtype": "float32", "quantization": fmt, "kv_cache_dtype": "float32"}
+    card = json.loads((model_card(info, tmp_path) / "config.json").read_text())
+    assert card["quantization_config"] == {"quant_method": "meshserve", "format": fmt}

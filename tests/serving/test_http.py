@@ -253,7 +253,9 @@ def test_every_generation_call_is_counted_once(served):
 
 def test_model_list_health_metrics_and_tokenizer_endpoints(served, tiny_ckpt):
     status, body = get(served, "/v1/models")
-    assert status == 200 and json.loads(body)["data"][0]["max_model_len"] == 64
+    model = json.loads(body)["data"][0]
+    assert status == 200 and model["max_model_len"] == 64
+    assert (model["dtype"], model["quantization"], model["kv_cache_dtype"]) == ("float32", None, "float32")
     assert get(served, "/health", token=None)[0] == 200
     status, body = get(served, "/metrics", token=None)
     assert status == 200 and "meshserve_requests_total" in body
