@@ -283,6 +283,16 @@ def _dynamic_dot(rows: Array, q: Array, w_scale: Array, f: Format, transposed: b
     return (acc * x_scale * w_scale)[:M]
 
 
+def compiler_options(name: str | None, platform: str) -> dict[str, bool]:
+    """What XLA is told beside a program whose weights are in format `name`. On GPUs, fp8 activations
+    pin the matmuls to cuBLASLt's fp8 GEMM (`__cublas$lt$matmul$f8`, what TensorRT-LLM's Hopper fp8
+    figures use): with Triton's GEMM fusion on, XLA gives fp8 dots to Triton whenever it cannot
+    autotune (a deviceless build always; a device's autotuner may too)."""
+    if platform == "gpu" and name is not None and get_format(name).activations == "float8_e4m3fn":
+        return {"xla_gpu_enable_triton_gemm": False}
+    return {}
+
+
 def reference_activations(x: Array, f: Format) -> Array:
     """What a dynamic format's matmul sees of x: each row quantized with its own scale and
     dequantized (the f32 reference of `dot` for those formats)."""

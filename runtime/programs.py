@@ -253,10 +253,14 @@ def compiler_options(target: Target, config: ModelConfig) -> dict[str, bool]:
     """What XLA is told, beside the program, for a target. On GPUs a mixture of experts' grouped
     matmul (`ragged_dot`) goes to cuDNN's grouped GEMM: XLA's default lowering pads every group to all
     the rows, which for Qwen3-30B-A3B's 256-token prefill on an H100 wants 15.8 GiB of temporaries
-    where 12.8 GiB are left (the deviceless GPU build's figures)."""
+    where 12.8 GiB are left (the deviceless GPU build's figures). Quantized weights add their own
+    (models/quant.compiler_options)."""
+    from meshserve.models.quant import compiler_options as quantized
+
+    options = quantized(config.quantization, target.platform)
     if target.platform == "gpu" and config.num_experts:
-        return {"xla_gpu_experimental_use_ragged_dot_fusion": True}
-    return {}
+        options["xla_gpu_experimental_use_ragged_dot_fusion"] = True
+    return options
 
 
 def _shards(layout: Layout, batch: int, num_pages: int) -> AttentionShards | None:

@@ -72,3 +72,16 @@ def test_the_next_ops_compile_for_an_h100_and_say_what_xla_made_of_them():
     fp8 = {f["variant"]: f for f in found if f["op"] == "fp8"}
     assert fp8["fp8, Triton GEMMs off"]["cublaslt_f8"] is True  # the rewrite happens when cuBLAS is asked
     assert [f["m"] for f in found if f["op"] == "int8"] == [1, 8, 64]
+
+
+def test_the_fp8_w8a8_matmul_compiles_to_cublaslt_fp8_gemm_for_an_h100():
+    """Read from the compiled HLO of models/quant.dot at an 8B MLP's shape: cuBLASLt's fp8 GEMM for
+    W8A8 fp8 with the engine's compiler options, a GEMM fusion (dequantizing in its prologue) for the
+    weight-only formats; and without the options the check fails (Triton takes the fp8 dot)."""
+    result = gpu_venv("gpu_quant_hlo.py", timeout=600)
+    print(result.stdout[-3000:])
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "h100 w8a8-fp8    256 rows: __cublas$lt$matmul$f8" in result.stdout
+    assert "loop fusion" not in result.stdout  # every format's matmul is a GEMM
+    without = gpu_venv("gpu_quant_hlo.py", "--without-options", timeout=600)
+    assert without.returncode == 1 and "W8A8 fp8 uses cuBLASLt's fp8 GEMM (__cublas$lt$matmul$f8): NO" in without.stdout
