@@ -9,6 +9,8 @@ Speed: the engine's batch-1 decode tokens/s (64-token prompt; time of 64 new tok
 prefill included); each the median of --repeats runs; ratios against float32 measured in this run.
 Weights are quantized from the float32 checkpoint of the default model (itself the GGUF's Q4_1
 blocks, dequantized: so q4_1 recovers them exactly).
+Where the time goes: the linear layers alone (the 30 layers' seven matrices and the vocabulary head,
+one decode row) through each path, with the bytes each reads per step and the rate that makes.
 
     .venv/bin/python benchmarks/quant_cpu.py [--formats int8,w8a8,...] [--repeats 3]
 """
@@ -85,6 +87,63 @@ def speed(ckpt, repeats: int) -> tuple[float, float, float]:
     return statistics.median(decode), statistics.median(agg), compile_s
 
 
+def linears(params, config, formats: list[str], repeats: int) -> list[tuple[str, float, int]]:
+    """(path, median ms, weight bytes) of one decode row through every linear layer and the head."""
+    import jax
+    import jax.numpy as jnp
+
+    from meshserve.models import decoder
+
+    def run(params, config):
+        model = _model(config, params)
+        x = jnp.ones((1, 1, config.hidden_size), jnp.float32)
+
+        def step(x):
+            total = 0.0
+            for layer in model.layers:
+                attn, mlp = layer.attn, layer.mlp
+                for w in (attn.q_proj, attn.k_proj, attn.v_proj):
+                    total += jnp.sum(decoder._matmul(x, w))
+                total += jnp.sum(decoder._matmul(jnp.ones((1, 1, config.num_heads * config.head_dim)), attn.o_proj))
+                total += jnp.sum(decoder._matmul(x, mlp.gate_proj)) + jnp.sum(decoder._matmul(x, mlp.up_proj))
+                total += jnp.sum(decoder._matmul(jnp.ones((1, 1, config.intermediate_size)), mlp.down_proj))
+            return total + jnp.sum(model.head(x))
+
+        fn = jax.jit(step)
+        fn(x).block_until_ready()
+        times = []
+        for _ in range(repeats * 5):
+            t = time.perf_counter()
+            fn(x).block_until_ready()
+            times.append(time.perf_counter() - t)
+        return statistics.median(times) * 1e3
+
+    host = jax.tree.map(np.asarray, params)
+    nbytes = lambda p: sum(a.nbytes for a in jax.tree.leaves(p)) - p_embed_extra(p, config)
+    rows = [("float32", run(params, config), nbytes(params))]
+    for fmt in formats:
+        qconfig = dataclasses.replace(config, quantization=fmt)
+        qparams = jax.tree.map(jnp.asarray, decoder.quantize_params(host, qconfig))
+        rows.append((fmt, run(qparams, qconfig), nbytes(qparams)))
+    return rows
+
+
+def p_embed_extra(params, config) -> int:
+    """Bytes of the params a step does not read: the norms (small) and, untied, the embedding table."""
+    import jax
+
+    return 0 if config.tie_word_embeddings else sum(a.nbytes for a in jax.tree.leaves(params["embed"]))
+
+
+def _model(config, params):
+    from flax import nnx
+
+    from meshserve.models import decoder
+
+    graphdef, _ = decoder._abstract_model(config, np.float32)
+    return nnx.merge(graphdef, params)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--formats", default=DEFAULT_FORMATS, help="comma-separated, of models/quant.py's")
@@ -101,8 +160,10 @@ def main() -> None:
     tokens = corpus_tokens(base.tokenizer, SCORED)
     reference = jax.nn.log_softmax(_scores(base.params, base.config, tokens), axis=-1)
     host = jax.tree.map(np.asarray, base.params)
+    formats = args.formats.split(",")
+    timed = linears(base.params, base.config, formats, args.repeats)
     rows = {"float32": (1.0, 0.0, *speed(base, args.repeats), _weight_bytes(base.params))}
-    for fmt in args.formats.split(","):
+    for fmt in formats:
         config = dataclasses.replace(base.config, quantization=fmt)
         params = jax.tree.map(jax.numpy.asarray, quantize_params(host, config))
         ckpt = dataclasses.replace(base, config=config, params=params)
@@ -115,6 +176,10 @@ def main() -> None:
     f32 = rows["float32"]
     for name, (agree, kl, d, a, _, nbytes) in rows.items():
         print(f"{name:12}{nbytes / 1e6:11.0f}{agree:8.3f}{kl:9.4f}{d:15.1f}{d / f32[2]:7.2f}{a:16.1f}{a / f32[3]:7.2f}")
+    print("\nthe linear layers and the head alone, one decode row:")
+    print(f"{'path':12}{'MB read':>9}{'ms':>8}{'GB/s':>7}{'vs float32':>12}")
+    for name, ms, nbytes in timed:
+        print(f"{name:12}{nbytes / 1e6:9.0f}{ms:8.2f}{nbytes / ms / 1e6:7.1f}{timed[0][1] / ms:11.2f}x")
 
 
 def _weight_bytes(params) -> int:

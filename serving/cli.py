@@ -65,6 +65,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="a GGUF file, a Hugging Face folder or a checkpoint (default: the default model)")
     gen.add_argument("--dtype", default="auto", choices=DTYPES,
                      help="what a GGUF file or HF folder is converted to (auto: bfloat16 stays bfloat16)")
+    gen.add_argument("--quantization", "-q", choices=QUANTIZATIONS, metavar="FORMAT",
+                     help="the linear layers' weights in this format (a GGUF file or HF folder is converted so once)")
     gen.add_argument("--chat", action="store_true", help="wrap prompts in the model's chat template")
     gen.add_argument("--input", metavar="JSONL", help='one {"prompt": ...} or {"messages": [...]} per line')
     gen.add_argument("--output", metavar="JSONL", help="results of --input, one line per prompt")

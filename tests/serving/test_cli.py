@@ -71,6 +71,22 @@ def test_convert_then_generate(sources, tmp_path):
     assert result.returncode == 0, result.stderr
 
 
+def test_convert_quantized_then_generate_and_a_mismatched_quantization(sources, tmp_path):
+    """--quantize keeps the GGUF's Q8_0 blocks (config.yaml says so); generate runs it; asking a
+    checkpoint for another format, or a format a model cannot take, is one error line."""
+    result = meshserve("convert", "--from", f"gguf:{sources}/good.gguf", "--out", tmp_path / "ck", "--quantize", "q8_0")
+    assert result.returncode == 0, result.stderr
+    assert "quantization: q8_0" in (tmp_path / "ck" / "config.yaml").read_text()
+    result = meshserve("generate", "--model", tmp_path / "ck", "--max-tokens", "3", "--quiet", "the")
+    assert result.returncode == 0, result.stderr
+    result = meshserve("generate", "--model", tmp_path / "ck", "--quantization", "int8", "--quiet", "the")
+    assert_one_error_line(result, "holds q8_0 weights, not int8", "--quantize int8")
+    result = meshserve("convert", "--from", f"hf:{sources}/hf", "--out", tmp_path / "big", "--quantize", "fp8-block")
+    assert result.returncode == 0, result.stderr  # 128-wide blocks tile its 256/512-wide layers
+    result = meshserve("convert", "--from", f"gguf:{sources}/good.gguf", "--out", tmp_path / "x", "--quantize", "int5")
+    assert result.returncode != 0 and "invalid choice: 'int5'" in result.stderr
+
+
 @pytest.mark.parametrize("flags,fragment", [
     (["--temperature", "-1"], "temperature must be >= 0"),
     (["--top-p", "0"], "top_p must be in (0, 1]"),
