@@ -95,10 +95,10 @@ def linears(params, config, formats: list[str], repeats: int) -> list[tuple[str,
     from meshserve.models import decoder
 
     def run(params, config):
-        model = _model(config, params)
         x = jnp.ones((1, 1, config.hidden_size), jnp.float32)
 
-        def step(x):
+        def step(params, x):  # the weights an argument, as in the engine's programs (never constants)
+            model = _model(config, params)
             total = 0.0
             for layer in model.layers:
                 attn, mlp = layer.attn, layer.mlp
@@ -110,11 +110,11 @@ def linears(params, config, formats: list[str], repeats: int) -> list[tuple[str,
             return total + jnp.sum(model.head(x))
 
         fn = jax.jit(step)
-        fn(x).block_until_ready()
+        fn(params, x).block_until_ready()
         times = []
         for _ in range(repeats * 5):
             t = time.perf_counter()
-            fn(x).block_until_ready()
+            fn(params, x).block_until_ready()
             times.append(time.perf_counter() - t)
         return statistics.median(times) * 1e3
 
@@ -148,6 +148,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--formats", default=DEFAULT_FORMATS, help="comma-separated, of models/quant.py's")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--linears-only", action="store_true", help="only the linear layers' table")
     args = ap.parse_args()
 
     import jax
@@ -162,6 +163,8 @@ def main() -> None:
     host = jax.tree.map(np.asarray, base.params)
     formats = args.formats.split(",")
     timed = linears(base.params, base.config, formats, args.repeats)
+    if args.linears_only:
+        return _print_linears(timed)
     rows = {"float32": (1.0, 0.0, *speed(base, args.repeats), _weight_bytes(base.params))}
     for fmt in formats:
         config = dataclasses.replace(base.config, quantization=fmt)
@@ -176,6 +179,10 @@ def main() -> None:
     f32 = rows["float32"]
     for name, (agree, kl, d, a, _, nbytes) in rows.items():
         print(f"{name:12}{nbytes / 1e6:11.0f}{agree:8.3f}{kl:9.4f}{d:15.1f}{d / f32[2]:7.2f}{a:16.1f}{a / f32[3]:7.2f}")
+    _print_linears(timed)
+
+
+def _print_linears(timed) -> None:
     print("\nthe linear layers and the head alone, one decode row:")
     print(f"{'path':12}{'MB read':>9}{'ms':>8}{'GB/s':>7}{'vs float32':>12}")
     for name, ms, nbytes in timed:

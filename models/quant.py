@@ -270,8 +270,7 @@ def _dynamic_dot(rows: Array, q: Array, w_scale: Array, f: Format, transposed: b
     if M == 1:  # XLA:CPU's int8 matrix-vector product is a slow scalar loop; two rows take its GEMM
         rows = jnp.concatenate([rows, jnp.zeros_like(rows)])
     x32 = rows.astype(jnp.float32)
-    amax = jnp.max(jnp.abs(x32), axis=-1, keepdims=True)
-    x_scale = jnp.where(amax == 0, 1.0, amax / f.qmax)
+    x_scale = _row_scales(x32, f)
     scaled = x32 / x_scale
     dims = (((1,), (1 if transposed else 0,)), ((), ()))
     if f.activations == "int8":
@@ -281,6 +280,12 @@ def _dynamic_dot(rows: Array, q: Array, w_scale: Array, f: Format, transposed: b
         xq = scaled.astype(jnp.float8_e4m3fn)
         acc = jax.lax.dot_general(xq, q, dims, preferred_element_type=jnp.float32)
     return (acc * x_scale * w_scale)[:M]
+
+
+def _row_scales(x32: Array, f: Format) -> Array:
+    """Each row's activation scale: its largest magnitude maps to the format's largest value."""
+    amax = jnp.max(jnp.abs(x32), axis=-1, keepdims=True)
+    return jnp.where(amax == 0, 1.0, amax / f.qmax)
 
 
 def compiler_options(name: str | None, platform: str) -> dict[str, bool]:
@@ -297,8 +302,7 @@ def reference_activations(x: Array, f: Format) -> Array:
     """What a dynamic format's matmul sees of x: each row quantized with its own scale and
     dequantized (the f32 reference of `dot` for those formats)."""
     x32 = x.astype(jnp.float32)
-    amax = jnp.max(jnp.abs(x32), axis=-1, keepdims=True)
-    x_scale = jnp.where(amax == 0, 1.0, amax / f.qmax)
+    x_scale = _row_scales(x32, f)
     if f.activations == "int8":
         return jnp.clip(jnp.round(x32 / x_scale), -127, 127) * x_scale
     return (x32 / x_scale).astype(jnp.float8_e4m3fn).astype(jnp.float32) * x_scale
