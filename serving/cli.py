@@ -57,7 +57,7 @@ def _parser() -> argparse.ArgumentParser:
                            "bfloat16, float32 stays float32)")
     conv.add_argument("--quantize", choices=QUANTIZATIONS, metavar="FORMAT",
                       help="the linear layers' weights in this format: " + ", ".join(QUANTIZATIONS)
-                           + " (embeddings, head and norms stay in --dtype)")
+                           + " (norms, and the embeddings except with the w8a8 formats, stay in --dtype)")
 
     gen = sub.add_parser("generate", help="stream a completion, or run a JSONL file of prompts")
     gen.add_argument("prompt", nargs="?")
