@@ -332,14 +332,19 @@ def _abstract_model(config: ModelConfig, dtype) -> tuple[nnx.GraphDef, nnx.State
     return nnx.split(nnx.eval_shape(lambda: Decoder(config, dtype=dtype, rngs=nnx.Rngs(0))))
 
 
+def model(config: ModelConfig, params: Params) -> Decoder:
+    """The Decoder module holding `params` (its graph built abstractly: nothing is initialised)."""
+    graphdef, _ = _abstract_model(config, jnp.float32)
+    return nnx.merge(graphdef, params)
+
+
 def forward(params: Params, tokens: Int[Array, "b t"], positions: Int[Array, "b t"],
             cache: KVCache | None = None, *, config: ModelConfig,
             logits_at: Int[Array, "b"] | None = None, experts: ExpertPlan = ExpertPlan()):
     """Logits f32[B, T, V] for `tokens` at `positions` (f32[B, 1, V] at index `logits_at[b]` of each
     row when given), and the updated cache (None without one). `experts`: how an MoE model's experts
     run (their shards, the grouped matmul)."""
-    graphdef, _ = _abstract_model(config, jnp.float32)
-    return nnx.merge(graphdef, params)(tokens, positions, cache, logits_at, experts)
+    return model(config, params)(tokens, positions, cache, logits_at, experts)
 
 
 def forward_hidden(params: Params, tokens: Int[Array, "b t"], positions: Int[Array, "b t"],
@@ -348,14 +353,12 @@ def forward_hidden(params: Params, tokens: Int[Array, "b t"], positions: Int[Arr
     """The normed hidden states [B, T, D] feeding the vocabulary head (`head(params, x)` of any of
     them gives their logits), the updated cache, and the router's statistics of the `valid` tokens:
     i32[MoE layers, X] tokens per expert."""
-    graphdef, _ = _abstract_model(config, jnp.float32)
-    return nnx.merge(graphdef, params).hidden(tokens, positions, cache, experts, valid)
+    return model(config, params).hidden(tokens, positions, cache, experts, valid)
 
 
 def head(params: Params, x: Float[Array, "b t d"], *, config: ModelConfig) -> Float[Array, "b t v"]:
     """Logits f32[B, T, V] of hidden states from `forward_hidden`."""
-    graphdef, _ = _abstract_model(config, jnp.float32)
-    return nnx.merge(graphdef, params).head(x)
+    return model(config, params).head(x)
 
 
 def abstract_params(config: ModelConfig, dtype=jnp.float32) -> Params:
@@ -387,9 +390,9 @@ def quantized_geometries(config: ModelConfig) -> dict[tuple, quant.Geometry]:
 
 def quantize_params(params: Params, config: ModelConfig) -> Params:
     """Float params (numpy, the converter's) → the params of `config`, whose `quantization` names the
-    format: each linear weight replaced by its quantized parts (those already quantized are checked),
-    one at a time (the float weight is
-    dropped as soon as it is quantized). ValueError when the format cannot lay out a weight."""
+    format: each linear weight replaced by its quantized parts (weights already held quantized, a
+    GGUF's kept blocks, are checked), in a new tree; `params` itself is left as it is. ValueError
+    when the format cannot lay out a weight."""
     out = jax.tree.map(lambda a: a, params)  # a new tree of the same leaves
     for path, geometry in quantized_geometries(config).items():
         parent = functools.reduce(lambda d, k: d[k], path[:-1], out)

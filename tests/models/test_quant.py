@@ -220,19 +220,12 @@ def test_the_speed_formats_quantize_the_vocabulary():
     assert embed["q"].dtype == jnp.int8 and embed["scale"].shape == (LLAMA.vocab_size, 1)
     g = decoder.quantized_geometries(config)[("embed",)]
     table = quant.dequantize(embed, g)
-    model = nnx_model(config, params)
+    model = decoder.model(config, params)
     tokens = jnp.asarray([[5, 9, 0]])
     np.testing.assert_array_equal(np.asarray(model.embedding(tokens)), np.asarray(table[tokens]))
     x = jnp.asarray(RNG.standard_normal((1, 3, LLAMA.hidden_size)), jnp.float32)
     want = np.asarray(quant.reference_activations(x, g.format)) @ np.asarray(table).T
     np.testing.assert_allclose(np.asarray(model.head(x)), want, rtol=0, atol=1e-5 * np.abs(want).max())
-
-
-def nnx_model(config, params):
-    from flax import nnx
-
-    graphdef, _ = decoder._abstract_model(config, jnp.float32)
-    return nnx.merge(graphdef, params)
 
 
 @pytest.mark.parametrize("fmt", ["w8a8", "q4_1"])
