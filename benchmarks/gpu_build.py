@@ -260,6 +260,9 @@ def engine_setups():
     # `meshserve serve llama-3-8b/` with no YAML of the user's: the shipped config, the pool sized from
     # the card's memory as the engine sizes it (its largest prefill and decode program)
     yield "Llama-3-8B shape, shipped config", llama8, "bfloat16", served, meshes / "h100x1.yaml", True, False
+    # an 8-bit KV cache (the kernels read fp8 codes and their scales): its largest programs, the H100 only
+    fp8_kv = dataclasses.replace(served, kv_cache_dtype="fp8")
+    yield "Llama-3-8B shape, fp8 KV cache", llama8, "bfloat16", fp8_kv, meshes / "h100x1.yaml", True, True
     # mixtures of experts in their shipped mesh files, grouped matmuls by XLA's ragged_dot (largest prefill
     # and decode, the H100 only: 37-100 s a program to build): Qwen3-30B-A3B on one card, Qwen3-235B-A22B
     # with its experts split over eight
@@ -291,6 +294,7 @@ def build_engine(builder: Builder, target: Target) -> None:
     from meshserve.runtime.engine import kv_pool_bytes
     from meshserve.runtime.kv_cache import abstract_pool, page_bytes
     from meshserve.runtime.kv_manager import kv_pages
+    from meshserve.runtime.kv_quant import cache_dtype
     from meshserve.runtime.programs import compiler_options, lower_programs
     from meshserve.runtime.target import Target as Platform
     from meshserve.sharding.mesh import MeshConfig
@@ -308,13 +312,14 @@ def build_engine(builder: Builder, target: Target) -> None:
         config = dataclasses.replace(config, attention="pallas")
         max_seq_len = min(config.max_seq_len, model.max_position_embeddings)
         max_pages = -(-max_seq_len // config.page_size)
-        per_page = page_bytes(model, config.page_size, jnp.dtype(dtype))
+        kv_dtype = cache_dtype(config.kv_cache_dtype, dtype)
+        per_page = page_bytes(model, config.page_size, kv_dtype)
         pages = kv_pages(per_page, config.page_size, max_seq_len, layout.replicas,
                          kv_pool_bytes(config, model, per_page, max_seq_len, layout,
                                        device_memory(model, dtype, config, target.card, layout)))
         buckets = config.buckets(max_pages, layout.replicas)
         params = abstract_params(model, jnp.dtype(dtype))
-        pool = abstract_pool(model, pages, config.page_size, jnp.dtype(dtype))
+        pool = abstract_pool(model, pages, config.page_size, kv_dtype)
         mesh = target.abstract_mesh(tuple(layout.mesh.shape.values()), tuple(layout.mesh.axis_names))
         shapes = list(buckets.shapes(config.page_size))
         if target.key != FULL_ENGINE_TARGET or largest_only:  # the same chip: its largest prefill and decode

@@ -11,8 +11,14 @@ Weights are quantized from the float32 checkpoint of the default model (itself t
 blocks, dequantized: so q4_1 recovers them exactly).
 Where the time goes: the linear layers alone (the 30 layers' seven matrices and the vocabulary head,
 one decode row) through each path, with the bytes each reads per step and the rate that makes.
+KV cache dtypes (float32 weights): the same accuracy figures, from the forward pass whose keys and
+values are quantized as an int8 / fp8 pool stores them (runtime/kv_quant.QuantizedAttention: what
+the engine computes, tests/runtime/test_kv_quant.py); and a pool-bound workload: 32 requests
+(64-token prompts, 64 new tokens) at once through a KV pool of the same bytes for every dtype, sized
+to hold 8 of them in float32: output tokens/s, and how many ran at once at most.
 
-    .venv/bin/python benchmarks/quant_cpu.py [--formats int8,w8a8,...] [--repeats 3]
+    .venv/bin/python benchmarks/quant_cpu.py [--formats int8,w8a8,...] [--kv-dtypes int8,fp8] [--repeats 3]
+                                             [--linears-only | --kv-only]
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import source_tree  # noqa: F401  (meshserve from this checkout when not install
 ROOT = Path(__file__).resolve().parents[1]
 SCORED, PROMPT, NEW, CONCURRENT = 1000, 64, 64, 16
 DEFAULT_FORMATS = "int8,w8a8,fp8,w8a8-fp8,int4-g32,q8_0,q4_1"
+POOL_REQUESTS, POOL_HOLDS = 32, 8  # the pool-bound workload: requests, and how many a float32 pool holds
 
 
 def corpus_tokens(tokenizer, n: int) -> list[int]:
@@ -41,25 +48,58 @@ def corpus_tokens(tokenizer, n: int) -> list[int]:
 
 
 def accuracy(params, config, reference_logp, tokens) -> tuple[float, float]:
-    import jax
-    import jax.numpy as jnp
-
-    logits = _scores(params, config, tokens)
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    agree = float(jnp.mean(jnp.argmax(logp, -1) == jnp.argmax(reference_logp, -1)))
-    kl = float(jnp.mean(jnp.sum(jnp.exp(reference_logp) * (reference_logp - logp), axis=-1)))
-    return agree, kl
+    return _agreement(_scores(params, config, tokens), reference_logp)
 
 
-def _scores(params, config, tokens):
+def _scores(params, config, tokens, kv_dtype=None):
+    """Every position's logits; with kv_dtype, keys and values quantized as such a pool holds them."""
     import jax
     import jax.numpy as jnp
 
     from meshserve.models.decoder import forward
+    from meshserve.runtime.kv_quant import QuantizedAttention
 
     ids = jnp.asarray([tokens[:-1]])
     positions = jnp.arange(ids.shape[1])[None]
-    return jax.jit(lambda p: forward(p, ids, positions, config=config)[0][0])(params)
+    cache = None if kv_dtype is None else QuantizedAttention(kv_dtype)
+    return jax.jit(lambda p: forward(p, ids, positions, cache, config=config)[0][0])(params)
+
+
+def pool_bound(ckpt, kv_cache_dtype: str, repeats: int) -> tuple[float, int]:
+    """Output tokens/s of POOL_REQUESTS requests through a pool of POOL_HOLDS float32 requests'
+    bytes (median of `repeats`), and the most requests that ran at once."""
+    from meshserve.models.default import cache_dir
+    from meshserve.runtime.engine import Engine, EngineConfig
+    from meshserve.runtime.kv_cache import page_bytes
+    from meshserve.runtime.sampling import SamplingParams
+
+    ps = 16
+    pages = POOL_HOLDS * ((PROMPT + NEW) // ps + 1) + 2
+    config = EngineConfig(page_size=ps, kv_cache_bytes=pages * page_bytes(ckpt.config, ps, np.float32),
+                          kv_cache_dtype=kv_cache_dtype, max_seq_len=PROMPT + NEW + 8, max_num_seqs=POOL_REQUESTS,
+                          max_prefill_chunk=256, max_num_batched_tokens=512, decode_buckets=(8, 16, POOL_REQUESTS),
+                          prefill_buckets=(64, 256), enable_prefix_caching=False,
+                          compilation_cache_dir=str(cache_dir() / "xla"))
+    engine = Engine(ckpt, config)
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(100, ckpt.config.vocab_size - 100, PROMPT).tolist() for _ in range(POOL_REQUESTS)]
+    most = 0
+    real_step = engine.step
+
+    def step():  # counts the requests holding pages at once
+        nonlocal most
+        out = real_step()
+        most = max(most, len(engine.scheduler.running))
+        return out
+
+    engine.step = step
+    engine.generate(prompts[:2], SamplingParams(max_tokens=2, ignore_eos=True))
+    rates = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        out = engine.generate(prompts, SamplingParams(max_tokens=NEW, ignore_eos=True))
+        rates.append(sum(len(c.token_ids) for c in out) / (time.perf_counter() - t))
+    return statistics.median(rates), most
 
 
 def speed(ckpt, repeats: int) -> tuple[float, float, float]:
@@ -98,7 +138,7 @@ def linears(params, config, formats: list[str], repeats: int) -> list[tuple[str,
         x = jnp.ones((1, 1, config.hidden_size), jnp.float32)
 
         def step(params, x):  # the weights an argument, as in the engine's programs (never constants)
-            model = _model(config, params)
+            model = decoder.model(config, params)
             total = 0.0
             for layer in model.layers:
                 attn, mlp = layer.attn, layer.mlp
@@ -135,20 +175,13 @@ def p_embed_extra(params, config) -> int:
     return 0 if config.tie_word_embeddings else sum(a.nbytes for a in jax.tree.leaves(params["embed"]))
 
 
-def _model(config, params):
-    from flax import nnx
-
-    from meshserve.models import decoder
-
-    graphdef, _ = decoder._abstract_model(config, np.float32)
-    return nnx.merge(graphdef, params)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--formats", default=DEFAULT_FORMATS, help="comma-separated, of models/quant.py's")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--kv-dtypes", default="int8,fp8", help="comma-separated KV cache dtypes (engine.kv_cache_dtype)")
     ap.add_argument("--linears-only", action="store_true", help="only the linear layers' table")
+    ap.add_argument("--kv-only", action="store_true", help="only the KV cache dtypes' table")
     args = ap.parse_args()
 
     import jax
@@ -161,6 +194,8 @@ def main() -> None:
     tokens = corpus_tokens(base.tokenizer, SCORED)
     reference = jax.nn.log_softmax(_scores(base.params, base.config, tokens), axis=-1)
     host = jax.tree.map(np.asarray, base.params)
+    if args.kv_only:
+        return _print_kv(kv_rows(base, reference, tokens, args.kv_dtypes.split(","), args.repeats))
     formats = args.formats.split(",")
     timed = linears(base.params, base.config, formats, args.repeats)
     if args.linears_only:
@@ -180,6 +215,39 @@ def main() -> None:
     for name, (agree, kl, d, a, _, nbytes) in rows.items():
         print(f"{name:12}{nbytes / 1e6:11.0f}{agree:8.3f}{kl:9.4f}{d:15.1f}{d / f32[2]:7.2f}{a:16.1f}{a / f32[3]:7.2f}")
     _print_linears(timed)
+    _print_kv(kv_rows(base, reference, tokens, args.kv_dtypes.split(","), args.repeats))
+
+
+def kv_rows(base, reference, tokens, kv_dtypes: list[str], repeats: int) -> dict:
+    from meshserve.runtime.kv_quant import cache_dtype
+
+    rows = {"float32": (1.0, 0.0, *pool_bound(base, "float32", repeats))}
+    for name in kv_dtypes:
+        logits = _scores(base.params, base.config, tokens, cache_dtype(name, np.float32))
+        rows[name] = (*_agreement(logits, reference), *pool_bound(base, name, repeats))
+        print(f"KV {name}: done", flush=True)
+    return rows
+
+
+def _agreement(logits, reference_logp) -> tuple[float, float]:
+    import jax
+    import jax.numpy as jnp
+
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    agree = float(jnp.mean(jnp.argmax(logp, -1) == jnp.argmax(reference_logp, -1)))
+    kl = float(jnp.mean(jnp.sum(jnp.exp(reference_logp) * (reference_logp - logp), axis=-1)))
+    return agree, kl
+
+
+def _print_kv(rows) -> None:
+    import jax
+
+    print(f"\nKV cache dtypes (float32 weights; jax {jax.__version__}, {os.cpu_count()} CPU cores); pool-bound: "
+          f"{POOL_REQUESTS} requests, a pool of {POOL_HOLDS} float32 requests' bytes:")
+    print(f"{'KV dtype':10}{'top-1':>8}{'mean KL':>9}{'output tok/s':>14}{'ratio':>7}{'most at once':>14}")
+    f32 = rows["float32"]
+    for name, (agree, kl, rate, most) in rows.items():
+        print(f"{name:10}{agree:8.3f}{kl:9.4f}{rate:14.1f}{rate / f32[2]:7.2f}{most:14d}")
 
 
 def _print_linears(timed) -> None:

@@ -26,6 +26,8 @@ HF_CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwe
 
 # The linear layers' weight formats of models/quant.py (named here so reading a config needs no jax).
 QUANTIZATIONS = ("int8", "w8a8", "fp8", "fp8-block", "w8a8-fp8", "int4-g32", "int4-g128", "q8_0", "q4_1")
+# what engine.kv_cache_dtype may name (runtime/kv_quant.py; here so the CLI lists them without jax)
+KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "int8", "fp8", "fp8_e4m3")
 
 # The folder of shipped model configs (`configs/models/*.yaml`), found beside the package.
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "models"

@@ -7,7 +7,7 @@ import dataclasses
 import os
 from typing import Any, Mapping
 
-from meshserve.models.config import config_from_dict, read_yaml_section
+from meshserve.models.config import KV_CACHE_DTYPES, config_from_dict, read_yaml_section
 from meshserve.models.errors import ConfigError
 from meshserve.runtime.kv_cache import ATTENTION
 from meshserve.runtime.programs import Buckets
@@ -36,6 +36,9 @@ class EngineConfig:
     compilation_cache_dir: str | None = None
     compile_threads: int | None = None
     attention: str | None = None  # reference | pallas; None: pallas on GPU, reference elsewhere
+    # what the KV pool holds: auto (the model's dtype), float32, bfloat16, or int8 / fp8 (e4m3) codes
+    # with a dynamic scale per token and kv head (runtime/kv_quant.py)
+    kv_cache_dtype: str = "auto"
     enable_prefix_caching: bool = True  # reuse the KV pages of prompt prefixes seen before
     host_kv_bytes: int = 0  # host memory for prefix pages evicted from the device (0: none)
     kv_store: str | None = None  # tensorstore tier for pages leaving host memory: a folder or kvstore URL
@@ -60,6 +63,8 @@ class EngineConfig:
             raise ConfigError(f"max_seq_len must be >= page_size, got {self.max_seq_len}")
         if self.attention not in (None, *ATTENTION):
             raise ConfigError(f"attention must be one of {', '.join(ATTENTION)}, got {self.attention!r}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ConfigError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
         if self.host_kv_bytes < 0:
             raise ConfigError(f"host_kv_bytes must be >= 0, got {self.host_kv_bytes}")
         if self.kv_store_bytes <= 0:

@@ -59,7 +59,8 @@ from meshserve.runtime import progress
 from meshserve.runtime.clock import Seeds, clock_for
 from meshserve.runtime.config import EngineConfig
 from meshserve.runtime.identity import model_fingerprint
-from meshserve.runtime.kv_cache import POOL_AXES, page_bytes, pool_shape, sharded_zeros_pool
+from meshserve.runtime import kv_quant
+from meshserve.runtime.kv_cache import page_bytes, sharded_zeros_pool
 from meshserve.runtime.kv_manager import KVManager, Memory, kv_budget, kv_pages
 from meshserve.runtime.kv_tiers import TRANSFER_PAGES, KVEvent, KVEvents, PageMover, lower_tiers
 from meshserve.runtime.kv_transfer import KVPages, TransferError
@@ -121,15 +122,15 @@ class Engine:
         self._seeds = Seeds(self.clock)
         if config.compilation_cache_dir:
             enable_compilation_cache(os.path.expanduser(config.compilation_cache_dir))
-        self.page_bytes = page_bytes(c, ps, checkpoint.dtype)  # one page, every layer, keys and values
+        self.kv_dtype = kv_quant.cache_dtype(config.kv_cache_dtype, checkpoint.dtype)
+        self.page_bytes = page_bytes(c, ps, self.kv_dtype)  # one page, every layer, keys and values
         num_pages = kv_pages(self.page_bytes, ps, self.max_seq_len, R,
                              kv_pool_bytes(config, c, self.page_bytes, self.max_seq_len, layout, memory))
         progress.stage(f"KV cache: {num_pages} pages of {ps} tokens ({num_pages * self.page_bytes / 2**30:.2f} GiB"
                        f"{'' if config.kv_cache_bytes else ', sized from memory'}), context {self.max_seq_len}")
-        self.fingerprint = model_fingerprint(c, checkpoint.params, checkpoint.dtype, ps,
+        self.fingerprint = model_fingerprint(c, checkpoint.params, self.kv_dtype, ps,
                                              replicated=None if layout.mesh.size == 1 else layout.replicated())
-        pool_sharding = layout.sharding(POOL_AXES, pool_shape(c, num_pages, ps))
-        self.pool = sharded_zeros_pool(c, num_pages, ps, checkpoint.dtype, pool_sharding)
+        self.pool = sharded_zeros_pool(c, num_pages, ps, self.kv_dtype, layout)
         self.kv_events = KVEvents() if config.enable_prefix_caching else None
         self.host_tier = lower_tiers(config, self.pool, self.page_bytes, self.kv_events)  # None: no lower tier
         self._copies = None  # page copy programs between the pool and host memory, when needed
@@ -142,7 +143,9 @@ class Engine:
             raise ConfigError(f"decode_buckets must be multiples of the data replicas ({R})")
         self.buckets = config.buckets(self.max_pages, R)
         t0 = time.perf_counter()
-        self.attention = config.attention or Target.of(layout.mesh.devices.flat[0]).attention
+        target = Target.of(layout.mesh.devices.flat[0])
+        self.attention = config.attention or target.attention
+        kv_quant.check_readable(self.kv_dtype, self.attention, target)
         if self.attention == "pallas" and layout.axis("q_heads") is not None and layout.axis("kv_heads") is None:
             raise ConfigError(f"attention: pallas needs kv heads split like q heads; {c.num_kv_heads} kv "
                               f"heads do not split over {layout.describe()} (use attention: reference)")

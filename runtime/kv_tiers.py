@@ -4,7 +4,8 @@
          ▲                                      │
          └──────── onboard (batched copy in) ◀──┘  when a new request's prefix is found here
 
-A page is stored whole, keys and values of every layer: [2·layers, page_size, kv_heads, head_dim],
+A page is stored whole, keys and values of every layer: [2·layers, page_size, kv_heads, head_dim]
+(an int8 / fp8 pool's as bytes, head_dim codes and a scale per token and kv head: KVPool.page_shape),
 keyed by the same chained hash that names it on the device. Copies run in fixed batches of
 `TRANSFER_PAGES` pages through two small compiled programs, so serving never compiles.
 """
@@ -20,6 +21,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from meshserve.runtime.kv_cache import KVPool
 
@@ -29,14 +31,25 @@ TRANSFER_PAGES = 8  # pages per copy program call (padding rows read/write the n
 
 
 def _gather(pool: KVPool, pages):
-    return jnp.stack([layer[pages] for layer in pool.k + pool.v], axis=1)  # [M, 2L, S, K, E]
+    """[M, 2L, S, K, E] (KVPool.page_shape); a quantized pool's as bytes, each token's codes then its
+    scale exponent ([..., E + 1] uint8)."""
+    if not pool.quantized:
+        return jnp.stack([layer[pages] for layer in pool.k + pool.v], axis=1)
+    as_bytes = lambda x: lax.bitcast_convert_type(x, jnp.uint8)
+    return jnp.stack([jnp.concatenate([as_bytes(codes[pages]), as_bytes(exps[pages])[..., None]], axis=-1)
+                      for codes, exps in zip(pool.k + pool.v, pool.k_exp + pool.v_exp)], axis=1)
 
 
 def _scatter(pool: KVPool, pages, data):
     L = len(pool.k)
-    k = tuple(layer.at[pages].set(data[:, i].astype(layer.dtype)) for i, layer in enumerate(pool.k))
-    v = tuple(layer.at[pages].set(data[:, L + i].astype(layer.dtype)) for i, layer in enumerate(pool.v))
-    return KVPool(k, v)
+    if not pool.quantized:
+        k = tuple(layer.at[pages].set(data[:, i].astype(layer.dtype)) for i, layer in enumerate(pool.k))
+        v = tuple(layer.at[pages].set(data[:, L + i].astype(layer.dtype)) for i, layer in enumerate(pool.v))
+        return KVPool(k, v)
+    put = lambda layer, x: layer.at[pages].set(lax.bitcast_convert_type(x, layer.dtype))
+    codes = [put(layer, data[:, i, ..., :-1]) for i, layer in enumerate(pool.k + pool.v)]
+    exps = [put(layer, data[:, i, ..., -1]) for i, layer in enumerate(pool.k_exp + pool.v_exp)]
+    return KVPool(tuple(codes[:L]), tuple(codes[L:]), tuple(exps[:L]), tuple(exps[L:]))
 
 
 class KVEvent(NamedTuple):
@@ -121,7 +134,7 @@ class PageMover:
         self.null_page = null_page
         self.page_shape = pool.page_shape
         self._shape = (TRANSFER_PAGES, *pool.page_shape)
-        self._dtype = pool.dtype
+        self._dtype = pool.page_dtype
         idx = jax.ShapeDtypeStruct((TRANSFER_PAGES,), jnp.int32)
         abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), pool)
         self._gather = jax.jit(_gather).lower(abstract, idx).compile()
@@ -427,7 +440,7 @@ def lower_tiers(config, pool: KVPool, page_bytes: int, events: KVEvents | None) 
         from meshserve.models.errors import ConfigError
 
         try:
-            store = StoreTier(os.path.expanduser(config.kv_store), pool.page_shape, pool.dtype, events=events,
+            store = StoreTier(os.path.expanduser(config.kv_store), pool.page_shape, pool.page_dtype, events=events,
                               capacity_bytes=config.kv_store_bytes)
         except Exception as e:
             raise ConfigError(f"kv_store {config.kv_store!r} cannot be opened: {e}") from None

@@ -48,7 +48,7 @@ from meshserve.models.decoder import Params, forward_hidden, head, param_axes
 from meshserve.models.moe import ExpertPlan
 from meshserve.runtime import progress
 from meshserve.runtime.block_manager import NULL_PAGE
-from meshserve.runtime.kv_cache import POOL_AXES, AttentionShards, KVPool, PagedKVCache, RaggedKVCache
+from meshserve.runtime.kv_cache import AttentionShards, KVPool, PagedKVCache, RaggedKVCache, pool_shardings
 from meshserve.runtime.sampling import Sampled, SamplingBatch, Scored, no_scores, sample, score
 from meshserve.runtime.target import CPU, Target
 from meshserve.sharding.rules import Layout
@@ -222,7 +222,7 @@ def lower_programs(config: ModelConfig, params, pool: KVPool, buckets: Buckets, 
     target = Target.of(layout.mesh.devices.flat[0])
     param_shardings = jax.tree.map(lambda names, a: layout.sharding(names, a.shape), param_axes(config),
                                    params, is_leaf=lambda x: isinstance(x, tuple))
-    pool_sharding = jax.tree.map(lambda a: layout.sharding(POOL_AXES, a.shape), pool)
+    pool_sharding = pool_shardings(layout, pool)
     placed = lambda tree, shardings: jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
     params, pool = placed(params, param_shardings), placed(pool, pool_sharding)
@@ -292,7 +292,7 @@ class Programs:
                 self.loaded = True
                 self.batch_shardings = {}
                 return
-        self.pool_sharding = jax.tree.map(lambda a: layout.sharding(POOL_AXES, a.shape), pool)
+        self.pool_sharding = pool_shardings(layout, pool)
         lowered = lower_programs(config, _abstract(params), _abstract(pool), buckets, attention, layout)
         workers = threads or max(1, os.cpu_count() or 1)
         counter = progress.Counter("compiling programs", len(lowered))

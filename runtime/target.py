@@ -16,6 +16,7 @@ import dataclasses
 class Target:
     platform: str  # "cpu" | "gpu" | "tpu"
     device_kind: str = ""
+    compute_capability: str = ""  # a CUDA GPU's, "9.0" ("": not known, or not one)
 
     def __post_init__(self):
         if self.platform not in ("cpu", "gpu", "tpu"):
@@ -25,7 +26,7 @@ class Target:
     def of(device) -> "Target":
         """The target of a jax device: a real one, or a compile-only one of a topology."""
         platform = {"cuda": "gpu", "rocm": "gpu"}.get(device.platform, device.platform)
-        return Target(platform, device.device_kind)
+        return Target(platform, device.device_kind, str(getattr(device, "compute_capability", "") or ""))
 
     @property
     def interpret(self) -> bool:

@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 from meshserve.models.errors import MeshserveError, RequestError
-from meshserve.models.config import QUANTIZATIONS
+from meshserve.models.config import KV_CACHE_DTYPES, QUANTIZATIONS
 from meshserve.models.sources import DTYPES, source_name
 from meshserve.serving import versions
 
@@ -171,6 +171,9 @@ def _engine_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--quantization", "-q", choices=QUANTIZATIONS, metavar="FORMAT",
                    help="serve the linear layers' weights in this format (" + ", ".join(QUANTIZATIONS)
                         + "): a GGUF file or HF folder is converted so once; a checkpoint must hold it")
+    g.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES,
+                   help="what the KV cache holds: auto (the model's dtype), float32, bfloat16, or int8 / fp8 "
+                        "with a dynamic scale per token and kv head (~4x the tokens of float32)")
     g.add_argument("--max-model-len", type=int, help="the longest request, prompt and output (tokens)")
     g.add_argument("--max-num-seqs", type=int, help="requests decoded at once")
     g.add_argument("--gpu-memory-utilization", type=float,
@@ -208,7 +211,8 @@ def _engine_config(args):
 
     config = EngineConfig.from_yaml(args.config)
     flags = {"max_seq_len": args.max_model_len, "max_num_seqs": args.max_num_seqs,
-             "gpu_memory_utilization": args.gpu_memory_utilization, "kv_cache_bytes": args.kv_cache_memory}
+             "gpu_memory_utilization": args.gpu_memory_utilization, "kv_cache_bytes": args.kv_cache_memory,
+             "kv_cache_dtype": args.kv_cache_dtype}
     flags = {k: v for k, v in flags.items() if v is not None}
     if "max_num_seqs" in flags and flags["max_num_seqs"] > config.max_num_batched_tokens:
         flags["max_num_batched_tokens"] = flags["max_num_seqs"]  # a decode step of them all must fit a step
@@ -474,10 +478,11 @@ def _serve(args) -> None:
         from meshserve.models.checkpoint import read_meta
         from meshserve.runtime.kv_cache import page_bytes
         from meshserve.runtime.kv_manager import kv_pages
+        from meshserve.runtime.kv_quant import cache_dtype
 
         _, model, dtype = read_meta(config.model)
         ps = engine_config.page_size
-        kv_pages(page_bytes(model, ps, dtype), ps, min(engine_config.max_seq_len, model.max_position_embeddings),
+        kv_pages(page_bytes(model, ps, cache_dtype(engine_config.kv_cache_dtype, dtype)), ps, min(engine_config.max_seq_len, model.max_position_embeddings),
                  replicas, engine_config.kv_cache_bytes)
     build = build_engine(config, engine_config, progress=False)
     mirror = _multihost(config, build)  # a mesh over several processes: process 0 serves, the others follow

@@ -27,7 +27,8 @@ class EngineInfo:
     page_size: int
     kv_pages: int  # usable pages of the pool
     kv_page_shape: tuple[int, ...]  # one page across every layer (how pages leave the pool)
-    kv_page_dtype: Any
+    kv_page_dtype: Any  # of those pages (uint8 bytes for a quantized cache)
+    kv_cache_dtype: Any  # what the pool holds: the model's dtype, or int8 / float8_e4m3fn codes
     kv_fingerprint: str
     kv_events: bool  # the engine logs cached-page events for a KV-aware router
     kv_store: str | None
@@ -42,9 +43,10 @@ class EngineInfo:
         return cls(engine.model_config, engine.tokenizer, served_model_name, path.name if path else None,
                    str(engine.checkpoint.dtype), engine.layout.describe(), engine.layout.mesh.devices.flat[0],
                    engine.max_seq_len, engine.config.priority_levels, engine.config.limits, engine.eos_ids,
-                   engine.config.page_size, engine.kv.num_usable, engine.pool.page_shape, engine.pool.dtype,
-                   engine.fingerprint.hex(), engine.kv_events is not None, engine.config.kv_store, engine.replicas,
-                   engine.config.max_num_seqs, engine.config.max_num_batched_tokens, dict(sampling_defaults or {}))
+                   engine.config.page_size, engine.kv.num_usable, engine.pool.page_shape, engine.pool.page_dtype,
+                   engine.pool.dtype, engine.fingerprint.hex(), engine.kv_events is not None, engine.config.kv_store,
+                   engine.replicas, engine.config.max_num_seqs, engine.config.max_num_batched_tokens,
+                   dict(sampling_defaults or {}))
 
     @property
     def served_name(self) -> str:
@@ -59,7 +61,7 @@ class EngineInfo:
         import numpy as np
 
         return {"dtype": self.dtype, "quantization": self.model.quantization,
-                "kv_cache_dtype": np.dtype(self.kv_page_dtype).name}
+                "kv_cache_dtype": np.dtype(self.kv_cache_dtype).name}
 
     @property
     def vocab_size(self) -> int:

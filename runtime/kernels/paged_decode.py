@@ -22,13 +22,13 @@ from jax.experimental import pallas as pl
 from jaxtyping import Array, Float, Int
 
 from meshserve.runtime.kernels.tile import (
-    check_pow2, empty, fold, gather_tile, pow2_at_least, pow2_at_most, tile_positions, triton_params)
-
+    check_pow2, empty, exp_spec, fold, gather_tile, pow2_at_least, pow2_at_most, tile_positions, triton_params)
 
 
 def _kernel(tables_ref, lengths_ref, q_ref, k_ref, v_ref, *refs, blocks_per_split: int, pages_per_block: int,
-            page_size: int, sliding_window: int | None):
-    o_ref, m_ref, l_ref = refs[-3:]  # any aliased (poisoned) inputs come first
+            page_size: int, sliding_window: int | None, quantized: bool):
+    exp_refs = refs[:2] if quantized else None  # a quantized pool's scales, then any aliased (poisoned) inputs
+    o_ref, m_ref, l_ref = refs[-3:]
     s = pl.program_id(2)
     length = lengths_ref[0]
     q = q_ref[0, 0]  # [G, E], in the input dtype: dots accumulate in f32
@@ -40,7 +40,7 @@ def _kernel(tables_ref, lengths_ref, q_ref, k_ref, v_ref, *refs, blocks_per_spli
         first = jnp.maximum(first, jnp.maximum(length - sliding_window, 0) // tile)
 
     def body(j, carry):
-        k, v = gather_tile(tables_ref, k_ref, v_ref, 0, j, pages_per_block)
+        k, v = gather_tile(tables_ref, k_ref, v_ref, 0, j, pages_per_block, exp_refs, q.dtype)
         pos = tile_positions(j, tile)
         visible = pos < length
         if sliding_window is not None:
@@ -56,7 +56,8 @@ def _kernel(tables_ref, lengths_ref, q_ref, k_ref, v_ref, *refs, blocks_per_spli
 @functools.partial(jax.jit, static_argnames=("num_splits", "pages_per_block", "sliding_window", "interpret",
                                              "poison", "num_warps", "num_stages"))
 def paged_decode(q: Float[Array, "b h e"], k_pages: Float[Array, "n s k e"], v_pages: Float[Array, "n s k e"],
-                 page_tables: Int[Array, "b p"], lengths: Int[Array, "b"], *, num_splits: int = 1,
+                 page_tables: Int[Array, "b p"], lengths: Int[Array, "b"], k_exp: Int[Array, "n s k"] | None = None,
+                 v_exp: Int[Array, "n s k"] | None = None, *, num_splits: int = 1,
                  pages_per_block: int = 4, sliding_window: int | None = None, interpret: bool = False,
                  poison: bool = False, num_warps: int | None = None,
                  num_stages: int | None = None) -> Float[Array, "b h e"]:
@@ -65,7 +66,8 @@ def paged_decode(q: Float[Array, "b h e"], k_pages: Float[Array, "n s k e"], v_p
     num_splits > 1 spreads a long context over more programs (split-K). pages_per_block is rounded
     down to a power of two (Triton's arrays must have such sizes). poison=True (tests) starts the
     kernel's outputs as NaN, so an element the kernel failed to write shows. num_warps and
-    num_stages: Triton's launch settings (None: its defaults).
+    num_stages: Triton's launch settings (None: its defaults). A quantized pool (int8/fp8 codes)
+    comes with its scale exponents k_exp, v_exp (runtime/kv_quant.py).
     """
     B, H, E = q.shape
     N, page_size, K, _ = k_pages.shape
@@ -96,14 +98,19 @@ def paged_decode(q: Float[Array, "b h e"], k_pages: Float[Array, "n s k e"], v_p
         pl.BlockSpec((N, page_size, pl.squeezed, E), lambda b, h, s: (0, 0, h, 0)),
     ]
     args = [tables, lengths.astype(jnp.int32), qg, k_pages, v_pages]
+    quantized = k_exp is not None
+    if quantized:
+        args += [k_exp, v_exp]
+        in_specs += [exp_spec(N, page_size, lambda b, h, s: (0, 0, h))] * 2
     aliases = {}
     if poison:
+        first = len(args)
         args += [jnp.full(s.shape, jnp.nan, s.dtype) for s in partial_shapes]
         in_specs += list(partial_specs)
-        aliases = {5: 0, 6: 1, 7: 2}
+        aliases = {first: 0, first + 1: 1, first + 2: 2}
     o, m, l = pl.pallas_call(
         functools.partial(_kernel, blocks_per_split=blocks_per_split, pages_per_block=ppb,
-                          page_size=page_size, sliding_window=sliding_window),
+                          page_size=page_size, sliding_window=sliding_window, quantized=quantized),
         out_shape=partial_shapes, grid=(B, K, S), in_specs=in_specs, out_specs=partial_specs,
         input_output_aliases=aliases, interpret=interpret, name="paged_decode",
         compiler_params=triton_params(num_warps, num_stages, interpret))(*args)

@@ -30,12 +30,14 @@ from jax.experimental import pallas as pl
 from jaxtyping import Array, Float, Int
 
 from meshserve.runtime.kernels.tile import (
-    check_pow2, empty, fold, gather_tile, min_dot_rows, pow2_at_least, pow2_at_most, tile_positions, triton_params)
+    check_pow2, empty, exp_spec, fold, gather_tile, min_dot_rows, pow2_at_least, pow2_at_most, tile_positions,
+    triton_params)
 
 
 def _kernel(seq_ref, tok_ref, len_ref, pos_ref, tables_ref, q_ref, k_ref, v_ref, *refs, block_q: int,
-            pages_per_block: int, page_size: int, sliding_window: int | None, interpret: bool):
-    o_ref = refs[-1]  # an aliased (poisoned) input comes first
+            pages_per_block: int, page_size: int, sliding_window: int | None, interpret: bool, quantized: bool):
+    exp_refs = refs[:2] if quantized else None  # a quantized pool's scales, then an aliased (poisoned) input
+    o_ref = refs[-1]
     seq, tok, n, pos0 = seq_ref[0], tok_ref[0], len_ref[0], pos_ref[0]
     _, G, E = q_ref.shape  # [T + block_q, G, E]: this kv head's queries
     q = q_ref[pl.ds(tok, block_q)].reshape(block_q * G, E)  # rows t*G + g, input dtype; dots accumulate in f32
@@ -49,7 +51,7 @@ def _kernel(seq_ref, tok_ref, len_ref, pos_ref, tables_ref, q_ref, k_ref, v_ref,
         first = jnp.maximum(pos0 - sliding_window + 1, 0) // tile
 
     def body(j, carry):
-        k, v = gather_tile(tables_ref, k_ref, v_ref, seq, j, pages_per_block)
+        k, v = gather_tile(tables_ref, k_ref, v_ref, seq, j, pages_per_block, exp_refs, q.dtype)
         pos = tile_positions(j, tile)
         visible = pos <= row_pos
         if sliding_window is not None:
@@ -86,14 +88,16 @@ def block_list(q_first: Int[Array, "r"], q_start: Int[Array, "r"], q_len: Int[Ar
                                              "poison", "num_warps", "num_stages"))
 def ragged_prefill(q: Float[Array, "t h e"], k_pages: Float[Array, "n s k e"], v_pages: Float[Array, "n s k e"],
                    page_tables: Int[Array, "r p"], q_first: Int[Array, "r"], q_start: Int[Array, "r"],
-                   q_len: Int[Array, "r"], *, block_q: int = 16, pages_per_block: int = 4,
+                   q_len: Int[Array, "r"], k_exp: Int[Array, "n s k"] | None = None,
+                   v_exp: Int[Array, "n s k"] | None = None, *, block_q: int = 16, pages_per_block: int = 4,
                    sliding_window: int | None = None, interpret: bool = False, poison: bool = False,
                    num_warps: int | None = None, num_stages: int | None = None) -> Float[Array, "t h e"]:
     """Attention of packed prompt chunks (see the module docstring) over their sequences' pages.
 
     block_q and pages_per_block are rounded down to powers of two (Triton's arrays must have such
     sizes), block_q up to what fills a GPU dot's 16 rows. poison=True (tests) starts the output as
-    NaN, so a token the kernel failed to write shows. num_warps, num_stages: Triton's settings."""
+    NaN, so a token the kernel failed to write shows. num_warps, num_stages: Triton's settings. A
+    quantized pool (int8/fp8 codes) comes with its scale exponents k_exp, v_exp (runtime/kv_quant.py)."""
     T, H, E = q.shape
     N, page_size, K, _ = k_pages.shape
     G, R, P = H // K, page_tables.shape[0], page_tables.shape[1]
@@ -123,6 +127,10 @@ def ragged_prefill(q: Float[Array, "t h e"], k_pages: Float[Array, "n s k e"], v
                 pl.BlockSpec((N, page_size, pl.squeezed, E), lambda h, i: (0, 0, h, 0)),
                 pl.BlockSpec((N, page_size, pl.squeezed, E), lambda h, i: (0, 0, h, 0))]
     args = [*meta, tables, qg, k_pages, v_pages]
+    quantized = k_exp is not None
+    if quantized:
+        args += [k_exp, v_exp]
+        in_specs += [exp_spec(N, page_size, lambda h, i: (0, 0, h))] * 2
     aliases = {}
     if poison:
         args.append(jnp.full(out_shape.shape, jnp.nan, out_shape.dtype))
@@ -130,7 +138,7 @@ def ragged_prefill(q: Float[Array, "t h e"], k_pages: Float[Array, "n s k e"], v
         aliases = {len(args) - 1: 0}
     out = pl.pallas_call(
         functools.partial(_kernel, block_q=block_q, pages_per_block=ppb, page_size=page_size,
-                          sliding_window=sliding_window, interpret=interpret),
+                          sliding_window=sliding_window, interpret=interpret, quantized=quantized),
         out_shape=out_shape, grid=(K, num_blocks), in_specs=in_specs, out_specs=heads,
         input_output_aliases=aliases, interpret=interpret, name="ragged_prefill",
         compiler_params=triton_params(num_warps, num_stages, interpret))(*args)

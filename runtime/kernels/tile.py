@@ -12,6 +12,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from meshserve.runtime import kv_quant
+
 MASK = -1e30  # finite: a fully masked tile gives exp(0) weights that a later valid tile erases
 
 
@@ -36,12 +38,23 @@ def check_pow2(**sizes: int) -> None:
             raise ValueError(f"the Pallas GPU kernels need a power-of-two {name}, got {n}: use attention: reference")
 
 
-def gather_tile(tables_ref, k_ref, v_ref, row, j, pages_per_block: int):
+def gather_tile(tables_ref, k_ref, v_ref, row, j, pages_per_block: int, exp_refs=None, dtype=None):
     """Keys and values [tile, E] of tile j of page table `row`: pages_per_block pages of this kv
-    head (a power of two)."""
+    head (a power of two). A quantized pool's codes come with exp_refs, this kv head's scale
+    exponents [N, page_size]: the tile is dequantized to `dtype` (exactly, runtime/kv_quant.py)."""
     pages = tables_ref[row, pl.ds(j * pages_per_block, pages_per_block)]
     tile = pages_per_block * k_ref.shape[1]
-    return k_ref[pages].reshape(tile, -1), v_ref[pages].reshape(tile, -1)
+    k, v = k_ref[pages].reshape(tile, -1), v_ref[pages].reshape(tile, -1)
+    if exp_refs is None:
+        return k, v
+    k_exp, v_exp = (r[pages].reshape(tile) for r in exp_refs)
+    return kv_quant.dequantize(k, k_exp, dtype), kv_quant.dequantize(v, v_exp, dtype)
+
+
+def exp_spec(pages: int, page_size: int, index_map):
+    """The BlockSpec of a quantized pool's scale exponents [N, page_size, K], viewed as one kv
+    head's [N, page_size] (index_map gives the head as its last block index)."""
+    return pl.BlockSpec((pages, page_size, pl.squeezed), index_map)
 
 
 def tile_positions(j, tile: int):

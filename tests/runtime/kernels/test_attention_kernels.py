@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from meshserve.runtime import kv_quant
 from meshserve.runtime.kernels.paged_decode import paged_decode
 from meshserve.runtime.kernels.ragged_prefill import ragged_prefill
 from meshserve.runtime.kernels.reference import paged_decode_reference, ragged_prefill_reference
@@ -166,6 +167,45 @@ def test_ragged_prefill_sliding_window():
     assert _rel(_unpacked(out, first, q_len, 16), ref) <= 1e-5
 
 
+KV_DTYPES = pytest.mark.parametrize("kv_dtype", [jnp.int8, jnp.float8_e4m3fn], ids=["int8", "fp8"])
+QUANT_HEADS = pytest.mark.parametrize("q_heads,kv_heads,head_dim", HEADS[2:], ids=HEAD_IDS[2:])
+
+
+def _quantized(k_pages, v_pages, kv_dtype):
+    """A quantized pool's (k, v, k_exp, v_exp) for float pages (runtime/kv_quant.py)."""
+    (kc, ke), (vc, ve) = kv_quant.quantize(k_pages * 4, kv_dtype), kv_quant.quantize(v_pages * 4, kv_dtype)
+    return kc, vc, ke, ve
+
+
+@DTYPES
+@KV_DTYPES
+@QUANT_HEADS
+def test_paged_decode_reads_a_quantized_pool(dtype, kv_dtype, q_heads, kv_heads, head_dim):
+    """int8 / fp8 codes with their scale exponents: the kernel equals the reference over the
+    dequantized pool (dequantizing is exact, so to the same tolerance as a float pool)."""
+    rng = np.random.default_rng(seed_of("decode-q", dtype, kv_dtype, q_heads, head_dim))
+    q, k_pages, v_pages, tables, lengths = decode_inputs(rng, dtype, q_heads, kv_heads, head_dim)
+    kc, vc, ke, ve = _quantized(k_pages, v_pages, kv_dtype)
+    out = paged_decode(q, kc, vc, tables, lengths, ke, ve, num_splits=2, pages_per_block=2, interpret=INTERPRET,
+                       poison=True)
+    ref = paged_decode_reference(q.astype(jnp.float32), kc, vc, tables, lengths, k_exp=ke, v_exp=ve)
+    assert _rel(out, ref) <= TOL[dtype]
+
+
+@DTYPES
+@KV_DTYPES
+@QUANT_HEADS
+def test_ragged_prefill_reads_a_quantized_pool(dtype, kv_dtype, q_heads, kv_heads, head_dim):
+    rng = np.random.default_rng(seed_of("prefill-q", dtype, kv_dtype, q_heads, head_dim))
+    q, k_pages, v_pages, tables, q_start, q_len = prefill_inputs(rng, dtype, q_heads, kv_heads, head_dim, 8)
+    kc, vc, ke, ve = _quantized(k_pages, v_pages, kv_dtype)
+    ref = ragged_prefill_reference(q.astype(jnp.float32), kc, vc, tables, q_start, q_len, k_exp=ke, v_exp=ve)
+    packed, first = _packed(q, q_len)
+    out = ragged_prefill(packed, kc, vc, tables, first, q_start, q_len, ke, ve, block_q=8, pages_per_block=2,
+                         interpret=INTERPRET, poison=True)
+    assert _rel(_unpacked(out, first, q_len, q.shape[1]), ref) <= TOL[dtype]
+
+
 def test_block_list_cuts_every_chunk_and_nothing_else():
     from meshserve.runtime.kernels.ragged_prefill import block_list
 
@@ -209,6 +249,17 @@ def kernel_calls():
                     yield (f"ragged_prefill {dname} {hid} {pid} gap={gap}", ragged_prefill,
                            spec([packed, *rest[:3], first, *rest[3:]]),
                            dict(block_q=8, pages_per_block=ppb, poison=True))
+    for kv_dtype, kname in ((jnp.int8, "int8"), (jnp.float8_e4m3fn, "fp8")):  # quantized pools, bf16 queries
+        q, k_pages, v_pages, tables, lengths = decode_inputs(rng, jnp.bfloat16, 8, 1, 64)
+        kc, vc, ke, ve = _quantized(k_pages, v_pages, kv_dtype)
+        yield (f"paged_decode bf16 {kname} cache", paged_decode, spec([q, kc, vc, tables, lengths, ke, ve]),
+               dict(num_splits=2, pages_per_block=2, poison=True))
+        q, k_pages, v_pages, tables, q_start, q_len = prefill_inputs(rng, jnp.bfloat16, 9, 3, 64, 8)
+        kc, vc, ke, ve = _quantized(k_pages, v_pages, kv_dtype)
+        packed, first = _packed(q, q_len)
+        yield (f"ragged_prefill bf16 {kname} cache", ragged_prefill,
+               spec([packed, kc, vc, tables, first, q_start, q_len, ke, ve]),
+               dict(block_q=8, pages_per_block=2, poison=True))
     yield ("paged_decode sliding window", paged_decode, spec(decode_window_inputs(rng)),
            dict(num_splits=2, sliding_window=6, poison=True))
     q, k_pages, v_pages, tables, q_start, q_len = prefill_window_inputs(rng)
