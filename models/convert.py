@@ -69,7 +69,10 @@ def build_params(source: TensorSource, dtype: np.dtype, progress: bool = True, k
         # transforms reshape with -1 on the input axis: they apply to a weight's quantized parts too
         blocks = source.get_blocks(role, layer, keep) if keep and role in LINEAR_ROLES else None
         if blocks is not None:
-            return {k: np.ascontiguousarray(transform(v)) for k, v in blocks.items()}
+            try:
+                return {k: np.ascontiguousarray(transform(v)) for k, v in blocks.items()}
+            except ValueError:  # blocks across the reshaped axes (fp8 blocks over heads of 64): dequantized
+                pass
         w = source.get(role, layer)
         if shape is not None and tuple(w.shape) != shape:
             raise ConvertError(f"tensor {source.tensor_name(role, layer)} has shape {tuple(w.shape)}, "

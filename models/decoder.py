@@ -397,8 +397,13 @@ def quantize_params(params: Params, config: ModelConfig) -> Params:
     for path, geometry in quantized_geometries(config).items():
         parent = functools.reduce(lambda d, k: d[k], path[:-1], out)
         w = parent[path[-1]]
-        if isinstance(w, dict):  # kept as the source stored it (a GGUF's blocks)
-            quant.check_parts(w, geometry, "/".join(map(str, path)))
+        if isinstance(w, dict):  # kept as the source stored it (a GGUF's blocks, an fp8 checkpoint's)
+            name = "/".join(map(str, path))
+            try:
+                parent[path[-1]] = w = quant.collapse_scales(w, geometry)
+            except ValueError as e:
+                raise ValueError(f"{name}: {e}") from None
+            quant.check_parts(w, geometry, name)
             continue
         if tuple(w.shape) != geometry.shape:
             raise ValueError(f"{'/'.join(map(str, path))}: shape {tuple(w.shape)}, expected {geometry.shape}")

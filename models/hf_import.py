@@ -1,5 +1,9 @@
 """Hugging Face import: config.json + one or sharded *.safetensors + tokenizer.json.
 
+fp8 checkpoints with block scales (DeepSeek's and Qwen's: `quantization_config.quant_method: fp8`,
+`weight_block_size: [128, 128]`, each fp8 `…weight` beside a float32 `…weight_scale_inv` of one scale
+per block, w = q · scale_inv) are dequantized, or kept as they are with `--quantize fp8-block`.
+
 Safetensors files are read here with numpy memory maps (the `safetensors` numpy reader has no
 bfloat16): 8 bytes of little-endian header length, a JSON header of
 {name: {dtype, shape, data_offsets}}, then the raw tensor bytes.
@@ -21,7 +25,9 @@ from meshserve.models.convert import TensorSource
 from meshserve.models.errors import ConfigError, ConvertError
 from meshserve.models.tokenizer import Tokenizer, TokenizerConfig
 
-_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16, "F64": np.float64}
+_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16, "F64": np.float64,
+           "F8_E4M3": ml_dtypes.float8_e4m3fn}
+_FP8 = np.dtype(ml_dtypes.float8_e4m3fn)
 _INDEX = "model.safetensors.index.json"
 
 _GLOBAL = {"embed": "model.embed_tokens.weight", "norm": "model.norm.weight", "lm_head": "lm_head.weight"}
@@ -94,11 +100,16 @@ class HFSource(TensorSource):
         if not config_path.is_file():
             raise ConvertError(f"{folder} has no config.json")
         try:
-            self.config = ModelConfig.from_hf(json.loads(config_path.read_text()), name=folder.name)
+            hf = json.loads(config_path.read_text())
+            self.config = ModelConfig.from_hf(hf, name=folder.name)
         except ConfigError as e:
             raise ConvertError(str(e)) from None
         except ValueError as e:
             raise ConvertError(f"{config_path} is not valid JSON: {e}") from None
+        quantized = hf.get("quantization_config") or {}
+        # (rows, columns) of an fp8 weight each weight_scale_inv element scales; None: not an fp8 checkpoint
+        self._fp8_block = (tuple(quantized.get("weight_block_size") or (1, 1))
+                           if quantized.get("quant_method") == "fp8" else None)
         self._where = self._index(folder)
         self._files: dict[str, SafetensorsFile] = {}
         self._folder = folder
@@ -144,11 +155,50 @@ class HFSource(TensorSource):
         name = self._name(role, layer)
         if "{e}" in name:
             return self._experts(name)
-        w = self._tensor(name)
+        w = self._float(name)
         if name.endswith(_FUSED["gate_up"]):  # [X, 2F, D]: the gate's rows, then the up projection's
             half = w.shape[1] // 2
             w = w[:, :half] if role == "experts_gate" else w[:, half:]
-        return w.astype(np.float32)
+        return w
+
+    def get_blocks(self, role, layer=None, fmt=None):
+        """An fp8 checkpoint's 128×128-block weight as stored, for `fp8-block`: {"q": fp8 [out, in],
+        "scale": [out, in / 128]} (each block's scale repeated over its 128 rows, so the converter's
+        reshapes of the output axis apply to it; models/quant.collapse_scales takes one per block)."""
+        if fmt != "fp8-block" or self._fp8_block != (128, 128):
+            return None
+        name = self._name(role, layer)
+        if "{e}" in name or name not in self._where:
+            return None  # experts stored one tensor per expert are dequantized
+        w = self._tensor(name)
+        if w.dtype != _FP8 or w.ndim != 2 or w.shape[0] % 128 or w.shape[1] % 128:
+            return None
+        return {"q": np.asarray(w), "scale": np.repeat(self._block_scale(name, w.shape), 128, axis=0)}
+
+    def _float(self, name: str) -> np.ndarray:
+        """A tensor as float32: an fp8 weight times its block scales."""
+        w = self._tensor(name)
+        if w.dtype != _FP8:
+            return w.astype(np.float32)
+        if w.ndim != 2:
+            raise ConvertError(f"{self._folder}: {name} is fp8 with {w.ndim} axes; only 2-D fp8 weights are read")
+        rows, cols = self._fp8_block or (1, 1)
+        scale = np.repeat(np.repeat(self._block_scale(name, w.shape), rows, axis=0), cols, axis=1)
+        return w.astype(np.float32) * scale[:w.shape[0], :w.shape[1]]
+
+    def _block_scale(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        """The weight_scale_inv of fp8 weight `name`: one float32 per block of quantization_config's size."""
+        scale_name = name + "_scale_inv"
+        if self._fp8_block is None or scale_name not in self._where:
+            raise ConvertError(f"{self._folder}: {name} is fp8, but the checkpoint has no {scale_name} "
+                               f"or its config.json no quantization_config of quant_method fp8")
+        rows, cols = self._fp8_block
+        want = (-(-shape[0] // rows), -(-shape[1] // cols))
+        scale = self._tensor(scale_name)
+        if tuple(scale.shape) != want:
+            raise ConvertError(f"{self._folder}: {scale_name} has shape {tuple(scale.shape)}, expected {want} "
+                               f"(blocks of {rows}×{cols} over {name}'s {tuple(shape)})")
+        return scale.astype(np.float32)
 
     def _experts(self, pattern: str) -> np.ndarray:
         """One tensor per expert stacked on a leading axis; their count must be the config's."""
@@ -158,7 +208,7 @@ class HFSource(TensorSource):
         if found != X:
             raise ConvertError(f"{self._folder}: {pattern.format(e='E')} holds {found} experts, "
                                f"the config says {X}")
-        return np.stack([self._tensor(pattern.format(e=e)).astype(np.float32) for e in range(X)])
+        return np.stack([self._float(pattern.format(e=e)) for e in range(X)])
 
     def _tensor(self, name: str) -> np.ndarray:
         if name not in self._where:

@@ -156,6 +156,29 @@ class Geometry:
                              f"to pack 4-bit values (shape {self.shape}, blocks {block})")
 
 
+def collapse_scales(parts: dict, geometry: Geometry) -> dict:
+    """Parts whose scales are given per output channel where the format blocks the outputs too (an HF
+    fp8 checkpoint's 128×128 blocks, repeated along its rows so the converter's reshapes apply), with
+    one scale per block. ValueError when scales differ within a block; other parts are returned as
+    they are (check_parts names what does not fit)."""
+    scale, want = parts["scale"], geometry.scale_shape
+    if tuple(scale.shape) == want or len(scale.shape) != len(want):
+        return parts
+    steps = []
+    for axis, (have, need) in enumerate(zip(scale.shape, want)):
+        outputs = axis >= geometry.batch + geometry.contract
+        if have != need and not (outputs and have == geometry.shape[axis] and have % need == 0):
+            return parts
+        steps.append(have // need)
+    collapsed = scale[tuple(slice(None, None, k) for k in steps)]
+    expanded = collapsed
+    for axis, k in enumerate(steps):
+        expanded = np.repeat(expanded, k, axis=axis)
+    if not np.array_equal(expanded, scale):
+        raise ValueError(f"scales differ within a block of {geometry.format.name}")
+    return {**parts, "scale": collapsed}
+
+
 def check_parts(parts: dict, geometry: Geometry, name: str) -> None:
     """ValueError naming the weight when its parts are not `geometry`'s (a scale of another shape)."""
     want = {"q": (geometry.q_shape, geometry.q_dtype), "scale": (geometry.scale_shape, np.float32)}

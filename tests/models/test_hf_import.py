@@ -118,3 +118,87 @@ def test_experts_disagreeing_with_the_config_name_the_tensor(tmp_path, moe_folde
     _edit_config(wide, moe_intermediate_size=64)
     _fails(f"hf:{wide}", tmp_path / "d", r"tensor model\.layers\.0\.mlp\.experts\.E\.gate_proj\.weight has shape "
                                         r"\(8, 32, 64\), expected \(8, 64, 64\) from the config")
+
+
+# ---- fp8 checkpoints with 128×128 block scales (DeepSeek's and Qwen's) ---------------------------------
+
+FP8_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@pytest.fixture(scope="module")
+def fp8_folder(tmp_path_factory):
+    """A Qwen3 model (head_dim 128) saved as an fp8 checkpoint: every linear weight in e4m3 with one
+    float32 weight_scale_inv per 128×128 block (max |w| of the block / 448), as published ones are.
+    Returns the folder and the dequantized weights, by tensor name."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path_factory.mktemp("hf") / "fp8"
+    make_hf_model("qwen3", folder, hidden_size=256, intermediate_size=384, num_attention_heads=2,
+                  num_key_value_heads=1, head_dim=128, num_hidden_layers=1)
+    state, dequantized = load_file(str(folder / "model.safetensors")), {}
+    for name in [n for n in state if n.split(".")[-2] in FP8_LINEARS]:
+        w = state[name].float()
+        blocks = w.reshape(w.shape[0] // 128, 128, w.shape[1] // 128, 128)
+        scale = blocks.abs().amax(dim=(1, 3)) / 448
+        q = (blocks / scale[:, None, :, None]).reshape(w.shape).to(torch.float8_e4m3fn)
+        state[name], state[name + "_scale_inv"] = q, scale
+        dequantized[name] = (q.float().reshape(blocks.shape) * scale[:, None, :, None]).reshape(w.shape).numpy()
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    _edit_config(folder, quantization_config={"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                              "weight_block_size": [128, 128]})
+    return folder, dequantized
+
+
+def test_an_fp8_block_checkpoint_is_dequantized_or_kept_as_stored(tmp_path, fp8_folder):
+    """Without --quantize each fp8 weight is q · weight_scale_inv exactly; with fp8-block its codes and
+    block scales are the file's, and the model computes what the dequantized one does."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from meshserve.models import decoder, quant
+    from meshserve.models.checkpoint import load_checkpoint
+
+    folder, dequantized = fp8_folder
+    plain = load_checkpoint(convert(f"hf:{folder}", tmp_path / "f32", progress=False), progress=False)
+    kept = load_checkpoint(convert(f"hf:{folder}", tmp_path / "fp8", quantize="fp8-block", progress=False),
+                           progress=False)
+    attn, mlp = plain.params["layers"][0]["attn"], plain.params["layers"][0]["mlp"]
+    np.testing.assert_array_equal(np.asarray(mlp["down_proj"]), dequantized["model.layers.0.mlp.down_proj.weight"].T)
+    np.testing.assert_array_equal(np.asarray(attn["q_proj"]).reshape(256, 256),
+                                  dequantized["model.layers.0.self_attn.q_proj.weight"].T)
+    assert kept.config.quantization == "fp8-block"
+    geometries = decoder.quantized_geometries(kept.config)
+    for path, geometry in geometries.items():
+        parts = kept.params
+        for key in path:
+            parts = parts[key]
+        float_weight = plain.params
+        for key in path:
+            float_weight = float_weight[key]
+        assert parts["q"].dtype == jnp.float8_e4m3fn
+        np.testing.assert_array_equal(np.asarray(quant.dequantize(parts, geometry)), np.asarray(float_weight))
+    ids = jnp.asarray([[3, 17, 40, 9, 120]])
+    positions = jnp.arange(5)[None]
+    want = decoder.forward(plain.params, ids, positions, config=plain.config)[0]
+    got = decoder.forward(kept.params, ids, positions, config=kept.config)[0]
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=1e-5 * float(jnp.abs(want).max()))
+    # taken as stored, not quantized again: the file's codes and block scales, transposed to [in, out]
+    from meshserve.models.hf_import import SafetensorsFile
+
+    stored = SafetensorsFile(folder / "model.safetensors")
+    down = kept.params["layers"][0]["mlp"]["down_proj"]
+    np.testing.assert_array_equal(np.asarray(down["q"]).view(np.uint8),
+                                  stored.get("model.layers.0.mlp.down_proj.weight").view(np.uint8).T)
+    np.testing.assert_array_equal(np.asarray(down["scale"]), stored.get("model.layers.0.mlp.down_proj.weight_scale_inv").T)
+
+
+def test_an_fp8_weight_without_its_scales_is_named(tmp_path, fp8_folder):
+    from safetensors.torch import load_file, save_file
+
+    folder = _copy(fp8_folder[0], tmp_path / "no-scale")
+    state = load_file(str(folder / "model.safetensors"))
+    del state["model.layers.0.mlp.up_proj.weight_scale_inv"]
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    _fails(f"hf:{folder}", tmp_path / "out", "model.layers.0.mlp.up_proj.weight is fp8, but the checkpoint has no "
+           "model.layers.0.mlp.up_proj.weight_scale_inv")
