@@ -186,22 +186,29 @@ class GGUFSource(TensorSource):
 
     def get_blocks(self, role, layer=None, fmt=None):
         """The tensor as stored, when its GGML type is `fmt` of models/quant.py (Q8_0 → "q8_0", Q4_0 →
-        "int4-g32", Q4_1 → "q4_1"), else None: {"q", "scale"[, "zero"]} in HF layout, [out, in] (4-bit
-        values two to a byte: [out, in / 2]) and scales [out, in / 32], rows un-permuted as `get`'s."""
+        "int4-g32", Q4_1 and Q4_K → "q4_1"), else None: {"q", "scale"[, "zero"]} in HF layout, [out, in]
+        (4-bit values two to a byte: [out, in / 2]) and scales [out, in / 32], rows un-permuted as
+        `get`'s. Q4_K's super-blocks of 256 are 8 groups of 32 with 6-bit scales and minimums under two
+        fp16 factors: each group's scale d·sc and offset −dmin·m are exact in float32, and its values
+        are repacked into Q4_1's nibble order (the same values, so dequantized they are gguf's)."""
         tensor = self._tensors.get(self._name(role, layer))
         if tensor is None or _KEPT.get(tensor.tensor_type) != fmt or len(tensor.shape) != 2:
             return None
         blocks = np.asarray(tensor.data).reshape(-1, tensor.data.shape[-1])  # [out, in / 32 × block bytes]
         out_features = blocks.shape[0]
-        blocks = blocks.reshape(out_features, -1, _BLOCK_BYTES[fmt])  # [out, in / 32, block bytes]
         half = lambda a: a.view(np.float16).astype(np.float32)[..., 0]
-        if fmt == "q8_0":
-            parts = {"q": blocks[..., 2:].view(np.int8).reshape(out_features, -1), "scale": half(blocks[..., :2])}
-        elif fmt == "int4-g32":
-            parts = {"q": blocks[..., 2:].reshape(out_features, -1), "scale": half(blocks[..., :2])}
+        if tensor.tensor_type == Q.Q4_K:
+            parts = _q4_k_as_q4_1(blocks.reshape(out_features, -1, 144))
         else:
-            parts = {"q": blocks[..., 4:].reshape(out_features, -1), "scale": half(blocks[..., :2]),
-                     "zero": half(blocks[..., 2:4])}
+            blocks = blocks.reshape(out_features, -1, _BLOCK_BYTES[fmt])  # [out, in / 32, block bytes]
+            if fmt == "q8_0":
+                parts = {"q": blocks[..., 2:].view(np.int8).reshape(out_features, -1),
+                         "scale": half(blocks[..., :2])}
+            elif fmt == "int4-g32":
+                parts = {"q": blocks[..., 2:].reshape(out_features, -1), "scale": half(blocks[..., :2])}
+            else:
+                parts = {"q": blocks[..., 4:].reshape(out_features, -1), "scale": half(blocks[..., :2]),
+                         "zero": half(blocks[..., 2:4])}
         if self.config.architecture in ("llama", "mixtral") and role in ("q", "k"):
             heads = self.config.num_heads if role == "q" else self.config.num_kv_heads
             parts = {k: unpermute_rope_rows(v, heads) for k, v in parts.items()}
@@ -243,8 +250,25 @@ class GGUFSource(TensorSource):
 
 # GGML types kept as stored by `get_blocks`: the format of models/quant.py each is, and its block's bytes
 # (an f16 scale, an f16 minimum for Q4_1, then 32 values)
-_KEPT = {Q.Q8_0: "q8_0", Q.Q4_0: "int4-g32", Q.Q4_1: "q4_1"}
+_KEPT = {Q.Q8_0: "q8_0", Q.Q4_0: "int4-g32", Q.Q4_1: "q4_1", Q.Q4_K: "q4_1"}
 _BLOCK_BYTES = {"q8_0": 34, "int4-g32": 18, "q4_1": 20}
+
+
+def _q4_k_as_q4_1(blocks: np.ndarray) -> dict:
+    """Q4_K super-blocks [out, in / 256, 144 bytes] (fp16 d, fp16 dmin, 12 bytes of 6-bit scales and
+    minimums, 128 bytes of values) → Q4_1-form parts: w = q · d·sc − dmin·m per group of 32."""
+    from gguf.quants import Q4_K
+
+    out, n = blocks.shape[:2]
+    d = blocks[..., 0:2].copy().view(np.float16).astype(np.float32)  # [out, n, 1]
+    dmin = blocks[..., 2:4].copy().view(np.float16).astype(np.float32)
+    sc, m = Q4_K.get_scale_min(blocks[..., 4:16].reshape(-1, 12))  # [out·n, 8] each
+    scale = (d * sc.reshape(out, n, 8).astype(np.float32)).reshape(out, -1)
+    zero = (-(dmin * m.reshape(out, n, 8).astype(np.float32))).reshape(out, -1)
+    qs = blocks[..., 16:].reshape(out, n, 4, 1, 32)  # groups 2j and 2j + 1: the low and high nibbles of 32 bytes
+    values = np.concatenate([qs & 0x0F, qs >> 4], axis=3).reshape(out, n, 8, 32)
+    packed = values[..., :16] | (values[..., 16:] << 4)  # Q4_1's order: byte j holds values j and j + 16
+    return {"q": packed.reshape(out, -1), "scale": scale, "zero": zero}
 
 
 def unpermute_rope_rows(w: np.ndarray, heads: int) -> np.ndarray:
