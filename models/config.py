@@ -25,7 +25,8 @@ HF_CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwe
               "mixtral": "MixtralForCausalLM"}
 
 # The linear layers' weight formats of models/quant.py (named here so reading a config needs no jax).
-QUANTIZATIONS = ("int8", "w8a8", "fp8", "fp8-block", "w8a8-fp8", "int4-g32", "int4-g128", "q8_0", "q4_1")
+QUANTIZATIONS = ("int8", "w8a8", "fp8", "fp8-block", "w8a8-fp8", "int4-g32", "int4-g128", "q8_0", "q4_1",
+                 "int8-g16")
 # what engine.kv_cache_dtype may name (runtime/kv_quant.py; here so the CLI lists them without jax)
 KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "int8", "fp8", "fp8_e4m3")
 

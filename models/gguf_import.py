@@ -186,11 +186,12 @@ class GGUFSource(TensorSource):
 
     def get_blocks(self, role, layer=None, fmt=None):
         """The tensor as stored, when its GGML type is `fmt` of models/quant.py (Q8_0 → "q8_0", Q4_0 →
-        "int4-g32", Q4_1 and Q4_K → "q4_1"), else None: {"q", "scale"[, "zero"]} in HF layout, [out, in]
+        "int4-g32", Q4_1 and Q4_K → "q4_1", Q6_K → "int8-g16"), else None: {"q", "scale"[, "zero"]} in HF layout, [out, in]
         (4-bit values two to a byte: [out, in / 2]) and scales [out, in / 32], rows un-permuted as
         `get`'s. Q4_K's super-blocks of 256 are 8 groups of 32 with 6-bit scales and minimums under two
         fp16 factors: each group's scale d·sc and offset −dmin·m are exact in float32, and its values
-        are repacked into Q4_1's nibble order (the same values, so dequantized they are gguf's)."""
+        are repacked into Q4_1's nibble order (the same values, so dequantized they are gguf's). Q6_K's
+        6-bit values, less 32, are int8 with a scale d·sc per 16."""
         tensor = self._tensors.get(self._name(role, layer))
         if tensor is None or _KEPT.get(tensor.tensor_type) != fmt or len(tensor.shape) != 2:
             return None
@@ -199,6 +200,8 @@ class GGUFSource(TensorSource):
         half = lambda a: a.view(np.float16).astype(np.float32)[..., 0]
         if tensor.tensor_type == Q.Q4_K:
             parts = _q4_k_as_q4_1(blocks.reshape(out_features, -1, 144))
+        elif tensor.tensor_type == Q.Q6_K:
+            parts = _q6_k_as_int8(blocks.reshape(out_features, -1, 210))
         else:
             blocks = blocks.reshape(out_features, -1, _BLOCK_BYTES[fmt])  # [out, in / 32, block bytes]
             if fmt == "q8_0":
@@ -250,7 +253,7 @@ class GGUFSource(TensorSource):
 
 # GGML types kept as stored by `get_blocks`: the format of models/quant.py each is, and its block's bytes
 # (an f16 scale, an f16 minimum for Q4_1, then 32 values)
-_KEPT = {Q.Q8_0: "q8_0", Q.Q4_0: "int4-g32", Q.Q4_1: "q4_1", Q.Q4_K: "q4_1"}
+_KEPT = {Q.Q8_0: "q8_0", Q.Q4_0: "int4-g32", Q.Q4_1: "q4_1", Q.Q4_K: "q4_1", Q.Q6_K: "int8-g16"}
 _BLOCK_BYTES = {"q8_0": 34, "int4-g32": 18, "q4_1": 20}
 
 
@@ -269,6 +272,20 @@ def _q4_k_as_q4_1(blocks: np.ndarray) -> dict:
     values = np.concatenate([qs & 0x0F, qs >> 4], axis=3).reshape(out, n, 8, 32)
     packed = values[..., :16] | (values[..., 16:] << 4)  # Q4_1's order: byte j holds values j and j + 16
     return {"q": packed.reshape(out, -1), "scale": scale, "zero": zero}
+
+
+def _q6_k_as_int8(blocks: np.ndarray) -> dict:
+    """Q6_K super-blocks [out, in / 256, 210 bytes] (128 bytes of low 4 bits, 64 of high 2 bits, 16
+    int8 scales, fp16 d) → int8-g16 parts: w = (q − 32) · d·sc per group of 16, q − 32 in int8."""
+    out, n = blocks.shape[:2]
+    ql = blocks[..., :128].reshape(out, n, 2, 1, 64)
+    qh = blocks[..., 128:192].reshape(out, n, 2, 1, 32)
+    low = np.concatenate([ql & 0x0F, ql >> 4], axis=3).reshape(out, n, 8, 32)  # values 0..63 of each 32
+    high = np.concatenate([(qh >> s) & 0x03 for s in (0, 2, 4, 6)], axis=3).reshape(out, n, 8, 32)
+    q = (low | (high << 4)).astype(np.int8) - np.int8(32)
+    scales = blocks[..., 192:208].copy().view(np.int8).astype(np.float32)  # [out, n, 16]
+    d = blocks[..., 208:210].copy().view(np.float16).astype(np.float32)  # [out, n, 1]
+    return {"q": q.reshape(out, -1), "scale": (d * scales).reshape(out, -1)}
 
 
 def unpermute_rope_rows(w: np.ndarray, heads: int) -> np.ndarray:

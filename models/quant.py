@@ -76,6 +76,8 @@ FORMATS = {f.name: f for f in (
     Format("q8_0", "int8", group=32, about="GGUF Q8_0 as stored: int8, a scale per 32 inputs"),
     Format("q4_1", "int4", group=32, zero=True,
            about="GGUF Q4_1 as stored: 4-bit, a scale and a minimum per 32 inputs"),
+    Format("int8-g16", "int8", group=16,
+           about="int8 weights, a scale per 16 inputs (GGUF Q6_K's form: its 6-bit values and scales kept)"),
 )}
 
 

@@ -231,8 +231,8 @@ def test_sentencepiece_vocabulary_rebuilds_its_merges():
         assert rebuilt.decode(rebuilt.encode(text).ids) == text
 
 
-@pytest.mark.parametrize("qtype,fmt", [(Q.Q8_0, "q8_0"), (Q.Q4_0, "int4-g32"), (Q.Q4_1, "q4_1"), (Q.Q4_K, "q4_1")],
-                         ids=["Q8_0", "Q4_0", "Q4_1", "Q4_K"])
+@pytest.mark.parametrize("qtype,fmt", [(Q.Q8_0, "q8_0"), (Q.Q4_0, "int4-g32"), (Q.Q4_1, "q4_1"), (Q.Q4_K, "q4_1"),
+                                      (Q.Q6_K, "int8-g16")], ids=["Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K"])
 def test_blocks_kept_quantized_dequantize_to_the_gguf_packages_values(tmp_path, tiny_llama, qtype, fmt):
     """`convert --quantize` with the file's own format keeps its blocks as stored (the bytes are the
     file's), and each weight dequantized inside a program equals the gguf package's dequantization
@@ -251,7 +251,7 @@ def test_blocks_kept_quantized_dequantize_to_the_gguf_packages_values(tmp_path, 
     raw = {t.name: t for t in GGUFReader(path).tensors}
     geometries = quantized_geometries(ckpt.config)
     down = ckpt.params["layers"][1]["mlp"]["down_proj"]
-    assert np.asarray(down["q"]).tobytes() != b"" and down["q"].dtype == (jnp.int8 if fmt == "q8_0" else jnp.uint8)
+    assert np.asarray(down["q"]).tobytes() != b"" and down["q"].dtype == (jnp.int8 if "8" in fmt else jnp.uint8)
     for name, path_ in (("blk.1.ffn_down.weight", (1, "mlp", "down_proj")),
                         ("blk.0.attn_output.weight", (0, "attn", "o_proj")),
                         ("blk.0.attn_v.weight", (0, "attn", "v_proj"))):
@@ -261,8 +261,8 @@ def test_blocks_kept_quantized_dequantize_to_the_gguf_packages_values(tmp_path, 
         got = np.asarray(jax.jit(lambda p: quant.dequantize(p, g))(parts))
         expected = dequantize(raw[name].data, qtype)  # [out, in]
         np.testing.assert_array_equal(got.reshape(-1, expected.shape[0]).T, expected)
-        if weight != "o_proj" and qtype != Q.Q4_K:  # ([in, out] as stored here: the file's value bytes,
-            # transposed; Q4_K's are repacked into Q4_1's nibble order)
+        if weight != "o_proj" and qtype not in (Q.Q4_K, Q.Q6_K):  # ([in, out] as stored here: the file's
+            # value bytes, transposed; K-quants' are unpacked into another layout)
             offset, block_bytes = {"q8_0": (2, 34), "int4-g32": (2, 18), "q4_1": (4, 20)}[fmt]
             stored = np.asarray(raw[name].data).reshape(expected.shape[0], -1, block_bytes)[..., offset:]
             held = np.asarray(parts["q"]).reshape(-1, expected.shape[0]).T
