@@ -260,9 +260,10 @@ def engine_setups():
     # `meshserve serve llama-3-8b/` with no YAML of the user's: the shipped config, the pool sized from
     # the card's memory as the engine sizes it (its largest prefill and decode program)
     yield "Llama-3-8B shape, shipped config", llama8, "bfloat16", served, meshes / "h100x1.yaml", True, False
-    # an 8-bit KV cache (the kernels read fp8 codes and their scales): its largest programs, the H100 only
+    # an 8-bit KV cache (the kernels read fp8 codes and their scales), the pool sized from the card's
+    # memory: the default model's largest programs, the H100 only
     fp8_kv = dataclasses.replace(served, kv_cache_dtype="fp8")
-    yield "Llama-3-8B shape, fp8 KV cache", llama8, "bfloat16", fp8_kv, meshes / "h100x1.yaml", True, True
+    yield "default model, fp8 KV cache", default, "float32", fp8_kv, meshes / "h100x1.yaml", True, True
     # mixtures of experts in their shipped mesh files, grouped matmuls by XLA's ragged_dot (largest prefill
     # and decode, the H100 only: 37-100 s a program to build): Qwen3-30B-A3B on one card, Qwen3-235B-A22B
     # with its experts split over eight
