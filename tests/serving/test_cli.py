@@ -193,14 +193,16 @@ def test_engine_flags_win_over_the_config_file(monkeypatch):
     monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "unset")
     monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION")
     args = cli._parser().parse_args(["serve", "m.gguf", "--max-model-len", "4096", "--max-num-seqs", "600",
-                                     "--gpu-memory-utilization", "0.8", "--kv-cache-memory", "2GiB"])
+                                     "--gpu-memory-utilization", "0.8", "--kv-cache-memory", "2GiB",
+                                     "--kv-cache-dtype", "int8"])
     config = cli._engine_config(args)
-    assert (config.max_seq_len, config.max_num_seqs, config.gpu_memory_utilization, config.kv_cache_bytes) == (
-        4096, 600, 0.8, 2 << 30)
+    assert (config.max_seq_len, config.max_num_seqs, config.gpu_memory_utilization, config.kv_cache_bytes,
+            config.kv_cache_dtype) == (4096, 600, 0.8, 2 << 30, "int8")
     assert config.max_num_batched_tokens == 600  # a decode step of every sequence must fit a step
     assert os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.800"  # jax's GPU allocator takes that share
     shipped = cli._engine_config(cli._parser().parse_args(["serve"]))
-    assert (shipped.max_seq_len, shipped.kv_cache_bytes, shipped.gpu_memory_utilization) == (2048, None, 0.9)
+    assert (shipped.max_seq_len, shipped.kv_cache_bytes, shipped.gpu_memory_utilization,
+            shipped.kv_cache_dtype) == (2048, None, 0.9, "auto")
 
 
 @pytest.mark.parametrize("text,size", [("4GiB", 4 << 30), ("512MiB", 512 << 20), ("1073741824", 1 << 30),
