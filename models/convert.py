@@ -71,8 +71,9 @@ def build_params(source: TensorSource, dtype: np.dtype, progress: bool = True, k
         if blocks is not None:
             try:
                 return {k: np.ascontiguousarray(transform(v)) for k, v in blocks.items()}
-            except ValueError:  # blocks across the reshaped axes (fp8 blocks over heads of 64): dequantized
-                pass
+            except ValueError:  # 128×128 fp8 blocks across heads of 64: dequantized, quantized here again
+                if keep != "fp8-block":
+                    raise
         w = source.get(role, layer)
         if shape is not None and tuple(w.shape) != shape:
             raise ConvertError(f"tensor {source.tensor_name(role, layer)} has shape {tuple(w.shape)}, "

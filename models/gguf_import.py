@@ -186,12 +186,12 @@ class GGUFSource(TensorSource):
 
     def get_blocks(self, role, layer=None, fmt=None):
         """The tensor as stored, when its GGML type is `fmt` of models/quant.py (Q8_0 → "q8_0", Q4_0 →
-        "int4-g32", Q4_1 and Q4_K → "q4_1", Q6_K → "int8-g16"), else None: {"q", "scale"[, "zero"]} in HF layout, [out, in]
-        (4-bit values two to a byte: [out, in / 2]) and scales [out, in / 32], rows un-permuted as
-        `get`'s. Q4_K's super-blocks of 256 are 8 groups of 32 with 6-bit scales and minimums under two
-        fp16 factors: each group's scale d·sc and offset −dmin·m are exact in float32, and its values
-        are repacked into Q4_1's nibble order (the same values, so dequantized they are gguf's). Q6_K's
-        6-bit values, less 32, are int8 with a scale d·sc per 16."""
+        "int4-g32", Q4_1 and Q4_K → "q4_1", Q6_K → "int8-g16"), else None: {"q", "scale"[, "zero"]} in
+        HF layout, [out, in] (4-bit values two to a byte: [out, in / 2]) and scales [out, in / group],
+        rows un-permuted as `get`'s. Q4_K's super-blocks of 256 are 8 groups of 32 with 6-bit scales
+        and minimums under two fp16 factors: each group's scale d·sc and offset −dmin·m are exact in
+        float32, and its values are repacked into Q4_1's nibble order (the same values, so dequantized
+        they are gguf's). Q6_K's 6-bit values, less 32, are int8 with a scale d·sc per 16."""
         tensor = self._tensors.get(self._name(role, layer))
         if tensor is None or _KEPT.get(tensor.tensor_type) != fmt or len(tensor.shape) != 2:
             return None

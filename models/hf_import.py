@@ -108,8 +108,12 @@ class HFSource(TensorSource):
             raise ConvertError(f"{config_path} is not valid JSON: {e}") from None
         quantized = hf.get("quantization_config") or {}
         # (rows, columns) of an fp8 weight each weight_scale_inv element scales; None: not an fp8 checkpoint
-        self._fp8_block = (tuple(quantized.get("weight_block_size") or (1, 1))
-                           if quantized.get("quant_method") == "fp8" else None)
+        self._fp8_block = None
+        if quantized.get("quant_method") == "fp8":
+            if len(quantized.get("weight_block_size") or ()) != 2:
+                raise ConvertError(f"{config_path}: an fp8 quantization_config without a weight_block_size of "
+                                   f"two sizes (per-tensor fp8 scales are not read)")
+            self._fp8_block = tuple(quantized["weight_block_size"])
         self._where = self._index(folder)
         self._files: dict[str, SafetensorsFile] = {}
         self._folder = folder
@@ -182,8 +186,9 @@ class HFSource(TensorSource):
             return w.astype(np.float32)
         if w.ndim != 2:
             raise ConvertError(f"{self._folder}: {name} is fp8 with {w.ndim} axes; only 2-D fp8 weights are read")
-        rows, cols = self._fp8_block or (1, 1)
-        scale = np.repeat(np.repeat(self._block_scale(name, w.shape), rows, axis=0), cols, axis=1)
+        scale = self._block_scale(name, w.shape)  # (names what is missing first)
+        rows, cols = self._fp8_block
+        scale = np.repeat(np.repeat(scale, rows, axis=0), cols, axis=1)
         return w.astype(np.float32) * scale[:w.shape[0], :w.shape[1]]
 
     def _block_scale(self, name: str, shape: tuple[int, ...]) -> np.ndarray:

@@ -55,11 +55,10 @@ import numpy as np
 from meshserve.models.checkpoint import Checkpoint
 from meshserve.models.config import ModelConfig
 from meshserve.models.errors import ConfigError, MeshserveError, RequestError
-from meshserve.runtime import progress
+from meshserve.runtime import kv_quant, progress
 from meshserve.runtime.clock import Seeds, clock_for
 from meshserve.runtime.config import EngineConfig
 from meshserve.runtime.identity import model_fingerprint
-from meshserve.runtime import kv_quant
 from meshserve.runtime.kv_cache import page_bytes, sharded_zeros_pool
 from meshserve.runtime.kv_manager import KVManager, Memory, kv_budget, kv_pages
 from meshserve.runtime.kv_tiers import TRANSFER_PAGES, KVEvent, KVEvents, PageMover, lower_tiers
@@ -123,6 +122,9 @@ class Engine:
         if config.compilation_cache_dir:
             enable_compilation_cache(os.path.expanduser(config.compilation_cache_dir))
         self.kv_dtype = kv_quant.cache_dtype(config.kv_cache_dtype, checkpoint.dtype)
+        target = Target.of(layout.mesh.devices.flat[0])
+        self.attention = config.attention or target.attention
+        kv_quant.check_readable(self.kv_dtype, self.attention, target)  # before anything is built
         self.page_bytes = page_bytes(c, ps, self.kv_dtype)  # one page, every layer, keys and values
         num_pages = kv_pages(self.page_bytes, ps, self.max_seq_len, R,
                              kv_pool_bytes(config, c, self.page_bytes, self.max_seq_len, layout, memory))
@@ -143,9 +145,6 @@ class Engine:
             raise ConfigError(f"decode_buckets must be multiples of the data replicas ({R})")
         self.buckets = config.buckets(self.max_pages, R)
         t0 = time.perf_counter()
-        target = Target.of(layout.mesh.devices.flat[0])
-        self.attention = config.attention or target.attention
-        kv_quant.check_readable(self.kv_dtype, self.attention, target)
         if self.attention == "pallas" and layout.axis("q_heads") is not None and layout.axis("kv_heads") is None:
             raise ConfigError(f"attention: pallas needs kv heads split like q heads; {c.num_kv_heads} kv "
                               f"heads do not split over {layout.describe()} (use attention: reference)")
@@ -406,8 +405,8 @@ class Engine:
         self._check_alive()
         copier = self._copier()
         if pages.fingerprint != self.fingerprint.hex():
-            raise TransferError(f"KV pages of another model (fingerprint {pages.fingerprint[:16]}, this "
-                                f"engine {self.fingerprint.hex()[:16]})")
+            raise TransferError(f"KV pages of another model, KV dtype or page size (fingerprint "
+                                f"{pages.fingerprint[:16]}, this engine {self.fingerprint.hex()[:16]})")
         try:
             plan = self.kv.begin_import(list(ids), pages.first, pages.hashes)
         except ValueError as e:

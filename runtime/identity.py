@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from meshserve.models.config import ModelConfig
+from meshserve.runtime import kv_quant
 
 SAMPLES_PER_ARRAY = 64
 
@@ -36,6 +37,8 @@ def model_fingerprint(config: ModelConfig, params, kv_dtype, page_size: int, rep
     for path, leaf in leaves:
         h.update(f"{jax.tree_util.keystr(path)}:{tuple(leaf.shape)}:{np.dtype(leaf.dtype).name};".encode())
     h.update(f"kv:{np.dtype(kv_dtype).name}:{page_size}".encode())
+    if kv_quant.is_quantized(kv_dtype):  # and how its pages encode values (runtime/kv_quant.py)
+        h.update(f":{kv_quant.SCHEME}".encode())
     sample = jax.jit(_sample, out_shardings=replicated)([leaf for _, leaf in leaves])
     h.update(np.asarray(sample.addressable_data(0)).tobytes())
     return h.digest()

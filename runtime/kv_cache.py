@@ -38,7 +38,7 @@ class KVPool:
     k: tuple[Array, ...]  # per layer [N, page_size, K, E] in the cache dtype (int8/fp8: codes)
     v: tuple[Array, ...]
     # a quantized pool's scales, per layer [N, page_size, K] int8: each token's key (value) of each
-    # kv head is k · 2^k_exp (runtime/kv_quant.py); () for a float pool
+    # kv head is k · 2^(k_exp/4) (runtime/kv_quant.py); () for a float pool
     k_exp: tuple[Array, ...] = ()
     v_exp: tuple[Array, ...] = ()
 
@@ -60,7 +60,7 @@ class KVPool:
         (how pages leave the pool: offload, store, transfer). A quantized page carries each token's
         scale exponent after its codes: head_dim + 1 bytes (`page_dtype` uint8)."""
         *shape, head_dim = self.k[0].shape[1:]
-        return (2 * len(self.k), *shape, head_dim + self.quantized)
+        return (2 * len(self.k), *shape, head_dim + 1 if self.quantized else head_dim)
 
     @property
     def dtype(self):
@@ -83,11 +83,10 @@ class KVPool:
     def write(self, i: int, pages, slots, k, v) -> "KVPool":
         """New tokens' keys and values [..., K, E] into their (page, slot)s of layer i, quantized
         as they are written in a quantized pool."""
-        if not self.quantized:
-            return dataclasses.replace(self, k=_replace(self.k, i, self.k[i].at[pages, slots].set(k.astype(self.dtype))),
-                                       v=_replace(self.v, i, self.v[i].at[pages, slots].set(v.astype(self.dtype))))
-        (kc, ke), (vc, ve) = kv_quant.quantize(k, self.dtype), kv_quant.quantize(v, self.dtype)
         put = lambda arrays, x: _replace(arrays, i, arrays[i].at[pages, slots].set(x))
+        if not self.quantized:
+            return KVPool(put(self.k, k.astype(self.dtype)), put(self.v, v.astype(self.dtype)))
+        (kc, ke), (vc, ve) = kv_quant.quantize(k, self.dtype), kv_quant.quantize(v, self.dtype)
         return KVPool(put(self.k, kc), put(self.v, vc), put(self.k_exp, ke), put(self.v_exp, ve))
 
 
@@ -309,7 +308,7 @@ def _fold(carry, scores, visible, values, spec: str):
 
 def _gather(kv, pages, dtype):
     """Keys and values of `pages` ([..., page_size, K, E] each), dequantized to `dtype` from a
-    quantized layer (exact: runtime/kv_quant.py)."""
+    quantized layer (runtime/kv_quant.py)."""
     if len(kv) == 2:
         return kv[0][pages], kv[1][pages]
     k, v, k_exp, v_exp = kv

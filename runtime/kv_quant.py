@@ -1,7 +1,7 @@
 """The KV cache in 8 bits: int8 or fp8 (e4m3) codes with a dynamic scale per token and kv head.
 
-    stored:   codes   [.., kv_heads, head_dim]  int8 | float8_e4m3fn
-              scales  [.., kv_heads]            int8 s      value = code · 2^(s/4)
+    stored:   codes  [.., kv_heads, head_dim]  int8 | float8_e4m3fn
+              exps   [.., kv_heads]            int8 s       value = code · 2^(s/4)
 
 Each token's key (and value) vector of each kv head gets its own scale when it is written, from its
 own largest element: nothing is calibrated, and an outlier token widens only its own scale (a static
@@ -18,9 +18,12 @@ from __future__ import annotations
 
 import dataclasses
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from meshserve.models.config import KV_CACHE_DTYPES
 from meshserve.models.errors import ConfigError
@@ -31,6 +34,9 @@ _ELEMENT = {"auto": None, "float32": jnp.float32, "bfloat16": jnp.bfloat16, "int
 assert tuple(_ELEMENT) == KV_CACHE_DTYPES
 _QMAX = {np.dtype(jnp.int8): 127.0, np.dtype(jnp.float8_e4m3fn): 448.0}
 STEPS = 4  # scale steps per octave
+_QUARTERS = tuple(float(np.float32(2 ** (k / STEPS))) for k in (1, 2, 3))
+# names the encoding in the model fingerprint: pages stored under another one are never read as these
+SCHEME = "token-head-scale-2^(s/4)-v1"
 
 
 def cache_dtype(name: str, model_dtype):
@@ -43,8 +49,9 @@ def check_readable(dtype, attention: str, target) -> None:
     (runtime/target.Target): the Pallas kernels read fp8 codes through Triton, which converts e4m3
     only from compute capability 8.9 (Ada, Hopper) on."""
     cc = target.compute_capability
+    numeric = re.fullmatch(r"(\d+)\.(\d+)", cc or "")  # CUDA's; another vendor's GPU: not known here
     if (attention == "pallas" and target.platform == "gpu" and np.dtype(dtype) == np.dtype(jnp.float8_e4m3fn)
-            and cc and tuple(map(int, cc.split("."))) < (8, 9)):
+            and numeric and tuple(map(int, numeric.groups())) < (8, 9)):
         raise ConfigError(f"kv_cache_dtype fp8: attention pallas cannot read fp8 on {target.device_kind or 'this GPU'} "
                           f"(compute capability {cc}, fp8 needs 8.9); use kv_cache_dtype int8 or attention: reference")
 
@@ -59,13 +66,18 @@ def token_bytes(dtype, head_dim: int) -> int:
 
 
 def scale_of(s):
-    """2^(s/4) as float32, for an int8 scale code s."""
-    return jnp.exp2(s.astype(jnp.float32) / STEPS)
+    """2^(s/4) as float32 for int8 exponents s, built the same on every backend (no exp2, whose
+    rounding differs between XLA and Triton): a float32 constant 2^(r/4), r = s mod 4, times
+    2^⌊s/4⌋ set in the exponent field."""
+    s = s.astype(jnp.int32)
+    r, octave = s & (STEPS - 1), s >> 2
+    frac = jnp.where(r == 0, 1.0, jnp.where(r == 1, _QUARTERS[0], jnp.where(r == 2, _QUARTERS[1], _QUARTERS[2])))
+    return frac.astype(jnp.float32) * lax.bitcast_convert_type((octave + 127) << 23, jnp.float32)
 
 
 def quantize(x, dtype):
-    """x [..., E] (float) → codes [..., E] of `dtype` and scales [...] int8: the smallest scale
-    2^(s/4) that brings each row's largest magnitude within the dtype's range."""
+    """x [..., E] (float) → codes [..., E] of `dtype` and scale exponents s [...] int8: the
+    smallest scale 2^(s/4) that brings each row's largest magnitude within the dtype's range."""
     qmax = _QMAX[np.dtype(dtype)]
     x = x.astype(jnp.float32)
     amax = jnp.max(jnp.abs(x), axis=-1)
@@ -75,9 +87,9 @@ def quantize(x, dtype):
     return codes, s.astype(jnp.int8)
 
 
-def dequantize(codes, scales, dtype):
-    """codes [..., E] · 2^(scales/4) [...], in `dtype`."""
-    return (codes.astype(jnp.float32) * scale_of(scales)[..., None]).astype(dtype)
+def dequantize(codes, exps, dtype):
+    """codes [..., E] · 2^(exps/4) [...], in `dtype`."""
+    return (codes.astype(jnp.float32) * scale_of(exps)[..., None]).astype(dtype)
 
 
 def static_quantize(x, dtype, scale: float = 1.0):

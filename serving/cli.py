@@ -482,8 +482,9 @@ def _serve(args) -> None:
 
         _, model, dtype = read_meta(config.model)
         ps = engine_config.page_size
-        kv_pages(page_bytes(model, ps, cache_dtype(engine_config.kv_cache_dtype, dtype)), ps, min(engine_config.max_seq_len, model.max_position_embeddings),
-                 replicas, engine_config.kv_cache_bytes)
+        per_page = page_bytes(model, ps, cache_dtype(engine_config.kv_cache_dtype, dtype))
+        kv_pages(per_page, ps, min(engine_config.max_seq_len, model.max_position_embeddings), replicas,
+                 engine_config.kv_cache_bytes)
     build = build_engine(config, engine_config, progress=False)
     mirror = _multihost(config, build)  # a mesh over several processes: process 0 serves, the others follow
     if mirror is False:

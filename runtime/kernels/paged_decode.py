@@ -22,7 +22,8 @@ from jax.experimental import pallas as pl
 from jaxtyping import Array, Float, Int
 
 from meshserve.runtime.kernels.tile import (
-    check_pow2, empty, exp_spec, fold, gather_tile, pow2_at_least, pow2_at_most, tile_positions, triton_params)
+    check_pow2, check_scales, empty, exp_spec, fold, gather_tile, pow2_at_least, pow2_at_most, tile_positions,
+    triton_params)
 
 
 def _kernel(tables_ref, lengths_ref, q_ref, k_ref, v_ref, *refs, blocks_per_split: int, pages_per_block: int,
@@ -98,7 +99,7 @@ def paged_decode(q: Float[Array, "b h e"], k_pages: Float[Array, "n s k e"], v_p
         pl.BlockSpec((N, page_size, pl.squeezed, E), lambda b, h, s: (0, 0, h, 0)),
     ]
     args = [tables, lengths.astype(jnp.int32), qg, k_pages, v_pages]
-    quantized = k_exp is not None
+    quantized = check_scales(k_pages, k_exp, v_exp)
     if quantized:
         args += [k_exp, v_exp]
         in_specs += [exp_spec(N, page_size, lambda b, h, s: (0, 0, h))] * 2

@@ -30,8 +30,8 @@ from jax.experimental import pallas as pl
 from jaxtyping import Array, Float, Int
 
 from meshserve.runtime.kernels.tile import (
-    check_pow2, empty, exp_spec, fold, gather_tile, min_dot_rows, pow2_at_least, pow2_at_most, tile_positions,
-    triton_params)
+    check_pow2, check_scales, empty, exp_spec, fold, gather_tile, min_dot_rows, pow2_at_least, pow2_at_most,
+    tile_positions, triton_params)
 
 
 def _kernel(seq_ref, tok_ref, len_ref, pos_ref, tables_ref, q_ref, k_ref, v_ref, *refs, block_q: int,
@@ -127,7 +127,7 @@ def ragged_prefill(q: Float[Array, "t h e"], k_pages: Float[Array, "n s k e"], v
                 pl.BlockSpec((N, page_size, pl.squeezed, E), lambda h, i: (0, 0, h, 0)),
                 pl.BlockSpec((N, page_size, pl.squeezed, E), lambda h, i: (0, 0, h, 0))]
     args = [*meta, tables, qg, k_pages, v_pages]
-    quantized = k_exp is not None
+    quantized = check_scales(k_pages, k_exp, v_exp)
     if quantized:
         args += [k_exp, v_exp]
         in_specs += [exp_spec(N, page_size, lambda h, i: (0, 0, h))] * 2

@@ -41,7 +41,7 @@ def check_pow2(**sizes: int) -> None:
 def gather_tile(tables_ref, k_ref, v_ref, row, j, pages_per_block: int, exp_refs=None, dtype=None):
     """Keys and values [tile, E] of tile j of page table `row`: pages_per_block pages of this kv
     head (a power of two). A quantized pool's codes come with exp_refs, this kv head's scale
-    exponents [N, page_size]: the tile is dequantized to `dtype` (exactly, runtime/kv_quant.py)."""
+    exponents [N, page_size]: the tile is dequantized to `dtype` (runtime/kv_quant.py)."""
     pages = tables_ref[row, pl.ds(j * pages_per_block, pages_per_block)]
     tile = pages_per_block * k_ref.shape[1]
     k, v = k_ref[pages].reshape(tile, -1), v_ref[pages].reshape(tile, -1)
@@ -49,6 +49,18 @@ def gather_tile(tables_ref, k_ref, v_ref, row, j, pages_per_block: int, exp_refs
         return k, v
     k_exp, v_exp = (r[pages].reshape(tile) for r in exp_refs)
     return kv_quant.dequantize(k, k_exp, dtype), kv_quant.dequantize(v, v_exp, dtype)
+
+
+def check_scales(k_pages, k_exp, v_exp) -> bool:
+    """Whether a kernel reads a quantized pool: both scale arrays given, int8 [N, page_size, K] like
+    the pages (ValueError otherwise), or neither."""
+    if k_exp is None and v_exp is None:
+        return False
+    for name, a in (("k_exp", k_exp), ("v_exp", v_exp)):
+        if a is None or tuple(a.shape) != tuple(k_pages.shape[:3]) or a.dtype != jnp.int8:
+            raise ValueError(f"{name} must be int8 {list(k_pages.shape[:3])} beside the pages, got "
+                             f"{None if a is None else f'{a.dtype}{list(a.shape)}'}")
+    return True
 
 
 def exp_spec(pages: int, page_size: int, index_map):

@@ -251,7 +251,7 @@ def test_blocks_kept_quantized_dequantize_to_the_gguf_packages_values(tmp_path, 
     raw = {t.name: t for t in GGUFReader(path).tensors}
     geometries = quantized_geometries(ckpt.config)
     down = ckpt.params["layers"][1]["mlp"]["down_proj"]
-    assert np.asarray(down["q"]).tobytes() != b"" and down["q"].dtype == (jnp.int8 if "8" in fmt else jnp.uint8)
+    assert np.asarray(down["q"]).tobytes() != b"" and down["q"].dtype == (jnp.int8 if fmt in ("q8_0", "int8-g16") else jnp.uint8)
     for name, path_ in (("blk.1.ffn_down.weight", (1, "mlp", "down_proj")),
                         ("blk.0.attn_output.weight", (0, "attn", "o_proj")),
                         ("blk.0.attn_v.weight", (0, "attn", "v_proj"))):

@@ -190,7 +190,8 @@ def test_an_fp8_block_checkpoint_is_dequantized_or_kept_as_stored(tmp_path, fp8_
     down = kept.params["layers"][0]["mlp"]["down_proj"]
     np.testing.assert_array_equal(np.asarray(down["q"]).view(np.uint8),
                                   stored.get("model.layers.0.mlp.down_proj.weight").view(np.uint8).T)
-    np.testing.assert_array_equal(np.asarray(down["scale"]), stored.get("model.layers.0.mlp.down_proj.weight_scale_inv").T)
+    np.testing.assert_array_equal(np.asarray(down["scale"]),
+                                  stored.get("model.layers.0.mlp.down_proj.weight_scale_inv").T)
 
 
 def test_an_fp8_weight_without_its_scales_is_named(tmp_path, fp8_folder):

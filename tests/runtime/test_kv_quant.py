@@ -17,6 +17,7 @@ from meshserve.runtime import kv_quant
 from meshserve.runtime.engine import Engine, EngineConfig
 from meshserve.runtime.kv_cache import KVPool, _decode_tiled, page_bytes, zeros_pool
 from meshserve.runtime.kv_manager import kv_pages
+from meshserve.runtime.kv_tiers import StoreTier, _gather, _scatter
 from meshserve.runtime.kv_transfer import TransferError
 from meshserve.runtime.sampling import SamplingParams
 from meshserve.runtime.target import Target
@@ -94,6 +95,32 @@ def test_kv_outliers_keep_attention_within_1e_2_under_dynamic_scales_and_not_und
     assert static[INT8] > 0.5 and static[FP8] > 2 * rel(attend(FP8))
 
 
+@QUANTIZED
+def test_pages_leave_a_quantized_pool_as_bytes_and_come_back_exact(dtype):
+    """The tiers' copy programs: [pages, 2·layers, page_size, kv_heads, head_dim + 1] uint8 out (the
+    codes' bytes, then the scale exponent), and written into another pool, the same arrays."""
+    rng = np.random.default_rng(2)
+    pool = _pool(dtype, 6, 4, 2, 8)
+    x = jnp.asarray(rng.standard_normal((1, 24, 2, 8)) * rng.uniform(0.01, 100, (1, 24, 2, 1)), jnp.float32)
+    pages, slots = jnp.asarray(np.arange(24) // 4 % 5 + 1)[None], jnp.asarray(np.arange(24) % 4)[None]
+    pool = pool.write(0, pages, slots, x, -x)
+    data = _gather(pool, jnp.asarray([3, 1, 5]))
+    assert data.dtype == jnp.uint8 and data.shape == (3, *pool.page_shape) == (3, 2, 4, 2, 9)
+    back = _scatter(_pool(dtype, 6, 4, 2, 8), jnp.asarray([3, 1, 5]), data)
+    for got, want in zip(back.layer(0), pool.layer(0)):
+        np.testing.assert_array_equal(np.asarray(got[jnp.asarray([3, 1, 5])]).view(np.uint8),
+                                      np.asarray(want[jnp.asarray([3, 1, 5])]).view(np.uint8))
+
+
+def test_scales_decode_exactly_as_float32_quarter_octaves():
+    """Every int8 exponent s: the float32 nearest 2^(r/4), r = s mod 4, times 2^⌊s/4⌋ exactly (the
+    same bits on every backend; exp2 would round differently in XLA and Triton)."""
+    s = np.arange(-128, 128)
+    quarter = np.float32([1, 2 ** 0.25, 2 ** 0.5, 2 ** 0.75])[s % 4]
+    want = quarter * np.exp2(s // 4).astype(np.float32)
+    np.testing.assert_array_equal(np.asarray(kv_quant.scale_of(jnp.asarray(s, jnp.int8))), want)
+
+
 # ---- capacity, configuration, errors -----------------------------------------------------------------
 
 
@@ -134,7 +161,7 @@ def test_a_kv_dtype_the_attention_kernel_cannot_read_fails_at_load(tiny_ckpt, mo
     kv_quant.check_readable(INT8, "pallas", a100)
     kv_quant.check_readable(FP8, "reference", a100)
     kv_quant.check_readable(FP8, "pallas", Target("gpu", "NVIDIA H100 80GB HBM3", "9.0"))
-    # the engine asks before it compiles anything: here its one CPU device stands in for an A100
+    # the engine asks before it builds anything: here its one CPU device stands in for an A100
     monkeypatch.setattr(Target, "of", staticmethod(lambda device: a100))
     with pytest.raises(ConfigError, match="kv_cache_dtype fp8: attention pallas cannot read fp8"):
         Engine(tiny_ckpt, dataclasses.replace(CONFIG, kv_cache_dtype="fp8"))
@@ -227,8 +254,8 @@ def test_quantized_pages_leave_the_pool_and_come_back_exact(tiny_ckpt, tmp_path)
     assert _run_one(tiered, prompts[1], params) == (want[1], 36)
     stats = tiered.stats()
     assert (stats["host_hit_pages"], stats["store_hit_pages"]) == (8, 1)
-    stored = next(p for p in tmp_path.rglob("*") if p.is_file())
-    assert stored.stat().st_size > 2 * 2 * 4 * 2 * 9  # a page of codes and scales, and its header
+    stored = [p.stat().st_size for p in tmp_path.rglob("*") if p.is_file()]
+    assert stored and set(stored) == {StoreTier.header_bytes(4) + 2 * 2 * 4 * 2 * 9}  # codes and scales, whole
 
     other = Engine(tiny_ckpt, dataclasses.replace(int8, kv_transfer=True))
     pages = tiered.export_prompt(prompts[2])
@@ -245,7 +272,7 @@ def test_quantized_pages_leave_the_pool_and_come_back_exact(tiny_ckpt, tmp_path)
 def test_a_sharded_int8_pool_gives_the_tokens_of_one_device(tiny_ckpt):
     """Scales split with their codes (pages over data, kv heads over tensor): both attention paths
     on a data=2 × tensor=4 mesh give the one-device tokens."""
-    from tests.sharding.test_sharded_engine import SMALL, WIDE, layout, random_ckpt, run
+    from tests.sharding.test_sharded_engine import SMALL, WIDE, random_ckpt, run
 
     ckpt = random_ckpt(tiny_ckpt, WIDE)
     config = dataclasses.replace(SMALL, kv_cache_dtype="int8")
@@ -255,4 +282,3 @@ def test_a_sharded_int8_pool_gives_the_tokens_of_one_device(tiny_ckpt):
     assert tuple(engine.pool.k_exp[0].sharding.spec) == ("data", None, "tensor")
     tokens, engine = run(ckpt, (2, 4), dataclasses.replace(config, attention="pallas"), n=4)
     assert engine.attention == "pallas" and tokens == [t[:4] for t in one]
-    assert layout(2, 4).mesh.size == 8

@@ -182,7 +182,7 @@ def _quantized(k_pages, v_pages, kv_dtype):
 @QUANT_HEADS
 def test_paged_decode_reads_a_quantized_pool(dtype, kv_dtype, q_heads, kv_heads, head_dim):
     """int8 / fp8 codes with their scale exponents: the kernel equals the reference over the
-    dequantized pool (dequantizing is exact, so to the same tolerance as a float pool)."""
+    dequantized pool, to the tolerance of a float pool (both dequantize the same way)."""
     rng = np.random.default_rng(seed_of("decode-q", dtype, kv_dtype, q_heads, head_dim))
     q, k_pages, v_pages, tables, lengths = decode_inputs(rng, dtype, q_heads, kv_heads, head_dim)
     kc, vc, ke, ve = _quantized(k_pages, v_pages, kv_dtype)
