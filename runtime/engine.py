@@ -22,7 +22,8 @@ device (runner.py's slots). `step` returns step N's outputs from the call that d
 A request that ends at step N has had a row in step N+1 computed for nothing, whose result is
 dropped; an abort between two calls still frees its pages at once (later steps are ordered after
 the ones in flight on the device). A step that needs a token still on the device on the host (a
-prompt chunk over it after a preemption, a penalized row's history) reads the last step back first.
+prompt chunk over it after a preemption, a penalized row's history, a constrained row's mask, which
+its matcher fills only once it has accepted that token) reads the last step back first.
 
 Failure contract:
   - a request that passes `check` never waits for pages that cannot exist, nor for a program that
@@ -57,6 +58,7 @@ from meshserve.models.config import ModelConfig
 from meshserve.models.errors import ConfigError, MeshserveError, RequestError
 from meshserve.runtime import kv_quant, progress
 from meshserve.runtime.clock import Seeds, clock_for
+from meshserve.runtime.grammar import GrammarCompiler
 from meshserve.runtime.config import EngineConfig
 from meshserve.runtime.identity import model_fingerprint
 from meshserve.runtime.kv_cache import page_bytes, sharded_zeros_pool
@@ -152,7 +154,9 @@ class Engine:
                                  attention=self.attention, layout=layout,
                                  cache_dir=os.path.expanduser(config.compilation_cache_dir)
                                  if config.compilation_cache_dir else None)
-        self.runner = ModelRunner(self.programs, self.buckets, self.kv, ps)
+        # structured outputs: constraints compiled against the tokenizer, masks as wide as the logits
+        self.grammars = GrammarCompiler(self.tokenizer, c.vocab_size)
+        self.runner = ModelRunner(self.programs, self.buckets, self.kv, ps, self.grammars)
         self.compile_seconds = time.perf_counter() - t0
         self.eos_ids = frozenset(c.eos_token_ids) | frozenset(self.tokenizer.eos_ids)
         self.outputs = OutputProcessor(self.scheduler, self.eos_ids, self.max_seq_len)
@@ -174,6 +178,8 @@ class Engine:
         timeout = fields.get("queue_timeout_s")
         if timeout is not None and not timeout > 0:
             raise RequestError(f"queue_timeout_s must be positive, got {timeout}")
+        if params.guided is not None:  # compiled here, on the caller's thread (a server's: off the engine's)
+            fields["grammar"] = self.grammars.compile(params.guided)
         return Request(tuple(ids), params, priority, **fields)
 
     def add_request(self, prompt: str | Seq[int], params: SamplingParams = SamplingParams(),
@@ -235,8 +241,13 @@ class Engine:
                        queue_timeout_s=request.queue_timeout_s, max_total=len(request.token_ids) + params.max_tokens)
         seed = params.seed if params.seed is not None else self._seeds.for_request(rid)
         text = TextStream(self.tokenizer, params.stop) if params.detokenize else NoText()
+        matcher = None
+        if params.guided is not None:
+            grammar = request.grammar if request.grammar is not None else self.grammars.compile(params.guided)
+            matcher = grammar.matcher()
         try:
-            self.outputs.add(Tracked(seq, params, seed, text, frozenset(params.stop_token_ids)), request.fork_of)
+            self.outputs.add(Tracked(seq, params, seed, text, frozenset(params.stop_token_ids), matcher=matcher),
+                             request.fork_of)
         except QueueFull as e:
             raise QueueFullError(str(e)) from None
         return rid
@@ -342,11 +353,12 @@ class Engine:
 
     def _needs_tokens(self, plan) -> bool:
         """Whether building `plan` needs tokens still on the device: a prompt chunk over one (a
-        request preempted since) or a penalized row's history. A decode's own input token does
-        not: its row reads it on the device."""
+        request preempted since), a penalized row's history or a constrained row's mask. A
+        decode's own input token does not: its row reads it on the device."""
         if any(chunk.end > len(chunk.seq.tokens) for chunk in plan.prefills):
             return True
-        return any(seq.num_sampling and self.outputs.params_of(seq).penalized for seq in plan.decodes)
+        return any(seq.num_sampling and (self.outputs.params_of(seq).penalized or self.outputs.constrained(seq))
+                   for seq in plan.decodes)
 
     def _resolve(self, launched: list) -> list[RequestOutput]:
         """Read a dispatched step's results back (waiting for the device) and act on them: tokens,

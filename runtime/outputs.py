@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from typing import Any
 
 from meshserve.runtime.sequence import Sequence, Status
 from meshserve.runtime.sampling import SamplingParams
@@ -65,6 +66,7 @@ class Tracked:
     stop_ids: frozenset[int]
     prompt_scores: list[TokenLogprob] | None = None  # scores of prompt tokens 1…, while being computed
     fork_of: str | None = None  # waits for this request's prompt to be computed (see Engine.add)
+    matcher: Any = None  # its grammar's (structured outputs), advanced by each token it accepts
 
     @property
     def scoring(self) -> bool:
@@ -124,13 +126,19 @@ class OutputProcessor:
     def params_of(self, seq: Sequence) -> SamplingParams:
         return self.requests[seq.request_id].params
 
-    def sampling_of(self, seq: Sequence) -> tuple[SamplingParams, int, bool, tuple[int, ...]]:
-        """(params, seed, whether its prompt is scored, token ids it may not sample now): the runner's view."""
+    def sampling_of(self, seq: Sequence) -> tuple[SamplingParams, int, bool, tuple[int, ...], Any]:
+        """(params, seed, whether its prompt is scored, token ids it may not sample now, its grammar's
+        matcher or None): the runner's view."""
         req = self.requests[seq.request_id]
         params, held = req.params, ()
         if seq.total - seq.prompt_len < params.min_tokens:  # nothing may end it yet
             held = tuple(sorted(req.stop_ids | (frozenset() if params.ignore_eos else self.eos_ids)))
-        return params, req.seed, req.scoring, held
+        return params, req.seed, req.scoring, held, req.matcher
+
+    def constrained(self, seq: Sequence) -> bool:
+        """Whether `seq` samples under a grammar (its next mask needs its last token on the host)."""
+        req = self.requests.get(seq.request_id)
+        return req is not None and req.matcher is not None
 
     def _owner(self, seq: Sequence) -> Tracked | None:
         req = self.requests.get(seq.request_id)
@@ -190,8 +198,15 @@ class OutputProcessor:
             # the stop token ends the output and is not part of it; its logprob is still reported
             # (last), as OpenAI-style scoring counts one entry per sampled token
             return self.finish(req, "stop", drop_last=True, logprobs=logprobs, prompt_logprobs=scores)
+        grammar_done = False
+        if req.matcher is not None:
+            if not req.matcher.consume_token(token):
+                return self.finish(req, "error", error=f"structured output: {req.matcher.get_error()}")
+            grammar_done = req.matcher.is_stopped()  # complete, and nothing may follow
         text = req.text.push(token, stops=generated >= params.min_tokens)
         if req.text.stopped_by is not None:
+            return self.finish(req, "stop", last=(token,), text=text, logprobs=logprobs, prompt_logprobs=scores)
+        if grammar_done:
             return self.finish(req, "stop", last=(token,), text=text, logprobs=logprobs, prompt_logprobs=scores)
         if generated >= params.max_tokens or len(seq.tokens) > self.max_seq_len:
             return self.finish(req, "length", last=(token,), text=text, logprobs=logprobs, prompt_logprobs=scores)

@@ -61,12 +61,15 @@ class DecodeBatch:
 
     ints[:, :DECODE_INTS] = (token, position, write page, write slot, prompt length, slot), then the
     rows' sampling ints; a token of -1 is read from `last` at the row's slot (SamplingBatch.pack); floats: their sampling floats; page_tables: each row's
-    pages; history: its tokens so far, -1 padded, for penalties (l = p * page_size)."""
+    pages; history: its tokens so far, -1 padded, for penalties (l = p * page_size); mask: the
+    tokens each row may sample, as bits (structured outputs, runtime/grammar.py; w = ⌈vocab / 32⌉,
+    all bits set for a row without a grammar)."""
 
     ints: Int[Array, "b i"]
     floats: Float[Array, "b f"]
     page_tables: Int[Array, "b p"]
     history: Int[Array, "b l"]
+    mask: Int[Array, "b w"]
 
 
 DECODE_INTS = 6
@@ -82,22 +85,24 @@ class PrefillBatch:
     slot its K/V is written to, its row (-1: padding) and its scoring target (-1: none);
     ctx: per page of the call's context — the page, its row (-1: padding), its index in the row;
     rows[:, :PREFILL_ROW_INTS] = (index in T of the row's last token, prompt length, slot), then
-    the sampling ints; floats: the sampling floats; history as DecodeBatch (l = q * page_size)."""
+    the sampling ints; floats: the sampling floats; history as DecodeBatch (l = q * page_size);
+    mask as DecodeBatch's, per row."""
 
     tokens: Int[Array, "6 t"]
     ctx: Int[Array, "3 q"]
     rows: Int[Array, "r i"]
     floats: Float[Array, "r f"]
     history: Int[Array, "r l"]
+    mask: Int[Array, "r w"]
 
 
 PREFILL_TOKEN_FIELDS = ("tokens", "positions", "write_pages", "write_slots", "token_row", "targets")
 PREFILL_ROW_INTS = 3
 
 
-def _sample_and_score(params, x, last_x, sampling, history, prompt_len, targets, config):
+def _sample_and_score(params, x, last_x, sampling, history, prompt_len, targets, mask, config):
     logits = head(params, last_x[:, None], config=config)  # only the sampled ones'
-    sampled = sample(logits[:, 0], sampling, history, prompt_len)
+    sampled = sample(logits[:, 0], sampling, history, prompt_len, mask)
     if targets is None:  # decode: never scores
         return sampled, no_scores(x.shape[0], 1)
     # every position's logits only when a row asked for prompt scores: the vocabulary head is costly
@@ -116,7 +121,8 @@ def decode_step(params: Params, pool: KVPool, last: Int[Array, "s"], batch: Deco
     x, cache, routing = forward_hidden(params, tokens[:, None], positions[:, None], cache, config=config,
                                        experts=experts, valid=(write_pages != NULL_PAGE)[:, None])
     sampling = SamplingBatch.unpack(batch.ints[:, DECODE_INTS:], batch.floats)
-    sampled, scored = _sample_and_score(params, x, x[:, 0], sampling, batch.history, prompt_len, None, config)
+    sampled, scored = _sample_and_score(params, x, x[:, 0], sampling, batch.history, prompt_len, None, batch.mask,
+                                        config)
     return cache.pool, last.at[slots].set(sampled.tokens), sampled, scored, routing
 
 
@@ -132,14 +138,15 @@ def prefill_step(params: Params, pool: KVPool, last: Int[Array, "s"], batch: Pre
                                        experts=experts, valid=(token_row >= 0)[None])
     sampling = SamplingBatch.unpack(batch.rows[:, PREFILL_ROW_INTS:], batch.floats)
     sampled, scored = _sample_and_score(params, x, x[0, final], sampling, batch.history, prompt_len,
-                                        targets[None], config)
+                                        targets[None], batch.mask, config)
     return cache.pool, last.at[slots].set(sampled.tokens), sampled, scored, routing
 
 
 # Logical axes of every batch field, for the sharding rules.
-BATCH_AXES = DecodeBatch(("batch", "fields"), ("batch", "fields"), ("batch", "context"), ("batch", "context"))
+BATCH_AXES = DecodeBatch(("batch", "fields"), ("batch", "fields"), ("batch", "context"), ("batch", "context"),
+                         ("batch", "fields"))
 PREFILL_AXES = PrefillBatch(("fields", "tokens"), ("fields", "context"), ("rows", "fields"), ("rows", "fields"),
-                            ("rows", "context"))
+                            ("rows", "context"), ("rows", "fields"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,15 +210,21 @@ def geometric(lo: int, hi: int, factor: int) -> tuple[int, ...]:
     return tuple(sizes + [hi])
 
 
-def abstract_batch(family: str, rows: int, tokens: int, pages: int, page_size: int) -> DecodeBatch | PrefillBatch:
+def mask_words(vocab_size: int) -> int:
+    """int32 words of one row's token mask."""
+    return (vocab_size + 31) // 32
+
+
+def abstract_batch(family: str, rows: int, tokens: int, pages: int, page_size: int,
+                   vocab_size: int) -> DecodeBatch | PrefillBatch:
     i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
     f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
     if family == "prefill":
         return PrefillBatch(i32(len(PREFILL_TOKEN_FIELDS), tokens), i32(3, pages),
                             i32(rows, PREFILL_ROW_INTS + SamplingBatch.INTS), f32(rows, SamplingBatch.FLOATS),
-                            i32(rows, pages * page_size))
+                            i32(rows, pages * page_size), i32(rows, mask_words(vocab_size)))
     return DecodeBatch(i32(rows, DECODE_INTS + SamplingBatch.INTS), f32(rows, SamplingBatch.FLOATS),
-                       i32(rows, pages), i32(rows, pages * page_size))
+                       i32(rows, pages), i32(rows, pages * page_size), i32(rows, mask_words(vocab_size)))
 
 
 def lower_programs(config: ModelConfig, params, pool: KVPool, buckets: Buckets, attention: str,
@@ -231,7 +244,7 @@ def lower_programs(config: ModelConfig, params, pool: KVPool, buckets: Buckets, 
     lowered = {}
     for shape in buckets.shapes(pool.page_size):  # tracing is Python (serial); compiles can run on threads
         family = shape[0]
-        batch = abstract_batch(*shape, pool.page_size)
+        batch = abstract_batch(*shape, pool.page_size, config.vocab_size)
         axes = PREFILL_AXES if family == "prefill" else BATCH_AXES
         batch_sharding = jax.tree.map(lambda names, a: layout.sharding(names, a.shape), axes, batch,
                                       is_leaf=lambda x: isinstance(x, tuple))

@@ -5,7 +5,7 @@ run to completion. Its state inside the engine is a `Sequence` (runtime/sequence
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence as Seq
+from typing import Any, Sequence as Seq
 
 from meshserve.models.errors import ConfigError, RequestError
 from meshserve.runtime.sampling import BIAS_SLOTS, SamplingParams
@@ -84,3 +84,4 @@ class Request:
     arrival: float | None = None  # the engine's clock when its caller received it (None: when added)
     fork_of: str | None = None  # another sample of that request's prompt (Engine.add)
     queue_timeout_s: float | None = None  # overrides the engine's queue timeout
+    grammar: Any = None  # params.guided compiled (runtime/grammar.Grammar), by whoever checked the request

@@ -18,29 +18,36 @@ Slots: each running request owns a slot of the programs' `last` token array whil
 sampled tokens are written there on the device, and a decode row whose input token the host does
 not know yet (-1, PENDING: the engine dispatched this step before reading the last one back) reads
 it from there.
+
+Masks: a call with a row under a grammar (structured outputs) sends each row's allowed tokens,
+filled by its matcher in parallel on llguidance's threads (runtime/grammar.py); the matcher has
+accepted every token before it (the engine reads a constrained row's last token back before it
+builds its next). A call without one sends nothing: an all-allowed mask kept on the device.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable, Sequence as Seq
+from typing import Any, Callable, Sequence as Seq
 
 import jax
 import numpy as np
 
 from meshserve.runtime.block_manager import NULL_PAGE
+from meshserve.runtime.grammar import GrammarCompiler, all_allowed, fill_masks
 from meshserve.runtime.kv_cache import KVPool
 from meshserve.runtime.programs import (DECODE_INTS, PREFILL_ROW_INTS, PREFILL_TOKEN_FIELDS, Buckets,
-                                        DecodeBatch, PrefillBatch, Programs)
+                                        DecodeBatch, PrefillBatch, Programs, mask_words)
 from meshserve.runtime.sampling import SamplingBatch, SamplingParams
 from meshserve.runtime.kv_manager import KVManager
 from meshserve.runtime.scheduler import Sequence, Status, StepPlan
 
 PENDING = -1  # a sampled token still on the device: its row reads it from its slot of `last`
 
-# (params, seed, whether its prompt is to be scored, token ids it cannot sample now) of a request
-SamplingOf = Callable[[Sequence], tuple[SamplingParams, int, bool, tuple[int, ...]]]
+# (params, seed, whether its prompt is to be scored, token ids it cannot sample now, its grammar's
+# matcher or None) of a request
+SamplingOf = Callable[[Sequence], tuple[SamplingParams, int, bool, tuple[int, ...], Any]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,11 +69,16 @@ class _Row:
     sampling: tuple[SamplingParams, int, int, tuple[int, ...]] | None  # (params, seed, step, held back)
     history: Seq[int] | None  # tokens up to the last position fed (penalized rows only)
     targets: np.ndarray | None  # i32[n]: the prompt token after each position fed (-1: none), when scored
+    matcher: Any = None  # its grammar's, when it samples under one
 
 
 class ModelRunner:
-    def __init__(self, programs: Programs, buckets: Buckets, kv: KVManager, page_size: int):
+    def __init__(self, programs: Programs, buckets: Buckets, kv: KVManager, page_size: int,
+                 grammars: GrammarCompiler | None = None):
         self.programs = programs
+        self.grammars = grammars
+        self.mask_words = mask_words(programs.config.vocab_size)
+        self._all_allowed: dict[tuple, np.ndarray | jax.Array] = {}
         self.buckets = buckets
         self.kv = kv  # read only: which replica a request's pages are on
         self.page_size = page_size
@@ -164,7 +176,7 @@ class ModelRunner:
                 dropped.update((seq_of(item), e) for item in rest)
 
     def _row(self, seq: Sequence, start: int, end: int, samples: bool, sampling_of: SamplingOf) -> _Row:
-        params, seed, scores, held = sampling_of(seq)
+        params, seed, scores, held, matcher = sampling_of(seq)
         sampling = (params, seed, seq.total - seq.prompt_len, held) if samples else None
         # penalties look at every token before the one sampled: tokens[:end], never more
         history = seq.tokens[:end] if samples and params.penalized else None
@@ -174,7 +186,7 @@ class ModelRunner:
             stop = min(end, seq.prompt_len - 1)
             targets[:stop - start] = seq.tokens[start + 1:stop + 1]
         return _Row(seq, np.asarray(seq.tokens[start:end], np.int32), np.arange(start, end, dtype=np.int32),
-                    sampling, history, targets)
+                    sampling, history, targets, matcher if samples else None)
 
     def _context(self, row: _Row) -> int:
         """Pages a prefill row reads: its pages up to its chunk's end."""
@@ -244,17 +256,18 @@ class ModelRunner:
             at, c = at + n, c + k
         SamplingBatch.pack(sampling, r_count, row_ints[:, PREFILL_ROW_INTS:], floats)
         shape = ("prefill", r_count, t, q)
-        batch = PrefillBatch(tokens, ctx, row_ints, floats, self._history(shape, history))
+        batch = PrefillBatch(tokens, ctx, row_ints, floats, self._history(shape, history),
+                             self._mask(shape, [(row.matcher, r) for r, row in enumerate(placed)]))
         return Call(shape, batch, tuple(rows), tuple(scored))
 
     def _decode_row(self, seq: Sequence, sampling_of: SamplingOf) -> _Row:
         """`_row` of one token, in plain tuples (a decode never scores its prompt: its position is
         at least the prompt's last)."""
-        params, seed, _, held = sampling_of(seq)
+        params, seed, _, held, matcher = sampling_of(seq)
         end = seq.num_computed + 1
         token = seq.tokens[end - 1] if end <= len(seq.tokens) else PENDING  # still on the device: read there
         return _Row(seq, (token,), (end - 1,), (params, seed, seq.total - seq.prompt_len, held),
-                    seq.tokens[:end] if params.penalized else None, None)
+                    seq.tokens[:end] if params.penalized else None, None, matcher)
 
     def _decode_groups(self, rows: list[_Row]) -> list[tuple[int, list[tuple[int, _Row]]]]:
         """`rows` placed into decode calls: (batch bucket, [(row index, row)]) per call. Rows
@@ -293,7 +306,9 @@ class ModelRunner:
                     history = np.full((b, p * ps), -1, np.int32)
                 history[r, :len(row.history)] = row.history
         SamplingBatch.pack(sampling, b, ints[:, DECODE_INTS:], floats)
-        batch = DecodeBatch(ints, floats, tables, self._history(("decode", b, t, p), history))
+        shape = ("decode", b, t, p)
+        batch = DecodeBatch(ints, floats, tables, self._history(shape, history),
+                            self._mask(shape, [(row.matcher, r) for r, row in placed]))
         rows = tuple((r, row.seq) for r, row in placed if row.sampling is not None)
         return Call((family, b, t, p), batch, rows)
 
@@ -312,6 +327,24 @@ class ModelRunner:
                 empty = self._device_array(empty, sharding.history if sharding is not None else None)
             self._no_history[shape] = empty
         return self._no_history[shape]
+
+    def _mask(self, shape, rows: list[tuple[Any, int]]):
+        """The call's token mask: its constrained rows' filled by their matchers (GrammarError when
+        one cannot go on: that request leaves the step), every other row all allowed; a call with no
+        constrained row takes an all-allowed mask kept on the device, as `_history`'s."""
+        rows = [(matcher, r) for matcher, r in rows if matcher is not None]
+        if rows:
+            mask = all_allowed(shape[1], self.mask_words)
+            fill_masks(self.grammars, rows, mask)
+            return mask
+        if shape not in self._all_allowed:
+            every = all_allowed(shape[1], self.mask_words)
+            every.flags.writeable = False
+            if jax.process_count() == 1:
+                sharding = self.programs.batch_shardings.get(shape)
+                every = self._device_array(every, sharding.mask if sharding is not None else None)
+            self._all_allowed[shape] = every
+        return self._all_allowed[shape]
 
     # ---- device --------------------------------------------------------------------------------
 

@@ -17,6 +17,7 @@ import numpy as np
 from jaxtyping import Array, Float, Int
 
 from meshserve.models.errors import RequestError
+from meshserve.runtime.grammar import Guided
 
 MAX_LOGPROBS = 20  # top-N logprobs a request may ask for; fixed so it never recompiles
 BIAS_SLOTS = 128  # per row: logit-bias entries plus tokens held back by min_tokens; fixed likewise
@@ -56,6 +57,7 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit), OpenAI style
     min_tokens: int = 0  # EOS and stop token ids cannot be sampled before this many tokens
     detokenize: bool = True  # False: token ids only, no text (a caller that detokenizes itself)
+    guided: Guided | None = None  # what the output must match (runtime/grammar.py)
 
     def validate(self, vocab_size: int) -> None:
         """Raise RequestError naming the first bad field."""
@@ -104,6 +106,10 @@ class SamplingParams:
             value = getattr(self, name)
             if value is not None and (not _integer(value) or not 0 <= value <= MAX_LOGPROBS):
                 raise RequestError(f"{name} must be in [0, {MAX_LOGPROBS}], got {value}")
+        if self.guided is not None:
+            if not isinstance(self.guided, Guided):
+                raise RequestError(f"guided must be a Guided constraint, got {type(self.guided).__name__}")
+            self.guided.check()
 
     @property
     def penalized(self) -> bool:
@@ -229,10 +235,19 @@ def apply_penalties(logits: Float[Array, "b v"], s: SamplingBatch, history: Int[
     return logits - s.presence_penalty[:, None] * (counts > 0) - s.frequency_penalty[:, None] * counts
 
 
+def allowed(mask: Int[Array, "b w"], vocab: int) -> Array:
+    """bool[b, vocab] from a bitmask (token t: bit t % 32 of word t // 32; runtime/grammar.py)."""
+    bits = (mask[:, :, None] >> jnp.arange(32, dtype=jnp.int32)) & 1
+    return bits.reshape(mask.shape[0], -1)[:, :vocab] != 0
+
+
 def sample(logits: Float[Array, "b v"], s: SamplingBatch, history: Int[Array, "b l"] | None = None,
-           prompt_len: Int[Array, "b"] | None = None) -> Sampled:
+           prompt_len: Int[Array, "b"] | None = None, mask: Int[Array, "b w"] | None = None) -> Sampled:
+    """`mask`: the tokens each row may sample (structured outputs; all bits set: any)."""
     logits = logits.astype(jnp.float32)
-    logprobs = jax.nn.log_softmax(logits, axis=-1)  # the model's own: before biases and penalties
+    logprobs = jax.nn.log_softmax(logits, axis=-1)  # the model's own: before biases, penalties and masks
+    if mask is not None:
+        logits = jnp.where(allowed(mask, logits.shape[-1]), logits, -jnp.inf)
     logits = jax.lax.cond(jnp.any(s.bias_ids >= 0), lambda x: _add_bias(x, s), lambda x: x, logits)
     if history is not None:
         penalized = (s.repetition_penalty != 1) | (s.presence_penalty != 0) | (s.frequency_penalty != 0)

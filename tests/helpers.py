@@ -273,3 +273,62 @@ def random_checkpoint(config, folder: Path, seed: int):
                     TokenizerConfig("<|im_start|>", ("<|im_end|>",), False, CHAT_TEMPLATE))
     params = jax.tree.map(lambda a: a * 20 if a.ndim > 1 else a, init_params(config, seed=seed))
     return Checkpoint(path=None, config=config, tokenizer=tok, dtype=np.dtype("float32"), params=params)
+
+
+# Structured-output cases (tests/runtime/test_grammar.py, benchmarks/structured.py): one constraint
+# of each kind, with what its output must be. Bounded, so a model sampling at temperature 1 ends.
+PERSON_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "minLength": 1, "maxLength": 12},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "role": {"enum": ["admin", "user", "guest"]},
+        "address": {"type": "object",
+                    "properties": {"city": {"type": "string", "maxLength": 10},
+                                   "zip": {"type": "string", "pattern": "^[0-9]{5}$"}},
+                    "required": ["city", "zip"], "additionalProperties": False},
+        "tags": {"type": "array", "items": {"type": "string", "maxLength": 6}, "maxItems": 3},
+        "active": {"type": "boolean"},
+    },
+    "required": ["name", "age", "role", "address", "tags", "active"],
+    "additionalProperties": False,
+}
+REGEX = r"[a-z]{2,8}-[0-9]{2,4}(\.[a-z]{2,3})?"
+CHOICES = ["positive", "negative", "neutral", "mixed feelings"]
+LARK = '''start: item ("," item)*
+item: NAME "=" VALUE
+NAME: /[a-z]{1,6}/
+VALUE: /[0-9]{1,4}/ | "true" | "false"
+'''
+LARK_MATCHES = r"[a-z]{1,6}=([0-9]{1,4}|true|false)(,[a-z]{1,6}=([0-9]{1,4}|true|false))*"
+
+
+def guided_cases():
+    """(name, Guided, check(text) raising AssertionError or a jsonschema error when text is wrong)."""
+    import json
+    import re
+
+    import jsonschema
+
+    from meshserve.runtime.grammar import Guided
+
+    def schema_ok(text):
+        jsonschema.validate(json.loads(text), PERSON_SCHEMA)
+
+    def object_ok(text):
+        assert isinstance(json.loads(text), dict), text
+
+    def regex_ok(text):
+        assert re.fullmatch(REGEX, text, re.ASCII), text
+
+    def choice_ok(text):
+        assert text in CHOICES, text
+
+    def lark_ok(text):
+        assert re.fullmatch(LARK_MATCHES, text, re.ASCII), text
+
+    return [("json_schema", Guided.json_schema(PERSON_SCHEMA), schema_ok),
+            ("json_object", Guided("json_object"), object_ok),
+            ("regex", Guided("regex", REGEX), regex_ok),
+            ("choice", Guided.choice(CHOICES), choice_ok),
+            ("grammar", Guided("grammar", LARK), lark_ok)]

@@ -6,6 +6,7 @@ import pytest
 
 from meshserve.models.errors import RequestError
 from meshserve.runtime.engine import Engine, EngineConfig, QueueFullError
+from meshserve.runtime.grammar import Guided
 from meshserve.runtime.sampling import SamplingParams
 from tests.runtime.conftest import greedy_reference, penalized_reference, reference_logits
 
@@ -62,6 +63,7 @@ def test_no_compiles_after_start_up(tiny_ckpt):
                              frequency_penalty=0.2, logprobs=3)),
         ("in an inn", SamplingParams(max_tokens=6, stop=("nn",), stop_token_ids=(5,), logprobs=0)),
         ([9, 8] * 12, SamplingParams(max_tokens=2, prompt_logprobs=2)),  # prompt scores: no new program
+        ("a b", SamplingParams(max_tokens=8, temperature=1.0, guided=Guided("regex", "[0-9]{3}"))),  # a mask
     ]
     for round_ in range(3):
         engine.generate([p for p, _ in mixed][round_:] + ["x" * (round_ + 3)],
