@@ -106,20 +106,21 @@ class Tokenizer:
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                            tools: list[dict] | None = None) -> str:
         if self._template is None:
             raise ConfigError("this model has no chat template; send plain text instead of messages")
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or not isinstance(m.get("role"), str) or "content" not in m:
                 raise ConfigError(f"messages[{i}] must have a string 'role' and a 'content'")
         return self._template.render(
-            messages=messages, add_generation_prompt=add_generation_prompt,
+            messages=messages, add_generation_prompt=add_generation_prompt, tools=tools,
             bos_token=self.config.bos_token or "",
             eos_token=self.config.eos_tokens[0] if self.config.eos_tokens else "")
 
-    def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
+    def encode_chat(self, messages: list[dict[str, Any]], tools: list[dict] | None = None) -> list[int]:
         # The template writes BOS itself where the model wants one.
-        return self.encode(self.apply_chat_template(messages), add_bos=False)
+        return self.encode(self.apply_chat_template(messages, tools=tools), add_bos=False)
 
     def incremental_decoder(self) -> "IncrementalDecoder":
         return IncrementalDecoder(self)

@@ -45,6 +45,10 @@ _NAMES = {"json": "JSON schema", "json_object": "JSON object grammar", "regex": 
           "grammar": "grammar"}
 
 
+class ConstraintError(RequestError):
+    """A constraint that cannot be compiled (a frontend names the field that carried it)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Guided:
     """A request's constraint on its output: `kind` one of KINDS; `spec` the JSON schema as JSON
@@ -219,9 +223,9 @@ class GrammarCompiler:
             try:
                 done = future.result(timeout=self.timeout_s)
             except concurrent.futures.TimeoutError:
-                raise RequestError(f"the {_NAMES[guided.kind]} did not compile within {self.timeout_s:g} s") from None
+                raise ConstraintError(f"the {_NAMES[guided.kind]} did not compile within {self.timeout_s:g} s") from None
         if isinstance(done, str):
-            raise RequestError(done)
+            raise ConstraintError(done)
         return done
 
     def _build(self, guided: Guided) -> Grammar | str:

@@ -30,6 +30,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from meshserve.models.errors import MeshserveError, RequestError
 from meshserve.runtime.engine import RequestOutput
+from meshserve.runtime.grammar import ConstraintError
 from meshserve.runtime.request import Request
 from meshserve.serving.host import listen_error
 from meshserve.serving.openai import (API_DEFAULTS, APIError, Choice, Generation, Shaper, _Body, invalid,
@@ -279,6 +280,8 @@ class HTTPTransport:
     async def _pre(work):
         try:
             return await work
+        except ConstraintError:
+            raise
         except RequestError as e:
             raise invalid(str(e), _param_of(str(e))) from None
 
@@ -325,8 +328,11 @@ class HTTPTransport:
         default = None if call.chat else call.sampling.get("max_tokens")
         for prompt in call.prompts:
             sampling = dict(call.sampling)
-            first = await self._pre(pre.run(pre.prepare, prompt, sampling, arrival=arrival,
-                                            default_max_tokens=default, api_defaults=API_DEFAULTS))
+            try:
+                first = await self._pre(pre.run(pre.prepare, prompt, sampling, arrival=arrival,
+                                                default_max_tokens=default, api_defaults=API_DEFAULTS))
+            except ConstraintError as e:  # named by the field that carried the constraint
+                raise invalid(str(e), call.guided_field) from None
             requests.append(first)
             for i, seed in enumerate(call.seeds()[1:], 1):  # scored once: forks take the first's scores
                 params = dataclasses.replace(first.params, seed=seed)
@@ -390,9 +396,26 @@ class HTTPTransport:
                 else:
                     logprobs = shaper.completion_logprobs(entries, prompt, offsets[choice.index])
                     offsets[choice.index] += sum(len(t) for t in logprobs["tokens"])
-            if text or logprobs or out.finished:
+            if choice.index in tool_streams:  # tools offered: content and tool-call deltas
+                await send_tools(choice, tool_streams[choice.index], text, logprobs, out)
+            elif text or logprobs or out.finished:
                 await send(shaper.chunk(choice.index, text=text, logprobs=logprobs,
                                         finish_reason=out.finish_reason if out.finished else None))
+
+        tool_streams = {c.index: s for c in choices if (s := shaper.tool_stream()) is not None}
+
+        async def send_tools(choice: Choice, stream, text: str, logprobs, out: RequestOutput) -> None:
+            deltas = stream.feed(text)
+            reason = None
+            if out.finished:
+                deltas += stream.finish()
+                reason = "tool_calls" if stream.calls and out.finish_reason == "stop" else out.finish_reason
+            if logprobs and not deltas:
+                deltas = [{}]
+            for k, delta in enumerate(deltas):
+                await send(shaper.delta_chunk(choice.index, delta, logprobs if k == 0 else None))
+            if reason is not None:
+                await send(shaper.delta_chunk(choice.index, {}, None, reason))
 
         error, gone = None, False
         try:

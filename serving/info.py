@@ -36,6 +36,7 @@ class EngineInfo:
     max_num_seqs: int
     max_num_batched_tokens: int
     sampling_defaults: dict  # what a request's unset sampling fields take (ServerConfig.sampling_defaults)
+    grammars: Any = None  # the engine's GrammarCompiler (structured outputs), shared with the frontends
 
     @classmethod
     def of(cls, engine, served_model_name: str | None = None, sampling_defaults: dict | None = None) -> "EngineInfo":
@@ -46,7 +47,7 @@ class EngineInfo:
                    engine.config.page_size, engine.kv.num_usable, engine.pool.page_shape, engine.pool.page_dtype,
                    engine.pool.dtype, engine.fingerprint.hex(), engine.kv_events is not None, engine.config.kv_store,
                    engine.replicas, engine.config.max_num_seqs, engine.config.max_num_batched_tokens,
-                   dict(sampling_defaults or {}))
+                   dict(sampling_defaults or {}), engine.grammars)
 
     @property
     def served_name(self) -> str:

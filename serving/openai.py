@@ -3,22 +3,27 @@ and stream chunks built from engine outputs. No I/O here (serving/http.py is the
 
 Fields are taken at their OpenAI meaning, with the extensions benchmark and evaluation tools send
 (vLLM's: ignore_eos, min_tokens, top_k, min_p, repetition_penalty, stop_token_ids,
-stream_options.continuous_usage_stats). Fields whose behaviour meshserve cannot give yet are
-refused with 400 naming them, never dropped; other unknown fields are ignored.
+stream_options.continuous_usage_stats, and its structured-output fields: structured_outputs,
+guided_json, guided_regex, guided_choice, guided_grammar). Fields whose behaviour meshserve cannot
+give yet are refused with 400 naming them, never dropped; other unknown fields are ignored.
+Structured outputs and tools: runtime/grammar.py and serving/tools.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import time
 import uuid
 from typing import Any
 
-from meshserve.models.errors import MeshserveError
+from meshserve.models.errors import MeshserveError, RequestError
 from meshserve.runtime.engine import TokenLogprob
+from meshserve.runtime.grammar import Guided
 from meshserve.runtime.sampling import MAX_LOGPROBS, f32_number
 from meshserve.serving.preprocess import Prompt
+from meshserve.serving.tools import ToolCalling, ToolStream, read_all
 
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
 MAX_N = 16  # samples per prompt
@@ -27,16 +32,15 @@ MAX_PROMPTS = 64  # prompts in one /v1/completions call
 # Known fields whose behaviour is not offered yet: 400 naming the field, unless given the neutral value.
 REFUSED = {
     "suffix": (None, ""),
-    "tools": (None, []),
-    "tool_choice": (None, "none"),
-    "functions": (None, []),
+    "functions": (None, []),  # the deprecated form of tools
     "function_call": (None, "none"),
-    "response_format": (None, {"type": "text"}),
     "audio": (None,),
     "prediction": (None,),
     "web_search_options": (None,),
-    "guided_json": (None,), "guided_regex": (None,), "guided_choice": (None,), "guided_grammar": (None,),
 }
+# vLLM's structured-output fields (guided_* and structured_outputs' keys) → the constraint's kind
+GUIDED_FIELDS = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice",
+                 "guided_grammar": "grammar"}
 
 
 class APIError(MeshserveError):
@@ -86,6 +90,8 @@ class Generation:
     echo: bool
     logprobs: int | None  # top-N per token (completions: `logprobs`; chat: `top_logprobs` when logprobs)
     score_only: bool  # max_tokens 0 with echo: the prompt's scores, nothing generated
+    tools: ToolCalling | None = None  # chat: the tools offered, and how their calls are read
+    guided_field: str | None = None  # the field that carried the output's constraint (its errors name it)
 
     def seeds(self) -> list[int | None]:
         """Per choice: the request's seed for the first, derived ones for the rest (n > 1 must
@@ -194,7 +200,67 @@ def _sampling(body: _Body) -> dict[str, Any]:
         values["stop_token_ids"] = tuple(ids)
     values["ignore_eos"] = body.get("ignore_eos", (bool,), False)
     values["logit_bias"] = _logit_bias(body)
+    found = _guided(body)
+    if found is not None:
+        values["guided_field"], values["guided"] = found
     return values
+
+
+def _guided(body: _Body) -> tuple[str, Guided] | None:
+    """The output's constraint: response_format, or one of vLLM's fields (400 for more than one)."""
+    found: list[tuple[str, Guided]] = []
+    try:
+        fmt = body.data.get("response_format")
+        if fmt is not None:
+            if not isinstance(fmt, dict) or fmt.get("type") not in ("text", "json_object", "json_schema"):
+                raise invalid("response_format must be an object of type text, json_object or json_schema",
+                              "response_format")
+            if fmt["type"] == "json_object":
+                found.append(("response_format", Guided("json_object")))
+            elif fmt["type"] == "json_schema":
+                spec = fmt.get("json_schema")
+                if not isinstance(spec, dict) or not isinstance(spec.get("name", ""), str):
+                    raise invalid("response_format.json_schema must be an object with a name and a schema",
+                                  "response_format")
+                if not isinstance(spec.get("strict", False), (bool, type(None))):
+                    raise invalid("response_format.json_schema.strict must be true or false", "response_format")
+                schema = spec.get("schema", {"type": "object"})  # OpenAI's default: any object
+                found.append(("response_format", Guided.json_schema(schema)))
+        for name, kind in GUIDED_FIELDS.items():
+            value = body.data.get(name)
+            if value is not None:
+                found.append((name, _guided_value(kind, value, name)))
+        so = body.data.get("structured_outputs")
+        if so is not None:
+            if not isinstance(so, dict):
+                raise invalid("structured_outputs must be an object", "structured_outputs")
+            for key, value in so.items():
+                if value is None or value is False:
+                    continue
+                if key == "json_object":
+                    found.append(("structured_outputs", Guided("json_object")))
+                elif key in ("json", "regex", "choice", "grammar"):
+                    found.append(("structured_outputs", _guided_value(key, value, f"structured_outputs.{key}")))
+                else:
+                    raise invalid(f"structured_outputs.{key} is not supported by this server", "structured_outputs")
+    except RequestError as e:
+        raise invalid(str(e), found[-1][0] if found else "response_format") from None
+    if len(found) > 1:
+        raise invalid(f"give one output constraint, got {' and '.join(n for n, _ in found)}", found[1][0])
+    return found[0] if found else None
+
+
+def _guided_value(kind: str, value: Any, field: str) -> Guided:
+    try:
+        if kind == "json":
+            return Guided.json_schema(json.loads(value) if isinstance(value, str) else value)
+        if kind == "choice":
+            return Guided.choice(value)
+    except (RequestError, ValueError) as e:
+        raise invalid(f"{field}: {e}", field.split(".")[0]) from None
+    if not isinstance(value, str):
+        raise invalid(f"{field} must be a string", field.split(".")[0])
+    return Guided(kind, value)
 
 
 def _stream_options(body: _Body, stream: bool) -> tuple[bool, bool]:
@@ -231,6 +297,7 @@ def parse_completion(data: Any) -> Generation:
     if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
         raise invalid(f"logprobs must be in [0, {MAX_LOGPROBS}], got {logprobs}", "logprobs")
     sampling = _sampling(body)
+    guided_field = sampling.pop("guided_field", None)
     max_tokens = body.get("max_tokens", (int,), DEFAULT_COMPLETION_TOKENS)
     if max_tokens < 0 or (max_tokens == 0 and not echo):
         raise invalid(f"max_tokens must be positive (0 only with echo), got {max_tokens}", "max_tokens")
@@ -240,7 +307,7 @@ def parse_completion(data: Any) -> Generation:
         if echo:
             sampling["prompt_logprobs"] = logprobs
     return Generation(False, body.get("model", (str,)), prompts, texts, sampling, _n(body), stream, include_usage,
-                      continuous, echo, logprobs, max_tokens == 0)
+                      continuous, echo, logprobs, max_tokens == 0, guided_field=guided_field)
 
 
 def _prompts(prompt: Any) -> tuple[list[Prompt], list[str | None]]:
@@ -281,14 +348,21 @@ def parse_chat(data: Any) -> Generation:
     messages = data.get("messages")
     if not isinstance(messages, list) or not messages:
         raise invalid("messages must be a non-empty list", "messages")
-    parsed = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-            raise invalid(f"messages[{i}] must be an object with a role", "messages")
-        parsed.append({"role": m["role"], "content": _content(m.get("content"), i)})
+    parsed = [_message(m, i) for i, m in enumerate(messages)]
     stream = body.get("stream", (bool,), False)
     include_usage, continuous = _stream_options(body, stream)
     sampling = _sampling(body)
+    guided_field = sampling.pop("guided_field", None)
+    try:
+        tools = ToolCalling.parse(data.get("tools"), data.get("tool_choice"), data.get("parallel_tool_calls"))
+    except RequestError as e:
+        field = str(e).split(" ", 1)[0].split("[", 1)[0].split(":", 1)[0]
+        raise invalid(str(e), field if field in ("tools", "tool_choice", "parallel_tool_calls") else "tools") from None
+    if tools is not None and tools.guided() is not None:
+        if "guided" in sampling:
+            raise invalid(f"tool_choice {tools.choice if tools.name is None else repr(tools.name)} constrains the "
+                          "output already: drop response_format", "response_format")
+        sampling["guided"], guided_field = tools.guided(), "tools"
     max_tokens = body.get("max_completion_tokens", (int,))
     if max_tokens is None:
         max_tokens = body.get("max_tokens", (int,))
@@ -304,8 +378,32 @@ def parse_chat(data: Any) -> Generation:
         sampling["logprobs"] = logprobs
     elif body.get("top_logprobs", (int,)) is not None:
         raise invalid("top_logprobs needs logprobs: true", "top_logprobs")
-    return Generation(True, body.get("model", (str,)), [Prompt(messages=parsed)], [None], sampling, _n(body), stream,
-                      include_usage, continuous, False, logprobs, False)
+    return Generation(True, body.get("model", (str,)), [Prompt(messages=parsed, tools=tools)], [None], sampling,
+                      _n(body), stream, include_usage, continuous, False, logprobs, False, tools, guided_field)
+
+
+def _message(m: Any, i: int) -> dict:
+    """A chat message: role and text content, and an assistant's earlier tool calls or a tool's
+    result (tool_call_id) as the OpenAI shapes give them."""
+    if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+        raise invalid(f"messages[{i}] must be an object with a role", "messages")
+    out = {"role": m["role"], "content": _content(m.get("content"), i)}
+    calls = m.get("tool_calls")
+    if calls is not None and m["role"] == "assistant":
+        if not isinstance(calls, list):
+            raise invalid(f"messages[{i}].tool_calls must be a list", "messages")
+        for k, call in enumerate(calls):
+            fn = call.get("function") if isinstance(call, dict) else None
+            if (not isinstance(fn, dict) or not isinstance(fn.get("name"), str)
+                    or not isinstance(fn.get("arguments", ""), str)):
+                raise invalid(f"messages[{i}].tool_calls[{k}] must have a function with a name and arguments "
+                              "(JSON text)", "messages")
+        out["tool_calls"] = [{"id": c.get("id"), "type": "function",
+                              "function": {"name": c["function"]["name"],
+                                           "arguments": c["function"].get("arguments", "")}} for c in calls]
+    if m["role"] == "tool" and isinstance(m.get("tool_call_id"), str):
+        out["tool_call_id"] = m["tool_call_id"]
+    return out
 
 
 def _content(content: Any, i: int) -> str:
@@ -397,9 +495,16 @@ class Shaper:
         for choice in choices:
             text = "".join(choice.text)
             if self.call.chat:
-                body = {"index": choice.index, "message": {"role": "assistant", "content": text},
+                message, reason = {"role": "assistant", "content": text}, choice.finish_reason
+                if self.call.tools is not None:
+                    content, calls = read_all(self.call.tools, text)
+                    message["content"] = content
+                    if calls:
+                        message["tool_calls"] = [c.body() for c in calls]
+                        reason = "tool_calls" if reason == "stop" else reason
+                body = {"index": choice.index, "message": message,
                         "logprobs": self.chat_logprobs(choice.logprobs) if self.call.logprobs is not None else None,
-                        "finish_reason": choice.finish_reason}
+                        "finish_reason": reason}
             else:
                 body = self._completion_choice(choice, text, prompt_ids[choice.index // self.call.n])
             out.append(body)
@@ -441,6 +546,15 @@ class Shaper:
             choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
             return self._envelope([choice], "chat.completion.chunk")
         return self._envelope([{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}])
+
+    def delta_chunk(self, index: int, delta: dict, logprobs=None, finish_reason: str | None = None) -> dict:
+        """A chat chunk of any delta (tool calls)."""
+        choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+        return self._envelope([choice], "chat.completion.chunk")
+
+    def tool_stream(self) -> ToolStream | None:
+        """A chat choice's reader of tool calls, when tools were offered."""
+        return ToolStream(self.call.tools) if self.call.tools is not None else None
 
     def usage_chunk(self, choices: list[Choice]) -> dict:
         obj = "chat.completion.chunk" if self.call.chat else None

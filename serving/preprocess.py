@@ -21,6 +21,7 @@ from meshserve.models.errors import RequestError
 from meshserve.runtime.request import Request, check_request
 from meshserve.runtime.sampling import SamplingParams
 from meshserve.serving.info import EngineInfo
+from meshserve.serving.tools import ToolCalling, render_messages
 
 ROLES = ("system", "developer", "user", "assistant", "tool")  # the chat roles a request may use
 MAX_REQUEST_ID = 256
@@ -34,7 +35,8 @@ class Prompt:
 
     text: str | None = None
     token_ids: Sequence[int] | None = None
-    messages: Sequence[Mapping[str, Any]] | None = None  # {"role", "content"}
+    messages: Sequence[Mapping[str, Any]] | None = None  # {"role", "content"}, tool_calls, tool_call_id
+    tools: ToolCalling | None = None  # with messages: the tools offered (serving/tools.py)
 
 
 def _unicode(text: str, field: str) -> str:
@@ -85,9 +87,11 @@ class Preprocessor:
                 raise RequestError(f"messages[{i}].role is empty")
             if role not in ROLES:
                 raise RequestError(f"messages[{i}].role must be one of {', '.join(ROLES)}, got {role[:40]!r}")
-            messages.append({"role": role, "content": _unicode(m.get("content", ""), f"messages[{i}].content")})
+            messages.append({**m, "role": role, "content": _unicode(m.get("content", ""), f"messages[{i}].content")})
+        template = self.tokenizer.config.chat_template or ""
+        messages, tools = render_messages(messages, prompt.tools, native="tools" in template)
         try:
-            return self.tokenizer.encode_chat(messages)
+            return self.tokenizer.encode_chat(messages, tools=tools)
         except Exception as e:  # a template error names what was wrong with the messages
             raise RequestError(f"messages: the chat template failed: {e}") from None
 
@@ -132,4 +136,6 @@ class Preprocessor:
         f = self.info
         check_request(ids, params, priority, vocab_size=f.vocab_size, max_seq_len=f.context_length,
                       priority_levels=f.priority_levels, limits=f.limits, eos_ids=len(f.eos_ids))
+        if params.guided is not None:  # compiled here, on these threads, never on the engine's
+            fields["grammar"] = f.grammars.compile(params.guided)
         return Request(tuple(ids), params, priority, **fields)

@@ -45,6 +45,7 @@ from meshserve.models.config import HF_CLASSES
 from meshserve.models.errors import MeshserveError, RequestError
 from meshserve.runtime.engine import Engine, QueueFullError
 from meshserve.runtime.kv_tiers import KVEvent
+from meshserve.runtime.grammar import Guided
 from meshserve.runtime.sampling import SamplingParams
 from meshserve.serving.config import ServerConfig
 from meshserve.serving.engine_loop import EngineUnavailable
@@ -122,13 +123,39 @@ def sampling_params(request: dict[str, Any], prompt_len: int, max_seq_len: int,
         frequency_penalty=float(so.get("frequency_penalty", 0.0)), seed=so.get("seed"),
         stop_token_ids=stop_ids, ignore_eos=bool(sc.get("ignore_eos")) or eos == [],
         logprobs=oo.get("logprobs"), min_tokens=int(given(sc, "min_tokens", 0)),
-        detokenize=False)  # the frontend detokenizes: the engine's text would go nowhere
+        detokenize=False,  # the frontend detokenizes: the engine's text would go nowhere
+        guided=guided(so.get("guided_decoding")))
+
+
+GUIDED_KINDS = ("json", "regex", "choice", "grammar")  # guided_decoding's constraints (the frontend's names)
+
+
+def guided(options: dict[str, Any] | None) -> Guided | None:
+    """Dynamo's guided_decoding (what its frontend makes of response_format and vLLM's guided_*
+    fields) as the engine's constraint; RequestError for more than one, or for an option it has no
+    way to honour."""
+    given = {k: v for k, v in (options or {}).items() if v is not None}
+    given.pop("backend", None)  # which library enforces it is the worker's choice
+    unknown = sorted(set(given) - set(GUIDED_KINDS))
+    if unknown:
+        raise RequestError(f"guided_decoding: {', '.join(unknown)} not supported by meshserve")
+    if len(given) > 1:
+        raise RequestError(f"guided_decoding: give one constraint, got {', '.join(sorted(given))}")
+    if not given:
+        return None
+    (kind, value), = given.items()
+    if kind == "json":
+        return Guided.json_schema(json.loads(value) if isinstance(value, str) else value)
+    if kind == "choice":
+        return Guided.choice(value)
+    if not isinstance(value, str):
+        raise RequestError(f"guided_decoding.{kind} must be a string")
+    return Guided(kind, value)
 
 
 def refuse_unservable(request: dict[str, Any]) -> None:
     """RequestError for what Dynamo's frontend forwards and a meshserve worker cannot honour (as
-    `meshserve serve` refuses it), never silently ignored: several choices per request, and guided
-    decoding (response_format json_object / json_schema, guided_regex, guided_choice, guided_grammar)."""
+    `meshserve serve` refuses it), never silently ignored: several choices per request."""
     so = request.get("sampling_options") or {}
     for field in ("n", "best_of"):
         if (so.get(field) or 1) > 1:
@@ -136,10 +163,6 @@ def refuse_unservable(request: dict[str, Any]) -> None:
                                f"send {so[field]} requests (meshserve serve honours n)")
     if so.get("use_beam_search"):
         raise RequestError("use_beam_search is not supported")
-    guided = {k: v for k, v in (so.get("guided_decoding") or {}).items() if v is not None}
-    if guided:
-        raise RequestError(f"structured output ({', '.join(sorted(guided))}: response_format or guided decoding) is "
-                           f"not supported by meshserve yet")
 
 
 def signed64(page_hash: bytes) -> int:
@@ -317,9 +340,13 @@ class Worker:
                 refuse_unservable(request)
                 params = sampling_params(request, len(token_ids), self.host.info.context_length,
                                          self.host.info.sampling_defaults)
+                if params.guided is not None and self.role != "both":
+                    raise RequestError("structured output is served by aggregated workers only (this worker's role "
+                                       f"is {self.role}: its grammar state does not move with the KV)")
                 if self.role == "prefill":  # the prompt's pages and one token: the decode worker does the rest
                     params = dataclasses.replace(params, max_tokens=1)
-                checked = pre.check(token_ids, params, request_id=rid, arrival=session.arrival)
+                # on the preprocessing threads: a constraint compiles there, never on the event loop
+                checked = await pre.run(pre.check, token_ids, params, request_id=rid, arrival=session.arrival)
                 if self.role == "decode":
                     await self.handoff.take(self.loop, token_ids, request)
                 async with self.host.admitting():

@@ -146,8 +146,8 @@ def test_errors_reach_the_client_as_its_exceptions(served):
     assert e.value.body["param"] == "top_p" and "top_p" in e.value.message
     with pytest.raises(openai.BadRequestError) as e:
         c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}],
-                                  tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}])
-    assert e.value.body["param"] == "tools"
+                                  tools=[{"type": "function", "function": {"name": "", "parameters": {}}}])
+    assert e.value.body["param"] == "tools" and "tools[0].function.name" in e.value.message
     with pytest.raises(openai.AuthenticationError):
         client(served, token="wrong", max_retries=0).models.list()
     with pytest.raises(openai.NotFoundError):

@@ -10,8 +10,10 @@ experts (Qwen3-MoE).
 """
 
 import asyncio
+import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -112,13 +114,35 @@ def test_completions_and_chat_through_the_frontend(fleet):
     assert chunks[-1].usage.completion_tokens == 12
 
 
-def test_the_frontend_answers_what_a_worker_cannot_honour_with_a_400_naming_it(fleet):
-    """Through Dynamo's real frontend: n > 1, JSON mode, guided decoding and an over-long prompt are
-    400s with the worker's message, not silently ignored or a bare "Invalid request"."""
+def test_structured_output_through_the_frontend(fleet):
+    """Dynamo's frontend turns response_format and guided_regex into guided_decoding; the worker
+    enforces it (a random-weight model at temperature 1: valid only because the grammar held it)."""
+    import jsonschema
+
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 999},
+                                               "ok": {"type": "boolean"}, "tag": {"enum": ["red", "green"]}},
+              "required": ["n", "ok", "tag"], "additionalProperties": False}
     messages = [{"role": "user", "content": "hi"}]
+    for seed in range(3):
+        out = fleet.client.chat.completions.create(
+            model=MODEL, messages=messages, max_tokens=200, temperature=1.0, seed=seed,
+            response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema}})
+        jsonschema.validate(json.loads(out.choices[0].message.content), schema)
+        assert out.choices[0].finish_reason == "stop"
+    out = fleet.client.chat.completions.create(model=MODEL, messages=messages, max_tokens=40, temperature=1.0,
+                                               seed=1, extra_body={"guided_regex": "[a-z]{3}-[0-9]{3}"})
+    assert re.fullmatch("[a-z]{3}-[0-9]{3}", out.choices[0].message.content, re.ASCII)
+
+
+def test_the_frontend_answers_what_a_worker_cannot_honour_with_a_400_naming_it(fleet):
+    """Through Dynamo's real frontend: n > 1, a schema keyword the worker cannot enforce and an
+    over-long prompt are 400s with the worker's message, not silently ignored or a bare "Invalid
+    request"."""
+    messages = [{"role": "user", "content": "hi"}]
+    bad = {"type": "object", "properties": {"a": {"type": "object", "dependentSchemas": {"b": {}}}}}
     cases = [(dict(n=2), "n=2: a meshserve Dynamo worker returns one choice per request"),
-             (dict(response_format={"type": "json_object"}), "structured output (json: response_format"),
-             (dict(extra_body={"guided_regex": "a+"}), "structured output (regex:")]
+             (dict(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": bad}}),
+              "cannot enforce: /properties/a/dependentSchemas")]
     for kw, message in cases:
         with pytest.raises(openai.BadRequestError) as refused:
             fleet.client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, **kw)
@@ -361,8 +385,6 @@ def test_dynamo_request_to_sampling_params():
 @pytest.mark.parametrize("options,message", [
     ({"n": 2}, "n=2: a meshserve Dynamo worker returns one choice per request"),
     ({"best_of": 3}, "best_of=3: a meshserve Dynamo worker"),
-    ({"guided_decoding": {"json": {"type": "object"}}}, r"structured output \(json: response_format"),
-    ({"guided_decoding": {"regex": "a+", "choice": None}}, r"structured output \(regex:"),
 ])
 def test_what_a_worker_cannot_honour_is_refused(options, message):
     from meshserve.models.errors import RequestError
@@ -370,7 +392,24 @@ def test_what_a_worker_cannot_honour_is_refused(options, message):
 
     with pytest.raises(RequestError, match=message):
         refuse_unservable({"sampling_options": options})
-    refuse_unservable({"sampling_options": {"n": None, "best_of": 1, "guided_decoding": None}})  # all served
+    refuse_unservable({"sampling_options": {"n": None, "best_of": 1, "guided_decoding": {"json": {}}}})  # served
+
+
+def test_guided_decoding_becomes_the_engines_constraint():
+    from meshserve.models.errors import RequestError
+    from meshserve.runtime.grammar import Guided
+    from meshserve.serving.worker import guided
+
+    assert guided({"json": {"type": "object"}, "regex": None, "backend": "xgrammar"}) == Guided("json", '{"type":"object"}')
+    assert guided({"json": '{"type": "integer"}'}) == Guided("json", '{"type":"integer"}')
+    assert guided({"choice": ["a", "b"]}) == Guided("choice", '["a", "b"]')
+    assert (guided({"regex": "a+"}), guided({"grammar": "start: A"}), guided(None)) == (
+        Guided("regex", "a+"), Guided("grammar", "start: A"), None)
+    for options, message in [({"regex": "a", "choice": ["b"]}, "give one constraint, got choice, regex"),
+                             ({"whitespace_pattern": " "}, "whitespace_pattern not supported"),
+                             ({"choice": []}, "non-empty list")]:
+        with pytest.raises(RequestError, match=message):
+            guided(options)
 
 
 class Recorder:
