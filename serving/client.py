@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Iterator
 
 import grpc
@@ -80,13 +81,29 @@ class Client:
 
     @staticmethod
     def request(text: str = "", token_ids=(), messages=(), priority: int = 0, request_id: str = "",
+                tools=(), tool_choice: str = "", parallel_tool_calls: bool | None = None,
                 **sampling) -> pb.GenerateRequest:
+        """`tools`: OpenAI-shaped tools ({"type": "function", "function": {"name", "description",
+        "parameters"}}); `choice=[...]` and `json_schema=` (a dict or JSON text) for constraints."""
         unknown = set(sampling) - SAMPLING_FIELDS
         if unknown:
             raise TypeError(f"unknown sampling option(s) {', '.join(sorted(unknown))}")
+        if isinstance(sampling.get("choice"), (list, tuple)):
+            sampling["choice"] = pb.Choices(choices=list(sampling["choice"]))
+        if isinstance(sampling.get("json_schema"), dict):
+            sampling["json_schema"] = json.dumps(sampling["json_schema"])
+        specs = [t["function"] for t in tools]
         return pb.GenerateRequest(
             text=text, token_ids=list(token_ids), priority=priority, request_id=request_id,
-            messages=[pb.ChatMessage(role=m["role"], content=m["content"]) for m in messages],
+            messages=[pb.ChatMessage(role=m["role"], content=m.get("content") or "",
+                                     tool_call_id=m.get("tool_call_id", ""),
+                                     tool_calls=[pb.ToolCall(id=c.get("id", ""), name=c["function"]["name"],
+                                                             arguments=c["function"].get("arguments", ""))
+                                                 for c in m.get("tool_calls") or ()]) for m in messages],
+            tools=[pb.Tool(name=f["name"], description=f.get("description", ""),
+                           parameters=json.dumps(f["parameters"]) if f.get("parameters") is not None else "")
+                   for f in specs],
+            tool_choice=tool_choice, parallel_tool_calls=parallel_tool_calls,
             sampling=pb.SamplingOptions(**{k: v for k, v in sampling.items() if v is not None}))
 
     def generate(self, text: str = "", token_ids=(), messages=(), *, timeout: float | None = None,

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import json
 import logging
 import socket
 import threading
@@ -32,6 +33,7 @@ from grpc_reflection.v1alpha import reflection
 from meshserve.models.errors import MeshserveError, RequestError
 from meshserve.runtime import progress as stages
 from meshserve.runtime.engine import Engine, EngineConfig, RequestOutput
+from meshserve.runtime.grammar import Guided
 from meshserve.runtime.sampling import MAX_LOGPROBS
 from meshserve.serving.config import ServerConfig
 from meshserve.serving.host import EXIT_ENGINE_FAILED, ProcessHost, listen_error  # noqa: F401  (the exit code, for callers)
@@ -40,6 +42,7 @@ from meshserve.serving.metrics import Metrics
 from meshserve.serving.preprocess import Preprocessor, Prompt
 from meshserve.serving.proto.meshserve.v1 import generation_pb2 as pb
 from meshserve.serving.session import bearer_ok, outcome_of
+from meshserve.serving.tools import ToolCalling, read_all
 
 log = logging.getLogger("meshserve.server")
 
@@ -78,12 +81,55 @@ def _sampling(s: pb.SamplingOptions) -> dict:
     if s.stop_token_ids:
         values["stop_token_ids"] = tuple(s.stop_token_ids)
     values["ignore_eos"] = s.ignore_eos
+    kind = s.WhichOneof("constraint")
+    if kind == "json_schema":
+        try:
+            values["guided"] = Guided.json_schema(json.loads(s.json_schema))
+        except ValueError as e:
+            raise RequestError(f"sampling.json_schema is not JSON: {e}") from None
+    elif kind == "json_object" and s.json_object:
+        values["guided"] = Guided("json_object")
+    elif kind == "regex":
+        values["guided"] = Guided("regex", s.regex)
+    elif kind == "choice":
+        values["guided"] = Guided.choice(list(s.choice.choices))
+    elif kind == "grammar":
+        values["guided"] = Guided("grammar", s.grammar)
     return values
 
 
-def _prompt(text: str, token_ids, messages) -> Prompt:
+def _tools(request: pb.GenerateRequest) -> ToolCalling | None:
+    """The request's tools in the OpenAI shape, parsed as the HTTP API parses them."""
+    if not request.tools:
+        if request.tool_choice not in ("", "auto", "none"):
+            raise RequestError("tool_choice: no tools were given")
+        return None
+    tools = []
+    for i, t in enumerate(request.tools):
+        try:
+            parameters = json.loads(t.parameters) if t.parameters else None
+        except ValueError as e:
+            raise RequestError(f"tools[{i}].parameters is not JSON: {e}") from None
+        tools.append({"type": "function", "function": {"name": t.name, "description": t.description,
+                                                       "parameters": parameters}})
+    choice = request.tool_choice or "auto"
+    if choice not in ("auto", "none", "required"):
+        choice = {"type": "function", "function": {"name": choice}}
+    parallel = request.parallel_tool_calls if request.HasField("parallel_tool_calls") else None
+    return ToolCalling.parse(tools, choice, parallel)
+
+
+def _prompt(text: str, token_ids, messages, tools: ToolCalling | None = None) -> Prompt:
+    def message(m) -> dict:
+        out = {"role": m.role, "content": m.content}
+        if m.tool_calls:
+            out["tool_calls"] = [{"id": c.id, "type": "function",
+                                  "function": {"name": c.name, "arguments": c.arguments}} for c in m.tool_calls]
+        if m.tool_call_id:
+            out["tool_call_id"] = m.tool_call_id
+        return out
     return Prompt(text=text or None, token_ids=list(token_ids) or None,
-                  messages=[{"role": m.role, "content": m.content} for m in messages] or None)
+                  messages=[message(m) for m in messages] or None, tools=tools)
 
 
 class GenerationService:
@@ -111,13 +157,31 @@ class GenerationService:
         async with self.host.session(time.monotonic()) as session:
             pre = await self._ready(context, request, session)
             try:
+                sampling = _sampling(request.sampling)
+                tools = _tools(request)
+                if tools is not None and not request.messages:
+                    raise RequestError("tools: give chat messages (the tools reach the model through its chat template)")
+                if tools is not None and tools.guided() is not None:
+                    if "guided" in sampling:
+                        raise RequestError("tool_choice constrains the output already: drop sampling's constraint")
+                    sampling["guided"] = tools.guided()
                 async with self.host.admitting():  # in flight from here on: a graceful stop waits for it
-                    prepared = await pre.run(pre.prepare, _prompt(request.text, request.token_ids, request.messages),
-                                             _sampling(request.sampling), priority=request.priority,
+                    prepared = await pre.run(pre.prepare,
+                                             _prompt(request.text, request.token_ids, request.messages, tools),
+                                             sampling, priority=request.priority,
                                              request_id=request.request_id or None, arrival=session.arrival)
                     await session.admit([prepared])
+                text = []
                 async for out in session.outputs(prepared.request_id):
-                    yield self._response(prepared.request_id, out, session.stream(prepared.request_id))
+                    text.append(out.text)
+                    response = self._response(prepared.request_id, out, session.stream(prepared.request_id))
+                    if out.finished and tools is not None:
+                        _, calls = read_all(tools, "".join(text))
+                        response.tool_calls.extend(pb.ToolCall(id=c.id, name=c.name, arguments=c.arguments)
+                                                   for c in calls)
+                        if calls and out.finish_reason == "stop":
+                            response.finish_reason = pb.FINISH_REASON_TOOL_CALLS
+                    yield response
             except Exception as e:  # this request only: its status code, counted by its outcome
                 session.fail(e)
                 await context.abort(*_status(e))

@@ -163,3 +163,34 @@ def test_a_schema_past_the_limits_is_a_400_within_2_s_while_other_streams_flow(s
     during = [g for at, g in gaps if t0 <= at <= t1 + 0.05]
     median = before[len(before) // 2]
     assert during and max(during) < max(10 * median, 0.25), (median, during)
+
+
+def test_grpc_carries_the_same_constraints_and_tool_calls(served):
+    import grpc
+
+    from meshserve.serving.client import Client
+    from meshserve.serving.proto.meshserve.v1 import generation_pb2 as pb
+
+    with Client(f"127.0.0.1:{served.port}", token=TOKEN) as c:
+        def run(**kw):
+            responses = list(c.generate(max_tokens=1200, temperature=1.0, seed=2, **kw))
+            return "".join(r.text for r in responses), responses[-1]
+
+        text, last = run(text="x", json_schema=PERSON_SCHEMA)
+        jsonschema.validate(json.loads(text), PERSON_SCHEMA)
+        assert last.finish_reason == pb.FINISH_REASON_STOP
+        assert run(text="x", choice=CHOICES)[0] in CHOICES
+        messages = [{"role": "user", "content": "weather?"}]
+        text, last = run(messages=messages, tools=[WEATHER, TIME], tool_choice="get_weather")
+        assert last.finish_reason == pb.FINISH_REASON_TOOL_CALLS and len(last.tool_calls) == 1
+        assert last.tool_calls[0].name == "get_weather" and last.tool_calls[0].arguments == text
+        jsonschema.validate(json.loads(text), WEATHER["function"]["parameters"])
+        for kw, message in [(dict(text="x", regex="[a-"), "the regex does not compile"),
+                            (dict(messages=messages, tools=[WEATHER], tool_choice="nope"), "no tool is named 'nope'"),
+                            (dict(text="x", json_schema={"oneOf": [{"type": "string"},
+                                                                   {"type": "string", "maxLength": 3}]}),
+                             "cannot enforce: /oneOf")]:
+            with pytest.raises(grpc.RpcError) as e:
+                run(**kw)
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and message in e.value.details()
+
