@@ -223,7 +223,8 @@ class GrammarCompiler:
             try:
                 done = future.result(timeout=self.timeout_s)
             except concurrent.futures.TimeoutError:
-                raise ConstraintError(f"the {_NAMES[guided.kind]} did not compile within {self.timeout_s:g} s") from None
+                raise ConstraintError(f"the {_NAMES[guided.kind]} did not compile within "
+                                      f"{self.timeout_s:g} s") from None
         if isinstance(done, str):
             raise ConstraintError(done)
         return done

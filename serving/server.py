@@ -160,7 +160,8 @@ class GenerationService:
                 sampling = _sampling(request.sampling)
                 tools = _tools(request)
                 if tools is not None and not request.messages:
-                    raise RequestError("tools: give chat messages (the tools reach the model through its chat template)")
+                    raise RequestError("tools: give chat messages (the tools reach the model through its chat "
+                                       "template)")
                 if tools is not None and tools.guided() is not None:
                     if "guided" in sampling:
                         raise RequestError("tool_choice constrains the output already: drop sampling's constraint")
