@@ -9,16 +9,20 @@ Validity: --seeds seeds × each kind of constraint (tests/helpers.guided_cases: 
 nested objects, arrays and enums; any JSON object; a regex; a choice; a Lark grammar) at temperature
 1: how many outputs parse and validate (jsonschema, re) and end with EOS or the grammar's end.
 
-    .venv/bin/python benchmarks/structured.py [--repeats 3] [--seeds 50] [--concurrent 16]
+    .venv/bin/python benchmarks/structured.py [--repeats 3] [--seeds 50] [--concurrent 16] [--max-tokens 1024]
+                                              [--validity-only]
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 
-import source_tree  # noqa: F401  (meshserve from this checkout when not installed)
+import source_tree  # meshserve from this checkout when not installed
+
+sys.path.append(str(source_tree.ROOT))  # tests.helpers: the constraints and their checks
 
 NEW = 128
 
@@ -28,6 +32,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--seeds", type=int, default=50)
     ap.add_argument("--concurrent", type=int, default=16)
+    ap.add_argument("--max-tokens", type=int, default=1024, help="of each output in the validity runs")
+    ap.add_argument("--validity-only", action="store_true")
     args = ap.parse_args()
 
     import jax
@@ -42,7 +48,7 @@ def main() -> None:
     from tests.helpers import PERSON_SCHEMA, guided_cases
 
     ckpt = load_checkpoint(default_checkpoint(), progress=False)
-    engine = Engine(ckpt, EngineConfig(max_seq_len=1024, max_num_seqs=64, kv_cache_bytes=2**29))
+    engine = Engine(ckpt, EngineConfig(max_seq_len=2048, max_num_seqs=64, kv_cache_bytes=2**29))
     tok = ckpt.tokenizer
     topics = ["a team roster", "the people in a story", "guests at a party", "members of a club"]
     prompts = [tok.encode_chat([{"role": "user", "content": f"List {topics[i % len(topics)]} as JSON, #{i}."}])
@@ -72,16 +78,17 @@ def main() -> None:
         tokens = sum(len(c.token_ids) for c in out)
         return tokens / wall, tokens, fill_time[0]
 
-    run(None), run(many)  # warm: the grammar's compile and the first steps
     rows = {"unconstrained": [], "JSON schema": []}
-    for _ in range(args.repeats):
+    if not args.validity_only:
+        run(None), run(many)  # warm: the grammar's compile and the first steps
+    for _ in range(0 if args.validity_only else args.repeats):
         rows["unconstrained"].append(run(None))
         rows["JSON schema"].append(run(many))
-    base = statistics.median(r[0] for r in rows["unconstrained"])
 
     valid = []
     for name, guided, check in guided_cases():
-        params = [SamplingParams(max_tokens=512, temperature=1.0, seed=s, guided=guided) for s in range(args.seeds)]
+        params = [SamplingParams(max_tokens=args.max_tokens, temperature=1.0, seed=s, guided=guided)
+                  for s in range(args.seeds)]
         t0 = time.perf_counter()
         outs = engine.generate([tok.encode_chat([{"role": "user", "content": "Answer in the requested format."}])]
                                * args.seeds, params)
@@ -96,14 +103,17 @@ def main() -> None:
         valid.append((name, ok, ended, statistics.median(len(o.token_ids) for o in outs), time.perf_counter() - t0))
 
     print(f"ran on: {describe()}; {jax.devices()[0].device_kind}")
-    print(f"\n{args.concurrent} concurrent requests, {NEW} new tokens each, temperature 1, median of {args.repeats}:")
-    print("| rows | output tok/s | vs unconstrained | mask filling, s per run |")
-    print("|---|---|---|---|")
-    for name, results in rows.items():
-        rate = statistics.median(r[0] for r in results)
-        fill = statistics.median(r[2] for r in results)
-        print(f"| {name} | {rate:.1f} | {rate / base:.2f} | {fill:.3f} |")
-    print(f"\n{args.seeds} seeds per kind, temperature 1, max 512 tokens:")
+    if not args.validity_only:
+        base = statistics.median(r[0] for r in rows["unconstrained"])
+        print(f"\n{args.concurrent} concurrent requests, {NEW} new tokens each, temperature 1, median of "
+              f"{args.repeats}:")
+        print("| rows | output tok/s | vs unconstrained | mask filling, s per run |")
+        print("|---|---|---|---|")
+        for name, results in rows.items():
+            rate = statistics.median(r[0] for r in results)
+            fill = statistics.median(r[2] for r in results)
+            print(f"| {name} | {rate:.1f} | {rate / base:.2f} | {fill:.3f} |")
+    print(f"\n{args.seeds} seeds per kind, temperature 1, at most {args.max_tokens} tokens:")
     print("| constraint | valid | ended by EOS or the grammar | median tokens | seconds |")
     print("|---|---|---|---|---|")
     for name, ok, ended, median, secs in valid:

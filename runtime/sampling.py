@@ -110,6 +110,9 @@ class SamplingParams:
             if not isinstance(self.guided, Guided):
                 raise RequestError(f"guided must be a Guided constraint, got {type(self.guided).__name__}")
             self.guided.check()
+            if self.min_tokens:
+                raise RequestError("min_tokens cannot be combined with a structured-output constraint: the "
+                                   "grammar decides where the output ends")
 
     @property
     def penalized(self) -> bool:

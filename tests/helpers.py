@@ -295,12 +295,12 @@ PERSON_SCHEMA = {
 }
 REGEX = r"[a-z]{2,8}-[0-9]{2,4}(\.[a-z]{2,3})?"
 CHOICES = ["positive", "negative", "neutral", "mixed feelings"]
-LARK = '''start: item ("," item)*
+LARK = '''start: item ("," item){0,3}
 item: NAME "=" VALUE
 NAME: /[a-z]{1,6}/
 VALUE: /[0-9]{1,4}/ | "true" | "false"
 '''
-LARK_MATCHES = r"[a-z]{1,6}=([0-9]{1,4}|true|false)(,[a-z]{1,6}=([0-9]{1,4}|true|false))*"
+LARK_MATCHES = r"[a-z]{1,6}=([0-9]{1,4}|true|false)(,[a-z]{1,6}=([0-9]{1,4}|true|false)){0,3}"
 
 
 def guided_cases():

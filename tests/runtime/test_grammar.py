@@ -132,6 +132,8 @@ def test_unsupported_schema_keywords_are_named_by_pointer(engine, schema, pointe
 def test_constraints_that_do_not_compile_are_named(engine, guided, message):
     with pytest.raises(RequestError, match=message):
         engine.check([1, 2], SamplingParams(guided=guided))
+    with pytest.raises(RequestError, match="min_tokens cannot be combined with a structured-output constraint"):
+        engine.check([1, 2], SamplingParams(min_tokens=2, guided=Guided("regex", "a+")))
 
 
 def deep_schema(depth: int) -> dict:

@@ -78,15 +78,14 @@ def test_parse_with_a_pydantic_model(served):
 
 
 def test_required_and_named_tools_return_calls_that_validate(served):
-    for seed in range(3):
-        for parallel in (True, False):
-            out = chat(served, seed=seed, tools=[WEATHER, TIME], tool_choice="required",
-                       parallel_tool_calls=parallel, max_tokens=1200).choices[0]
-            assert out.finish_reason == "tool_calls" and out.message.content is None
-            assert out.message.tool_calls and (parallel or len(out.message.tool_calls) == 1)
-            for call in out.message.tool_calls:
-                tool = {"get_weather": WEATHER, "get_time": TIME}[call.function.name]
-                jsonschema.validate(json.loads(call.function.arguments), tool["function"]["parameters"])
+    for seed, parallel in ((0, True), (1, False), (2, True)):
+        out = chat(served, seed=seed, tools=[WEATHER, TIME], tool_choice="required",
+                   parallel_tool_calls=parallel, max_tokens=1200).choices[0]
+        assert out.finish_reason == "tool_calls" and out.message.content is None
+        assert out.message.tool_calls and (parallel or len(out.message.tool_calls) == 1)
+        for call in out.message.tool_calls:
+            tool = {"get_weather": WEATHER, "get_time": TIME}[call.function.name]
+            jsonschema.validate(json.loads(call.function.arguments), tool["function"]["parameters"])
     named = {"type": "function", "function": {"name": "get_weather"}}
     out = chat(served, seed=5, tools=[WEATHER, TIME], tool_choice=named, max_tokens=1200).choices[0]
     (call,) = out.message.tool_calls
@@ -114,6 +113,22 @@ def test_auto_sends_the_tools_in_the_prompt_and_reads_the_history(served):
     without = served.client.chat.completions.create(model="tiny", messages=history, max_tokens=3, temperature=0)
     assert with_tools.usage.prompt_tokens > without.usage.prompt_tokens + 50  # the tools' signatures
     assert with_tools.choices[0].message.content is not None or with_tools.choices[0].message.tool_calls
+
+
+def test_auto_reads_calls_from_the_output_streamed_or_not(served):
+    """A model that writes a Hermes call (held to one by a regex here): the client gets tool_calls,
+    whole or as stream deltas, and the text around them as content."""
+    regex = r'Checking\. <tool_call>\n\{"name": "get_weather", "arguments": \{"city": "[a-z]{1,8}"\}\}\n</tool_call>'
+    kw = dict(tools=[WEATHER, TIME], max_tokens=1000, extra_body={"guided_regex": regex})
+    out = chat(served, seed=4, **kw).choices[0]
+    assert out.finish_reason == "tool_calls" and out.message.content == "Checking."
+    (call,) = out.message.tool_calls
+    assert call.function.name == "get_weather" and set(json.loads(call.function.arguments)) == {"city"}
+    chunks = [ch for ch in chat(served, seed=4, stream=True, **kw) if ch.choices]
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == "Checking."
+    (streamed,) = [tc for ch in chunks for tc in (ch.choices[0].delta.tool_calls or [])]
+    assert (streamed.function.name, streamed.function.arguments) == (call.function.name, call.function.arguments)
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
 
 
 @pytest.mark.parametrize("body,param,message", [
