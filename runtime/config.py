@@ -13,6 +13,7 @@ from meshserve.runtime.kv_cache import ATTENTION
 from meshserve.runtime.programs import Buckets
 from meshserve.runtime.request import RequestLimits
 from meshserve.runtime.scheduler import SchedulerConfig
+from meshserve.runtime.speculative import SpeculativeConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +52,8 @@ class EngineConfig:
     # compile the programs that export and import a prompt's KV pages (disaggregated prefill and
     # decode: runtime/kv_transfer.py)
     kv_transfer: bool = False
+    # speculative decoding (runtime/speculative.py): drafts proposed on the host, verified in one step
+    speculative: SpeculativeConfig | None = None
 
     def __post_init__(self):
         if self.page_size < 1 or self.page_size & (self.page_size - 1):
@@ -107,15 +110,25 @@ class EngineConfig:
         values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
         if "limits" in values:
             values["limits"] = config_from_dict(RequestLimits, values["limits"], "engine config limits")
+        if values.get("speculative") is not None:
+            values["speculative"] = config_from_dict(SpeculativeConfig, values["speculative"],
+                                                     "engine config speculative")
         return config_from_dict(cls, values, "engine config")
 
     def buckets(self, max_pages: int, replicas: int) -> Buckets:
         """The shapes an engine compiles programs for: the configured buckets, else Buckets.default."""
         default = Buckets.default(self.max_prefill_chunk, self.max_num_seqs, max_pages, replicas,
                                   self.prefill_tokens_while_decoding)
-        return Buckets(prefill_tokens=self.prefill_buckets or default.prefill_tokens,
-                       decode_batch=self.decode_buckets or default.decode_batch,
-                       context_pages=self.context_buckets or default.context_pages, max_rows=self.max_num_seqs)
+        decode_batch = self.decode_buckets or default.decode_batch
+        verify_batch, verify_tokens = (), 0
+        spec = self.speculative
+        if spec is not None:  # the decode buckets up to the cut-off, and the one that holds it
+            cut = min(spec.disable_by_batch_size, self.max_num_seqs)
+            verify_batch = tuple(b for b in decode_batch if b < cut) + (Buckets.pick(decode_batch, cut),)
+            verify_tokens = spec.num_speculative_tokens + 1
+        return Buckets(prefill_tokens=self.prefill_buckets or default.prefill_tokens, decode_batch=decode_batch,
+                       context_pages=self.context_buckets or default.context_pages, max_rows=self.max_num_seqs,
+                       verify_batch=verify_batch, verify_tokens=verify_tokens)
 
     def scheduler_config(self) -> SchedulerConfig:
         return SchedulerConfig(self.max_num_seqs, self.max_num_batched_tokens, self.max_prefill_chunk,

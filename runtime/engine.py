@@ -25,6 +25,12 @@ the ones in flight on the device). A step that needs a token still on the device
 prompt chunk over it after a preemption, a penalized row's history, a constrained row's mask, which
 its matcher fills only once it has accepted that token) reads the last step back first.
 
+Speculative decoding (`EngineConfig.speculative`, runtime/speculative.py): before a step is
+planned, each running request that may speculate gets drafts from the proposer, which needs its
+tokens on the host (the last step is read back first); the step verifies them, and is read back
+before it commits, so the request advances by what was accepted and gives back the pages of the
+rest. Steps without drafts run as above.
+
 Failure contract:
   - a request that passes `check` never waits for pages that cannot exist, nor for a program that
     was not compiled: the KV cache is checked at start-up to hold one `max_seq_len` request on every
@@ -42,6 +48,7 @@ Failure contract:
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import math
@@ -70,8 +77,9 @@ from meshserve.runtime.outputs import (Completion, OutputProcessor, RequestOutpu
 from meshserve.runtime.programs import Programs, enable_compilation_cache
 from meshserve.runtime.request import Request, check_request
 from meshserve.runtime.runner import ModelRunner
-from meshserve.runtime.sampling import SamplingParams
-from meshserve.runtime.scheduler import QueueFull, Scheduler, Sequence
+from meshserve.runtime.sampling import Sampled, SamplingParams
+from meshserve.runtime.scheduler import QueueFull, Scheduler, Sequence, Status
+from meshserve.runtime.speculative import Speculator
 from meshserve.runtime.target import Target
 from meshserve.runtime.text import NoText, TextStream
 from meshserve.sharding.rules import Layout
@@ -166,6 +174,8 @@ class Engine:
         # tokens each MoE layer's router sent to each expert, since start-up (router_statistics)
         self.moe_layers = tuple(i for i in range(c.num_layers) if c.is_moe_layer(i))
         self.routing = np.zeros((len(self.moe_layers), c.num_experts), np.int64)
+        self.speculator = Speculator(config.speculative) if config.speculative is not None else None
+        self._accepted: dict[Sequence, int] = {}  # drafts each verifying request of this step kept
 
     # ---- requests ------------------------------------------------------------------------------
 
@@ -287,8 +297,15 @@ class Engine:
     def _step(self) -> list[RequestOutput]:
         pending, self._pending = self._pending, None
         self.outputs.release_forks(self.clock.now())
+        outputs = []
+        if self.speculator is not None:
+            candidates = self._speculating()
+            if candidates and pending is not None and any(seq.num_sampling for seq in candidates):
+                outputs += self._resolve(pending)  # the proposer reads their tokens
+                pending = None
+            self._propose(candidates)
         plan = self.scheduler.schedule(self.clock.now())
-        outputs = self.outputs.expired(plan.expired)
+        outputs += self.outputs.expired(plan.expired)
         if pending is not None and self._needs_tokens(plan):
             outputs += self._resolve(pending)  # read the last step back first (it may end requests
             pending = None  # of this plan: they are left out of its calls)
@@ -305,6 +322,11 @@ class Engine:
         launched = self._run_on_device(calls, staged)
         if pending is not None:  # the device runs this step while the host reads the last one
             outputs += self._resolve(pending)
+        if plan.drafts:  # read back now: the requests advance by the drafts they keep
+            outputs += self._resolve(launched)
+            self.scheduler.commit(plan, self._accepted)
+            self._accepted = {}
+            return outputs
         self.scheduler.commit(plan)  # after the last step's tokens are known: full pages are hashed
         if self.config.async_scheduling:
             self._pending = launched if self._awaited(launched) else None
@@ -360,15 +382,45 @@ class Engine:
         return any(seq.num_sampling and (self.outputs.params_of(seq).penalized or self.outputs.constrained(seq))
                    for seq in plan.decodes)
 
+    def _speculating(self) -> list[Sequence]:
+        """Running requests that propose drafts this step: while few enough run, those decoding
+        with plain sampling that are not skipping a step after a miss."""
+        running = [seq for seq in self.scheduler.running if seq.status is Status.RUNNING]
+        self.speculator.forget_finished()
+        if len(running) > self.speculator.config.disable_by_batch_size:
+            return []
+        out = []
+        for seq in running:
+            if seq.uncomputed != 1 or not seq.wants_decode:
+                continue
+            params, _, _, held, matcher = self.outputs.sampling_of(seq)
+            if params.penalized or held or matcher is not None:
+                continue
+            if self.speculator.wants(seq):
+                out.append(seq)
+        return out
+
+    def _propose(self, candidates: list[Sequence]) -> None:
+        """Drafts for each candidate still decoding, within what its max_tokens and the context leave
+        (the verified token after the drafts counts too)."""
+        for seq in candidates:
+            if seq.status is not Status.RUNNING or not seq.wants_decode or seq.num_sampling:
+                continue
+            room = min(seq.max_total if seq.max_total is not None else self.max_seq_len, self.max_seq_len)
+            seq.draft = self.speculator.propose(seq, room - seq.total - 1)
+
     def _resolve(self, launched: list) -> list[RequestOutput]:
         """Read a dispatched step's results back (waiting for the device) and act on them: tokens,
         prompt scores, stop conditions."""
         outputs = []
-        results = jax.device_get([(sampled, scored if call.scored else None, routing)
+        results = jax.device_get([(sampled, scored if call.scored or call.shape[0] == "verify" else None, routing)
                                   for call, sampled, scored, routing in launched])
         for (call, *_), (sampled, scored, routing) in zip(launched, results):
             if routing.size:
                 self.routing += routing
+            if call.shape[0] == "verify":
+                outputs += self._verified(call, sampled, scored)
+                continue
             tokens = sampled.tokens.tolist()  # Python ints at once, not one numpy scalar per row
             for at, seq, start, count in call.scored:
                 self.outputs.scored(seq, scored, at, start, count)
@@ -376,6 +428,32 @@ class Engine:
                 out = self.outputs.sampled(seq, sampled, tokens[row], row)
                 if out is not None:
                     outputs.append(out)
+        return outputs
+
+    def _verified(self, call, sampled: Sampled, accepted: np.ndarray) -> list[RequestOutput]:
+        """A verify call's results: each row's accepted drafts and its own token join the request
+        (one output per request); the drafts it kept are noted for the commit."""
+        outputs = []
+        tokens = sampled.tokens.tolist()
+        drafts = call.batch.ints[:, 1]
+        for row, seq in call.rows:
+            kept = int(accepted[row])
+            self._accepted[seq] = kept
+            self.speculator.record(seq, int(drafts[row]), kept)
+            merged = None
+            for j in range(kept + 1):
+                if j:
+                    self.scheduler.sampling(seq)  # the first counted at dispatch
+                at = Sampled(sampled.tokens[:, j], sampled.logprob[:, j], sampled.top_ids[:, j],
+                             sampled.top_logprobs[:, j])
+                out = self.outputs.sampled(seq, at, tokens[row][j], row)
+                if out is None:
+                    break
+                merged = out if merged is None else _joined(merged, out)
+                if out.finished:
+                    break
+            if merged is not None:
+                outputs.append(merged)
         return outputs
 
     # ---- offline -------------------------------------------------------------------------------
@@ -478,5 +556,14 @@ class Engine:
                 tiers.update(pages_store=len(t.store), store_pages_written=t.store.stored,
                              store_misses=t.store.misses, store_pages_evicted=t.store.evicted,
                              store_enabled=t.store.enabled)
-        return {**self.scheduler.describe(), **tiers, "programs": len(self.programs), "page_size": self.config.page_size,
+        spec = self.speculator.stats() if self.speculator is not None else {}
+        return {**self.scheduler.describe(), **tiers, **spec, "programs": len(self.programs),
+                "page_size": self.config.page_size,
                 "page_bytes": self.page_bytes, "compile_seconds": round(self.compile_seconds, 2)}
+
+
+def _joined(first: RequestOutput, then: RequestOutput) -> RequestOutput:
+    """Two outputs of one request in one step as one (a verify step's several tokens)."""
+    return dataclasses.replace(then, token_ids=first.token_ids + then.token_ids, text=first.text + then.text,
+                               logprobs=first.logprobs + then.logprobs,
+                               prompt_logprobs=first.prompt_logprobs or then.prompt_logprobs)

@@ -330,8 +330,10 @@ def _pad_to(x, multiple: int, axis: int, value):
 
 
 def _decode_tiled(q, kv, tables, owned, start, sliding_window, kv_first):
-    """q [B, 1, H, E]: row b's one query at position start[b] over its pages (tables [B, P])."""
-    B, _, H, E = q.shape
+    """q [B, T, H, E]: row b's T queries at positions start[b] + t over its pages (tables [B, P]),
+    each seeing the keys up to its own position (T = 1: decode; T > 1: a speculative step's
+    verification of its drafts)."""
+    B, T, H, E = q.shape
     ps = kv[0].shape[1]
     tp = max(1, min(DECODE_TILE_KEYS // ps, tables.shape[1]))  # pages per tile
     tile = tp * ps
@@ -339,12 +341,13 @@ def _decode_tiled(q, kv, tables, owned, start, sliding_window, kv_first):
     if owned is not None:
         owned = _pad_to(owned, tp, 1, False)
     K = 1 if kv_first is not None else kv[0].shape[2]
-    qg = q[:, 0].reshape(B, K, H // K, E)
+    qg = q.reshape(B, T, K, H // K, E)
     scale = E ** -0.5
+    query_pos = start[:, None] + jnp.arange(T, dtype=jnp.int32)  # [B, T]
     first = 0
     if sliding_window is not None:
         first = jnp.maximum(jnp.min(start) - sliding_window + 1, 0) // tile
-    last = jnp.max(start) // tile + 1
+    last = (jnp.max(start) + T - 1) // tile + 1
 
     def body(j, carry):
         pages = lax.dynamic_slice_in_dim(tables, j * tp, tp, axis=1)  # [B, tp]
@@ -352,18 +355,18 @@ def _decode_tiled(q, kv, tables, owned, start, sliding_window, kv_first):
         if kv_first is not None:
             keys = lax.dynamic_slice_in_dim(keys, kv_first, 1, axis=2)
             values = lax.dynamic_slice_in_dim(values, kv_first, 1, axis=2)
-        scores = jnp.einsum("bkge,bske->bkgs", qg, keys, preferred_element_type=jnp.float32) * scale
+        scores = jnp.einsum("btkge,bske->btkgs", qg, keys, preferred_element_type=jnp.float32) * scale
         pos = j * tile + jnp.arange(tile, dtype=jnp.int32)
-        visible = pos[None] <= start[:, None]  # [B, tile]
+        visible = pos[None, None] <= query_pos[..., None]  # [B, T, tile]
         if sliding_window is not None:
-            visible &= pos[None] > start[:, None] - sliding_window
+            visible &= pos[None, None] > query_pos[..., None] - sliding_window
         if owned is not None:
-            visible &= jnp.repeat(lax.dynamic_slice_in_dim(owned, j * tp, tp, axis=1), ps, axis=1)
-        return _fold(carry, scores, visible[:, None, None], values, "bkgs,bske->bkge")
+            visible &= jnp.repeat(lax.dynamic_slice_in_dim(owned, j * tp, tp, axis=1), ps, axis=1)[:, None]
+        return _fold(carry, scores, visible[:, :, None, None], values, "btkgs,bske->btkge")
 
-    m, l, acc = lax.fori_loop(first, last, body, _empty((B, K, H // K), E))
+    m, l, acc = lax.fori_loop(first, last, body, _empty((B, T, K, H // K), E))
     out = acc / jnp.maximum(l, 1e-30)[..., None]
-    return out.reshape(B, 1, H, E).astype(q.dtype)
+    return out.reshape(B, T, H, E).astype(q.dtype)
 
 
 def _ragged_tiled(q, kv, ctx_pages, ctx_row, ctx_index, token_row, positions, pages_used, sliding_window,

@@ -253,6 +253,16 @@ class KVManager:
         seq.pages = table
         return True
 
+    def truncate(self, seq, num_tokens: int) -> None:
+        """`seq` keeps the pages that hold its first `num_tokens` and gives back the rest (pages a
+        speculative step took for drafts it rejected: never named, so simply freed)."""
+        keep = self.blocks.pages_for(num_tokens)
+        if keep < len(seq.pages):
+            if keep < seq.num_registered:
+                raise ValueError(f"request {seq.request_id}: truncating below its registered pages")
+            self.blocks.release(seq.pages[keep:])
+            seq.pages = seq.pages[:keep]
+
     def free(self, seq) -> None:
         """`seq` gives back every page it holds (a shared page stays with its other holders; a cached
         one waits on the LRU) and forgets their names; copies in planned for it are dropped."""

@@ -3,10 +3,14 @@ pool donated, so serving never traces or compiles:
 
   prefill (tokens T): the prompt chunks of up to rows(T) requests flattened into one token axis of
           T (a bucket of the call's total), their contexts into one list of pages;
-  decode (batch B): one token for each of B requests.
+  decode (batch B): one token for each of B requests;
+  verify (batch B, tokens T): speculative decoding — each of B requests feeds its last token and up
+          to T - 1 drafted ones, and keeps the drafts the rejection sampler accepts (T is the
+          engine's num_speculative_tokens + 1, fixed: fewer drafts pad, nothing recompiles).
 
     prefill_step(params, pool, last, PrefillBatch) -> (pool, last, Sampled, Scored, routing)
     decode_step(params, pool, last, DecodeBatch)   -> (pool, last, Sampled, Scored, routing)
+    verify_step(params, pool, last, VerifyBatch)   -> (pool, last, Sampled [B, T], accepted [B], routing)
 
 (routing: i32[MoE layers, experts], tokens each layer's router sent to each expert in this call.)
 
@@ -49,7 +53,7 @@ from meshserve.models.moe import ExpertPlan
 from meshserve.runtime import progress
 from meshserve.runtime.block_manager import NULL_PAGE
 from meshserve.runtime.kv_cache import AttentionShards, KVPool, PagedKVCache, RaggedKVCache, pool_shardings
-from meshserve.runtime.sampling import Sampled, SamplingBatch, Scored, no_scores, sample, score
+from meshserve.runtime.sampling import Sampled, SamplingBatch, Scored, no_scores, sample, score, verify_drafts
 from meshserve.runtime.target import CPU, Target
 from meshserve.sharding.rules import Layout
 
@@ -100,6 +104,25 @@ PREFILL_TOKEN_FIELDS = ("tokens", "positions", "write_pages", "write_slots", "to
 PREFILL_ROW_INTS = 3
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class VerifyBatch:
+    """A verification call: per row, its last token then its drafts (T tokens, -1 past them).
+
+    ints[:, :VERIFY_INTS] = (position of the last token, drafts, prompt length, slot), then the
+    sampling ints; floats: the sampling floats; page_tables: each row's pages (every position it
+    writes included: the scheduler allocated them). Positions past a row's drafts, and padding
+    rows (no pages), write to the null page."""
+
+    ints: Int[Array, "b i"]
+    floats: Float[Array, "b f"]
+    tokens: Int[Array, "b t"]
+    page_tables: Int[Array, "b p"]
+
+
+VERIFY_INTS = 4
+
+
 def _sample_and_score(params, x, last_x, sampling, history, prompt_len, targets, mask, config):
     logits = head(params, last_x[:, None], config=config)  # only the sampled ones'
     sampled = sample(logits[:, 0], sampling, history, prompt_len, mask)
@@ -142,9 +165,30 @@ def prefill_step(params: Params, pool: KVPool, last: Int[Array, "s"], batch: Pre
     return cache.pool, last.at[slots].set(sampled.tokens), sampled, scored, routing
 
 
+def verify_step(params: Params, pool: KVPool, last: Int[Array, "s"], batch: VerifyBatch, *, config: ModelConfig,
+                attention: str = "reference", shards: AttentionShards | None = None, target: Target = CPU,
+                experts: ExpertPlan = ExpertPlan()) -> tuple[KVPool, Int[Array, "s"], Sampled, Array, Array]:
+    start, counts, _, slots = (batch.ints[:, i] for i in range(VERIFY_INTS))
+    B, T = batch.tokens.shape
+    ps = pool.page_size
+    positions = start[:, None] + jnp.arange(T, dtype=jnp.int32)
+    real = jnp.arange(T)[None] <= counts[:, None]
+    index = jnp.minimum(positions // ps, batch.page_tables.shape[1] - 1)
+    write_pages = jnp.where(real, jnp.take_along_axis(batch.page_tables, index, axis=1), NULL_PAGE)
+    cache = PagedKVCache(pool, batch.page_tables, write_pages, positions % ps, counts + 1, attention, shards, target)
+    tokens = jnp.maximum(batch.tokens, 0)
+    x, cache, routing = forward_hidden(params, tokens, positions, cache, config=config, experts=experts,
+                                       valid=real & (write_pages != NULL_PAGE))
+    sampling = SamplingBatch.unpack(batch.ints[:, VERIFY_INTS:], batch.floats)
+    sampled, accepted = verify_drafts(head(params, x, config=config), batch.tokens[:, 1:], counts, sampling)
+    final = jnp.take_along_axis(sampled.tokens, accepted[:, None], axis=1)[:, 0]
+    return cache.pool, last.at[slots].set(final), sampled, accepted, routing
+
+
 # Logical axes of every batch field, for the sharding rules.
 BATCH_AXES = DecodeBatch(("batch", "fields"), ("batch", "fields"), ("batch", "context"), ("batch", "context"),
                          ("batch", "fields"))
+VERIFY_AXES = VerifyBatch(("batch", "fields"), ("batch", "fields"), ("batch", "fields"), ("batch", "context"))
 PREFILL_AXES = PrefillBatch(("fields", "tokens"), ("fields", "context"), ("rows", "fields"), ("rows", "fields"),
                             ("rows", "context"), ("rows", "fields"))
 
@@ -153,12 +197,16 @@ PREFILL_AXES = PrefillBatch(("fields", "tokens"), ("fields", "context"), ("rows"
 class Buckets:
     """The shapes programs are compiled for. Prefill: a call's total tokens (`prefill_tokens`) and
     total context pages (`context_pages`: the width of its page list), with up to rows(T) requests;
-    decode: requests per call (`decode_batch`) and pages per request (`context_pages`)."""
+    decode: requests per call (`decode_batch`) and pages per request (`context_pages`); verify
+    (speculative decoding): requests per call (`verify_batch`, none: no speculation) of
+    `verify_tokens` tokens each."""
 
     prefill_tokens: tuple[int, ...]
     decode_batch: tuple[int, ...]
     context_pages: tuple[int, ...]
     max_rows: int = 1  # requests one prefill call may take (max_num_seqs)
+    verify_batch: tuple[int, ...] = ()
+    verify_tokens: int = 0  # num_speculative_tokens + 1
 
     @staticmethod
     def pick(sizes: tuple[int, ...], n: int) -> int:
@@ -187,6 +235,8 @@ class Buckets:
                     yield ("prefill", self.rows(t), t, p)
             for b in self.decode_batch:
                 yield ("decode", b, 1, p)
+            for b in self.verify_batch:
+                yield ("verify", b, self.verify_tokens, p)
 
     @staticmethod
     def default(max_prefill_chunk: int, max_num_seqs: int, max_pages: int, replicas: int,
@@ -219,6 +269,9 @@ def abstract_batch(family: str, rows: int, tokens: int, pages: int, page_size: i
                    vocab_size: int) -> DecodeBatch | PrefillBatch:
     i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
     f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
+    if family == "verify":
+        return VerifyBatch(i32(rows, VERIFY_INTS + SamplingBatch.INTS), f32(rows, SamplingBatch.FLOATS),
+                           i32(rows, tokens), i32(rows, pages))
     if family == "prefill":
         return PrefillBatch(i32(len(PREFILL_TOKEN_FIELDS), tokens), i32(3, pages),
                             i32(rows, PREFILL_ROW_INTS + SamplingBatch.INTS), f32(rows, SamplingBatch.FLOATS),
@@ -245,11 +298,12 @@ def lower_programs(config: ModelConfig, params, pool: KVPool, buckets: Buckets, 
     for shape in buckets.shapes(pool.page_size):  # tracing is Python (serial); compiles can run on threads
         family = shape[0]
         batch = abstract_batch(*shape, pool.page_size, config.vocab_size)
-        axes = PREFILL_AXES if family == "prefill" else BATCH_AXES
+        axes = {"prefill": PREFILL_AXES, "decode": BATCH_AXES, "verify": VERIFY_AXES}[family]
         batch_sharding = jax.tree.map(lambda names, a: layout.sharding(names, a.shape), axes, batch,
                                       is_leaf=lambda x: isinstance(x, tuple))
         batch = placed(batch, batch_sharding)
-        fn = functools.partial(prefill_step if family == "prefill" else decode_step, config=config,
+        step = {"prefill": prefill_step, "decode": decode_step, "verify": verify_step}[family]
+        fn = functools.partial(step, config=config,
                                attention=attention, target=target, experts=layout.experts(config, target.platform),
                                shards=_shards(layout, 1 if family == "prefill" else shape[1], pool.num_pages))
         if layout.mesh.size == 1:  # one device: no partitioning pass (it only slows the compile)
@@ -332,6 +386,9 @@ class Programs:
 
     def decode(self, batch: int, pages: int):
         return self.compiled[("decode", batch, 1, pages)]
+
+    def verify(self, batch: int, pages: int):
+        return self.compiled[("verify", batch, self.buckets.verify_tokens, pages)]
 
 
 class SavedPrograms:

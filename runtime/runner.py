@@ -14,6 +14,10 @@ call per batch bucket; with data replicas, rows [r·b/R, (r+1)·b/R) of a call a
 requests (their pages live in its shard of the pool). A call that cannot be built drops all its
 requests (no single row can be blamed), still before anything runs.
 
+Verify (speculative decoding): a decode that carries drafts goes into a verify call instead, one
+per batch bucket of `verify_batch` (grouped by replica as decodes are): its last token and drafts,
+padded to the programs' width. Its tokens are all on the host (the engine read them back to propose).
+
 Slots: each running request owns a slot of the programs' `last` token array while it runs; its
 sampled tokens are written there on the device, and a decode row whose input token the host does
 not know yet (-1, PENDING: the engine dispatched this step before reading the last one back) reads
@@ -37,8 +41,8 @@ import numpy as np
 from meshserve.runtime.block_manager import NULL_PAGE
 from meshserve.runtime.grammar import GrammarCompiler, all_allowed, fill_masks
 from meshserve.runtime.kv_cache import KVPool
-from meshserve.runtime.programs import (DECODE_INTS, PREFILL_ROW_INTS, PREFILL_TOKEN_FIELDS, Buckets,
-                                        DecodeBatch, PrefillBatch, Programs, mask_words)
+from meshserve.runtime.programs import (DECODE_INTS, PREFILL_ROW_INTS, PREFILL_TOKEN_FIELDS, VERIFY_INTS, Buckets,
+                                        DecodeBatch, PrefillBatch, Programs, VerifyBatch, mask_words)
 from meshserve.runtime.sampling import SamplingBatch, SamplingParams
 from meshserve.runtime.kv_manager import KVManager
 from meshserve.runtime.scheduler import Sequence, Status, StepPlan
@@ -53,7 +57,7 @@ SamplingOf = Callable[[Sequence], tuple[SamplingParams, int, bool, tuple[int, ..
 @dataclasses.dataclass(frozen=True)
 class Call:
     shape: tuple[str, int, int, int]  # (family, rows, tokens, pages): which compiled program
-    batch: DecodeBatch | PrefillBatch  # host arrays
+    batch: DecodeBatch | PrefillBatch | VerifyBatch  # host arrays
     rows: tuple[tuple[int, Sequence], ...]  # (row, request) whose sampled token is wanted
     # (where its scores start in Scored — (index 0, index 1) —, request, first position, count)
     scored: tuple[tuple[tuple[int, int], Sequence, int, int], ...] = ()
@@ -135,17 +139,25 @@ class ModelRunner:
         for placed, t, q in groups:
             self._isolated(placed, lambda g, t=t, q=q: self._prefill_call(g, t, q), lambda row: row.seq,
                            calls, dropped)
-        rows = []
+        rows, verify_rows = [], []
+        drafts = dict(plan.drafts)
         for seq in plan.decodes:
             if seq.status is not Status.RUNNING:
                 continue
             try:
-                rows.append(self._decode_row(seq, sampling_of))
+                if seq in drafts:
+                    verify_rows.append(self._verify_row(seq, drafts[seq], sampling_of))
+                else:
+                    rows.append(self._decode_row(seq, sampling_of))
             except Exception as e:
                 dropped[seq] = e
-        for b, placed in self._decode_groups(rows):
+        for b, placed in self._decode_groups(rows, self.buckets.decode_batch):
             p = Buckets.pick(self.buckets.context_pages, max(len(row.seq.pages) for _, row in placed))
             self._isolated(placed, lambda g, b=b, p=p: self._call("decode", g, b, 1, p), lambda item: item[1].seq,
+                           calls, dropped)
+        for b, placed in self._decode_groups(verify_rows, self.buckets.verify_batch):
+            p = Buckets.pick(self.buckets.context_pages, max(len(row.seq.pages) for _, row in placed))
+            self._isolated(placed, lambda g, b=b, p=p: self._verify_call(g, b, p), lambda item: item[1].seq,
                            calls, dropped)
         return calls, dropped
 
@@ -269,20 +281,49 @@ class ModelRunner:
         return _Row(seq, (token,), (end - 1,), (params, seed, seq.total - seq.prompt_len, held),
                     seq.tokens[:end] if params.penalized else None, None, matcher)
 
-    def _decode_groups(self, rows: list[_Row]) -> list[tuple[int, list[tuple[int, _Row]]]]:
-        """`rows` placed into decode calls: (batch bucket, [(row index, row)]) per call. Rows
-        [r·b/R, (r+1)·b/R) are replica r's; a replica with more requests than the largest bucket
-        spills into a further call."""
+    def _verify_row(self, seq: Sequence, draft: tuple[int, ...], sampling_of: SamplingOf) -> _Row:
+        """A decode's row with its drafts: its last token (on the host) then the drafts."""
+        params, seed, _, held, matcher = sampling_of(seq)
+        end = seq.num_computed + 1
+        if end > len(seq.tokens) or params.penalized or held or matcher is not None:
+            raise ValueError(f"request {seq.request_id} cannot verify drafts now")  # the engine's own fault
+        return _Row(seq, (seq.tokens[end - 1], *draft), (end - 1,), (params, seed, seq.total - seq.prompt_len, ()),
+                    None, None)
+
+    def _verify_call(self, placed: list[tuple[int, _Row]], b: int, p: int) -> Call:
+        """Host arrays of one verify call; padding rows have no pages, so they write to the null page."""
+        t = self.buckets.verify_tokens
+        ints = np.empty((b, VERIFY_INTS + SamplingBatch.INTS), np.int32)
+        ints[:, :VERIFY_INTS] = (0, 0, 0, self.padding_slot)
+        floats = np.empty((b, SamplingBatch.FLOATS), np.float32)
+        tokens = np.full((b, t), -1, np.int32)
+        tables = np.full((b, p), NULL_PAGE, np.int32)
+        sampling = [None] * b
+        for r, row in placed:
+            seq = row.seq
+            ints[r, :VERIFY_INTS] = (row.positions[0], len(row.tokens) - 1, seq.prompt_len, self.slot(seq))
+            tokens[r, :len(row.tokens)] = row.tokens
+            tables[r, :len(seq.pages)] = seq.pages
+            sampling[r] = row.sampling
+        SamplingBatch.pack(sampling, b, ints[:, VERIFY_INTS:], floats)
+        return Call(("verify", b, t, p), VerifyBatch(ints, floats, tokens, tables), tuple((r, row.seq) for r, row in placed))
+
+    def _decode_groups(self, rows: list[_Row], sizes: tuple[int, ...]) -> list[tuple[int, list[tuple[int, _Row]]]]:
+        """`rows` placed into calls of batch buckets `sizes`: (batch bucket, [(row index, row)]) per
+        call. Rows [r·b/R, (r+1)·b/R) are replica r's; a replica with more requests than the
+        largest bucket spills into a further call."""
+        if not rows:
+            return []
         R = self.replicas
         by_replica: list[list[_Row]] = [[] for _ in range(R)]
         for row in rows:
             by_replica[self.kv.replica_of(row.seq)].append(row)
-        cap = self.buckets.decode_batch[-1] // R
+        cap = sizes[-1] // R
         placed = []
         while any(by_replica):
             groups = [g[:cap] for g in by_replica]
             by_replica = [g[cap:] for g in by_replica]
-            b = Buckets.pick(self.buckets.decode_batch, R * max(len(g) for g in groups))
+            b = Buckets.pick(sizes, R * max(len(g) for g in groups))
             placed.append((b, [(r * (b // R) + i, row) for r, g in enumerate(groups) for i, row in enumerate(g)]))
         return placed
 

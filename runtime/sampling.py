@@ -269,19 +269,73 @@ def sample(logits: Float[Array, "b v"], s: SamplingBatch, history: Int[Array, "b
     drawn = jax.lax.cond(jnp.any(random), draw, lambda x: greedy, logits)
     tokens = jnp.where(random, drawn, greedy)
     chosen = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
+    top_lp, top_ids = _top_logprobs(logprobs, s.want_logprobs)
+    return Sampled(tokens, chosen, top_ids, top_lp)
+
+
+def _top_logprobs(logprobs: Float[Array, "b v"], want: Array) -> tuple[Array, Array]:
+    """The top-N (MAX_LOGPROBS) logprobs and their ids of each row, when any row wants them."""
     n = min(MAX_LOGPROBS, logprobs.shape[-1])  # a vocabulary may be smaller than N (tests)
 
     def top(x):
         values, ids = jax.lax.top_k(x, n)
         pad = ((0, 0), (0, MAX_LOGPROBS - n))
-        return jnp.pad(values, pad, constant_values=-jnp.inf), jnp.pad(ids, pad)
+        return jnp.pad(values, pad, constant_values=-jnp.inf), jnp.pad(ids, pad).astype(jnp.int32)
 
     def none(x):
         return (jnp.full((x.shape[0], MAX_LOGPROBS), -jnp.inf, x.dtype),
                 jnp.zeros((x.shape[0], MAX_LOGPROBS), jnp.int32))
 
-    top_lp, top_ids = jax.lax.cond(jnp.any(s.want_logprobs), top, none, logprobs)
-    return Sampled(tokens, chosen, top_ids.astype(jnp.int32), top_lp)
+    return jax.lax.cond(jnp.any(want), top, none, logprobs)
+
+
+def verify_drafts(logits: Float[Array, "b t v"], drafts: Int[Array, "b k"], counts: Int[Array, "b"],
+                  s: SamplingBatch) -> tuple[Sampled, Int[Array, "b"]]:
+    """Speculative decoding's rejection sampler. Row b fed its last token and `counts[b]` drafted
+    tokens (drafts[b, :counts[b]], t = k + 1 positions); logits[b, j] is the distribution of the token
+    after position j, so draft j is checked against logits[b, j]. Returns, per row, the tokens
+    [b, t]: its accepted drafts, then at position `accepted[b]` one token of its own (the correction
+    where a draft was rejected, the bonus token where all were accepted) — accepted[b] + 1 tokens —
+    with their logprobs like `sample`'s.
+
+    Greedy rows accept a draft while it is the argmax. Random rows use rejection sampling with the
+    draft as a point mass (n-gram and greedy draft models propose that way): accept draft d with
+    probability p(d) under the row's processed distribution p (temperature, top-k/p, min-p, bias),
+    else draw from p with d removed. The output is distributed exactly as p, step after step.
+    Position j draws from (seed, step + j), as `sample` would for that token. Rows under penalties,
+    min_tokens or a grammar do not speculate (the engine keeps them to plain decoding)."""
+    B, T, V = logits.shape
+    rows = jax.tree.map(lambda a: jnp.repeat(a, T, axis=0), s)
+    j = jnp.tile(jnp.arange(T, dtype=jnp.int32), B)
+    rows = dataclasses.replace(rows, step=rows.step + j)
+    x = logits.reshape(B * T, V).astype(jnp.float32)
+    logprobs = jax.nn.log_softmax(x, axis=-1)
+    x = jax.lax.cond(jnp.any(rows.bias_ids >= 0), lambda y: _add_bias(y, rows), lambda y: y, x)
+    greedy = jnp.argmax(x, axis=-1).astype(jnp.int32)
+    draft = jnp.concatenate([drafts, jnp.full((B, 1), -1, jnp.int32)], axis=1).reshape(B * T)
+    proposed = (j < jnp.repeat(counts, T)) & (draft >= 0)
+    random = rows.temperature > 0
+
+    def draw(y):
+        y = y / jnp.where(random, rows.temperature, 1.0)[:, None]
+        filtered = (rows.top_k > 0) | (rows.top_p < 1) | (rows.min_p > 0)
+        y = jax.lax.cond(jnp.any(filtered & random), lambda z: _filter(z, rows), lambda z: z, y)
+        keys = jax.vmap(lambda seed, step: jax.random.split(jax.random.fold_in(jax.random.key(seed), step)))(
+            rows.seed, rows.step)
+        p_draft = jnp.take_along_axis(jax.nn.softmax(y, axis=-1), jnp.maximum(draft, 0)[:, None], axis=-1)[:, 0]
+        u = jax.vmap(jax.random.uniform)(keys[:, 0])
+        residual = jnp.where(proposed[:, None] & (jnp.arange(V)[None] == draft[:, None]), -jnp.inf, y)
+        return u < p_draft, jax.vmap(jax.random.categorical)(keys[:, 1], residual).astype(jnp.int32)
+
+    accept_random, drawn = jax.lax.cond(jnp.any(random), draw,
+                                        lambda y: (jnp.zeros(B * T, bool), greedy), x)
+    accept = proposed & jnp.where(random, accept_random, greedy == draft)
+    accepted = jnp.sum(jnp.cumprod(accept.reshape(B, T), axis=1), axis=1).astype(jnp.int32)
+    own = jnp.where(random, drawn, greedy).reshape(B, T)
+    tokens = jnp.where(jnp.arange(T)[None] < accepted[:, None], draft.reshape(B, T), own)
+    chosen = jnp.take_along_axis(logprobs, tokens.reshape(B * T, 1), axis=-1)[:, 0]
+    top_lp, top_ids = _top_logprobs(logprobs, rows.want_logprobs)
+    return Sampled(tokens, chosen.reshape(B, T), top_ids.reshape(B, T, -1), top_lp.reshape(B, T, -1)), accepted
 
 
 def _add_bias(logits: Float[Array, "b v"], s: SamplingBatch) -> Float[Array, "b v"]:

@@ -4,7 +4,8 @@ are applied to a request. Plain Python: no JAX, no I/O here.
 Each step the scheduler makes a frozen `StepPlan`:
   1. waiting requests past their queue timeout are expired (Triton's `default_queue_policy`);
   2. every running request whose prompt is done gets its next token (a decode), a page added when
-     it crosses a page boundary;
+     it crosses a page boundary — with its drafted tokens, when it has some (speculative decoding:
+     the step verifies them, and pages for them are taken as for any token);
   3. the rest of the per-step token budget goes to prompt chunks (chunked prefill): first requests
      already part-way through their prompt, then waiting ones, best priority then oldest first.
 When pages run out, the running request that is least entitled (worst priority, newest) is
@@ -54,6 +55,7 @@ class StepPlan:
     preempted: tuple[Sequence, ...] = ()
     expired: tuple[Sequence, ...] = ()
     onboard: tuple[Onboard, ...] = ()  # pages to copy in from the lower tier first
+    drafts: tuple[tuple[Sequence, tuple[int, ...]], ...] = ()  # decodes that verify drafted tokens too
 
     @property
     def empty(self) -> bool:
@@ -63,7 +65,8 @@ class StepPlan:
         """This plan less the chunks, decodes and copies of `seqs` (they wait for the next step)."""
         return dataclasses.replace(self, prefills=tuple(c for c in self.prefills if c.seq not in seqs),
                                    decodes=tuple(s for s in self.decodes if s not in seqs),
-                                   onboard=tuple(o for o in self.onboard if o.seq not in seqs))
+                                   onboard=tuple(o for o in self.onboard if o.seq not in seqs),
+                                   drafts=tuple(d for d in self.drafts if d[0] not in seqs))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,6 +146,7 @@ class Scheduler:
         preempted: list[Sequence] = []
         decodes: list[Sequence] = []
         prefills: list[PrefillChunk] = []
+        drafts: list[tuple[Sequence, tuple[int, ...]]] = []
         budget = self.config.max_num_batched_tokens
         prompt_budget = budget  # prompt tokens this step
         limit = self.config.prefill_tokens_while_decoding
@@ -156,14 +160,20 @@ class Scheduler:
                 continue
             if seq.uncomputed == 1 and not seq.wants_decode:
                 continue  # every token sampled: it ends when the last is read back
+            draft, seq.draft = seq.draft, ()
+            if seq.uncomputed == 1:  # a decode, and the drafts that fit the budget
+                draft = draft[:max(0, budget - len(self._decodes_left(seq)) - 1)]
             n = 1 if seq.uncomputed == 1 else min(seq.uncomputed, budget - len(self._decodes_left(seq)),
                                                   prompt_budget, self.config.max_prefill_chunk)
             if n <= 0:
                 continue
-            if not self._make_room(seq, seq.num_computed + n, preempted, now):
+            if not self._make_room(seq, seq.num_computed + n + len(draft), preempted, now):
                 continue  # seq itself was preempted
             if n == 1 and seq.uncomputed == 1:
                 decodes.append(seq)
+                if draft:
+                    drafts.append((seq, draft))
+                    budget -= len(draft)
             else:
                 prefills.append(PrefillChunk(seq, seq.num_computed, seq.num_computed + n))
                 prompt_budget -= n
@@ -207,12 +217,15 @@ class Scheduler:
                 prefills.append(PrefillChunk(seq, seq.num_computed, seq.num_computed + n))
                 prompt_budget -= n
             budget -= n
-        return StepPlan(tuple(prefills), tuple(decodes), tuple(preempted), tuple(expired), self.kv.take_onboard())
+        drafts = [(seq, draft) for seq, draft in drafts if seq.status is Status.RUNNING]  # not preempted since
+        return StepPlan(tuple(prefills), tuple(decodes), tuple(preempted), tuple(expired), self.kv.take_onboard(),
+                        tuple(drafts))
 
-    def commit(self, plan: StepPlan) -> None:
+    def commit(self, plan: StepPlan, accepted: dict[Sequence, int] | None = None) -> None:
         """The plan's programs ran: its requests advance, and the pages they filled (or copied in
         from a lower tier) become findable. Requests that left the plan before it ran (finished
-        with an error) are skipped."""
+        with an error) are skipped. `accepted`: how many drafts each verifying request kept (its
+        tokens were read back first); the pages of the rest go back."""
         for chunk in plan.prefills:
             if chunk.seq.status is Status.RUNNING:
                 chunk.seq.num_computed = chunk.end
@@ -221,6 +234,11 @@ class Scheduler:
             if seq.status is Status.RUNNING:
                 seq.num_computed += 1
                 self.kv.register(seq, seq.num_computed)
+        for seq, _ in plan.drafts:
+            if seq.status is Status.RUNNING:
+                seq.num_computed += accepted[seq]
+                self.kv.register(seq, seq.num_computed)
+                self.kv.truncate(seq, seq.num_computed + 1)
 
     # ---- a step's results --------------------------------------------------------------------
 
@@ -268,6 +286,7 @@ class Scheduler:
         self.running.remove(seq)
         self.kv.free(seq)
         seq.num_computed = seq.num_cached = 0  # recompute prompt + output so far
+        seq.draft = ()
         seq.num_preemptions += 1
         self._enqueue(seq, now)
 

@@ -38,6 +38,7 @@ class Sequence:
     reuse_prefix: bool = True  # may start from cached pages (not while its prompt is being scored)
     bypassed: int = 0  # requests behind it in the queue started while it did not fit
     max_total: int | None = None  # prompt + max_tokens: its last token is sampled, never computed
+    draft: tuple[int, ...] = ()  # tokens proposed to follow it, for the next plan to verify (speculative)
 
     @property
     def total(self) -> int:

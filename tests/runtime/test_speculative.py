@@ -1,0 +1,196 @@
+"""Speculative decoding: the proposer, the rejection sampler (lossless), and the engine's verify steps
+against plain decoding and the no-cache reference."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy.stats import chisquare
+
+from meshserve.models.errors import ConfigError
+from meshserve.runtime.engine import Engine, EngineConfig
+from meshserve.runtime.sampling import SamplingBatch, SamplingParams, verify_drafts
+from meshserve.runtime.speculative import SpeculativeConfig, ngram_propose
+from tests.runtime.conftest import greedy_reference
+from tests.runtime.test_engine import TIGHT
+
+SPEC = dataclasses.replace(TIGHT, speculative=SpeculativeConfig(num_speculative_tokens=4, prompt_lookup_min=1,
+                                                                disable_by_batch_size=4))
+
+
+def test_ngram_proposes_what_followed_the_latest_occurrence_of_the_longest_suffix():
+    t = np.array([1, 2, 3, 9, 9, 1, 2, 3, 7, 8, 5, 2, 3], np.int32)
+    assert ngram_propose(t, 3, 1, 4) == (7, 8, 5)  # suffix (2, 3): latest earlier occurrence at 6
+    assert ngram_propose(t, 1, 1, 4) == (7,)
+    assert ngram_propose(np.array([4, 5, 6], np.int32), 3, 1, 3) == ()
+    assert ngram_propose(np.array([5, 1, 5, 2, 5], np.int32), 2, 1, 3) == (2, 5)  # one token: the latest 5
+    assert ngram_propose(np.array([5, 1, 5, 2, 5], np.int32), 2, 2, 3) == ()
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("num_speculative_tokens", 16, r"num_speculative_tokens must be in \[1, 15\], got 16"),
+    ("num_speculative_tokens", 0, "num_speculative_tokens must be a positive integer, got 0"),
+    ("method", "eagle3", "speculative.method must be one of ngram, got 'eagle3'"),
+    ("prompt_lookup_min", 5, r"prompt_lookup_min \(5\) must be <= prompt_lookup_max \(4\)"),
+])
+def test_a_speculative_config_out_of_range_is_named(field, value, message):
+    with pytest.raises(ConfigError, match=message):
+        EngineConfig.from_dict({"speculative": {field: value}})
+    with pytest.raises(ConfigError, match="speculative: unknown field"):
+        EngineConfig.from_dict({"speculative": {"k": 3}})
+
+
+# ---- the rejection sampler ---------------------------------------------------------------------------
+
+P0 = np.array([0.4, 0.3, 0.15, 0.1, 0.05])  # the target's distribution after the last token …
+P1 = np.array([0.1, 0.2, 0.3, 0.25, 0.15])  # … and after the draft (token 1)
+N = 20_000
+
+
+def _speculative_samples(temperature=1.0):
+    """N rows (seeds), each with one draft (token 1) over P0 then P1: the tokens they produce."""
+    logits = jnp.broadcast_to(jnp.log(jnp.asarray([P0, P1], jnp.float32))[None], (N, 2, 5))
+    s = SamplingBatch.build([(SamplingParams(temperature=temperature), seed, 0, ()) for seed in range(N)], N)
+    out, accepted = jax.jit(verify_drafts)(logits, jnp.ones((N, 1), jnp.int32), jnp.ones(N, jnp.int32), s)
+    return np.asarray(out.tokens), np.asarray(accepted)
+
+
+def _wrong_samples(rng):
+    """The classic mistake: on rejection, draw from the target's whole distribution (the draft
+    included) instead of the residual."""
+    accept = rng.random(N) < P0[1]
+    return np.where(accept, 1, rng.choice(5, N, p=P0))
+
+
+def test_rejection_sampling_leaves_the_target_distribution_and_a_wrong_sampler_is_caught():
+    tokens, accepted = _speculative_samples()
+    first = np.bincount(tokens[:, 0], minlength=5)
+    assert chisquare(first, P0 * N).pvalue > 0.01
+    assert abs(accepted.mean() - P0[1]) < 0.02  # the draft is accepted with probability p(draft)
+    second = np.bincount(tokens[accepted == 1, 1], minlength=5)  # the bonus token, after the draft
+    assert chisquare(second, P1 * second.sum()).pvalue > 0.01
+    wrong = np.bincount(_wrong_samples(np.random.default_rng(0)), minlength=5)
+    assert chisquare(wrong, P0 * N).pvalue < 0.01
+
+
+def test_greedy_rows_accept_while_the_draft_is_the_argmax():
+    logits = jnp.asarray(np.eye(6, dtype=np.float32)[[[2, 3, 4, 5], [2, 3, 4, 5], [1, 1, 1, 1]]] * 5)
+    drafts = jnp.asarray([[2, 3, 9], [2, 0, 4], [1, 1, 1]], jnp.int32)
+    s = SamplingBatch.build([(SamplingParams(), 0, 0, ())] * 3, 3)
+    out, accepted = verify_drafts(logits, drafts, jnp.asarray([3, 3, 2], jnp.int32), s)
+    assert accepted.tolist() == [2, 1, 2]  # row 2: both of its 2 drafts, then the bonus token
+    assert out.tokens[0, :3].tolist() == [2, 3, 4]  # two drafts, then the argmax where 9 was rejected
+    assert out.tokens[1, :2].tolist() == [2, 3]
+    assert out.tokens[2, :3].tolist() == [1, 1, 1]
+
+
+# ---- the engine --------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def spec_engine(tiny_ckpt):
+    return Engine(tiny_ckpt, SPEC)
+
+
+def _arrivals(engine, prompts, params, stagger: int):
+    """Run `prompts`, adding one every `stagger` steps; tokens per request in order."""
+    ids, out, pending = [], {}, list(zip(prompts, params))
+    steps = 0
+    while pending or engine.has_unfinished:
+        if pending and steps % stagger == 0:
+            prompt, p = pending.pop(0)
+            ids.append(engine.add_request(prompt, p))
+        for o in engine.step():
+            out.setdefault(o.request_id, []).extend(o.token_ids)
+        steps += 1
+    return [out[i] for i in ids]
+
+
+def _load(seed=0):
+    rng = np.random.default_rng(seed)
+    lengths = [3, 17, 33, 5, 24, 2]
+    prompts = [rng.integers(0, 260, n).tolist() for n in lengths]
+    prompts[3] = [7, 8, 9] * 5  # repeats: the n-gram proposer finds its drafts
+    news = [20, 14, 9, 24, 10, 18]
+    return prompts, [SamplingParams(max_tokens=n, ignore_eos=True) for n in news]
+
+
+@pytest.mark.parametrize("proposer", ["ngram", "accept-all", "reject-all"])
+def test_greedy_output_is_the_reference_under_load(spec_engine, tiny_ckpt, proposer, monkeypatch):
+    """Staggered arrivals, chunked prefill and preemption (TIGHT's 15 pages), drafts from the n-gram
+    proposer, from the reference itself (every draft accepted), or always wrong (every one rejected):
+    the same tokens as the no-cache forward pass, every page back at the end, nothing compiled."""
+    prompts, params = _load()
+    refs = {tuple(p): greedy_reference(tiny_ckpt, p, sp.max_tokens) for p, sp in zip(prompts, params)}
+    spec = spec_engine.speculator
+    if proposer != "ngram":
+        def propose(seq, room):
+            ref = refs[tuple(seq.tokens[:seq.prompt_len])]
+            done = len(seq.tokens) - seq.prompt_len
+            draft = ref[done:done + min(3, room)]
+            return tuple(draft) if proposer == "accept-all" else tuple((t + 1) % 300 for t in draft)
+        monkeypatch.setattr(spec, "propose", propose)
+    before = (spec.num_drafts, spec.num_draft_tokens, spec.num_accepted_tokens)
+    preempted = []
+    real_schedule = spec_engine.scheduler.schedule
+    monkeypatch.setattr(spec_engine.scheduler, "schedule",
+                        lambda now: (plan := real_schedule(now), preempted.extend(plan.preempted))[0])
+    compiles = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda event, secs, **kw: compiles.append(event) if event == "/jax/core/compile/backend_compile_duration" else None)
+    out = _arrivals(spec_engine, prompts, params, stagger=3)
+    for prompt, sp, tokens in zip(prompts, params, out):
+        assert tokens == refs[tuple(prompt)]
+    drafts, proposed, accepted = (a - b for a, b in zip((spec.num_drafts, spec.num_draft_tokens,
+                                                         spec.num_accepted_tokens), before))
+    assert drafts >= (3 if proposer == "ngram" else 10) and preempted
+    if proposer == "accept-all":
+        assert accepted == proposed
+    elif proposer == "reject-all":
+        assert accepted == 0
+    else:  # a random model does not repeat itself: its drafts are rejected (acceptance: accept-all)
+        assert proposed > 0
+    assert spec_engine.kv.num_free == spec_engine.kv.num_usable
+    assert compiles == []
+
+
+def _kv_at(engine, seq, n):
+    """Keys and values of `seq`'s first n positions, every layer, gathered through its page table."""
+    ps = engine.config.page_size
+    pos = np.arange(n)
+    pages, slots = np.asarray(seq.pages)[pos // ps], pos % ps
+    return [np.asarray(layer[pages, slots]) for layer in (*engine.pool.k, *engine.pool.v)]
+
+
+@pytest.mark.parametrize("proposer", ["accept-all", "reject-all"])
+def test_kv_pages_after_verify_steps_equal_plain_decoding(tiny_ckpt, spec_engine, proposer, monkeypatch):
+    prompt, n = [7, 8, 9] * 5 + [1, 2], 30
+    ref = greedy_reference(tiny_ckpt, prompt, n)
+
+    def propose(seq, room):
+        done = len(seq.tokens) - seq.prompt_len
+        draft = ref[done:done + min(4, room)]
+        return tuple(draft) if proposer == "accept-all" else tuple((t + 7) % 300 for t in draft)
+
+    monkeypatch.setattr(spec_engine.speculator, "propose", propose)
+    plain = Engine(tiny_ckpt, dataclasses.replace(TIGHT, async_scheduling=False))
+    seqs = []
+    for engine in (spec_engine, plain):
+        rid = engine.add_request(prompt, SamplingParams(max_tokens=n, ignore_eos=True))
+        seq = engine.outputs.requests[rid].seq
+        while seq.num_computed < len(prompt) + 20:
+            engine.step()
+        seqs.append(seq)
+    spec_seq, plain_seq = seqs
+    ps = spec_engine.config.page_size
+    assert len(spec_seq.pages) == -(-(spec_seq.num_computed + 1) // ps)  # rejected drafts' pages given back
+    m = min(spec_seq.num_computed, plain_seq.num_computed)
+    assert m >= len(prompt) + 20
+    for a, b in zip(_kv_at(spec_engine, spec_seq, m), _kv_at(plain, plain_seq, m)):
+        # a verify step's tokens go through the matmuls five at a time, a plain decode's one at a
+        # time: the same values up to float32 rounding (a wrong position or token is off by O(1))
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-5)
+    for engine in (spec_engine, plain):
+        while engine.has_unfinished:
+            engine.step()
