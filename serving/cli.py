@@ -174,6 +174,9 @@ def _engine_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES,
                    help="what the KV cache holds: auto (the model's dtype), float32, bfloat16, or int8 / fp8 "
                         "with a dynamic scale per token and kv head (~4x the tokens of float32)")
+    g.add_argument("--speculative-config", metavar="JSON",
+                   help='speculative decoding, e.g. \'{"method": "ngram", "num_speculative_tokens": 5}\' (fields: '
+                        'method, num_speculative_tokens, prompt_lookup_max, prompt_lookup_min, disable_by_batch_size)')
     g.add_argument("--max-model-len", type=int, help="the longest request, prompt and output (tokens)")
     g.add_argument("--max-num-seqs", type=int, help="requests decoded at once")
     g.add_argument("--gpu-memory-utilization", type=float,
@@ -214,6 +217,17 @@ def _engine_config(args):
              "gpu_memory_utilization": args.gpu_memory_utilization, "kv_cache_bytes": args.kv_cache_memory,
              "kv_cache_dtype": args.kv_cache_dtype}
     flags = {k: v for k, v in flags.items() if v is not None}
+    if getattr(args, "speculative_config", None) is not None:
+        import json
+
+        from meshserve.models.config import config_from_dict
+        from meshserve.runtime.speculative import SpeculativeConfig
+
+        try:
+            spec = json.loads(args.speculative_config)
+        except ValueError as e:
+            raise MeshserveError(f"--speculative-config: not JSON: {e}") from None
+        flags["speculative"] = config_from_dict(SpeculativeConfig, spec, "--speculative-config")
     if "max_num_seqs" in flags and flags["max_num_seqs"] > config.max_num_batched_tokens:
         flags["max_num_batched_tokens"] = flags["max_num_seqs"]  # a decode step of them all must fit a step
     if flags:

@@ -476,6 +476,11 @@ class EngineLoop:
                     counts += [(m.pages_moved.labels("host_to_store"), stats["store_pages_written"]),
                                (m.bytes_moved.labels("host_to_store"), stats["store_pages_written"] * pb),
                                (m.store_misses, stats["store_misses"]), (m.store_evicted, stats["store_pages_evicted"])]
+            if "spec_num_drafts" in stats:
+                counts += [(m.spec_drafts, stats["spec_num_drafts"]), (m.spec_draft_tokens, stats["spec_num_draft_tokens"]),
+                           (m.spec_accepted, stats["spec_num_accepted_tokens"])]
+                counts += [(m.spec_accepted_per_pos.labels(str(i)), n)
+                           for i, n in enumerate(stats["spec_accepted_per_position"])]
             for counter, total in counts:  # the engine keeps totals; counters take increments
                 counter.inc(total - self._seen.get(id(counter), 0))
                 self._seen[id(counter)] = total

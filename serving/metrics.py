@@ -108,6 +108,17 @@ class Metrics:
         self.kv_pull_seconds = Histogram("meshserve_kv_pull_seconds", "Time a decode worker took to pull one "
                                          "prompt's KV pages", buckets=(0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1, 3, 10, 30),
                                          registry=r)
+        # speculative decoding, as vLLM names them: acceptance rate = accepted / draft tokens, mean
+        # acceptance length = 1 + accepted / drafts
+        self.spec_drafts = Counter("meshserve_spec_decode_num_drafts", "Verify rows run (a request's drafts "
+                                   "checked in one step)", registry=r)
+        self.spec_draft_tokens = Counter("meshserve_spec_decode_num_draft_tokens", "Draft tokens proposed",
+                                         registry=r)
+        self.spec_accepted = Counter("meshserve_spec_decode_num_accepted_tokens", "Draft tokens accepted",
+                                     registry=r)
+        self.spec_accepted_per_pos = Counter("meshserve_spec_decode_num_accepted_tokens_per_pos",
+                                             "Draft tokens accepted at each draft position (0: the first)",
+                                             ["position"], registry=r)
         for role, outcome in (("prefill", "offered"), ("prefill", "failed"), ("decode", "pulled"),
                               ("decode", "failed")):
             for transport in ("transfer", "store"):
@@ -136,7 +147,8 @@ class Metrics:
               "meshserve_kv_bytes_moved_total", "meshserve_programs", "meshserve_kv_transfers_total",
               "meshserve_kv_transfer_pages_total", "meshserve_kv_transfer_bytes_total", "meshserve_kv_pull_seconds",
               "meshserve_http_connections_refused_total", "meshserve_kv_store_misses_total",
-              "meshserve_kv_store_evictions_total")
+              "meshserve_kv_store_evictions_total", "meshserve_spec_decode_num_drafts_total",
+              "meshserve_spec_decode_num_draft_tokens_total", "meshserve_spec_decode_num_accepted_tokens_total")
 
     def serve(self, host: str, port: int) -> int:
         """Start the /metrics HTTP endpoint; returns the bound port."""

@@ -194,8 +194,10 @@ def test_engine_flags_win_over_the_config_file(monkeypatch):
     monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION")
     args = cli._parser().parse_args(["serve", "m.gguf", "--max-model-len", "4096", "--max-num-seqs", "600",
                                      "--gpu-memory-utilization", "0.8", "--kv-cache-memory", "2GiB",
-                                     "--kv-cache-dtype", "int8"])
+                                     "--kv-cache-dtype", "int8", "--speculative-config",
+                                     '{"method": "ngram", "num_speculative_tokens": 6}'])
     config = cli._engine_config(args)
+    assert (config.speculative.method, config.speculative.num_speculative_tokens) == ("ngram", 6)
     assert (config.max_seq_len, config.max_num_seqs, config.gpu_memory_utilization, config.kv_cache_bytes,
             config.kv_cache_dtype) == (4096, 600, 0.8, 2 << 30, "int8")
     assert config.max_num_batched_tokens == 600  # a decode step of every sequence must fit a step
@@ -270,6 +272,10 @@ def test_serve_flag_mistakes_are_one_line(tmp_path):
     assert_one_error_line(result, "--override-generation-config: not JSON")
     result = meshserve("serve", "--override-generation-config", '{"temprature": 1}', "--quiet")
     assert_one_error_line(result, "'temprature' is not a sampling default")
+    result = meshserve("serve", "--speculative-config", '{"method": "ngram", "num_speculative_tokens": 16}', "--quiet")
+    assert_one_error_line(result, r"speculative.num_speculative_tokens must be in [1, 15], got 16")
+    result = meshserve("serve", "--speculative-config", "ngram", "--quiet")
+    assert_one_error_line(result, "--speculative-config: not JSON")
     result = meshserve("serve", "--tensor-parallel-size", "2", "--quiet", "--port", "0", "--grpc-port", "0",
                        "--metrics-port", "0")  # over 2 of the tests' 8 simulated devices: 9 heads do not split
     assert_one_error_line(result, "q_heads: 9 cannot be split over mesh axis 'tensor' of size 2")

@@ -459,3 +459,21 @@ def test_restart_on_the_same_store_is_a_store_hit(tiny_ckpt, tmp_path):
             engine = s.server.loop.engine
     assert usage[0].cached_tokens == 0 and usage[1].cached_tokens == 32
     assert engine.stats()["store_hit_pages"] == 4
+
+
+def test_speculative_decoding_serves_the_same_tokens_and_is_counted(tiny_ckpt, offline):
+    from meshserve.runtime.speculative import SpeculativeConfig
+
+    config = dataclasses.replace(CONFIG, speculative=SpeculativeConfig(num_speculative_tokens=3, prompt_lookup_min=1))
+    with ServerThread(dataclasses.replace(SERVER, auth_tokens=()), lambda: Engine(tiny_ckpt, config)) as s:
+        s.wait_ready()
+        with Client(f"127.0.0.1:{s.port}") as c:
+            for i in range(6):  # one at a time: under the batch-size cut-off
+                text = "".join(r.text for r in c.generate(text=prompt_text(i), max_tokens=16, ignore_eos=True))
+                assert text == offline[0][i]
+        body = urllib.request.urlopen(f"http://127.0.0.1:{s.server.metrics_port}/metrics", timeout=10).read().decode()
+    counted = {line.split()[0]: float(line.split()[1]) for line in body.splitlines()
+               if line.startswith("meshserve_spec_decode_num_")}
+    assert counted["meshserve_spec_decode_num_drafts_total"] > 0
+    assert counted["meshserve_spec_decode_num_draft_tokens_total"] >= counted["meshserve_spec_decode_num_drafts_total"]
+    assert 'meshserve_spec_decode_num_accepted_tokens_per_pos_total{position="2"}' in counted
