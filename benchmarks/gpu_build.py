@@ -12,7 +12,7 @@ Triton's compile to PTX, ptxas and XLA's own checks (shared memory per block inc
 For each target it builds
   kernels  the attention kernels at every shape and setting of tests/runtime/kernels/ and of the
            suite's benchmarks/attention_kernels.py;
-  engine   the engine's prefill and decode programs with Pallas attention (a GPU's default): the
+  engine   the engine's prefill, decode and verify programs with Pallas attention (a GPU's default): the
            default model with configs/serving/default.yaml and the GPU suite's 8B-shaped engine on
            one device (configs/meshes/h100x1.yaml); the Llama-3-8B and 70B shapes in bf16
            tensor-parallel over an 8-device topology (configs/meshes/h100x8.yaml; 70B does not fit
@@ -264,6 +264,12 @@ def engine_setups():
     # memory: the default model's largest programs, the H100 only
     fp8_kv = dataclasses.replace(served, kv_cache_dtype="fp8")
     yield "default model, fp8 KV cache", default, "float32", fp8_kv, meshes / "h100x1.yaml", True, True
+    # speculative decoding's verify programs (n-gram drafts, 5 a step: 6 query tokens a row through the
+    # paged attention kernel), the default model, the H100 only
+    from meshserve.runtime.speculative import SpeculativeConfig
+
+    spec = dataclasses.replace(served, speculative=SpeculativeConfig(num_speculative_tokens=5))
+    yield "default model, n-gram speculation", default, "float32", spec, meshes / "h100x1.yaml", True, True
     # mixtures of experts in their shipped mesh files, grouped matmuls by XLA's ragged_dot (largest prefill
     # and decode, the H100 only: 37-100 s a program to build): Qwen3-30B-A3B on one card, Qwen3-235B-A22B
     # with its experts split over eight
@@ -324,12 +330,13 @@ def build_engine(builder: Builder, target: Target) -> None:
         mesh = target.abstract_mesh(tuple(layout.mesh.shape.values()), tuple(layout.mesh.axis_names))
         shapes = list(buckets.shapes(config.page_size))
         if target.key != FULL_ENGINE_TARGET or largest_only:  # the same chip: its largest prefill and decode
-            shapes = [max((s for s in shapes if s[0] == family), key=lambda s: s[1] * s[2]) for family in
-                      ("prefill", "decode")]
+            families = ("verify",) if config.speculative is not None else ("prefill", "decode")
+            shapes = [max((s for s in shapes if s[0] == family), key=lambda s: s[1] * s[2]) for family in families]
         for shape in shapes:
             family, rows, tokens, ctx = shape
             one = dataclasses.replace(buckets, prefill_tokens=(tokens,) if family == "prefill" else (),
-                                      decode_batch=(rows,) if family == "decode" else (), context_pages=(ctx,))
+                                      decode_batch=(rows,) if family == "decode" else (), context_pages=(ctx,),
+                                      verify_batch=(rows,) if family == "verify" else ())
             label = f"{name} ({layout.describe()}, {pages} KV pages): {family} rows={rows} tokens={tokens} pages={ctx}"
             builder.add(target, "engine", label, lambda one=one: lower_programs(
                 model, params, pool, one, config.attention, layout)[shape], mesh=mesh,

@@ -34,8 +34,9 @@ def test_every_kernel_and_engine_program_builds_for_h100_and_h200(tmp_path):
     # the 8B and 70B tensor-parallel sets' 5 each; the H200: the largest prefill and decode of each set;
     # both: the 8B shape's largest two under the shipped config, its pool sized from the card's memory;
     # the H100: the largest two of Qwen3-30B-A3B (one card) and Qwen3-235B-A22B (experts over 8), and
-    # of the default model with an fp8 KV cache
-    assert (count("h100", "engine"), count("h200", "engine")) == (30, 10)
+    # of the default model with an fp8 KV cache, and its largest speculative verify program
+    assert (count("h100", "engine"), count("h200", "engine")) == (31, 10)
+    assert any("n-gram speculation" in n and ": verify rows=" in n for t, _, n in names if t == "h100")
     pages_of = lambda prefix: {int(n.split(", ")[-1].split(" KV pages")[0])
                                for t, _, n in names if t == "h100" and n.startswith(prefix)}
     shipped = [n for t, _, n in names if t == "h100" and n.startswith("Llama-3-8B shape, shipped config")]

@@ -38,3 +38,28 @@ def test_unknown_attention_is_refused():
 
     with pytest.raises(ConfigError, match="attention must be one of reference, pallas"):
         EngineConfig(attention="flash")
+
+
+def test_speculative_verify_steps_with_pallas_equal_reference(tiny_ckpt, monkeypatch):
+    """Verify steps feed 1 + k tokens a row through the Pallas kernel (a sliding window too): drafts
+    whose third token is wrong (two accepted, then the correction) give the reference's tokens."""
+    from meshserve.runtime.speculative import SpeculativeConfig
+
+    ckpt = dataclasses.replace(tiny_ckpt, config=dataclasses.replace(tiny_ckpt.config, sliding_window=7))
+    prompts = [list(range(3, 40)), [5, 6, 7]]
+    ref = _greedy(ckpt, prompts, "reference", n=20, page_size=4, context_buckets=(32,))
+    engine = Engine(ckpt, EngineConfig(attention="pallas", **{**SMALL, "page_size": 4, "context_buckets": (32,)},
+                                       speculative=SpeculativeConfig(num_speculative_tokens=3)))
+    by_prompt = {tuple(p): r for p, r in zip(prompts, ref)}
+
+    def propose(seq, room):
+        done = len(seq.tokens) - seq.prompt_len
+        draft = list(by_prompt[tuple(seq.tokens[:seq.prompt_len])][done:done + min(3, room)])
+        if len(draft) == 3:
+            draft[2] = (draft[2] + 1) % 300
+        return tuple(draft)
+
+    monkeypatch.setattr(engine.speculator, "propose", propose)
+    out = engine.generate(prompts, SamplingParams(max_tokens=20, ignore_eos=True))
+    assert [list(c.token_ids) for c in out] == ref
+    assert engine.speculator.num_accepted_tokens >= 10

@@ -194,3 +194,70 @@ def test_kv_pages_after_verify_steps_equal_plain_decoding(tiny_ckpt, spec_engine
     for engine in (spec_engine, plain):
         while engine.has_unfinished:
             engine.step()
+
+
+def _run(engine, requests):
+    """requests: (prompt, params, index of the request it forks or None); (tokens, text, logprobs) each."""
+    ids, out = [], {}
+    for prompt, params, fork in requests:
+        ids.append(engine.add_request(prompt, params, fork_of=None if fork is None else ids[fork]))
+    while engine.has_unfinished:
+        for o in engine.step():
+            tokens, text, logprobs = out.setdefault(o.request_id, ([], [], []))
+            tokens += o.token_ids
+            text.append(o.text)
+            logprobs += [(lp.token_id, lp.logprob, lp.top) for lp in o.logprobs]
+    return [(out[i][0], "".join(out[i][1]), out[i][2]) for i in ids]
+
+
+def test_logprobs_stop_strings_and_forks_are_those_of_plain_decoding(tiny_ckpt, spec_engine, monkeypatch):
+    """Drafts the target accepts (its own greedy tokens) turn several tokens a step into outputs: their
+    logprobs are the target's, a stop string inside them ends the request where plain decoding does,
+    and a fork (n > 1) speculates on its own."""
+    plain = Engine(tiny_ckpt, TIGHT)
+    prompts = ["hello hello hello", "abcabcabc", "the theory of"]
+    first = SamplingParams(max_tokens=14, logprobs=2, ignore_eos=True)
+    base = _run(plain, [(p, first, None) for p in prompts])
+    stop = base[1][1][6:8]  # two characters of the middle output's text
+    requests = [(prompts[0], first, None), (prompts[1], dataclasses.replace(first, stop=(stop,)), None),
+                (prompts[2], first, None), (prompts[2], first, 2)]
+    expected = _run(plain, requests)
+    refs = {tuple(plain.tokenizer.encode(p)): base[i][0] for i, p in enumerate(prompts)}
+
+    def propose(seq, room):
+        done = len(seq.tokens) - seq.prompt_len
+        return tuple(refs[tuple(seq.tokens[:seq.prompt_len])][done:done + min(4, room)])
+
+    monkeypatch.setattr(spec_engine.speculator, "propose", propose)
+    before = spec_engine.speculator.num_accepted_tokens
+    got = _run(spec_engine, requests)
+    assert spec_engine.speculator.num_accepted_tokens - before > 10
+    assert len(expected[1][0]) < 14  # the stop string ended it
+    for (tokens, text, logprobs), (want_tokens, want_text, want_logprobs) in zip(got, expected):
+        assert (tokens, text) == (want_tokens, want_text)
+        assert [(t, top[0][0]) for t, _, top in logprobs] == [(t, top[0][0]) for t, _, top in want_logprobs]
+        np.testing.assert_allclose([lp for _, lp, _ in logprobs], [lp for _, lp, _ in want_logprobs], atol=1e-4)
+
+
+def test_a_qwen3_target_gives_its_reference_tokens(tmp_path, monkeypatch):
+    """Qwen3's q/k norms in the verify step: drafts right for two tokens then wrong."""
+    from meshserve.models.config import ModelConfig
+    from tests.conftest import TINY_CONFIG
+    from tests.helpers import random_checkpoint
+
+    ckpt = random_checkpoint(ModelConfig(**{**TINY_CONFIG, "architecture": "qwen3", "qk_norm": True}), tmp_path,
+                             seed=5)
+    prompts, params = _load(1)
+    refs = {tuple(p): greedy_reference(ckpt, p, sp.max_tokens) for p, sp in zip(prompts, params)}
+    engine = Engine(ckpt, SPEC)
+
+    def propose(seq, room):
+        done = len(seq.tokens) - seq.prompt_len
+        draft = list(refs[tuple(seq.tokens[:seq.prompt_len])][done:done + min(3, room)])
+        return tuple(draft[:2] + [(t + 1) % 300 for t in draft[2:]])
+
+    monkeypatch.setattr(engine.speculator, "propose", propose)
+    out = _arrivals(engine, prompts, params, stagger=2)
+    assert [refs[tuple(p)] for p in prompts] == out
+    spec = engine.speculator
+    assert 0 < spec.num_accepted_tokens < spec.num_draft_tokens
