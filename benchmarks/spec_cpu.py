@@ -9,8 +9,12 @@ Chat mix (--concurrent, 16): chat questions whose answers do not repeat them, gr
 speculation off while more than `disable_by_batch_size` requests run.
 Acceptance: drafts proposed and accepted, the mean acceptance length (1 + accepted / verify rows,
 as vLLM counts it) and acceptance per draft position.
+Draft model: --draft CHECKPOINT (default: the default model itself — SmolLM2's smallest is 135M, so
+no smaller model shares its tokenizer: the figures are then acceptance's upper bound at the cost of a
+draft as large as the target) on the first --draft-prompts chat prompts alone, against none.
 
-    .venv/bin/python benchmarks/spec_cpu.py [--repeats 3] [--new 256] [--concurrent 16] [--k 5]
+    .venv/bin/python benchmarks/spec_cpu.py [--repeats 3] [--new 256] [--concurrent 16] [--k 8] [--lookup-min 1]
+                                            [--draft CHECKPOINT] [--draft-prompts 4]
 """
 
 from __future__ import annotations
@@ -54,7 +58,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--new", type=int, default=256, help="new tokens at most per repetitive request")
     ap.add_argument("--concurrent", type=int, default=16)
-    ap.add_argument("--k", type=int, default=5, help="num_speculative_tokens")
+    ap.add_argument("--k", type=int, default=8, help="num_speculative_tokens")
+    ap.add_argument("--lookup-min", type=int, default=1, help="prompt_lookup_min")
+    ap.add_argument("--draft", help="the draft model's checkpoint (default: the default model)")
+    ap.add_argument("--draft-prompts", type=int, default=4)
     args = ap.parse_args()
 
     import jax
@@ -70,8 +77,12 @@ def main() -> None:
     tok = ckpt.tokenizer
     base = EngineConfig(max_seq_len=2048, max_num_seqs=args.concurrent, kv_cache_bytes=2**29)
     spec_config = SpeculativeConfig(method="ngram", num_speculative_tokens=args.k, prompt_lookup_max=4,
-                                    prompt_lookup_min=2, disable_by_batch_size=4)
+                                    prompt_lookup_min=args.lookup_min, disable_by_batch_size=4)
     engines = {"none": Engine(ckpt, base), "ngram": Engine(ckpt, dataclasses.replace(base, speculative=spec_config))}
+    draft_path = args.draft or str(default_checkpoint())
+    draft_name = args.draft or "the default model itself"
+    draft_config = dataclasses.replace(spec_config, method="draft_model", model=draft_path, num_speculative_tokens=4)
+    drafted = Engine(ckpt, dataclasses.replace(base, speculative=draft_config))
 
     repetitive = [tok.encode_chat([{"role": "user", "content": ask.format(misspell(text) if i else text)}])
                   for i, ask in enumerate(ASKS) for text in TEXT]
@@ -120,11 +131,26 @@ def main() -> None:
             mixed[name].append(batch(engine))
     batch_drafts = spec.num_drafts - spec_before
 
+    alone(drafted, chat[0])  # warm
+    d = drafted.speculator
+    d0 = (d.num_drafts, d.num_draft_tokens, d.num_accepted_tokens)
+    draft_rates = {"none": [], "draft_model": []}
+    draft_same = 0
+    for _ in range(args.repeats):
+        for prompt in chat[:args.draft_prompts]:
+            plain_tokens, rate = alone(engines["none"], prompt)
+            draft_rates["none"].append(rate)
+            tokens, rate = alone(drafted, prompt)
+            draft_rates["draft_model"].append(rate)
+            draft_same += tokens == plain_tokens
+    d_drafts, d_proposed, d_accepted = (a - b for a, b in zip((d.num_drafts, d.num_draft_tokens,
+                                                               d.num_accepted_tokens), d0))
+
     print(f"ran on: {describe()}; {jax.devices()[0].device_kind}")
     n_tokens = statistics.median(len(t) for t in outputs["none"].values())
     r0, r1 = statistics.median(rates["none"]), statistics.median(rates["ngram"])
     print(f"\nRepetitive prompts at batch 1 ({len(repetitive)} prompts × {args.repeats}, greedy, median "
-          f"{n_tokens:.0f} new tokens; k = {args.k}):")
+          f"{n_tokens:.0f} new tokens; k = {args.k}, prompt lookup {args.lookup_min}…4 tokens):")
     print("| speculation | decode tok/s (median) | vs none |")
     print("|---|---|---|")
     print(f"| none | {r0:.1f} | 1.00 |")
@@ -141,6 +167,15 @@ def main() -> None:
     print(f"| ngram | {m1:.1f} | {m1 / m0:.2f} |")
     print(f"verify rows in the chat-mix runs: {batch_drafts} (speculation only once at most "
           f"{spec_config.disable_by_batch_size} requests run)")
+    n0, n1 = statistics.median(draft_rates["none"]), statistics.median(draft_rates["draft_model"])
+    print(f"\nDraft model: {draft_name} (k = 4), chat prompts alone ({args.draft_prompts} × {args.repeats}, greedy):")
+    print("| speculation | decode tok/s (median) | vs none |")
+    print("|---|---|---|")
+    print(f"| none | {n0:.1f} | 1.00 |")
+    print(f"| draft_model | {n1:.1f} | {n1 / n0:.2f} |")
+    print(f"greedy outputs identical: {draft_same}/{args.draft_prompts * args.repeats}; drafts: {d_drafts} verify "
+          f"rows, {d_proposed} proposed, {d_accepted} accepted ({d_accepted / max(d_proposed, 1):.2f}); mean "
+          f"acceptance length {1 + d_accepted / max(d_drafts, 1):.2f}")
 
 
 if __name__ == "__main__":

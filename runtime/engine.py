@@ -136,8 +136,11 @@ class Engine:
         self.attention = config.attention or target.attention
         kv_quant.check_readable(self.kv_dtype, self.attention, target)  # before anything is built
         self.page_bytes = page_bytes(c, ps, self.kv_dtype)  # one page, every layer, keys and values
-        num_pages = kv_pages(self.page_bytes, ps, self.max_seq_len, R,
-                             kv_pool_bytes(config, c, self.page_bytes, self.max_seq_len, layout, memory))
+        draft_pool_bytes = self._check_draft(checkpoint, layout)
+        budget = kv_pool_bytes(config, c, self.page_bytes, self.max_seq_len, layout, memory)
+        if config.kv_cache_bytes is None:  # sized from memory: the draft model's pool comes out of it
+            budget -= draft_pool_bytes
+        num_pages = kv_pages(self.page_bytes, ps, self.max_seq_len, R, budget)
         progress.stage(f"KV cache: {num_pages} pages of {ps} tokens ({num_pages * self.page_bytes / 2**30:.2f} GiB"
                        f"{'' if config.kv_cache_bytes else ', sized from memory'}), context {self.max_seq_len}")
         self.fingerprint = model_fingerprint(c, checkpoint.params, self.kv_dtype, ps,
@@ -174,8 +177,58 @@ class Engine:
         # tokens each MoE layer's router sent to each expert, since start-up (router_statistics)
         self.moe_layers = tuple(i for i in range(c.num_layers) if c.is_moe_layer(i))
         self.routing = np.zeros((len(self.moe_layers), c.num_experts), np.int64)
-        self.speculator = Speculator(config.speculative) if config.speculative is not None else None
+        self.speculator = None
+        if config.speculative is not None:
+            self.speculator = Speculator(config.speculative, self._draft_model(draft_pool_bytes))
         self._accepted: dict[Sequence, int] = {}  # drafts each verifying request of this step kept
+
+    # ---- speculative decoding's draft model ----------------------------------------------------
+
+    def _check_draft(self, checkpoint: Checkpoint, layout: Layout) -> int:
+        """Load a draft model's checkpoint, if speculation asks for one, and check it fits this
+        engine (before anything is built); returns its KV pool's bytes (0: none)."""
+        spec = self.config.speculative
+        self._draft_ckpt = None
+        if spec is None or spec.method != "draft_model":
+            return 0
+        from meshserve.models.checkpoint import load_checkpoint
+        from meshserve.runtime.speculative import same_tokenizer
+
+        if layout.mesh.size > 1:
+            raise ConfigError("speculative decoding with a draft model runs on one device; this engine's mesh has "
+                              f"{layout.mesh.size}")
+        try:
+            draft = load_checkpoint(os.path.expanduser(spec.model), progress=False)
+        except MeshserveError:
+            raise
+        except Exception as e:
+            raise ConfigError(f"speculative.model {spec.model!r}: cannot load the draft checkpoint: {e}") from None
+        if not same_tokenizer(draft.tokenizer, checkpoint.tokenizer):
+            raise ConfigError(f"the draft model {spec.model!r} ({draft.config.name}, vocabulary "
+                              f"{draft.tokenizer.vocab_size}) has another tokenizer than the target "
+                              f"{checkpoint.config.name!r} (vocabulary {checkpoint.tokenizer.vocab_size}): drafts "
+                              f"would be other tokens")
+        self._draft_ckpt = draft
+        return page_bytes(draft.config, self.config.page_size, kv_quant.cache_dtype("auto", draft.dtype)) * \
+            (self._draft_config().max_num_seqs * self.max_pages + 1)
+
+    def _draft_config(self) -> EngineConfig:
+        c = self.config
+        seqs = min(c.speculative.disable_by_batch_size, c.max_num_seqs)
+        return EngineConfig(page_size=c.page_size, max_seq_len=self.max_seq_len, max_num_seqs=seqs,
+                            max_num_batched_tokens=c.max_num_batched_tokens, max_prefill_chunk=c.max_prefill_chunk,
+                            max_queue_size=max(seqs, 1), attention=c.attention,
+                            compilation_cache_dir=c.compilation_cache_dir, compile_threads=c.compile_threads)
+
+    def _draft_model(self, pool_bytes: int):
+        """The draft model's engine (its own pool of `pool_bytes`, its own programs), or None."""
+        if self._draft_ckpt is None:
+            return None
+        from meshserve.runtime.speculative import DraftModel
+
+        progress.stage("the draft model's engine:")
+        draft = Engine(self._draft_ckpt, dataclasses.replace(self._draft_config(), kv_cache_bytes=pool_bytes))
+        return DraftModel(draft)
 
     # ---- requests ------------------------------------------------------------------------------
 
@@ -403,11 +456,14 @@ class Engine:
     def _propose(self, candidates: list[Sequence]) -> None:
         """Drafts for each candidate still decoding, within what its max_tokens and the context leave
         (the verified token after the drafts counts too)."""
+        items = []
         for seq in candidates:
             if seq.status is not Status.RUNNING or not seq.wants_decode or seq.num_sampling:
                 continue
             room = min(seq.max_total if seq.max_total is not None else self.max_seq_len, self.max_seq_len)
-            seq.draft = self.speculator.propose(seq, room - seq.total - 1)
+            items.append((seq, room - seq.total - 1))
+        for (seq, _), draft in zip(items, self.speculator.propose_all(items)):
+            seq.draft = draft
 
     def _resolve(self, launched: list) -> list[RequestOutput]:
         """Read a dispatched step's results back (waiting for the device) and act on them: tokens,

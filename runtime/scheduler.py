@@ -167,7 +167,9 @@ class Scheduler:
                                                   prompt_budget, self.config.max_prefill_chunk)
             if n <= 0:
                 continue
-            if not self._make_room(seq, seq.num_computed + n + len(draft), preempted, now):
+            if draft and not self.kv.allocate(seq, seq.num_computed + n + len(draft)):
+                draft = ()  # drafts never preempt anyone: without free pages for them, a plain decode
+            if not self._make_room(seq, seq.num_computed + n, preempted, now):
                 continue  # seq itself was preempted
             if n == 1 and seq.uncomputed == 1:
                 decodes.append(seq)

@@ -8,10 +8,18 @@ rejection sampler accepts (runtime/sampling.verify_drafts), then one token of it
 tokens for about the weight traffic of one. Greedy output is the same token for token as without
 speculation; sampled output has the same distribution.
 
-The proposer is n-gram prompt lookup (vLLM's `ngram`): the longest suffix of the request's tokens
-(prompt_lookup_max down to prompt_lookup_min tokens) that occurred before, latest occurrence first,
-proposes the tokens that followed it. It costs the host a numpy scan; it pays off where outputs
-repeat their input (editing, extraction, code, "repeat exactly").
+Proposers (`method`):
+  ngram        prompt lookup (vLLM's `ngram`): the longest suffix of the request's tokens
+               (prompt_lookup_max down to prompt_lookup_min tokens) that occurred before, latest
+               occurrence first, proposes the tokens that followed it. A numpy scan on the host; it
+               pays off where outputs repeat their input (editing, extraction, code, "repeat exactly").
+  draft_model  a smaller checkpoint with the target's tokenizer (`model`), run by an engine of its
+               own (its KV pages, its compiled programs, its prefix cache: each round prefills only
+               the tokens since its last full page, then decodes k − 1 steps), greedily, for every
+               speculating request at once. Sized from memory, its pool comes out of the target's KV
+               budget. One device.
+Both propose a point mass (one token per position), which the rejection sampler accepts or
+corrects exactly (runtime/sampling.verify_drafts).
 
 When speculation runs (`Speculator.candidates`): only while at most `disable_by_batch_size`
 requests run (a large batch is compute-bound: verifying drafts then costs more than it saves), and
@@ -35,7 +43,7 @@ import numpy as np
 from meshserve.models.errors import ConfigError
 from meshserve.runtime.sequence import Status
 
-METHODS = ("ngram",)
+METHODS = ("ngram", "draft_model")
 MAX_SPECULATIVE_TOKENS = 15  # a verify program feeds at most 16 tokens per request
 MAX_SKIP = 8  # steps a request decodes plainly after a miss, at most
 
@@ -49,11 +57,15 @@ class SpeculativeConfig:
     prompt_lookup_max: int = 4  # the longest suffix n-gram looked up
     prompt_lookup_min: int = 2  # the shortest
     disable_by_batch_size: int = 4  # no speculation while more requests than this run
+    model: str | None = None  # draft_model: the draft checkpoint's folder
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise ConfigError(f"speculative.method must be one of {', '.join(METHODS)}, got {self.method!r} "
-                              f"(draft-model and EAGLE-3 proposers are not built)")
+                              f"(EAGLE-3 heads are not built)")
+        if (self.method == "draft_model") != (self.model is not None):
+            raise ConfigError("speculative.model (the draft checkpoint) goes with method draft_model, and only "
+                              f"with it (method {self.method!r}, model {self.model!r})")
         for name in ("num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min", "disable_by_batch_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -87,11 +99,41 @@ class _State:
     skip: int = 0  # plain decode steps left before the next proposal
 
 
+def same_tokenizer(a, b) -> bool:
+    """Whether two tokenizers map every token to the same id (and have the same special tokens)."""
+    return a.backend.get_vocab(with_added_tokens=True) == b.backend.get_vocab(with_added_tokens=True)
+
+
+class DraftModel:
+    """A draft checkpoint's engine, proposing greedily for many requests at once."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def propose(self, items: list[tuple[list[int], int]]) -> list[tuple[int, ...]]:
+        """For each (tokens so far, k): up to k tokens the draft model would write next (greedy)."""
+        from meshserve.runtime.sampling import SamplingParams
+
+        engine, ids = self.engine, {}
+        for i, (tokens, k) in enumerate(items):
+            if k > 0:
+                ids[engine.add_request(list(tokens), SamplingParams(max_tokens=k, ignore_eos=True,
+                                                                    detokenize=False))] = i
+        drafts: list[list[int]] = [[] for _ in items]
+        while engine.has_unfinished:
+            for out in engine.step():
+                if out.error is not None:
+                    raise RuntimeError(f"the draft model failed: {out.error}")
+                drafts[ids[out.request_id]] += out.token_ids
+        return [tuple(d) for d in drafts]
+
+
 class Speculator:
     """Proposes drafts for the engine and keeps each request's adaptation and the counters."""
 
-    def __init__(self, config: SpeculativeConfig):
+    def __init__(self, config: SpeculativeConfig, draft: DraftModel | None = None):
         self.config = config
+        self.draft = draft
         self._state: dict = {}  # Sequence → _State
         k = config.num_speculative_tokens
         self.num_drafts = 0  # verify rows run
@@ -128,6 +170,16 @@ class Speculator:
         if not draft:
             self._miss(state)
         return draft
+
+    def propose_all(self, items: list[tuple]) -> list[tuple[int, ...]]:
+        """`propose` for each (seq, room); a draft model's for all of them in one batch."""
+        if self.draft is None:
+            return [self.propose(seq, room) for seq, room in items]
+        drafts = self.draft.propose([(seq.tokens, min(self.state(seq).k, room)) for seq, room in items])
+        for (seq, _), draft in zip(items, drafts):
+            if not draft:
+                self._miss(self.state(seq))
+        return drafts
 
     def record(self, seq, proposed: int, accepted: int) -> None:
         """A verify row of `proposed` drafts accepted `accepted` of them."""

@@ -32,7 +32,7 @@ def test_ngram_proposes_what_followed_the_latest_occurrence_of_the_longest_suffi
 @pytest.mark.parametrize("field, value, message", [
     ("num_speculative_tokens", 16, r"num_speculative_tokens must be in \[1, 15\], got 16"),
     ("num_speculative_tokens", 0, "num_speculative_tokens must be a positive integer, got 0"),
-    ("method", "eagle3", "speculative.method must be one of ngram, got 'eagle3'"),
+    ("method", "eagle3", "speculative.method must be one of ngram, draft_model, got 'eagle3'"),
     ("prompt_lookup_min", 5, r"prompt_lookup_min \(5\) must be <= prompt_lookup_max \(4\)"),
 ])
 def test_a_speculative_config_out_of_range_is_named(field, value, message):
@@ -261,3 +261,69 @@ def test_a_qwen3_target_gives_its_reference_tokens(tmp_path, monkeypatch):
     assert [refs[tuple(p)] for p in prompts] == out
     spec = engine.speculator
     assert 0 < spec.num_accepted_tokens < spec.num_draft_tokens
+
+
+# ---- a draft model ------------------------------------------------------------------------------------
+
+def _saved(ckpt, folder):
+    from meshserve.models.checkpoint import save_checkpoint
+
+    return str(save_checkpoint(folder, ckpt.config, ckpt.params, ckpt.tokenizer))
+
+
+@pytest.mark.parametrize("draft_seed", [2, 7])
+def test_a_draft_model_gives_the_targets_greedy_tokens(tiny_ckpt, tmp_path, draft_seed):
+    """A draft with the target's own weights (every draft accepted) and a random one (most rejected):
+    the target's tokens under load, every page of both engines back at the end."""
+    from meshserve.models.config import ModelConfig
+    from tests.conftest import TINY_CONFIG
+    from tests.helpers import random_checkpoint
+
+    draft = tiny_ckpt if draft_seed == 2 else random_checkpoint(ModelConfig(**{**TINY_CONFIG, "num_layers": 1}),
+                                                                 tmp_path / "tok", seed=draft_seed)
+    spec = SpeculativeConfig(method="draft_model", model=_saved(draft, tmp_path / "draft"), num_speculative_tokens=3)
+    engine = Engine(tiny_ckpt, dataclasses.replace(SPEC, speculative=spec))
+    prompts, params = _load(2)
+    out = _arrivals(engine, prompts, params, stagger=3)
+    assert out == [greedy_reference(tiny_ckpt, p, sp.max_tokens) for p, sp in zip(prompts, params)]
+    s = engine.speculator
+    assert s.num_drafts >= 10
+    if draft_seed == 2:
+        assert s.num_accepted_tokens == s.num_draft_tokens
+    else:
+        assert s.num_accepted_tokens < s.num_draft_tokens / 2
+    for e in (engine, s.draft.engine):
+        assert e.kv.num_free == e.kv.num_usable
+
+
+def test_a_draft_model_with_another_tokenizer_is_refused_naming_both(tiny_ckpt, tmp_path):
+    from meshserve.models.tokenizer import Tokenizer
+    from tests.helpers import write_tokenizer
+
+    other = tmp_path / "other-tok"
+    other.mkdir()
+    write_tokenizer(other)
+    vocab = Tokenizer.load(other).backend.get_vocab()
+    assert vocab == tiny_ckpt.tokenizer.backend.get_vocab()  # the same writer: change one token
+    backend = Tokenizer.load(other)
+    backend.backend.add_tokens(["<|extra|>"])
+    draft = dataclasses.replace(tiny_ckpt, tokenizer=backend)
+    spec = SpeculativeConfig(method="draft_model", model=_saved(draft, tmp_path / "draft"))
+    with pytest.raises(ConfigError, match=r"the draft model '.*draft' \(tiny, vocabulary 265\) has another "
+                                          r"tokenizer than the target 'tiny' \(vocabulary 264\)"):
+        Engine(tiny_ckpt, dataclasses.replace(SPEC, speculative=spec))
+    with pytest.raises(ConfigError, match="speculative.model .* goes with method draft_model"):
+        SpeculativeConfig(method="draft_model")
+
+
+def test_sampled_rows_speculate_reproducibly_and_free_their_pages(spec_engine):
+    """Temperature 1 with top-p and a logit bias under n-gram drafts: the same seed gives the same
+    tokens, run after run, and the outputs end as asked."""
+    prompts = [[7, 8, 9] * 6, [1, 2, 3, 1, 2, 3, 1, 2]]
+    params = [SamplingParams(max_tokens=16, temperature=1.0, top_p=0.9, seed=s, ignore_eos=True,
+                             logit_bias=((7, 5.0),)) for s in (1, 2)]
+    before = spec_engine.speculator.num_drafts
+    runs = [[list(c.token_ids) for c in spec_engine.generate(prompts, params)] for _ in range(2)]
+    assert runs[0] == runs[1] and all(len(t) == 16 for t in runs[0])
+    assert spec_engine.speculator.num_drafts > before
+    assert spec_engine.kv.num_free == spec_engine.kv.num_usable
