@@ -260,9 +260,7 @@ def sample(logits: Float[Array, "b v"], s: SamplingBatch, history: Int[Array, "b
     random = s.temperature > 0
 
     def draw(x):
-        x = x / jnp.where(random, s.temperature, 1.0)[:, None]
-        filtered = (s.top_k > 0) | (s.top_p < 1) | (s.min_p > 0)
-        x = jax.lax.cond(jnp.any(filtered & random), lambda y: _filter(y, s), lambda y: y, x)
+        x = _tempered(x, s, random)
         keys = jax.vmap(lambda seed, step: jax.random.fold_in(jax.random.key(seed), step))(s.seed, s.step)
         return jax.vmap(jax.random.categorical)(keys, x).astype(jnp.int32)
 
@@ -271,6 +269,13 @@ def sample(logits: Float[Array, "b v"], s: SamplingBatch, history: Int[Array, "b
     chosen = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
     top_lp, top_ids = _top_logprobs(logprobs, s.want_logprobs)
     return Sampled(tokens, chosen, top_ids, top_lp)
+
+
+def _tempered(x: Float[Array, "b v"], s: SamplingBatch, random: Array) -> Float[Array, "b v"]:
+    """Logits of the random rows divided by their temperature, then top-k, top-p and min-p."""
+    x = x / jnp.where(random, s.temperature, 1.0)[:, None]
+    filtered = (s.top_k > 0) | (s.top_p < 1) | (s.min_p > 0)
+    return jax.lax.cond(jnp.any(filtered & random), lambda y: _filter(y, s), lambda y: y, x)
 
 
 def _top_logprobs(logprobs: Float[Array, "b v"], want: Array) -> tuple[Array, Array]:
@@ -317,9 +322,7 @@ def verify_drafts(logits: Float[Array, "b t v"], drafts: Int[Array, "b k"], coun
     random = rows.temperature > 0
 
     def draw(y):
-        y = y / jnp.where(random, rows.temperature, 1.0)[:, None]
-        filtered = (rows.top_k > 0) | (rows.top_p < 1) | (rows.min_p > 0)
-        y = jax.lax.cond(jnp.any(filtered & random), lambda z: _filter(z, rows), lambda z: z, y)
+        y = _tempered(y, rows, random)
         keys = jax.vmap(lambda seed, step: jax.random.split(jax.random.fold_in(jax.random.key(seed), step)))(
             rows.seed, rows.step)
         p_draft = jnp.take_along_axis(jax.nn.softmax(y, axis=-1), jnp.maximum(draft, 0)[:, None], axis=-1)[:, 0]
