@@ -277,6 +277,21 @@ def test_workers_of_another_model_serve_it_beside(fleet):
         fleet.client.completions.create(model="tiny-c", prompt="nobody serves this", max_tokens=3)
 
 
+def test_a_speculating_worker_gives_the_same_text_and_counts_its_drafts(fleet):
+    """A worker with n-gram speculation (`--speculative-config`) behind Dynamo's frontend: the greedy
+    text of a worker without it, and its drafts on its /metrics."""
+    spec = '{"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1}'
+    fleet.add_worker("spec", "tiny-spec", "--component", "spec", "--speculative-config", spec)
+    wait_for(lambda: "tiny-spec" in [m.id for m in fleet.client.models.list().data], 60, "the model to be listed")
+    for prompt in ("abc abc abc abc", "to be or not to be, to be or"):
+        out = fleet.client.completions.create(model="tiny-spec", prompt=prompt, max_tokens=20, temperature=0,
+                                              extra_body={"ignore_eos": True})
+        assert out.choices[0].text == complete(fleet, prompt, 20).choices[0].text
+    assert fleet.metric("spec", "meshserve_spec_decode_num_drafts_total") > 0
+    fleet.workers["spec"].send_signal(signal.SIGTERM)  # drained and gone: the later tests' fleet as before
+    assert fleet.workers["spec"].wait(timeout=60) == 0
+
+
 def test_a_worker_serves_a_mixture_of_experts(fleet, tmp_path):
     """A Qwen3-MoE checkpoint, converted from a random transformers model, served by a worker through
     Dynamo's frontend: the text of the engine's own greedy tokens for the same prompt, and the router's
