@@ -492,6 +492,8 @@ class Engine:
         outputs = []
         tokens = sampled.tokens.tolist()
         drafts = call.batch.ints[:, 1]
+        at = [Sampled(sampled.tokens[:, j], sampled.logprob[:, j], sampled.top_ids[:, j], sampled.top_logprobs[:, j])
+              for j in range(sampled.tokens.shape[1])]  # each position's results, as a decode's
         for row, seq in call.rows:
             kept = int(accepted[row])
             self._accepted[seq] = kept
@@ -500,9 +502,7 @@ class Engine:
             for j in range(kept + 1):
                 if j:
                     self.scheduler.sampling(seq)  # the first counted at dispatch
-                at = Sampled(sampled.tokens[:, j], sampled.logprob[:, j], sampled.top_ids[:, j],
-                             sampled.top_logprobs[:, j])
-                out = self.outputs.sampled(seq, at, tokens[row][j], row)
+                out = self.outputs.sampled(seq, at[j], tokens[row][j], row)
                 if out is None:
                     break
                 merged = out if merged is None else _joined(merged, out)

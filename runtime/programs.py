@@ -109,7 +109,7 @@ PREFILL_ROW_INTS = 3
 class VerifyBatch:
     """A verification call: per row, its last token then its drafts (T tokens, -1 past them).
 
-    ints[:, :VERIFY_INTS] = (position of the last token, drafts, prompt length, slot), then the
+    ints[:, :VERIFY_INTS] = (position of the last token, drafts, slot), then the
     sampling ints; floats: the sampling floats; page_tables: each row's pages (every position it
     writes included: the scheduler allocated them). Positions past a row's drafts, and padding
     rows (no pages), write to the null page."""
@@ -120,7 +120,7 @@ class VerifyBatch:
     page_tables: Int[Array, "b p"]
 
 
-VERIFY_INTS = 4
+VERIFY_INTS = 3
 
 
 def _sample_and_score(params, x, last_x, sampling, history, prompt_len, targets, mask, config):
@@ -168,7 +168,7 @@ def prefill_step(params: Params, pool: KVPool, last: Int[Array, "s"], batch: Pre
 def verify_step(params: Params, pool: KVPool, last: Int[Array, "s"], batch: VerifyBatch, *, config: ModelConfig,
                 attention: str = "reference", shards: AttentionShards | None = None, target: Target = CPU,
                 experts: ExpertPlan = ExpertPlan()) -> tuple[KVPool, Int[Array, "s"], Sampled, Array, Array]:
-    start, counts, _, slots = (batch.ints[:, i] for i in range(VERIFY_INTS))
+    start, counts, slots = (batch.ints[:, i] for i in range(VERIFY_INTS))
     B, T = batch.tokens.shape
     ps = pool.page_size
     positions = start[:, None] + jnp.arange(T, dtype=jnp.int32)
@@ -386,9 +386,6 @@ class Programs:
 
     def decode(self, batch: int, pages: int):
         return self.compiled[("decode", batch, 1, pages)]
-
-    def verify(self, batch: int, pages: int):
-        return self.compiled[("verify", batch, self.buckets.verify_tokens, pages)]
 
 
 class SavedPrograms:

@@ -282,11 +282,10 @@ class ModelRunner:
                     seq.tokens[:end] if params.penalized else None, None, matcher)
 
     def _verify_row(self, seq: Sequence, draft: tuple[int, ...], sampling_of: SamplingOf) -> _Row:
-        """A decode's row with its drafts: its last token (on the host) then the drafts."""
-        params, seed, _, held, matcher = sampling_of(seq)
+        """A decode's row with its drafts: its last token (on the host: the engine read it back to
+        propose) then the drafts. Only plain sampling speculates (the engine's `_speculating`)."""
+        params, seed, *_ = sampling_of(seq)
         end = seq.num_computed + 1
-        if end > len(seq.tokens) or params.penalized or held or matcher is not None:
-            raise ValueError(f"request {seq.request_id} cannot verify drafts now")  # the engine's own fault
         return _Row(seq, (seq.tokens[end - 1], *draft), (end - 1,), (params, seed, seq.total - seq.prompt_len, ()),
                     None, None)
 
@@ -294,14 +293,14 @@ class ModelRunner:
         """Host arrays of one verify call; padding rows have no pages, so they write to the null page."""
         t = self.buckets.verify_tokens
         ints = np.empty((b, VERIFY_INTS + SamplingBatch.INTS), np.int32)
-        ints[:, :VERIFY_INTS] = (0, 0, 0, self.padding_slot)
+        ints[:, :VERIFY_INTS] = (0, 0, self.padding_slot)
         floats = np.empty((b, SamplingBatch.FLOATS), np.float32)
         tokens = np.full((b, t), -1, np.int32)
         tables = np.full((b, p), NULL_PAGE, np.int32)
         sampling = [None] * b
         for r, row in placed:
             seq = row.seq
-            ints[r, :VERIFY_INTS] = (row.positions[0], len(row.tokens) - 1, seq.prompt_len, self.slot(seq))
+            ints[r, :VERIFY_INTS] = (row.positions[0], len(row.tokens) - 1, self.slot(seq))
             tokens[r, :len(row.tokens)] = row.tokens
             tables[r, :len(seq.pages)] = seq.pages
             sampling[r] = row.sampling

@@ -21,7 +21,7 @@ Proposers (`method`):
 Both propose a point mass (one token per position), which the rejection sampler accepts or
 corrects exactly (runtime/sampling.verify_drafts).
 
-When speculation runs (`Speculator.candidates`): only while at most `disable_by_batch_size`
+When speculation runs (the engine's `_speculating`, `Speculator.wants`): only while at most `disable_by_batch_size`
 requests run (a large batch is compute-bound: verifying drafts then costs more than it saves), and
 per request only when sampling is plain (no penalties, no min_tokens still holding, no grammar: their
 masks and histories change token by token). Each request adapts its draft length as Hugging Face's
@@ -29,8 +29,9 @@ assisted generation does (+2 after a step that accepted every draft, −1 otherw
 that proposed nothing or had nothing accepted it skips the next 1, 2, 4, 8 steps (plain decoding,
 with async scheduling) before it tries again.
 
-Page accounting: the scheduler allocates pages for every drafted position; once the step is read
-back the request keeps what its accepted tokens need and gives the rest back (KVManager.truncate).
+Page accounting: the scheduler allocates pages for the drafted positions when they are free (drafts
+never preempt anyone; without them the request decodes plainly); once the step is read back the
+request keeps what its accepted tokens need and gives the rest back (KVManager.truncate).
 Only accepted tokens are ever hashed into the prefix cache.
 """
 
