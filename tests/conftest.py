@@ -8,7 +8,61 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import subprocess  # noqa: E402
+from pathlib import Path  # noqa: E402
+
 import pytest  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+GPU_BUILD_TEST = "tests/test_gpu_build.py::test_every_kernel_and_engine_program_builds_for_h100_and_h200"
+
+
+def gpu_venv_command(script: str, *args) -> tuple[list[str], dict[str, str]]:
+    """A script of benchmarks/ run with the GPU machine's jax (.venv-gpu, which `make test` makes
+    from locks/gpu-build.txt), without this suite's CPU-only settings."""
+    python = ROOT / ".venv-gpu" / "bin" / "python"
+    assert python.exists(), "no .venv-gpu: `make test` makes it (locks/gpu-build.txt)"
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS", "PYTHONPATH")}
+    return [str(python), str(ROOT / "benchmarks" / script), *map(str, args)], env
+
+
+class BackgroundBuild:
+    """benchmarks/gpu_build.py running beside the suite at the lowest CPU priority: the deviceless
+    H100/H200 build (~10 minutes of XLA) takes the cores the other tests leave idle."""
+
+    def __init__(self, folder: Path):
+        self.json, self.log = folder / "built.json", folder / "build.log"
+        command, env = gpu_venv_command("gpu_build.py", "--json", self.json)
+        with self.log.open("w") as log:
+            self.proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env,
+                                         preexec_fn=lambda: os.nice(19))
+
+    def result(self, timeout: float) -> tuple[int, str]:
+        """The build's exit code and output, once it has ended."""
+        return self.proc.wait(timeout=timeout), self.log.read_text()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def pytest_collection_modifyitems(items):
+    """The background build's test runs last, when the build has had the whole session."""
+    items.sort(key=lambda item: item.nodeid == GPU_BUILD_TEST)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def gpu_build(request, tmp_path_factory):
+    """The BackgroundBuild, started with the session when its test is in it (else None)."""
+    if not any(item.nodeid == GPU_BUILD_TEST for item in request.session.items):
+        yield None
+        return
+    build = BackgroundBuild(tmp_path_factory.mktemp("gpu-build"))
+    try:
+        yield build
+    finally:
+        build.stop()
 
 
 def pytest_terminal_summary(terminalreporter):

@@ -1,32 +1,28 @@
 """Every GPU program builds for H100 and H200 targets (benchmarks/gpu_build.py, run with the GPU
 machine's jax in .venv-gpu, which `make test` makes from locks/gpu-build.txt): a kernel or program
-change that does not compile for the card fails here, not on the device."""
+change that does not compile for the card fails here, not on the device. The whole build runs beside
+the rest of the suite (conftest.BackgroundBuild); its test, last, reads what it built."""
 
 import json
-import os
 import subprocess
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-PYTHON = ROOT / ".venv-gpu" / "bin" / "python"
+from tests.conftest import ROOT, gpu_venv_command
 
 
 def gpu_venv(script: str, *args, timeout: int) -> subprocess.CompletedProcess:
-    assert PYTHON.exists(), "no .venv-gpu: `make test` makes it (locks/gpu-build.txt)"
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS", "PYTHONPATH")}
-    return subprocess.run([str(PYTHON), str(ROOT / "benchmarks" / script), *args], capture_output=True,
-                          text=True, timeout=timeout, cwd=ROOT, env=env)
+    command, env = gpu_venv_command(script, *args)
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
 
 
 def gpu_build(*args, timeout: int) -> subprocess.CompletedProcess:
     return gpu_venv("gpu_build.py", *args, timeout=timeout)
 
 
-def test_every_kernel_and_engine_program_builds_for_h100_and_h200(tmp_path):
-    result = gpu_build("--json", tmp_path / "built.json", timeout=1500)
-    print(result.stdout[-4000:])  # the table, in the log
-    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
-    built = json.loads((tmp_path / "built.json").read_text())
+def test_every_kernel_and_engine_program_builds_for_h100_and_h200(gpu_build):
+    code, output = gpu_build.result(timeout=1500)
+    print(output[-4000:])  # the table, in the log
+    assert code == 0, output[-9000:]
+    built = json.loads(gpu_build.json.read_text())
     names = {(b["target"], b["part"], b["name"]) for b in built}
     count = lambda target, part: sum(t == target and p == part for t, p, _ in names)
     assert count("h100", "kernels") == count("h200", "kernels") == 81  # every kernel call, for both cards

@@ -275,6 +275,8 @@ def test_workers_of_another_model_serve_it_beside(fleet):
     assert out.model == "tiny-b" and {w for w in after if after[w] > before.get(w, 0)} == {"other"}
     with pytest.raises(openai.NotFoundError):
         fleet.client.completions.create(model="tiny-c", prompt="nobody serves this", max_tokens=3)
+    fleet.workers["other"].send_signal(signal.SIGTERM)  # one process fewer for the later tests' machine
+    assert fleet.workers["other"].wait(timeout=60) == 0
 
 
 def test_a_speculating_worker_gives_the_same_text_and_counts_its_drafts(fleet):
@@ -320,6 +322,8 @@ def test_a_worker_serves_a_mixture_of_experts(fleet, tmp_path):
     [expected] = engine.generate([ids], SamplingParams(max_tokens=16, ignore_eos=True))
     assert out.usage.prompt_tokens == len(ids) and out.usage.completion_tokens == 16
     assert out.choices[0].text == ckpt.tokenizer.decode(list(expected.token_ids))
+    fleet.workers["moe"].send_signal(signal.SIGTERM)
+    assert fleet.workers["moe"].wait(timeout=60) == 0
 
 
 def test_a_worker_of_two_processes_gives_a_single_process_workers_tokens(fleet):
@@ -331,12 +335,14 @@ def test_a_worker_of_two_processes_gives_a_single_process_workers_tokens(fleet):
                                                     "num_processes": 2, "process_id": "env:MESHSERVE_PROCESS_ID",
                                                     "initialization_timeout_s": 120}}))
     more = ("--component", "mh", "--mesh", str(mesh))
+    prompts = ("hello there", "the mesh spans two processes")
+    wants = [complete(fleet, prompt, 24).choices[0].text for prompt in prompts]  # before the two start up
     fleet.add_worker("mh1", "tiny-mh", *more, env={"MESHSERVE_PROCESS_ID": "1", "JAX_PLATFORMS": "cpu"}, wait=False)
     fleet.add_worker("mh0", "tiny-mh", *more, env={"MESHSERVE_PROCESS_ID": "0", "JAX_PLATFORMS": "cpu"})
     wait_for(lambda: "tiny-mh" in [m.id for m in fleet.client.models.list().data], 60, "the model to be listed")
-    for prompt in ("hello there", "the mesh spans two processes"):
-        want = complete(fleet, prompt, 24).choices[0].text
-        streamed = complete(fleet, prompt, 24, stream=True)
+    for prompt, want in zip(prompts, wants):
+        streamed = fleet.client.completions.create(model="tiny-mh", prompt=prompt, max_tokens=24, temperature=0,
+                                                   stream=True, extra_body={"ignore_eos": True})
         text = "".join(c.choices[0].text for c in streamed if c.choices)
         assert fleet.client.completions.create(model="tiny-mh", prompt=prompt, max_tokens=24, temperature=0,
                                                extra_body={"ignore_eos": True}).choices[0].text == want == text
