@@ -16,8 +16,9 @@ For each target it builds
            default model with configs/serving/default.yaml and the GPU suite's 8B-shaped engine on
            one device (configs/meshes/h100x1.yaml); the Llama-3-8B and 70B shapes in bf16
            tensor-parallel over an 8-device topology (configs/meshes/h100x8.yaml; 70B does not fit
-           one card); every program for the H100, the largest prefill and decode of each for the H200
-           (FULL_ENGINE_TARGET); and the 8B shape under the shipped config alone, its KV pool sized
+           one card; their largest prefill and decode, both cards); every program of the one-card
+           sets for the H100, the largest prefill and decode of each for the H200 (FULL_ENGINE_TARGET);
+           and the 8B shape under the shipped config alone, its KV pool sized
            from the card's memory as the engine sizes it (largest prefill and decode, both cards); and
            the Qwen3 mixtures of experts in their shipped mesh files (largest two, the H100 only).
 One line per program as it is built; a table last; exit 1 naming every program that failed and the
@@ -255,8 +256,9 @@ def engine_setups():
     tp = dataclasses.replace(suite, kv_cache_bytes=suite.kv_cache_bytes * 8)  # the pool splits over 8 cards
     yield "default model, shipped config", default, "float32", served, meshes / "h100x1.yaml", False, False
     yield "GPU suite: Llama-3-8B shape", llama8, "bfloat16", suite, meshes / "h100x1.yaml", False, False
-    yield "Llama-3-8B shape, tensor 8", llama8, "bfloat16", tp, meshes / "h100x8.yaml", False, False
-    yield "Llama-3-70B shape, tensor 8", llama70, "bfloat16", tp, meshes / "h100x8.yaml", False, False
+    # tensor-parallel over eight cards (the sets no device here runs): their largest prefill and decode
+    yield "Llama-3-8B shape, tensor 8", llama8, "bfloat16", tp, meshes / "h100x8.yaml", True, False
+    yield "Llama-3-70B shape, tensor 8", llama70, "bfloat16", tp, meshes / "h100x8.yaml", True, False
     # `meshserve serve llama-3-8b/` with no YAML of the user's: the shipped config, the pool sized from
     # the card's memory as the engine sizes it (its largest prefill and decode program)
     yield "Llama-3-8B shape, shipped config", llama8, "bfloat16", served, meshes / "h100x1.yaml", True, False
