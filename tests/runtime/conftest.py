@@ -10,23 +10,26 @@ from meshserve.models.decoder import forward
 _forward = jax.jit(forward, static_argnames="config")
 
 
+def reference_logits(ckpt: Checkpoint, ids: list[int]) -> np.ndarray:
+    """The last token's logits from the plain dense forward pass over the whole sequence, no cache.
+    The sequence is padded on the right to a multiple of 32 tokens (no earlier token sees a later one),
+    so that one compiled program serves 32 lengths."""
+    n = len(ids)
+    padded = max(n, min(-(-n // 32) * 32, ckpt.config.max_position_embeddings))
+    logits, _ = _forward(ckpt.params, jnp.asarray([list(ids) + [0] * (padded - n)], jnp.int32),
+                         jnp.arange(padded, dtype=jnp.int32)[None], config=ckpt.config)
+    return np.asarray(logits[0, n - 1])
+
+
 def greedy_reference(ckpt: Checkpoint, prompt: list[int], n: int, eos: frozenset = frozenset()) -> list[int]:
     """Greedy tokens from the plain dense forward pass over the whole sequence, no cache."""
     ids = list(prompt)
     for _ in range(n):
-        logits, _ = _forward(ckpt.params, jnp.asarray([ids], jnp.int32),
-                             jnp.arange(len(ids), dtype=jnp.int32)[None], config=ckpt.config)
-        token = int(np.argmax(logits[0, -1]))
+        token = int(np.argmax(reference_logits(ckpt, ids)))
         if token in eos:
             break
         ids.append(token)
     return ids[len(prompt):]
-
-
-def reference_logits(ckpt: Checkpoint, ids: list[int]) -> np.ndarray:
-    logits, _ = _forward(ckpt.params, jnp.asarray([ids], jnp.int32),
-                         jnp.arange(len(ids), dtype=jnp.int32)[None], config=ckpt.config)
-    return np.asarray(logits[0, -1])
 
 
 def penalized_reference(ckpt: Checkpoint, prompt: list[int], n: int, repetition: float = 1.0,

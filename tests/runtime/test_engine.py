@@ -772,7 +772,8 @@ def test_a_mixture_of_experts_is_served_like_a_dense_model(tiny_ckpt, tmp_path):
     assert [list(c.token_ids) for c in tight.generate(prompts, params)] == expected
 
     roomy = dataclasses.replace(TIGHT, kv_cache_bytes=None, max_num_batched_tokens=32, host_kv_bytes=2**20,
-                                kv_store=str(tmp_path / "kv"), kv_transfer=True)
+                                kv_store=str(tmp_path / "kv"), kv_transfer=True,
+                                compilation_cache_dir=str(tmp_path / "xla"))  # the decode engine's programs
     engine = Engine(ckpt, roomy)
     compiles = []
     jax.monitoring.register_event_duration_secs_listener(
