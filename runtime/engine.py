@@ -232,12 +232,17 @@ class Engine:
 
     # ---- requests ------------------------------------------------------------------------------
 
+    @property
+    def speculative_tokens(self) -> int:
+        """The most drafts a request may have verified in one step (0: this engine does not speculate)."""
+        return self.speculator.config.num_speculative_tokens if self.speculator is not None else 0
+
     def check(self, ids: Seq[int], params: SamplingParams = SamplingParams(), priority: int = 0,
               **fields) -> Request:
         """The request checked against this engine's limits (RequestError naming the first problem)."""
         check_request(ids, params, priority, vocab_size=self.model_config.vocab_size, max_seq_len=self.max_seq_len,
                       priority_levels=self.config.priority_levels, limits=self.config.limits,
-                      eos_ids=len(self.eos_ids))
+                      eos_ids=len(self.eos_ids), speculative_tokens=self.speculative_tokens)
         timeout = fields.get("queue_timeout_s")
         if timeout is not None and not timeout > 0:
             raise RequestError(f"queue_timeout_s must be positive, got {timeout}")
@@ -447,9 +452,9 @@ class Engine:
             if seq.uncomputed != 1 or not seq.wants_decode:
                 continue
             params, _, _, held, matcher = self.outputs.sampling_of(seq)
-            if params.penalized or held or matcher is not None:
+            if params.penalized or held or matcher is not None or params.num_speculative_tokens == 0:
                 continue
-            if self.speculator.wants(seq):
+            if self.speculator.wants(seq, params.num_speculative_tokens):
                 out.append(seq)
         return out
 

@@ -46,13 +46,14 @@ class RequestLimits:
 
 def check_request(ids: Seq[int], params: SamplingParams, priority: int, *, vocab_size: int,
                   max_seq_len: int, priority_levels: int, limits: RequestLimits = RequestLimits(),
-                  eos_ids: int = 0) -> None:
+                  eos_ids: int = 0, speculative_tokens: int = 0) -> None:
     """Raise RequestError naming the first problem with a request; needs no compiled engine.
 
     `max_seq_len` is a context the KV cache is known to hold (the engine checks that at start-up),
     so a request within it never waits for pages that cannot exist. The context holds every token
     the model reads: the prompt and each generated token but the last (sampled, never read back),
-    so a prompt of max_seq_len tokens may still be scored (max_tokens 1)."""
+    so a prompt of max_seq_len tokens may still be scored (max_tokens 1). `speculative_tokens`: the
+    most drafts a step the engine verifies (0: it does not speculate)."""
     if not ids:
         raise RequestError("prompt is empty")
     if len(ids) > max_seq_len:  # before looking at every id: a huge prompt fails at once
@@ -70,6 +71,12 @@ def check_request(ids: Seq[int], params: SamplingParams, priority: int, *, vocab
                            f"exceeds the context of {max_seq_len} tokens by more than the last token")
     if not isinstance(priority, int) or not 0 <= priority < priority_levels:
         raise RequestError(f"priority must be in [0, {priority_levels}), got {priority}")
+    k = params.num_speculative_tokens
+    if k and not speculative_tokens:
+        raise RequestError(f"num_speculative_tokens: this server does not speculate (asked for {k})")
+    if k and k > speculative_tokens:
+        raise RequestError(f"num_speculative_tokens must be in [0, {speculative_tokens}] (the server's "
+                           f"speculative config), got {k}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -58,6 +58,8 @@ class SamplingParams:
     min_tokens: int = 0  # EOS and stop token ids cannot be sampled before this many tokens
     detokenize: bool = True  # False: token ids only, no text (a caller that detokenizes itself)
     guided: Guided | None = None  # what the output must match (runtime/grammar.py)
+    # speculative decoding: at most this many drafts a step (0: none); None: the server's setting
+    num_speculative_tokens: int | None = None
 
     def validate(self, vocab_size: int) -> None:
         """Raise RequestError naming the first bad field."""
@@ -93,6 +95,9 @@ class SamplingParams:
                 raise RequestError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
         if self.seed is not None and (not _integer(self.seed) or not 0 <= self.seed < 2**31):
             raise RequestError(f"seed must be in [0, 2**31), got {self.seed}")
+        k = self.num_speculative_tokens
+        if k is not None and (not _integer(k) or k < 0):
+            raise RequestError(f"num_speculative_tokens must be a non-negative integer, got {k!r}")
         for tid in self.stop_token_ids:
             if not _integer(tid) or not 0 <= tid < vocab_size:
                 raise RequestError(f"stop_token_ids: {tid} is outside the vocabulary (size {vocab_size})")

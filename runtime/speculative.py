@@ -96,6 +96,7 @@ def ngram_propose(tokens: np.ndarray, k: int, lo: int, hi: int) -> tuple[int, ..
 @dataclasses.dataclass
 class _State:
     k: int  # drafts to propose next
+    most: int  # what the k adapts within: the request's num_speculative_tokens, else the server's
     misses: int = 0  # steps in a row that proposed nothing or had nothing accepted
     skip: int = 0  # plain decode steps left before the next proposal
 
@@ -142,10 +143,13 @@ class Speculator:
         self.num_accepted_tokens = 0  # drafts accepted
         self.accepted_per_position = np.zeros(k, np.int64)  # drafts accepted at position 0 … k − 1
 
-    def state(self, seq) -> _State:
+    def state(self, seq, most: int | None = None) -> _State:
+        """`seq`'s adaptation, made at its first proposal with at most `most` drafts a step (None:
+        the server's num_speculative_tokens)."""
         state = self._state.get(seq)
         if state is None:
-            state = self._state[seq] = _State(self.config.num_speculative_tokens)
+            k = min(most or self.config.num_speculative_tokens, self.config.num_speculative_tokens)
+            state = self._state[seq] = _State(k, k)
         return state
 
     def forget_finished(self) -> None:
@@ -153,9 +157,10 @@ class Speculator:
         for seq in [s for s in self._state if s.status is Status.FINISHED]:
             del self._state[seq]
 
-    def wants(self, seq) -> bool:
-        """Whether `seq` proposes this step (it is not skipping after a miss); counts a skipped step."""
-        state = self.state(seq)
+    def wants(self, seq, most: int | None = None) -> bool:
+        """Whether `seq` proposes this step (it is not skipping after a miss); counts a skipped step.
+        `most`: the request's num_speculative_tokens (None: the server's)."""
+        state = self.state(seq, most)
         if state.skip:
             state.skip -= 1
             return False
@@ -190,7 +195,7 @@ class Speculator:
         self.accepted_per_position[:accepted] += 1
         state = self.state(seq)
         if accepted == proposed:
-            state.k = min(self.config.num_speculative_tokens, state.k + 2)
+            state.k = min(state.most, state.k + 2)
         else:
             state.k = max(1, state.k - 1)
         if accepted:

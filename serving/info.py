@@ -37,6 +37,7 @@ class EngineInfo:
     max_num_batched_tokens: int
     sampling_defaults: dict  # what a request's unset sampling fields take (ServerConfig.sampling_defaults)
     grammars: Any = None  # the engine's GrammarCompiler (structured outputs), shared with the frontends
+    speculative_tokens: int = 0  # the most drafts a step a request may ask for (0: no speculation)
 
     @classmethod
     def of(cls, engine, served_model_name: str | None = None, sampling_defaults: dict | None = None) -> "EngineInfo":
@@ -47,7 +48,7 @@ class EngineInfo:
                    engine.config.page_size, engine.kv.num_usable, engine.pool.page_shape, engine.pool.page_dtype,
                    engine.pool.dtype, engine.fingerprint.hex(), engine.kv_events is not None, engine.config.kv_store,
                    engine.replicas, engine.config.max_num_seqs, engine.config.max_num_batched_tokens,
-                   dict(sampling_defaults or {}), engine.grammars)
+                   dict(sampling_defaults or {}), engine.grammars, engine.speculative_tokens)
 
     @property
     def served_name(self) -> str:

@@ -4,8 +4,10 @@ and stream chunks built from engine outputs. No I/O here (serving/http.py is the
 Fields are taken at their OpenAI meaning, with the extensions benchmark and evaluation tools send
 (vLLM's: ignore_eos, min_tokens, top_k, min_p, repetition_penalty, stop_token_ids,
 stream_options.continuous_usage_stats, and its structured-output fields: structured_outputs,
-guided_json, guided_regex, guided_choice, guided_grammar). Fields whose behaviour meshserve cannot
-give yet are refused with 400 naming them, never dropped; other unknown fields are ignored.
+guided_json, guided_regex, guided_choice, guided_grammar), and meshserve's num_speculative_tokens
+(at most that many drafts a step for this request, 0: none, on a server that speculates). Fields
+whose behaviour meshserve cannot give yet are refused with 400 naming them, never dropped; other
+unknown fields are ignored.
 Structured outputs and tools: runtime/grammar.py and serving/tools.py.
 """
 
@@ -183,7 +185,7 @@ def _sampling(body: _Body) -> dict[str, Any]:
         value = body.get(name, (float, int))
         if value is not None:
             values[name] = value
-    for name in ("seed", "min_tokens"):
+    for name in ("seed", "min_tokens", "num_speculative_tokens"):
         value = body.get(name, (int,))
         if value is not None:
             values[name] = value

@@ -135,7 +135,8 @@ class Preprocessor:
         the one check a request gets."""
         f = self.info
         check_request(ids, params, priority, vocab_size=f.vocab_size, max_seq_len=f.context_length,
-                      priority_levels=f.priority_levels, limits=f.limits, eos_ids=len(f.eos_ids))
+                      priority_levels=f.priority_levels, limits=f.limits, eos_ids=len(f.eos_ids),
+                      speculative_tokens=f.speculative_tokens)
         if params.guided is not None:  # compiled here, on these threads, never on the engine's
             fields["grammar"] = f.grammars.compile(params.guided)
         return Request(tuple(ids), params, priority, **fields)

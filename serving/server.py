@@ -75,7 +75,7 @@ def _sampling(s: pb.SamplingOptions) -> dict:
     """The sampling options a request set (unset ones take the engine's defaults)."""
     values = {name: getattr(s, name) for name in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty",
                                                   "presence_penalty", "frequency_penalty", "seed", "max_tokens",
-                                                  "logprobs") if s.HasField(name)}
+                                                  "logprobs", "num_speculative_tokens") if s.HasField(name)}
     if s.stop:
         values["stop"] = tuple(s.stop)
     if s.stop_token_ids:

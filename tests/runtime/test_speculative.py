@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy.stats import chisquare
 
-from meshserve.models.errors import ConfigError
+from meshserve.models.errors import ConfigError, RequestError
 from meshserve.runtime.engine import Engine, EngineConfig
 from meshserve.runtime.sampling import SamplingBatch, SamplingParams, verify_drafts
 from meshserve.runtime.speculative import SpeculativeConfig, ngram_propose
@@ -327,3 +327,36 @@ def test_sampled_rows_speculate_reproducibly_and_free_their_pages(spec_engine):
     assert runs[0] == runs[1] and all(len(t) == 16 for t in runs[0])
     assert spec_engine.speculator.num_drafts > before
     assert spec_engine.kv.num_free == spec_engine.kv.num_usable
+
+
+def test_a_request_sets_its_own_draft_length_or_none(spec_engine, tiny_ckpt, monkeypatch):
+    """num_speculative_tokens on a request: 0 decodes it plainly beside speculating requests, 1 caps
+    every one of its verify rows at one draft; the tokens stay the reference's either way."""
+    prompts = [[7, 8, 9] * 5, [4, 5, 6] * 5, [1, 2] * 8]
+    rows = []  # (prompt, drafts) of every verify row
+    spec = spec_engine.speculator
+    real_record = spec.record
+    monkeypatch.setattr(spec, "record", lambda seq, proposed, accepted: (
+        rows.append((tuple(seq.tokens[:seq.prompt_len]), proposed)), real_record(seq, proposed, accepted)))
+    params = [SamplingParams(max_tokens=16, ignore_eos=True, num_speculative_tokens=k) for k in (0, 1, None)]
+    out = spec_engine.generate(prompts, params)
+    for prompt, sp, c in zip(prompts, params, out):
+        assert list(c.token_ids) == greedy_reference(tiny_ckpt, prompt, 16)
+    by_prompt = {tuple(p): [n for q, n in rows if q == tuple(p)] for p in prompts}
+    assert by_prompt[tuple(prompts[0])] == []  # 0: never a verify row
+    assert by_prompt[tuple(prompts[1])] and set(by_prompt[tuple(prompts[1])]) == {1}
+    assert by_prompt[tuple(prompts[2])] and max(by_prompt[tuple(prompts[2])]) > 1  # the server's 4
+    assert spec_engine.kv.num_free == spec_engine.kv.num_usable
+
+
+@pytest.mark.parametrize("speculating, k, message", [
+    (True, 5, r"num_speculative_tokens must be in \[0, 4\] \(the server's speculative config\), got 5"),
+    (True, -1, "num_speculative_tokens must be a non-negative integer, got -1"),
+    (False, 2, r"num_speculative_tokens: this server does not speculate \(asked for 2\)"),
+])
+def test_a_draft_length_the_server_cannot_give_is_named(spec_engine, tiny_ckpt, speculating, k, message):
+    engine = spec_engine if speculating else Engine(tiny_ckpt, TIGHT)
+    with pytest.raises(RequestError, match=message):
+        engine.add_request([1, 2, 3], SamplingParams(max_tokens=4, num_speculative_tokens=k))
+    if not speculating:  # asking for none is always fine
+        engine.generate([[1, 2, 3]], SamplingParams(max_tokens=2, num_speculative_tokens=0))

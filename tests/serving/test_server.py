@@ -464,13 +464,30 @@ def test_restart_on_the_same_store_is_a_store_hit(tiny_ckpt, tmp_path):
 def test_speculative_decoding_serves_the_same_tokens_and_is_counted(tiny_ckpt, offline):
     from meshserve.runtime.speculative import SpeculativeConfig
 
+    import openai
+
     config = dataclasses.replace(CONFIG, speculative=SpeculativeConfig(num_speculative_tokens=3, prompt_lookup_min=1))
-    with ServerThread(dataclasses.replace(SERVER, auth_tokens=()), lambda: Engine(tiny_ckpt, config)) as s:
+    with ServerThread(dataclasses.replace(SERVER, auth_tokens=(), http_port=0), lambda: Engine(tiny_ckpt, config)) as s:
         s.wait_ready()
         with Client(f"127.0.0.1:{s.port}") as c:
             for i in range(6):  # one at a time: under the batch-size cut-off
                 text = "".join(r.text for r in c.generate(text=prompt_text(i), max_tokens=16, ignore_eos=True))
                 assert text == offline[0][i]
+            # a request's own draft length: within the server's 3, else INVALID_ARGUMENT naming the range
+            for k in (0, 1):
+                assert "".join(r.text for r in c.generate(text=prompt_text(0), max_tokens=16, ignore_eos=True,
+                                                          num_speculative_tokens=k)) == offline[0][0]
+            with pytest.raises(grpc.RpcError) as e:
+                list(c.generate(text="x", max_tokens=4, num_speculative_tokens=4))
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "num_speculative_tokens must be in [0, 3]" in e.value.details()
+        api = openai.OpenAI(base_url=f"http://127.0.0.1:{s.server.http.port}/v1", api_key="none", max_retries=0)
+        out = api.completions.create(model="tiny", prompt=prompt_text(1), max_tokens=16, temperature=0,
+                                     extra_body={"ignore_eos": True, "num_speculative_tokens": 2})
+        assert out.choices[0].text == offline[0][1]
+        with pytest.raises(openai.BadRequestError) as e:
+            api.completions.create(model="tiny", prompt="x", max_tokens=4, extra_body={"num_speculative_tokens": 9})
+        assert e.value.body["param"] == "num_speculative_tokens" and "[0, 3]" in e.value.body["message"]
         body = urllib.request.urlopen(f"http://127.0.0.1:{s.server.metrics_port}/metrics", timeout=10).read().decode()
     counted = {line.split()[0]: float(line.split()[1]) for line in body.splitlines()
                if line.startswith("meshserve_spec_decode_num_")}

@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n5meshserve/serving/proto/meshserve/v1/generation.proto\x12\x0cmeshserve.v1\"n\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12*\n\ntool_calls\x18\x03 \x03(\x0b\x32\x16.meshserve.v1.ToolCall\x12\x14\n\x0ctool_call_id\x18\x04 \x01(\t\"=\n\x04Tool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x12\n\nparameters\x18\x03 \x01(\t\"7\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\targuments\x18\x03 \x01(\t\"\x1a\n\x07\x43hoices\x12\x0f\n\x07\x63hoices\x18\x01 \x03(\t\"\xe2\x04\n\x0fSamplingOptions\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x02 \x01(\x05H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x04 \x01(\x02H\x04\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x05 \x01(\x02H\x05\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x06 \x01(\x02H\x06\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x07 \x01(\x02H\x07\x88\x01\x01\x12\x11\n\x04seed\x18\x08 \x01(\x03H\x08\x88\x01\x01\x12\x17\n\nmax_tokens\x18\t \x01(\x05H\t\x88\x01\x01\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\x05\x12\x15\n\x08logprobs\x18\x0c \x01(\x05H\n\x88\x01\x01\x12\x12\n\nignore_eos\x18\r \x01(\x08\x12\x15\n\x0bjson_schema\x18\x0e \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x0f \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x10 \x01(\tH\x00\x12\'\n\x06\x63hoice\x18\x11 \x01(\x0b\x32\x15.meshserve.v1.ChoicesH\x00\x12\x11\n\x07grammar\x18\x12 \x01(\tH\x00\x42\x0c\n\nconstraintB\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x07\n\x05_seedB\r\n\x0b_max_tokensB\x0b\n\t_logprobs\"\xa8\x02\n\x0fGenerateRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12+\n\x08messages\x18\x03 \x03(\x0b\x32\x19.meshserve.v1.ChatMessage\x12/\n\x08sampling\x18\x04 \x01(\x0b\x32\x1d.meshserve.v1.SamplingOptions\x12\x10\n\x08priority\x18\x05 \x01(\x05\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12!\n\x05tools\x18\x07 \x03(\x0b\x32\x12.meshserve.v1.Tool\x12\x13\n\x0btool_choice\x18\x08 \x01(\t\x12 \n\x13parallel_tool_calls\x18\t \x01(\x08H\x00\x88\x01\x01\x42\x16\n\x14_parallel_tool_calls\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"X\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12%\n\x03top\x18\x03 \x03(\x0b\x32\x18.meshserve.v1.TopLogprob\"\x85\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x15\n\rcached_tokens\x18\x03 \x01(\x05\x12\x1d\n\x15time_to_first_token_s\x18\x04 \x01(\x01\x12\x14\n\x0cqueue_time_s\x18\x05 \x01(\x01\"\x87\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12,\n\x08logprobs\x18\x04 \x03(\x0b\x32\x1a.meshserve.v1.TokenLogprob\x12\x31\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x1a.meshserve.v1.FinishReason\x12\"\n\x05usage\x18\x06 \x01(\x0b\x32\x13.meshserve.v1.Usage\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12*\n\ntool_calls\x18\x08 \x03(\x0b\x32\x16.meshserve.v1.ToolCall\"L\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12+\n\x08messages\x18\x02 \x03(\x0b\x32\x19.meshserve.v1.ChatMessage\"%\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\"&\n\x11\x44\x65tokenizeRequest\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\"\"\n\x12\x44\x65tokenizeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\"\x12\n\x10ModelInfoRequest\"\xda\x01\n\x11ModelInfoResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x03 \x01(\x05\x12\x12\n\nvocab_size\x18\x04 \x01(\x05\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x0c\n\x04mesh\x18\x06 \x01(\t\x12\x14\n\x0cmax_logprobs\x18\x07 \x01(\x05\x12\x17\n\x0fpriority_levels\x18\x08 \x01(\x05\x12\x11\n\tpage_size\x18\t \x01(\x05\x12\x16\n\x0ekv_fingerprint\x18\n \x01(\t*\xaf\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x04\x12\x1c\n\x18\x46INISH_REASON_TOOL_CALLS\x10\x05\x32\xc3\x02\n\nGeneration\x12K\n\x08Generate\x12\x1d.meshserve.v1.GenerateRequest\x1a\x1e.meshserve.v1.GenerateResponse0\x01\x12I\n\x08Tokenize\x12\x1d.meshserve.v1.TokenizeRequest\x1a\x1e.meshserve.v1.TokenizeResponse\x12O\n\nDetokenize\x12\x1f.meshserve.v1.DetokenizeRequest\x1a .meshserve.v1.DetokenizeResponse\x12L\n\tModelInfo\x12\x1e.meshserve.v1.ModelInfoRequest\x1a\x1f.meshserve.v1.ModelInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n5meshserve/serving/proto/meshserve/v1/generation.proto\x12\x0cmeshserve.v1\"n\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12*\n\ntool_calls\x18\x03 \x03(\x0b\x32\x16.meshserve.v1.ToolCall\x12\x14\n\x0ctool_call_id\x18\x04 \x01(\t\"=\n\x04Tool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x12\n\nparameters\x18\x03 \x01(\t\"7\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\targuments\x18\x03 \x01(\t\"\x1a\n\x07\x43hoices\x12\x0f\n\x07\x63hoices\x18\x01 \x03(\t\"\xa2\x05\n\x0fSamplingOptions\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x02 \x01(\x05H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x04 \x01(\x02H\x04\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x05 \x01(\x02H\x05\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x06 \x01(\x02H\x06\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x07 \x01(\x02H\x07\x88\x01\x01\x12\x11\n\x04seed\x18\x08 \x01(\x03H\x08\x88\x01\x01\x12\x17\n\nmax_tokens\x18\t \x01(\x05H\t\x88\x01\x01\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\x05\x12\x15\n\x08logprobs\x18\x0c \x01(\x05H\n\x88\x01\x01\x12\x12\n\nignore_eos\x18\r \x01(\x08\x12\x15\n\x0bjson_schema\x18\x0e \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x0f \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x10 \x01(\tH\x00\x12\'\n\x06\x63hoice\x18\x11 \x01(\x0b\x32\x15.meshserve.v1.ChoicesH\x00\x12\x11\n\x07grammar\x18\x12 \x01(\tH\x00\x12#\n\x16num_speculative_tokens\x18\x13 \x01(\x05H\x0b\x88\x01\x01\x42\x0c\n\nconstraintB\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x07\n\x05_seedB\r\n\x0b_max_tokensB\x0b\n\t_logprobsB\x19\n\x17_num_speculative_tokens\"\xa8\x02\n\x0fGenerateRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12+\n\x08messages\x18\x03 \x03(\x0b\x32\x19.meshserve.v1.ChatMessage\x12/\n\x08sampling\x18\x04 \x01(\x0b\x32\x1d.meshserve.v1.SamplingOptions\x12\x10\n\x08priority\x18\x05 \x01(\x05\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12!\n\x05tools\x18\x07 \x03(\x0b\x32\x12.meshserve.v1.Tool\x12\x13\n\x0btool_choice\x18\x08 \x01(\t\x12 \n\x13parallel_tool_calls\x18\t \x01(\x08H\x00\x88\x01\x01\x42\x16\n\x14_parallel_tool_calls\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"X\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12%\n\x03top\x18\x03 \x03(\x0b\x32\x18.meshserve.v1.TopLogprob\"\x85\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x15\n\rcached_tokens\x18\x03 \x01(\x05\x12\x1d\n\x15time_to_first_token_s\x18\x04 \x01(\x01\x12\x14\n\x0cqueue_time_s\x18\x05 \x01(\x01\"\x87\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12,\n\x08logprobs\x18\x04 \x03(\x0b\x32\x1a.meshserve.v1.TokenLogprob\x12\x31\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x1a.meshserve.v1.FinishReason\x12\"\n\x05usage\x18\x06 \x01(\x0b\x32\x13.meshserve.v1.Usage\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12*\n\ntool_calls\x18\x08 \x03(\x0b\x32\x16.meshserve.v1.ToolCall\"L\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12+\n\x08messages\x18\x02 \x03(\x0b\x32\x19.meshserve.v1.ChatMessage\"%\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\"&\n\x11\x44\x65tokenizeRequest\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\"\"\n\x12\x44\x65tokenizeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\"\x12\n\x10ModelInfoRequest\"\xda\x01\n\x11ModelInfoResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x03 \x01(\x05\x12\x12\n\nvocab_size\x18\x04 \x01(\x05\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x0c\n\x04mesh\x18\x06 \x01(\t\x12\x14\n\x0cmax_logprobs\x18\x07 \x01(\x05\x12\x17\n\x0fpriority_levels\x18\x08 \x01(\x05\x12\x11\n\tpage_size\x18\t \x01(\x05\x12\x16\n\x0ekv_fingerprint\x18\n \x01(\t*\xaf\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x04\x12\x1c\n\x18\x46INISH_REASON_TOOL_CALLS\x10\x05\x32\xc3\x02\n\nGeneration\x12K\n\x08Generate\x12\x1d.meshserve.v1.GenerateRequest\x1a\x1e.meshserve.v1.GenerateResponse0\x01\x12I\n\x08Tokenize\x12\x1d.meshserve.v1.TokenizeRequest\x1a\x1e.meshserve.v1.TokenizeResponse\x12O\n\nDetokenize\x12\x1f.meshserve.v1.DetokenizeRequest\x1a .meshserve.v1.DetokenizeResponse\x12L\n\tModelInfo\x12\x1e.meshserve.v1.ModelInfoRequest\x1a\x1f.meshserve.v1.ModelInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'meshserve.serving.proto.meshserve.v1.generation_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=2219
-  _globals['_FINISHREASON']._serialized_end=2394
+  _globals['_FINISHREASON']._serialized_start=2283
+  _globals['_FINISHREASON']._serialized_end=2458
   _globals['_CHATMESSAGE']._serialized_start=71
   _globals['_CHATMESSAGE']._serialized_end=181
   _globals['_TOOL']._serialized_start=183
@@ -42,29 +42,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CHOICES']._serialized_start=303
   _globals['_CHOICES']._serialized_end=329
   _globals['_SAMPLINGOPTIONS']._serialized_start=332
-  _globals['_SAMPLINGOPTIONS']._serialized_end=942
-  _globals['_GENERATEREQUEST']._serialized_start=945
-  _globals['_GENERATEREQUEST']._serialized_end=1241
-  _globals['_TOPLOGPROB']._serialized_start=1243
-  _globals['_TOPLOGPROB']._serialized_end=1290
-  _globals['_TOKENLOGPROB']._serialized_start=1292
-  _globals['_TOKENLOGPROB']._serialized_end=1380
-  _globals['_USAGE']._serialized_start=1383
-  _globals['_USAGE']._serialized_end=1516
-  _globals['_GENERATERESPONSE']._serialized_start=1519
-  _globals['_GENERATERESPONSE']._serialized_end=1782
-  _globals['_TOKENIZEREQUEST']._serialized_start=1784
-  _globals['_TOKENIZEREQUEST']._serialized_end=1860
-  _globals['_TOKENIZERESPONSE']._serialized_start=1862
-  _globals['_TOKENIZERESPONSE']._serialized_end=1899
-  _globals['_DETOKENIZEREQUEST']._serialized_start=1901
-  _globals['_DETOKENIZEREQUEST']._serialized_end=1939
-  _globals['_DETOKENIZERESPONSE']._serialized_start=1941
-  _globals['_DETOKENIZERESPONSE']._serialized_end=1975
-  _globals['_MODELINFOREQUEST']._serialized_start=1977
-  _globals['_MODELINFOREQUEST']._serialized_end=1995
-  _globals['_MODELINFORESPONSE']._serialized_start=1998
-  _globals['_MODELINFORESPONSE']._serialized_end=2216
-  _globals['_GENERATION']._serialized_start=2397
-  _globals['_GENERATION']._serialized_end=2720
+  _globals['_SAMPLINGOPTIONS']._serialized_end=1006
+  _globals['_GENERATEREQUEST']._serialized_start=1009
+  _globals['_GENERATEREQUEST']._serialized_end=1305
+  _globals['_TOPLOGPROB']._serialized_start=1307
+  _globals['_TOPLOGPROB']._serialized_end=1354
+  _globals['_TOKENLOGPROB']._serialized_start=1356
+  _globals['_TOKENLOGPROB']._serialized_end=1444
+  _globals['_USAGE']._serialized_start=1447
+  _globals['_USAGE']._serialized_end=1580
+  _globals['_GENERATERESPONSE']._serialized_start=1583
+  _globals['_GENERATERESPONSE']._serialized_end=1846
+  _globals['_TOKENIZEREQUEST']._serialized_start=1848
+  _globals['_TOKENIZEREQUEST']._serialized_end=1924
+  _globals['_TOKENIZERESPONSE']._serialized_start=1926
+  _globals['_TOKENIZERESPONSE']._serialized_end=1963
+  _globals['_DETOKENIZEREQUEST']._serialized_start=1965
+  _globals['_DETOKENIZEREQUEST']._serialized_end=2003
+  _globals['_DETOKENIZERESPONSE']._serialized_start=2005
+  _globals['_DETOKENIZERESPONSE']._serialized_end=2039
+  _globals['_MODELINFOREQUEST']._serialized_start=2041
+  _globals['_MODELINFOREQUEST']._serialized_end=2059
+  _globals['_MODELINFORESPONSE']._serialized_start=2062
+  _globals['_MODELINFORESPONSE']._serialized_end=2280
+  _globals['_GENERATION']._serialized_start=2461
+  _globals['_GENERATION']._serialized_end=2784
 # @@protoc_insertion_point(module_scope)
