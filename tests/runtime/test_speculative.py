@@ -331,8 +331,19 @@ def test_sampled_rows_speculate_reproducibly_and_free_their_pages(spec_engine):
 
 def test_a_request_sets_its_own_draft_length_or_none(spec_engine, tiny_ckpt, monkeypatch):
     """num_speculative_tokens on a request: 0 decodes it plainly beside speculating requests, 1 caps
-    every one of its verify rows at one draft; the tokens stay the reference's either way."""
+    every one of its verify rows at one draft, unset takes the server's 4; drafts from the reference
+    (so all accepted: the length never adapts down), the tokens the reference's either way."""
+    from meshserve.runtime import speculative
+
     prompts = [[7, 8, 9] * 5, [4, 5, 6] * 5, [1, 2] * 8]
+    refs = {tuple(p): greedy_reference(tiny_ckpt, p, 16) for p in prompts}
+
+    def propose(tokens, k, lo, hi):
+        prompt = next(p for p in refs if tuple(tokens[:len(p)]) == p)
+        done = len(tokens) - len(prompt)
+        return tuple(refs[prompt][done:done + k])
+
+    monkeypatch.setattr(speculative, "ngram_propose", propose)
     rows = []  # (prompt, drafts) of every verify row
     spec = spec_engine.speculator
     real_record = spec.record
@@ -340,12 +351,11 @@ def test_a_request_sets_its_own_draft_length_or_none(spec_engine, tiny_ckpt, mon
         rows.append((tuple(seq.tokens[:seq.prompt_len]), proposed)), real_record(seq, proposed, accepted)))
     params = [SamplingParams(max_tokens=16, ignore_eos=True, num_speculative_tokens=k) for k in (0, 1, None)]
     out = spec_engine.generate(prompts, params)
-    for prompt, sp, c in zip(prompts, params, out):
-        assert list(c.token_ids) == greedy_reference(tiny_ckpt, prompt, 16)
-    by_prompt = {tuple(p): [n for q, n in rows if q == tuple(p)] for p in prompts}
-    assert by_prompt[tuple(prompts[0])] == []  # 0: never a verify row
-    assert by_prompt[tuple(prompts[1])] and set(by_prompt[tuple(prompts[1])]) == {1}
-    assert by_prompt[tuple(prompts[2])] and max(by_prompt[tuple(prompts[2])]) > 1  # the server's 4
+    assert [list(c.token_ids) for c in out] == [refs[tuple(p)] for p in prompts]
+    drafts = {p: [n for q, n in rows if q == tuple(p)] for p in map(tuple, prompts)}
+    assert drafts[tuple(prompts[0])] == []  # 0: never a verify row
+    assert drafts[tuple(prompts[1])] and set(drafts[tuple(prompts[1])]) == {1}
+    assert drafts[tuple(prompts[2])] and max(drafts[tuple(prompts[2])]) == 4  # the server's
     assert spec_engine.kv.num_free == spec_engine.kv.num_usable
 
 
