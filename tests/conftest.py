@@ -33,9 +33,9 @@ class BackgroundBuild:
     def __init__(self, folder: Path):
         self.json, self.log = folder / "built.json", folder / "build.log"
         command, env = gpu_venv_command("gpu_build.py", "--json", self.json)
-        with self.log.open("w") as log:
-            self.proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env,
-                                         preexec_fn=lambda: os.nice(19))
+        with self.log.open("w") as log:  # no preexec_fn: a fork of this (threaded) process runs no Python
+            self.proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+        os.setpriority(os.PRIO_PROCESS, self.proc.pid, 19)
 
     def result(self, timeout: float) -> tuple[int, str]:
         """The build's exit code and output, once it has ended."""
